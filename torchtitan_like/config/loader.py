@@ -1,0 +1,304 @@
+"""Load a JobConfig: defaults < TOML file (with `extends` inheritance) < command-line overrides.
+
+Strict by design: an unknown section or key, a wrong type or a value out of range raises ConfigError
+naming the key and the closest valid name. Nothing is silently dropped or changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from torchtitan_like.config.fields import Key, keys, literal_choices, sections, type_name, unwrap_optional
+from torchtitan_like.config.schema import JobConfig
+from torchtitan_like.errors import ConfigError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Read a config file and the files it `extends`, as {dotted section: {key: value}}.
+
+    A child file overrides its parent key by key; `extends` is resolved relative to the child.
+    """
+    p = Path(path).resolve()
+    if p in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, p))
+        raise ConfigError(f"config 'extends' cycle: {cycle}")
+    if not p.is_file():
+        via = f" (extended by {_chain[-1]})" if _chain else " (job.config_file / CONFIG_FILE)"
+        raise ConfigError(f"config file not found: {path}{via}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"malformed TOML in {p}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid UTF-8: {e}") from None
+
+    base: dict[str, dict[str, Any]] = {}
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{p}: 'extends' must be a path string, got {parent!r}")
+        base = read_toml(p.parent / parent, (*_chain, p))
+    for section, values in _flatten_sections(raw, p).items():
+        base.setdefault(section, {}).update(values)
+    return base
+
+
+def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]:
+    """{"quantize": {"linear": {"float8": {...}}}} -> {"quantize.linear.float8": {...}}; checks names."""
+    known = sections()
+    out: dict[str, dict[str, Any]] = {}
+
+    def walk(table: dict[str, Any], prefix: str) -> None:
+        leaf: dict[str, Any] = {}
+        for k, v in table.items():
+            path = f"{prefix}{k}"
+            if isinstance(v, dict):
+                if path not in known and not any(s.startswith(path + ".") for s in known):
+                    candidates = list(known) if not prefix else [s for s in known if s.startswith(prefix)]
+                    raise ConfigError(f"{p}: unknown section [{path}]{_closest(path, candidates)}")
+                walk(v, path + ".")
+            elif not prefix:
+                raise ConfigError(f"{p}: unknown top-level key '{k}'; keys belong in a [section]{_closest(k, [*known, 'extends'])}")
+            else:
+                leaf[k] = v
+        if leaf:
+            section = prefix[:-1]
+            if section not in known:
+                raise ConfigError(f"{p}: [{section}] is a group of sections, not a section: keys {sorted(leaf)}")
+            out[section] = leaf
+
+    walk(raw, "")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
+    """`--a.b v`, `--a.b=v`, `--a.b` (flag) and `--a.no_b` as [(dotted key, raw value or None)]."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected command-line argument '{arg}': overrides look like --section.key value")
+        body = arg[2:]
+        if "=" in body:
+            name, value = body.split("=", 1)
+            out.append((name, value))
+            i += 1
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        key = keys().get(body)
+        takes_flag = key is not None and unwrap_optional(key.type)[0] is bool
+        negated = _negated(body)
+        if takes_flag or negated is not None:
+            if nxt is not None and nxt.lower() in _TRUE | _FALSE:
+                out.append((body, nxt))
+                i += 2
+            else:
+                out.append((body, None))
+                i += 1
+            continue
+        if nxt is None or (nxt.startswith("--") and "." in nxt and not _is_number(nxt)):
+            raise ConfigError(f"--{body} needs a value: --{body} VALUE or --{body}=VALUE")
+        out.append((body, nxt))
+        i += 2
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _negated(dotted: str) -> str | None:
+    """'metrics.no_enable_tensorboard' -> 'metrics.enable_tensorboard' when that is a bool key."""
+    section, _, name = dotted.rpartition(".")
+    if name.startswith("no_"):
+        target = f"{section}.{name[3:]}"
+        k = keys().get(target)
+        if k is not None and unwrap_optional(k.type)[0] is bool:
+            return target
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------
+
+
+def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
+    """Check (TOML) or parse (CLI string) one value against the key's declared type."""
+    where = f"--{key.dotted}" if from_cli else key.dotted
+    tp, optional = unwrap_optional(key.type)
+    if optional and (value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    choices = literal_choices(tp)
+    if choices is not None:
+        if value not in choices:
+            hint = _closest(str(value), [str(c) for c in choices])
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+        return value
+    if get_origin(tp) is list:
+        (item,) = get_args(tp)
+        if from_cli and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {item.__name__}, got {value!r}")
+        inner = Key(key.section, key.name, item, None, "")
+        return [coerce(inner, v, from_cli=from_cli) for v in value]
+    if tp is bool:
+        if from_cli and isinstance(value, str):
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if from_cli and isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if from_cli and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"config type {type_name(key.type)} of {key.dotted} has no parser")
+
+
+def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
+    section, _, name = dotted.rpartition(".")
+    if section and section not in sections():
+        return ConfigError(f"{origin}: unknown section '{section}'{_closest(section, list(sections()))}")
+    return ConfigError(f"{origin}: unknown key '{dotted}'{_closest(dotted, list(keys()))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(argv: list[str]) -> JobConfig:
+    """Build the JobConfig for a command line (config file named by --job.config_file)."""
+    overrides = parse_cli(argv)
+    config_file = None
+    for name, value in overrides:
+        if name == "job.config_file":
+            config_file = value
+    values: dict[str, Any] = {}
+    if config_file:
+        for section, table in read_toml(config_file).items():
+            for name, value in table.items():
+                dotted = f"{section}.{name}"
+                key = keys().get(dotted)
+                if key is None:
+                    raise _unknown_key(dotted, origin=str(config_file))
+                values[dotted] = coerce(key, value, from_cli=False)
+    for name, raw in overrides:
+        target = name
+        negated = _negated(name)
+        key = keys().get(name)
+        if key is None and negated is not None:
+            target, key = negated, keys()[negated]
+            raw = "false" if raw is None or raw.lower() in _TRUE else "true"
+        if key is None:
+            raise _unknown_key(name, origin="command line")
+        if raw is None:
+            raw = "true"
+        values[target] = coerce(key, raw, from_cli=True)
+    cfg = build(values)
+    from torchtitan_like.config.validate import validate
+
+    validate(cfg)
+    return cfg
+
+
+def build(values: dict[str, Any]) -> JobConfig:
+    cfg = JobConfig()
+    for dotted, value in values.items():
+        section, _, name = dotted.rpartition(".")
+        obj: Any = cfg
+        for part in section.split("."):
+            obj = getattr(obj, part)
+        setattr(obj, name, value)
+    return cfg
+
+
+def to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """{dotted section: {key: value}} of every key (the fully resolved config)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys().values():
+        obj: Any = cfg
+        for part in key.section.split("."):
+            obj = getattr(obj, part)
+        out.setdefault(key.section, {})[key.name] = getattr(obj, key.name)
+    return out
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal JobConfig."""
+    lines: list[str] = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for name, value in table.items():
+            if value is None:
+                lines.append(f"# {name} = (unset)")
+            else:
+                lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise AssertionError(f"cannot write {v!r} as TOML")

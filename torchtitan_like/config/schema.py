@@ -1,0 +1,157 @@
+"""The job config schema: one typed dataclass per TOML section.
+
+Every field carries a one-line docstring (the string literal right below it). The loader reads those
+strings for `--help` and for the README's config reference, so they are the single source of truth
+for what a key means. Section and key names follow the TOML schema torchtitan users already know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class Job:
+    config_file: str | None = None
+    """TOML file to load (run_train.sh passes CONFIG_FILE here)."""
+    dump_folder: str = "./outputs"
+    """Folder for everything a run writes: config.toml, metrics.jsonl, TensorBoard events, checkpoints."""
+    description: str = ""
+    """Free-text description of the job, echoed in the log."""
+    print_config: bool = False
+    """Log the fully resolved config at start-up."""
+
+
+@dataclass
+class Model:
+    name: str = "llama3"
+    """Model family (registered under torchtitan_like/models)."""
+    flavor: str = "debugmodel"
+    """Model size within the family: debugmodel, 1B, 3B, 8B, 70B, 405B."""
+    tokenizer_path: str = ""
+    """Llama 3 format tokenizer.model (base64 token + rank per line); empty = the embedded tokenizer."""
+    max_seq_len: int | None = None
+    """Override the flavor's RoPE table length (defaults to training.seq_len)."""
+
+
+@dataclass
+class Optimizer:
+    name: Literal["AdamW", "Adam"] = "AdamW"
+    """Optimizer class from torch.optim."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (AdamW) or L2 penalty (Adam)."""
+    implementation: Literal["fused", "foreach", "for-loop"] = "fused"
+    """Kernel implementation: fused (fastest where the device supports it), foreach, or for-loop."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 200
+    """Steps of linear warmup from near zero to optimizer.lr."""
+    decay_ratio: float | None = None
+    """Fraction of the steps after warmup spent decaying (warmup-stable-decay); unset = decay over all of them."""
+    decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
+    """Shape of the decay phase."""
+    min_lr_factor: float = 0.0
+    """Learning rate at the end of decay, as a fraction of optimizer.lr."""
+
+
+@dataclass
+class Training:
+    local_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all ranks; -1 = local_batch_size x data-parallel degree (no accumulation)."""
+    seq_len: int = 2048
+    """Tokens per sequence."""
+    max_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still reported)."""
+    steps: int = 10000
+    """Optimizer steps to train."""
+    dataset: Literal["embedded", "synthetic", "local", "hf"] = "embedded"
+    """Data source: embedded (Python standard library sources), synthetic (random tokens), local files, or an HF hub dataset."""
+    dataset_path: str | None = None
+    """For local: a .txt/.jsonl/.json file, a directory or a glob. For hf: the hub dataset name."""
+    dataset_text_field: str = "text"
+    """Field holding the document text in .jsonl/.json records and HF datasets."""
+    dataset_split: str = "train"
+    """Split to read from an HF hub dataset."""
+    mixed_precision_param: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Compute dtype for parameters: auto = bfloat16 on CUDA, float32 on CPU."""
+    mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the data-parallel gradient reduction."""
+    gc_freq: int = 50
+    """Run Python's garbage collector every N steps (automatic gc is disabled during training); 0 = leave gc automatic."""
+    enable_cpu_offload: bool = False
+    """FSDP2: keep parameters, gradients and optimizer states in CPU memory."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10
+    """Log one metrics line (console, TensorBoard, metrics.jsonl) every N steps."""
+    enable_tensorboard: bool = False
+    """Write TensorBoard event files."""
+    save_tb_folder: str = "tb"
+    """TensorBoard folder, relative to job.dump_folder."""
+    peak_tflops: float | None = None
+    """Peak TFLOPS per device for MFU; unset = look the device up in the built-in table (CPU: MFU shows n/a)."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """Replicas of the model (DDP, or the replicate dimension of HSDP)."""
+    data_parallel_shard_degree: int = -1
+    """FSDP shard degree; -1 = whatever the world size leaves after the other degrees."""
+    tensor_parallel_degree: int = 1
+    """Tensor parallel degree (with sequence parallel); must divide model n_heads."""
+    context_parallel_degree: int = 1
+    """Context parallel degree (reserved: not yet supported, must be 1)."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline parallel degree (reserved: not yet supported, must be 1)."""
+    expert_parallel_degree: int = 1
+    """Expert parallel degree (reserved for MoE models; must be 1)."""
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    """Free gathered parameters after forward: default = yes except for the root module."""
+    disable_loss_parallel: bool = False
+    """With TP, gather the full logits before the loss instead of computing it on vocab shards."""
+    enable_async_tensor_parallel: bool = False
+    """Overlap TP communication with matmuls (needs CUDA and compile.enable)."""
+
+
+@dataclass
+class Debug:
+    seed: int = 42
+    """Seed for weight init, data order and every random number generator."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower; for exact reproducibility)."""
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    """[job]"""
+    model: Model = field(default_factory=Model)
+    """[model]"""
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    """[optimizer]"""
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    """[lr_scheduler]"""
+    training: Training = field(default_factory=Training)
+    """[training]"""
+    metrics: Metrics = field(default_factory=Metrics)
+    """[metrics]"""
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    """[parallelism]"""
+    debug: Debug = field(default_factory=Debug)
+    """[debug]"""

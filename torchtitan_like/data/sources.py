@@ -1,0 +1,201 @@
+"""Where documents come from: the embedded corpus, local files, an HF hub dataset, or synthetic tokens.
+
+A `DocumentSource` yields the records of one epoch, in a fixed order, from any record index on;
+records it skips are not parsed or tokenized, so resuming deep into an epoch stays cheap.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from torchtitan_like.config.schema import Training
+from torchtitan_like.errors import ConfigError, DataError
+
+EMBEDDED_EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo"}
+)
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class DocumentSource(Protocol):
+    """Documents of one epoch as strings; an empty string is a record with no usable text."""
+
+    def documents(self, epoch: int, start: int) -> Iterator[str]:
+        """Records `start`, `start + 1`, ... of `epoch`'s order."""
+        ...
+
+
+class EmbeddedSource:
+    """The Python standard library's own .py files (one file = one document), shuffled per epoch."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.root = Path(sysconfig.get_paths()["stdlib"])
+        self.files = _stdlib_py_files(self.root)
+        if not self.files:
+            raise DataError(f"training.dataset = 'embedded': no .py files under the standard library at {self.root}")
+
+    def documents(self, epoch: int, start: int) -> Iterator[str]:
+        order = list(self.files)
+        random.Random(self.seed + epoch).shuffle(order)
+        for rel in order[start:]:
+            try:
+                yield (self.root / rel).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                yield ""  # not UTF-8: excluded from the corpus, but keeps its index so positions stay stable
+
+
+def _stdlib_py_files(root: Path) -> list[str]:
+    """Relative paths (POSIX, sorted) of the stdlib .py files outside test/tool directories."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EMBEDDED_EXCLUDED_DIRS]
+        rel_dir = Path(dirpath).relative_to(root)
+        found.extend((rel_dir / f).as_posix() for f in filenames if f.endswith(".py"))
+    return sorted(found)
+
+
+class LocalSource:
+    """.txt (whole file = 1 document), .jsonl (1 record per line), .json (a list of records or one record)."""
+
+    def __init__(self, dataset_path: str, text_field: str) -> None:
+        self.text_field = text_field
+        self.files = _resolve_local_files(dataset_path)
+
+    def documents(self, epoch: int, start: int) -> Iterator[str]:
+        skip = start
+        for path in self.files:
+            if path.suffix == ".txt":
+                if skip:
+                    skip -= 1
+                    continue
+                yield _decode(path.read_bytes(), path, first_line=1)
+            elif path.suffix == ".jsonl":
+                for lineno, raw in enumerate(path.open("rb"), start=1):
+                    if not raw.strip():
+                        continue  # blank lines are not records
+                    if skip:
+                        skip -= 1
+                        continue
+                    record = _parse_json(_decode(raw, path, first_line=lineno), path, lineno)
+                    yield self._text(record, f"{path}:{lineno}")
+            else:
+                records = _load_json_file(path)
+                for i, record in enumerate(records):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield self._text(record, f"{path}: record {i}")
+
+    def _text(self, record: Any, where: str) -> str:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with a {self.text_field!r} field, got {type(record).__name__}")
+        if self.text_field not in record:
+            raise DataError(f"{where}: record has no field {self.text_field!r} (training.dataset_text_field)")
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where}: field {self.text_field!r} is {type(text).__name__}, not a string (training.dataset_text_field)"
+            )
+        return text
+
+
+def _resolve_local_files(dataset_path: str) -> list[Path]:
+    """The files `dataset_path` names (file, directory or glob), sorted; errors name the path."""
+    if any(c in dataset_path for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(dataset_path, recursive=True) if Path(p).is_file())
+        files = [p for p in files if p.suffix in LOCAL_SUFFIXES]
+        if not files:
+            raise DataError(f"training.dataset_path={dataset_path!r}: no .txt/.jsonl/.json files match this glob")
+        return files
+    path = Path(dataset_path)
+    if not path.exists():
+        raise DataError(f"training.dataset_path={dataset_path!r}: no such file or directory")
+    if path.is_dir():
+        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise DataError(f"training.dataset_path={dataset_path!r}: directory holds no .txt/.jsonl/.json files")
+        return files
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"training.dataset_path={dataset_path!r}: unsupported file type (use .txt, .jsonl or .json)")
+    return [path]
+
+
+def _decode(raw: bytes, path: Path, *, first_line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _parse_json(text: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _load_json_file(path: Path) -> list[Any]:
+    text = _decode(path.read_bytes(), path, first_line=1)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    return data if isinstance(data, list) else [data]
+
+
+class HFSource:
+    """A streaming split of an HF hub dataset (needs the optional `datasets` package)."""
+
+    def __init__(self, dataset_path: str, split: str, text_field: str) -> None:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("training.dataset = 'hf' needs the `datasets` package: pip install datasets") from None
+        self.text_field = text_field
+        try:
+            self._ds = datasets.load_dataset(dataset_path, split=split, streaming=True)
+        except Exception as e:  # the hub raises many types; the user needs the name and the cause
+            raise DataError(f"training.dataset_path={dataset_path!r} split {split!r}: cannot load ({e})") from e
+
+    def documents(self, epoch: int, start: int) -> Iterator[str]:
+        ds = self._ds.skip(start) if start else self._ds
+        for i, record in enumerate(ds, start=start):
+            text = record.get(self.text_field)
+            if not isinstance(text, str):
+                raise DataError(
+                    f"HF record {i}: no string field {self.text_field!r} (training.dataset_text_field)"
+                )
+            yield text
+
+
+def build_source(training: Training, seed: int) -> DocumentSource:
+    """The document source `training.dataset` names; path problems raise here, before training."""
+    if training.dataset == "embedded":
+        return EmbeddedSource(seed)
+    if training.dataset in ("local", "hf") and not training.dataset_path:
+        raise ConfigError(f"training.dataset = {training.dataset!r} needs training.dataset_path")
+    if training.dataset == "local":
+        return LocalSource(training.dataset_path, training.dataset_text_field)
+    if training.dataset == "hf":
+        return HFSource(training.dataset_path, training.dataset_split, training.dataset_text_field)
+    raise ConfigError(f"training.dataset = {training.dataset!r} has no document source (synthetic makes tokens)")
+
+
+def synthetic_sample(seed: int, index: int, length: int, vocab_size: int) -> torch.Tensor:
+    """`length` token ids uniform in [0, vocab_size), a pure function of (seed, index)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    return torch.randint(0, vocab_size, (length,), generator=gen, dtype=torch.int64)

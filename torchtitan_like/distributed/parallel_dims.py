@@ -1,0 +1,293 @@
+"""Parallel degrees of one job, their validation, and the named DeviceMesh built from them.
+
+`ParallelDims.from_config` resolves `data_parallel_shard_degree = -1` and checks the degrees
+against the world size; `validate` checks them against the model and the batch, before any model
+is built. Both raise `ConfigError` naming the keys and a value that works.
+
+`build_mesh` makes one `init_device_mesh` over the dims whose degree is > 1, in the order
+pp, dp_replicate, dp_shard, cp, tp (tp innermost: its ranks are neighbours), plus flattened views:
+
+    "dp"           dp_replicate x dp_shard      the batch is split over it (data loading)
+    "dp_shard_cp"  dp_shard x cp                FSDP shards parameters over it
+    "dp_cp"        dp_replicate x dp_shard x cp the loss sums and token counts are all-reduced over it
+
+A view exists only when one of its dims has degree > 1; `get_mesh(name)` returns None otherwise.
+When every degree is 1 there is nothing to build and `build_mesh` returns None.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from torchtitan_like.config.schema import Parallelism, Training
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.models.llama3.args import TransformerArgs
+
+logger = logging.getLogger(__name__)
+
+# Outer to inner. TP is innermost so a TP group is made of neighbouring ranks (one node on GPU).
+_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+_FLATTENED = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
+class _MeshSlot:
+    """The one mutable part of ParallelDims: the mesh, set once by build_mesh."""
+
+    mesh: DeviceMesh | None = None
+    built: bool = False
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    """Replicas (DDP, or the replicate dim of HSDP)."""
+    dp_shard: int
+    """FSDP shard degree (resolved: never -1)."""
+    cp: int
+    """Context parallel degree."""
+    tp: int
+    """Tensor parallel degree."""
+    pp: int
+    """Pipeline parallel degree."""
+    world_size: int
+    disable_loss_parallel: bool = False
+    """parallelism.disable_loss_parallel: with TP, gather the full logits before the loss."""
+    _slot: _MeshSlot = field(default_factory=_MeshSlot, init=False, repr=False, compare=False)
+
+    # ---- construction and validation -------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, p: Parallelism, world_size: int) -> ParallelDims:
+        """Resolve `data_parallel_shard_degree = -1` and check the degrees against the world size."""
+        keys = {
+            "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+            "context_parallel_degree": p.context_parallel_degree,
+            "tensor_parallel_degree": p.tensor_parallel_degree,
+            "pipeline_parallel_degree": p.pipeline_parallel_degree,
+            "expert_parallel_degree": p.expert_parallel_degree,
+        }
+        for key, value in keys.items():
+            if value < 1:
+                raise ConfigError(f"parallelism.{key}={value} must be >= 1 (1 disables it)")
+        if p.expert_parallel_degree != 1:
+            raise ConfigError(
+                f"parallelism.expert_parallel_degree={p.expert_parallel_degree} is reserved until MoE models "
+                "exist: set it to 1"
+            )
+        if p.context_parallel_degree != 1:
+            raise ConfigError(
+                f"parallelism.context_parallel_degree={p.context_parallel_degree}: context parallel is not "
+                "supported yet; set it to 1"
+            )
+        if p.pipeline_parallel_degree != 1:
+            raise ConfigError(
+                f"parallelism.pipeline_parallel_degree={p.pipeline_parallel_degree}: pipeline parallel is not "
+                "supported yet; set it to 1"
+            )
+        if p.enable_async_tensor_parallel:
+            raise ConfigError(
+                "parallelism.enable_async_tensor_parallel=true needs tensor_parallel_degree > 1, CUDA and "
+                "compile.enable=true, and torch.compile is not supported yet; set it to false"
+            )
+
+        dp_replicate, cp, tp, pp = (
+            p.data_parallel_replicate_degree,
+            p.context_parallel_degree,
+            p.tensor_parallel_degree,
+            p.pipeline_parallel_degree,
+        )
+        others = dp_replicate * cp * tp * pp
+        dp_shard = p.data_parallel_shard_degree
+        if dp_shard == -1:
+            if world_size % others != 0:
+                raise ConfigError(
+                    f"parallelism: data_parallel_shard_degree=-1 takes what the world size leaves, but "
+                    f"{_product_text(p, shard='-1', with_shard=False)} = {others} does not divide world size "
+                    f"{world_size} (NGPU); choose degrees whose product divides {world_size}"
+                )
+            dp_shard = world_size // others
+        elif dp_shard < 1:
+            raise ConfigError(
+                f"parallelism.data_parallel_shard_degree={dp_shard} must be >= 1, or -1 for what the world "
+                "size leaves"
+            )
+        if others * dp_shard != world_size:
+            raise ConfigError(
+                f"parallelism: {_product_text(p, shard=str(dp_shard), with_shard=True)} = {others * dp_shard} "
+                f"!= world size {world_size} (NGPU); the degrees must multiply to the world size "
+                f"(set data_parallel_shard_degree=-1 to take what the others leave)"
+            )
+        return cls(
+            dp_replicate=dp_replicate,
+            dp_shard=dp_shard,
+            cp=cp,
+            tp=tp,
+            pp=pp,
+            world_size=world_size,
+            disable_loss_parallel=p.disable_loss_parallel,
+        )
+
+    def validate(self, *, model_args: TransformerArgs, training: Training) -> None:
+        """Check the degrees against the model shape and the batch; call before building the model."""
+        if self.tp > 1:
+            n_heads, n_kv = model_args.n_heads, model_args.kv_heads
+            if n_heads % self.tp or n_kv % self.tp:
+                g = math.gcd(n_heads, n_kv)
+                valid = [d for d in range(1, g + 1) if g % d == 0]
+                raise ConfigError(
+                    f"parallelism.tensor_parallel_degree={self.tp} must divide model n_heads={n_heads} and "
+                    f"n_kv_heads={n_kv} (KV heads are sharded, not replicated); try {_or_list(valid)}"
+                )
+        if self.tp > 1 or self.cp > 1:
+            unit = self.tp * 2 * self.cp
+            if training.seq_len % unit:
+                raise ConfigError(
+                    f"training.seq_len={training.seq_len} must be divisible by tensor_parallel_degree({self.tp})"
+                    f" x 2 x context_parallel_degree({self.cp}) = {unit} (sequence-parallel shards and "
+                    f"context-parallel load balancing); try {_round_up(training.seq_len, unit)}"
+                )
+        if training.local_batch_size < 1:
+            raise ConfigError(f"training.local_batch_size={training.local_batch_size} must be >= 1")
+        per_step = training.local_batch_size * self.dp_degree
+        gbs = training.global_batch_size
+        if gbs != -1 and (gbs < 1 or gbs % per_step):
+            raise ConfigError(
+                f"training.global_batch_size={gbs} must be a positive multiple of local_batch_size("
+                f"{training.local_batch_size}) x data-parallel degree({self.dp_degree}) = {per_step} "
+                f"(or -1 for exactly {per_step}); try {max(per_step, _round_up(max(gbs, 1), per_step))}"
+            )
+        if training.enable_cpu_offload and not self.fsdp_enabled:
+            raise ConfigError(
+                "training.enable_cpu_offload=true needs FSDP (data_parallel_shard_degree > 1); "
+                "set it to false or shard the model"
+            )
+
+    def grad_accum_steps(self, training: Training) -> int:
+        """Microbatches per optimizer step on each data-parallel rank (1 when global_batch_size is -1)."""
+        if training.global_batch_size == -1:
+            return 1
+        return training.global_batch_size // (training.local_batch_size * self.dp_degree)
+
+    # ---- degrees ---------------------------------------------------------------------------
+
+    @property
+    def dp_degree(self) -> int:
+        """Ways the batch is split (dp_replicate x dp_shard); CP ranks share a batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_degree > 1
+
+    @property
+    def dp_replicate_enabled(self) -> bool:
+        return self.dp_replicate > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """Parameters are sharded (FSDP, or the shard dim of HSDP) over dp_shard x cp."""
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def loss_parallel_enabled(self) -> bool:
+        """With TP and not disable_loss_parallel: logits stay sharded on vocab (a DTensor)."""
+        return self.tp_enabled and not self.disable_loss_parallel
+
+    # ---- mesh ------------------------------------------------------------------------------
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """Create the device mesh (once); None when every degree is 1 (no process group needed)."""
+        if self._slot.built:
+            raise RuntimeError("ParallelDims.build_mesh() was already called")
+        names = [n for n in _MESH_DIMS if self._degree(n) > 1]
+        mesh: DeviceMesh | None = None
+        if names:
+            if dist.get_world_size() != self.world_size:
+                raise RuntimeError(f"world size is {dist.get_world_size()}, ParallelDims says {self.world_size}")
+            mesh = init_device_mesh(
+                device_type, tuple(self._degree(n) for n in names), mesh_dim_names=tuple(names)
+            )
+            for flat, dims in _FLATTENED.items():
+                present = tuple(d for d in dims if d in names)
+                if present:
+                    mesh[present]._flatten(flat)
+            logger.info("device mesh %s", dict(zip(names, (self._degree(n) for n in names))))
+        self._slot.mesh = mesh
+        self._slot.built = True
+        return mesh
+
+    @property
+    def mesh(self) -> DeviceMesh | None:
+        """The mesh from build_mesh (None when every degree is 1)."""
+        if not self._slot.built:
+            raise RuntimeError("call ParallelDims.build_mesh() first")
+        return self._slot.mesh
+
+    def get_mesh(self, name: str) -> DeviceMesh | None:
+        """A named dim or flattened view ("tp", "dp", "dp_shard_cp", ...); None when its degree is 1."""
+        if name not in _MESH_DIMS and name not in _FLATTENED:
+            raise KeyError(f"unknown mesh dim {name!r}")
+        dims = _FLATTENED.get(name, (name,))
+        if math.prod(self._degree(d) for d in dims) == 1:
+            return None
+        mesh = self.mesh
+        assert mesh is not None
+        return mesh[name]
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (which slice of the batch it loads)."""
+        dp = self.get_mesh("dp")
+        return 0 if dp is None else dp.get_local_rank()
+
+    @property
+    def loss_group(self) -> dist.ProcessGroup | None:
+        """Group over which per-rank loss sums and token counts are all-reduced (dp x cp); None if 1."""
+        m = self.get_mesh("dp_cp")
+        return None if m is None else m.get_group()
+
+    def _degree(self, name: str) -> int:
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
+                "tp": self.tp}[name]
+
+
+def _product_text(p: Parallelism, *, shard: str, with_shard: bool) -> str:
+    parts = [f"data_parallel_replicate_degree({p.data_parallel_replicate_degree})"]
+    if with_shard:
+        parts.append(f"data_parallel_shard_degree({shard})")
+    parts += [
+        f"context_parallel_degree({p.context_parallel_degree})",
+        f"tensor_parallel_degree({p.tensor_parallel_degree})",
+        f"pipeline_parallel_degree({p.pipeline_parallel_degree})",
+    ]
+    return " x ".join(parts)
+
+
+def _or_list(values: list[int]) -> str:
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
+
+
+def _round_up(x: int, unit: int) -> int:
+    return ((x + unit - 1) // unit) * unit

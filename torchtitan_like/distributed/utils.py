@@ -1,0 +1,92 @@
+"""Process-group setup, device choice, and the distributed pieces of one training step."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(*, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Join the torchrun job (NCCL on GPU, gloo on CPU); a plain `python` run is a world of one.
+
+    Returns (rank, world_size). A world of one still gets a process group, so the code path (meshes,
+    DTensor, DCP) is the same at every scale.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend=backend,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return dist.get_rank(), dist.get_world_size()
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: list[torch.nn.Parameter],
+    max_norm: float,
+    *,
+    norm_type: float = 2.0,
+    pp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Clip to the true global gradient norm and return that norm (a plain scalar tensor).
+
+    DTensor grads (FSDP / TP, any mesh) reduce across their own mesh inside `get_total_norm`; the
+    result is then made whole with `full_tensor()`. With pipeline parallelism each stage holds only
+    its own parameters, so the squared norms are summed across `pp_group` as well.
+    `max_norm <= 0` only measures.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if pp_group is not None:
+        if norm_type == float("inf"):
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+        else:
+            total = total**norm_type
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+            total = total ** (1.0 / norm_type)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def param_dtype(mixed_precision_param: str, device_type: str) -> torch.dtype:
+    """Resolve training.mixed_precision_param: "auto" is bfloat16 on CUDA and float32 on CPU."""
+    if mixed_precision_param == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return _DTYPES[mixed_precision_param]
+
+
+def reduce_dtype(mixed_precision_reduce: str) -> torch.dtype:
+    return _DTYPES[mixed_precision_reduce]

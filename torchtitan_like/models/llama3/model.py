@@ -1,0 +1,210 @@
+"""Llama 3 decoder: GQA attention with RoPE (Llama 3.1 scaling), SwiGLU FFN, RMSNorm.
+
+Meta-device friendly: `__init__` only declares modules; `init_weights()` fills every parameter and
+buffer. Initialization draws each parameter's *full* tensor from a generator seeded by (seed, name)
+and keeps the local shard, so the weights are identical whatever the parallel layout.
+
+Parameter names match Meta's Llama 3 checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...).
+Layers live in an `nn.ModuleDict` keyed by layer id so names survive a pipeline split; a stage that
+does not own `tok_embeddings`, `norm` or `output` has them set to None.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan_like.models.llama3.args import RopeScaling, TransformerArgs
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Complex rotations e^{i m w_k} for positions m < end; (end, head_dim // 2), complex64."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    if scaling is not None:
+        freqs = _apply_llama31_scaling(freqs, scaling)
+    t = torch.arange(end, dtype=torch.float64)
+    angles = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def _apply_llama31_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
+    mid = (1 - smooth) * freqs / s.factor + smooth * freqs
+    is_mid = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # x: (bs, seqlen, n_local_heads, head_dim), rotated as interleaved (real, imag) pairs (Meta layout).
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # (1, seqlen, 1, head_dim // 2)
+    xq_out = torch.view_as_real(xq_ * freqs).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (bs, seqlen, n_local_kv_heads, head_dim) -> (bs, seqlen, n_local_kv_heads * n_rep, head_dim)
+    if n_rep == 1:
+        return x
+    bs, seqlen, n_kv, head_dim = x.shape
+    return x[:, :, :, None, :].expand(bs, seqlen, n_kv, n_rep, head_dim).reshape(bs, seqlen, n_kv * n_rep, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.n_rep = args.n_heads // args.kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        bs, seqlen, _ = x.shape
+        # -1 for the head count: tensor parallel shards heads, so the local count is not args.n_heads.
+        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
+        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
+        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        keys = repeat_kv(xk, self.n_rep)
+        values = repeat_kv(xv, self.n_rep)
+        # (bs, n_local_heads, seqlen, head_dim) for SDPA
+        out = F.scaled_dot_product_attention(
+            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), is_causal=True
+        )
+        out = out.transpose(1, 2).contiguous().view(bs, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: TransformerArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        if args.depth_init:
+            self.weight_init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+        else:
+            self.weight_init_std = 0.02 / (2 * args.n_layers) ** 0.5
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not persistent: recomputed by init_weights, never loaded from a checkpoint.
+        self.register_buffer("freqs_cis", self._freqs_cis(device=None), persistent=False)
+
+    def _freqs_cis(self, device: torch.device | None) -> torch.Tensor:
+        a = self.args
+        return precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling).to(device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: (bs, seqlen) ids on the first pipeline stage, (bs, seqlen, dim) hidden states after it.
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        freqs_cis = self.freqs_cis[: h.shape[1]]
+        for layer in self.layers.values():
+            h = layer(h, freqs_cis)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # (bs, seqlen, vocab) on the last stage
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
+        """Initialize every parameter and buffer, identically for any sharding of the parameters."""
+        device = buffer_device
+        if device is None:
+            device = next(iter(self.parameters())).device
+        self.freqs_cis = self._freqs_cis(device)
+        a = self.args
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                _fill_(param, 1.0)
+            elif name.startswith("tok_embeddings"):
+                _init_from_full_(param, seed, name, std=0.02 if a.tie_word_embeddings else 1.0)
+            elif name.startswith("output"):
+                std = a.dim**-0.5
+                _init_from_full_(param, seed, name, std=std, cutoff=3 * std)
+            elif leaf in ("wq", "wk", "wv", "w1"):
+                _init_from_full_(param, seed, name, std=0.02)
+            elif leaf in ("wo", "w2", "w3"):
+                layer = self.layers[name.split(".")[1]]
+                _init_from_full_(param, seed, name, std=layer.weight_init_std)
+            else:
+                raise AssertionError(f"init_weights does not know parameter {name}")
+
+
+def _local(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The part of `full` that `param` holds on this rank (all of it for a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return full
+    # Private but stable since torch 2.4; the public alternative (distribute_tensor) needs a collective.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+
+
+def _target(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _fill_(param: torch.Tensor, value: float) -> None:
+    _target(param).fill_(value)
+
+
+def _init_from_full_(param: torch.Tensor, seed: int, name: str, *, std: float, cutoff: float | None = None) -> None:
+    local = _target(param)
+    if local.device.type == "meta":
+        raise RuntimeError(f"{name} is still on the meta device: call to_empty() before init_weights()")
+    gen = torch.Generator(device=local.device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    full = torch.empty(param.shape, device=local.device, dtype=torch.float32)
+    if cutoff is None:
+        cutoff = 2 * std  # torchtitan's truncation for hidden weights: +-2 std
+    if std >= 1.0:
+        full.normal_(0.0, std, generator=gen)
+    else:
+        nn.init.trunc_normal_(full, mean=0.0, std=std, a=-cutoff, b=cutoff, generator=gen)
+    local.copy_(_local(full, param))

@@ -1,0 +1,260 @@
+"""The training loop: batch -> forward/backward (accumulated) -> clip -> step -> metrics.
+
+Build order (see STYLE.md): validate the config against the world and the model, build the model on
+meta, parallelize it, materialize and initialize it, then optimizer, LR schedule and data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
+from torchtitan_like.components.lr_scheduler import build_lr_scheduler
+from torchtitan_like.components.metrics import MetricsLogger
+from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
+from torchtitan_like.components.optimizer import build_optimizer
+from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+from torchtitan_like.config.loader import to_toml
+from torchtitan_like.config.schema import JobConfig
+from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
+from torchtitan_like.distributed.parallel_dims import ParallelDims
+from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
+from torchtitan_like.errors import TrainingError
+from torchtitan_like.models import MODELS
+from torchtitan_like.models.llama3.parallelize import parallelize_llama
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """One training job. `train()` runs it; `close()` releases files and the process group."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        self.device = local_device()
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[dict[str, float]] = []
+        self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
+
+        # 1. Everything that can be checked without building the model, before building it.
+        spec = MODELS[cfg.model.name]
+        self.model_args = spec.flavors[cfg.model.flavor].with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len)
+        self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
+        self.parallel_dims.validate(model_args=self.model_args, training=cfg.training)
+        tokenizer = None
+        if cfg.training.dataset != "synthetic":
+            tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+            check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
+        self.parallel_dims.build_mesh(self.device.type)
+        self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
+        self.dataloader = build_dataloader(
+            training=cfg.training,
+            tokenizer=tokenizer,
+            vocab_size=self.model_args.vocab_size,
+            dp_rank=self.parallel_dims.dp_rank,
+            dp_degree=self.parallel_dims.dp_degree,
+            seed=cfg.debug.seed,
+        )
+
+        # 2. Model: meta -> parallelize -> materialize -> init.
+        with torch.device("meta"):
+            model = spec.build(self.model_args)
+        model = parallelize_llama(
+            model,
+            self.parallel_dims,
+            parallelism=cfg.parallelism,
+            training=cfg.training,
+            device_type=self.device.type,
+        )
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights(cfg.debug.seed, buffer_device=self.device)
+        model.train()
+        self.model_parts: list[nn.Module] = [model]
+        self._log_model(model)
+
+        # 3. Optimizer, LR schedule, metrics.
+        self.optimizer = build_optimizer(self.model_parts, cfg.optimizer, device_type=self.device.type)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, steps=cfg.training.steps)
+        self.param_dtype = param_dtype(cfg.training.mixed_precision_param, self.device.type)
+        self.loss_parallel = self.parallel_dims.loss_parallel_enabled(cfg.parallelism)
+        tokens_per_step = self._global_batch_size() * cfg.training.seq_len
+        self.metrics = MetricsLogger(
+            cfg.metrics,
+            cfg.job.dump_folder,
+            enabled=self.rank == 0,
+            flops_per_token=model_flops_per_token(self.model_args, cfg.training.seq_len),
+            peak_flops_per_s=_peak_flops(self.device, cfg.metrics.peak_tflops),
+            device=self.device,
+            world_size=self.world_size,
+        )
+        self.tokens_per_step = tokens_per_step
+        if self.rank == 0:
+            self._write_config()
+        logger.info(
+            "training %s %s for %d steps: global batch %d x seq %d (%d tokens/step), local batch %d, "
+            "grad accumulation %d, world %d, device %s, params %s",
+            cfg.model.name, cfg.model.flavor, cfg.training.steps, self._global_batch_size(), cfg.training.seq_len,
+            tokens_per_step, cfg.training.local_batch_size, self.grad_accum, self.world_size, self.device,
+            str(self.param_dtype).removeprefix("torch."),
+        )
+
+    # ------------------------------------------------------------------------------------------
+
+    def _global_batch_size(self) -> int:
+        t = self.cfg.training
+        return t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.parallel_dims.dp_degree
+
+    def _setup_determinism(self, seed: int, deterministic: bool) -> None:
+        torch.manual_seed(seed)
+        if deterministic:
+            # cuBLAS needs this before its first use to be deterministic.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+
+    def _log_model(self, model: nn.Module) -> None:
+        n = self.model_args.num_params()
+        logger.info(
+            "model %s: %.3fM parameters (%.3fM without embeddings), %d layers, dim %d",
+            self.cfg.model.flavor, n / 1e6, self.model_args.num_params(exclude_embedding=True) / 1e6,
+            self.model_args.n_layers, self.model_args.dim,
+        )
+
+    def _write_config(self) -> None:
+        folder = Path(self.cfg.job.dump_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "config.toml.tmp"
+        tmp.write_text(to_toml(self.cfg), encoding="utf-8")
+        os.replace(tmp, folder / "config.toml")  # never leave a half-written config.toml
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        # FSDP's MixedPrecisionPolicy casts parameters itself; without FSDP, autocast does.
+        if self.param_dtype == torch.float32 or self.parallel_dims.fsdp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.param_dtype)
+
+    def _loss_ctx(self) -> contextlib.AbstractContextManager:
+        if self.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------
+
+    def _next_batches(self, data_iter) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [next(data_iter) for _ in range(self.grad_accum)]
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step over the accumulated micro-batches; returns (global mean loss, grad norm)."""
+        loss_group = self.parallel_dims.loss_group
+        # The loss is the mean over every token of the global batch: count them first, so each
+        # micro-batch's token-sum loss can be scaled by the same global denominator.
+        n_tokens = torch.tensor(
+            [sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)], dtype=torch.float64, device=self.device
+        )
+        if loss_group is not None:
+            dist.all_reduce(n_tokens, group=loss_group)
+        total_tokens = n_tokens.item()
+
+        model = self.model_parts[0]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for inputs, labels in batches:
+            inputs = inputs.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self._loss_ctx():
+                with self._amp():
+                    logits = model(inputs)
+                loss = cross_entropy_sum(logits, labels) / total_tokens
+                loss.backward()
+            loss_sum += _plain(loss.detach()).to(torch.float64)
+            del logits, loss
+
+        params = [p for m in self.model_parts for p in m.parameters()]
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm)
+        if loss_group is not None:
+            dist.all_reduce(loss_sum, group=loss_group)
+        loss_value, norm_value = loss_sum.item(), float(grad_norm)
+        if not (torch.isfinite(torch.tensor(loss_value)) and torch.isfinite(torch.tensor(norm_value))):
+            # Raise before optimizer.step(): the weights (and any checkpoint) stay as they were.
+            raise TrainingError(
+                f"loss is {loss_value} (grad_norm {norm_value}) at step {self.step}: training diverged; "
+                f"lower optimizer.lr, raise lr_scheduler.warmup_steps or check the data"
+            )
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
+
+    def train(self) -> None:
+        cfg = self.cfg
+        gc_freq = cfg.training.gc_freq
+        if gc_freq > 0:
+            gc.disable()  # collect on a schedule instead, so every rank pauses at the same step
+            gc.collect(1)
+        data_iter = iter(self.dataloader)
+        window_start = time.perf_counter()
+        train_start = window_start
+        window_steps = window_tokens = 0
+        data_wait = 0.0
+        try:
+            while self.step < cfg.training.steps:
+                self.step += 1
+                if gc_freq > 0 and self.step % gc_freq == 0:
+                    gc.collect(1)
+                t0 = time.perf_counter()
+                batches = self._next_batches(data_iter)
+                data_wait += time.perf_counter() - t0
+                lr = self.lr_scheduler.get_last_lr()[0]
+                loss, grad_norm = self.train_step(batches)
+                self.tokens_seen += self.tokens_per_step
+                window_steps += 1
+                window_tokens += self.tokens_per_step
+                self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
+                if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    self.metrics.log(
+                        self.step,
+                        loss=loss,
+                        grad_norm=grad_norm,
+                        lr=lr,
+                        tokens=window_tokens // self.world_size,
+                        elapsed_s=now - window_start,
+                        data_wait_s=data_wait,
+                        steps=window_steps,
+                    )
+                    window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
+            self.metrics.summary(self.tokens_seen, time.perf_counter() - train_start)
+        finally:
+            if gc_freq > 0:
+                gc.enable()
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss computed under loss parallel is a replicated DTensor: take the local copy."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    tflops = peak_tflops(device, "bf16", override=override_tflops)
+    return None if tflops is None else tflops * 1e12
