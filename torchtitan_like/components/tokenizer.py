@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tiktoken
@@ -72,9 +72,9 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids` (invalid UTF-8 byte sequences become U+FFFD)."""
-        return self.model.decode(list(ids))
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (a list or a 1-D tensor); invalid UTF-8 byte sequences become U+FFFD."""
+        return self.model.decode([int(i) for i in ids])
 
 
 def _split_long_runs(s: str, max_run: int) -> Iterator[str]:

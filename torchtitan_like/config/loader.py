@@ -26,8 +26,10 @@ _FALSE = {"false", "0", "no", "off"}
 
 
 def _closest(name: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    # Case-insensitive, so 'adamw' suggests 'AdamW' rather than 'Adam'.
+    lower = {c.lower(): c for c in candidates}
+    match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
+    return f" (did you mean '{lower[match[0]]}'?)" if match else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,9 +50,12 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
         via = f" (extended by {_chain[-1]})" if _chain else " (job.config_file / CONFIG_FILE)"
         raise ConfigError(f"config file not found: {path}{via}")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"malformed TOML in {p}: {e}") from None
+        # tomllib says "(at end of document)" for an unclosed bracket or string: name the last line.
+        where = "" if "line" in str(e) else f" (line {max(1, len(text.splitlines()))}, the last line)"
+        raise ConfigError(f"malformed TOML in {p}: {e}{where}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p} is not valid UTF-8: {e}") from None
 
@@ -74,7 +79,7 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
         leaf: dict[str, Any] = {}
         for k, v in table.items():
             path = f"{prefix}{k}"
-            if isinstance(v, dict):
+            if isinstance(v, dict) and path not in keys():
                 if path not in known and not any(s.startswith(path + ".") for s in known):
                     candidates = list(known) if not prefix else [s for s in known if s.startswith(prefix)]
                     raise ConfigError(f"{p}: unknown section [{path}]{_closest(path, candidates)}")
@@ -87,10 +92,21 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
             section = prefix[:-1]
             if section not in known:
                 raise ConfigError(f"{p}: [{section}] is a group of sections, not a section: keys {sorted(leaf)}")
-            out[section] = leaf
+            out[section] = {k: _check_toml_value(f"{section}.{k}", v, p) for k, v in leaf.items()}
 
     walk(raw, "")
     return out
+
+
+def _check_toml_value(dotted: str, value: Any, p: Path) -> Any:
+    # Checked per file (not after the `extends` merge) so the message names the file holding the key.
+    key = keys().get(dotted)
+    if key is None:
+        raise _unknown_key(dotted, origin=str(p))
+    try:
+        return coerce(key, value, from_cli=False)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +132,8 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
         key = keys().get(body)
         takes_flag = key is not None and unwrap_optional(key.type)[0] is bool
         negated = _negated(body)
+        if key is None and negated is None:
+            raise _unknown_key(body, origin="command line")
         if takes_flag or negated is not None:
             if nxt is not None and nxt.lower() in _TRUE | _FALSE:
                 out.append((body, nxt))
@@ -227,7 +245,7 @@ def load_config(argv: list[str]) -> JobConfig:
     config_file = None
     for name, value in overrides:
         if name == "job.config_file":
-            config_file = value
+            config_file = coerce(keys()[name], value, from_cli=True)  # "none" unsets it, like any optional key
     values: dict[str, Any] = {}
     if config_file:
         for section, table in read_toml(config_file).items():
@@ -243,6 +261,8 @@ def load_config(argv: list[str]) -> JobConfig:
         key = keys().get(name)
         if key is None and negated is not None:
             target, key = negated, keys()[negated]
+            if raw is not None and raw.lower() not in _TRUE | _FALSE:
+                raise ConfigError(f"--{name}={raw!r} must be true or false")
             raw = "false" if raw is None or raw.lower() in _TRUE else "true"
         if key is None:
             raise _unknown_key(name, origin="command line")
@@ -298,7 +318,19 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise AssertionError(f"cannot write {v!r} as TOML")
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quote, backslash and control characters escaped."""
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c

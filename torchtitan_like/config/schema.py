@@ -130,6 +130,38 @@ class Parallelism:
 
 
 @dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save distributed (DCP) checkpoints and resume from the latest complete one on restart."""
+    folder: str = "checkpoint"
+    """Checkpoint folder, relative to job.dump_folder; each save is a step-N subfolder."""
+    interval: int = 500
+    """Save every N steps (the last step is always saved)."""
+    async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
+    """disabled = save blocks training; async = save in the background; async_with_pinned_mem = also stage in pinned memory."""
+    keep_latest_k: int = 10
+    """Keep only the newest K complete checkpoints (older ones are purged in the background); 0 keeps all."""
+    load_step: int = -1
+    """Step to resume from; -1 = the latest complete checkpoint."""
+    exclude_from_loading: list[str] = field(default_factory=list)
+    """State to skip when resuming: any of model, optimizer, lr_scheduler, dataloader, train_state."""
+    last_save_model_only: bool = True
+    """The final save holds only the model weights (in export_dtype), for inference or fine-tuning."""
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the weights in a model-only save."""
+    initial_load_path: str | None = None
+    """Checkpoint to start from when the run has none of its own (a step-N folder, or HF safetensors with initial_load_in_hf)."""
+    initial_load_model_only: bool = True
+    """From initial_load_path, load only the model weights."""
+    initial_load_in_hf: bool = False
+    """initial_load_path is a Hugging Face safetensors folder (LlamaForCausalLM names)."""
+    last_save_in_hf: bool = False
+    """Also export the final weights as Hugging Face safetensors (LlamaForCausalLM names)."""
+    create_seed_checkpoint: bool = False
+    """Only initialize the model and save it as step-0 (run on one process), then exit."""
+
+
+@dataclass
 class Debug:
     seed: int = 42
     """Seed for weight init, data order and every random number generator."""
@@ -153,5 +185,7 @@ class JobConfig:
     """[metrics]"""
     parallelism: Parallelism = field(default_factory=Parallelism)
     """[parallelism]"""
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    """[checkpoint]"""
     debug: Debug = field(default_factory=Debug)
     """[debug]"""

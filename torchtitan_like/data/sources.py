@@ -81,14 +81,15 @@ class LocalSource:
                     continue
                 yield _decode(path.read_bytes(), path, first_line=1)
             elif path.suffix == ".jsonl":
-                for lineno, raw in enumerate(path.open("rb"), start=1):
-                    if not raw.strip():
-                        continue  # blank lines are not records
-                    if skip:
-                        skip -= 1
-                        continue
-                    record = _parse_json(_decode(raw, path, first_line=lineno), path, lineno)
-                    yield self._text(record, f"{path}:{lineno}")
+                with path.open("rb") as f:
+                    for lineno, raw in enumerate(f, start=1):
+                        if not raw.strip():
+                            continue  # blank lines are not records
+                        if skip:
+                            skip -= 1
+                            continue
+                        record = _parse_json(_decode(raw, path, first_line=lineno), path, lineno)
+                        yield self._text(record, f"{path}:{lineno}")
             else:
                 records = _load_json_file(path)
                 for i, record in enumerate(records):
@@ -99,14 +100,14 @@ class LocalSource:
 
     def _text(self, record: Any, where: str) -> str:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with a {self.text_field!r} field, got {type(record).__name__}")
+            kind = type(record).__name__
+            raise DataError(f"{where}: expected a JSON object with a {self.text_field!r} field, got {kind}")
         if self.text_field not in record:
             raise DataError(f"{where}: record has no field {self.text_field!r} (training.dataset_text_field)")
         text = record[self.text_field]
         if not isinstance(text, str):
-            raise DataError(
-                f"{where}: field {self.text_field!r} is {type(text).__name__}, not a string (training.dataset_text_field)"
-            )
+            kind = type(text).__name__
+            raise DataError(f"{where}: field {self.text_field!r} is {kind}, not a string (training.dataset_text_field)")
         return text
 
 

@@ -153,6 +153,9 @@ class Transformer(nn.Module):
             device = next(iter(self.parameters())).device
         self.freqs_cis = self._freqs_cis(device)
         a = self.args
+        if a.tie_word_embeddings and self.output is not None and self.tok_embeddings is not None:
+            # to_empty() materializes each module's parameters separately, which unties them.
+            self.output.weight = self.tok_embeddings.weight
         for name, param in self.named_parameters():
             leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):

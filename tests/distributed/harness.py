@@ -1,0 +1,124 @@
+"""Run a function on N spawned ranks (CPU, gloo) from inside pytest, and collect what each returns.
+
+    results = run_on_ranks(fn, world_size=4, tmp_path=tmp_path, args=(...,))
+
+`fn` must be picklable (a module-level function of an importable module, e.g. the test module).
+Each rank gets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE in its environment, one CPU thread,
+and (by default) the default process group already initialised over a FileStore in `tmp_path`: no
+TCP ports, so parallel test jobs cannot collide, and code that calls
+`torchtitan_like.distributed.utils.init_distributed()` finds the group and uses it.
+
+Return values come back through pickle files in `tmp_path` (keep them plain: tensors, floats,
+dicts; no DTensors). If any rank raises, the test fails with that rank's traceback; a rank that
+hangs fails the test after `timeout_s`, with every rank killed.
+
+Shutdown is a barrier, destroy_process_group, a flush, then `os._exit`: gloo sometimes aborts a
+finished process in its destructors ("terminate called without an active exception"), and
+skipping the interpreter's teardown is what made that go away (see /work/shared/CPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    *,
+    world_size: int,
+    tmp_path: Path,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    init_process_group: bool = True,
+    timeout_s: float = 180.0,
+) -> list[Any]:
+    """Call `fn(*args, **kwargs)` on `world_size` ranks; return the per-rank results, rank order."""
+    run_dir = Path(tmp_path) / f"ranks_{time.monotonic_ns()}"
+    run_dir.mkdir(parents=True)
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(fn, world_size, str(run_dir), args, kwargs or {}, init_process_group, timeout_s),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    failure: str | None = None
+    try:
+        while not ctx.join(timeout=0.2):
+            if time.monotonic() > deadline:
+                failure = f"timed out after {timeout_s:.0f} s"
+                break
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # join() ended the other ranks
+        failure = str(e)
+    if failure is not None:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        for p in ctx.processes:
+            p.join(timeout=10)
+        errors = [
+            f"--- rank {r} ---\n{(run_dir / f'rank{r}.err').read_text()}"
+            for r in range(world_size)
+            if (run_dir / f"rank{r}.err").exists()
+        ]
+        pytest.fail(
+            f"{getattr(fn, '__name__', fn)} on {world_size} ranks failed: {failure}\n" + "\n".join(errors),
+            pytrace=False,
+        )
+    results = []
+    for r in range(world_size):
+        with open(run_dir / f"rank{r}.pkl", "rb") as f:
+            results.append(pickle.load(f))
+    return results
+
+
+def _rank_main(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    run_dir: str,
+    args: tuple,
+    kwargs: dict,
+    init_process_group: bool,
+    timeout_s: float,
+) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
+    out = Path(run_dir)
+    status = 0
+    try:
+        if init_process_group:
+            store = dist.FileStore(str(out / "store"), world_size)
+            dist.init_process_group(
+                "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        result = fn(*args, **kwargs)
+        tmp = out / f"rank{rank}.pkl.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(result, f)
+        tmp.rename(out / f"rank{rank}.pkl")
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        status = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

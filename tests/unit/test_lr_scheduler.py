@@ -1,0 +1,128 @@
+"""LR schedule: linear warmup, stable phase, linear/sqrt/cosine decay to min_lr_factor, state round trip.
+
+The lr of step k (0-based) is the one the optimizer holds when step k runs: read before
+`optimizer.step()`, then `scheduler.step()` moves to step k + 1.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from torchtitan_like.components.lr_scheduler import build_lr_scheduler
+from torchtitan_like.config.schema import LRScheduler
+
+PEAK = 0.5
+
+
+def make(cfg: LRScheduler, steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=PEAK)
+    return opt, build_lr_scheduler(opt, cfg, steps=steps)
+
+
+def run(opt: torch.optim.Optimizer, sched: LambdaLR, n: int) -> list[float]:
+    lrs = []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def factors(cfg: LRScheduler, steps: int) -> list[float]:
+    """lr / optimizer.lr for every step of the run."""
+    return [lr / PEAK for lr in run(*make(cfg, steps), steps)]
+
+
+def test_is_a_lambda_lr() -> None:
+    _, sched = make(LRScheduler(), 100)
+    assert isinstance(sched, LambdaLR)
+
+
+def test_warmup_is_linear_from_one_over_w_plus_one_to_the_peak() -> None:
+    got = factors(LRScheduler(warmup_steps=4, decay_ratio=0.0), 10)
+    assert got == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5, 1, 1, 1, 1, 1, 1])
+
+
+# warmup 2, 10 steps, decay_ratio 0.5 -> 8 steps after warmup: 4 stable (steps 2-5), 4 decaying (6-9).
+# Decay progress at steps 6..9 is 1/4, 2/4, 3/4, 1; lr factor = 0.2 + 0.8 * remaining(progress).
+WSD = LRScheduler(warmup_steps=2, decay_ratio=0.5, min_lr_factor=0.2)
+S = math.sqrt(0.5)
+
+
+@pytest.mark.parametrize(
+    "decay_type, decay",
+    [
+        ("linear", [0.8, 0.6, 0.4, 0.2]),
+        ("sqrt", [0.6, 0.2 + 0.8 * (1 - S), 0.2 + 0.8 * (1 - math.sqrt(0.75)), 0.2]),
+        ("cosine", [0.2 + 0.4 * (1 + S), 0.6, 0.2 + 0.4 * (1 - S), 0.2]),
+    ],
+)
+def test_hand_computed_warmup_stable_decay(decay_type: str, decay: list[float]) -> None:
+    cfg = LRScheduler(warmup_steps=WSD.warmup_steps, decay_ratio=WSD.decay_ratio, decay_type=decay_type,  # type: ignore[arg-type]
+                      min_lr_factor=WSD.min_lr_factor)
+    got = factors(cfg, 10)
+    assert got == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, *decay])
+
+
+@pytest.mark.parametrize("decay_type", ["linear", "sqrt", "cosine"])
+@pytest.mark.parametrize("min_lr_factor", [0.0, 0.1])
+@pytest.mark.parametrize("decay_ratio", [None, 0.3])
+def test_decay_ends_at_min_lr_factor(decay_type: str, min_lr_factor: float, decay_ratio: float | None) -> None:
+    cfg = LRScheduler(warmup_steps=5, decay_ratio=decay_ratio, decay_type=decay_type, min_lr_factor=min_lr_factor)  # type: ignore[arg-type]
+    got = factors(cfg, 55)
+    assert got[-1] == pytest.approx(min_lr_factor)
+    after_warmup = got[5:]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:])), "the lr never rises after warmup"
+    assert min(got[:-1]) > min_lr_factor, "min_lr_factor is reached at the last step, not before"
+    # Past the end of the run the lr stays at the floor.
+    opt, sched = make(cfg, 55)
+    assert run(opt, sched, 60)[-1] / PEAK == pytest.approx(min_lr_factor)
+
+
+@pytest.mark.parametrize(
+    "steps, warmup, decay_ratio, stable",
+    [
+        (110, 10, 0.2, 80),  # stable = (1 - 0.2) * (110 - 10)
+        (100, 0, 0.25, 75),
+        (50, 10, 1.0, 0),  # decay over all steps after warmup
+        (50, 10, None, 0),  # unset = the same
+        (50, 10, 0.0, 40),  # no decay at all
+    ],
+)
+def test_decay_ratio_sets_the_stable_phase(steps: int, warmup: int, decay_ratio: float | None, stable: int) -> None:
+    got = factors(LRScheduler(warmup_steps=warmup, decay_ratio=decay_ratio, min_lr_factor=0.1), steps)
+    assert all(f < 1 for f in got[:warmup])
+    assert got[warmup:warmup + stable] == [1.0] * stable
+    if warmup + stable < steps:
+        assert all(f < 1 for f in got[warmup + stable:])
+        decay_steps = steps - warmup - stable
+        # Linear decay: each decaying step takes the same bite out of (1 - min_lr_factor).
+        assert got[warmup + stable] == pytest.approx(0.1 + 0.9 * (1 - 1 / decay_steps))
+        assert got[-1] == pytest.approx(0.1)
+
+
+def test_no_warmup_starts_decaying_at_step_zero() -> None:
+    got = factors(LRScheduler(warmup_steps=0, min_lr_factor=0.0), 4)
+    assert got == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+
+def test_state_dict_round_trip_resumes_the_schedule() -> None:
+    cfg = LRScheduler(warmup_steps=3, decay_ratio=0.5, decay_type="cosine", min_lr_factor=0.1)
+    opt, sched = make(cfg, 20)
+    run(opt, sched, 7)
+    # The scheduler is part of a checkpoint: its state (and its lambda) must pickle.
+    sched_state = pickle.loads(pickle.dumps(sched.state_dict()))
+    opt_state = pickle.loads(pickle.dumps(opt.state_dict()))
+    pickle.dumps(sched.lr_lambdas[0])
+    assert sched_state["last_epoch"] == 7
+
+    opt2, sched2 = make(cfg, 20)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    assert sched2.last_epoch == 7 and sched2.get_last_lr() == sched.get_last_lr()
+    assert run(opt2, sched2, 13) == run(opt, sched, 13)

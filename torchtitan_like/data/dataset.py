@@ -1,0 +1,229 @@
+"""Tokenize + pack documents into fixed-length samples, and deal global batches out to DP ranks.
+
+The sequence of global batches depends only on (dataset, seed, global_batch_size, seq_len), never on
+the number of data-parallel ranks: global batch g is samples [g*GBS, (g+1)*GBS) of one packed
+stream, and DP rank r of D takes the contiguous slice [r*GBS/D, (r+1)*GBS/D) of it, as
+microbatches of local_batch_size. Every rank reads the whole global batch (packing boundaries
+depend on all of it) and keeps its slice, so at a step boundary all ranks hold the same state and a
+checkpoint taken with D ranks resumes with any D'.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset
+
+from torchtitan_like.components.tokenizer import Tokenizer
+from torchtitan_like.data.sources import DocumentSource, synthetic_sample
+from torchtitan_like.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How global batches are dealt out: validated by the loader (GBS divisible by local_bs x D)."""
+
+    global_batch_size: int
+    local_batch_size: int
+    dp_rank: int
+    dp_degree: int
+
+
+class _SliceIterator:
+    """Global batch -> this rank's slice -> microbatches; subclasses say how to read a slice."""
+
+    def __init__(self, layout: BatchLayout) -> None:
+        assert layout.global_batch_size % (layout.local_batch_size * layout.dp_degree) == 0
+        assert 0 <= layout.dp_rank < layout.dp_degree
+        self.global_batch_size = layout.global_batch_size
+        self.local_batch_size = layout.local_batch_size
+        self.slice_size = layout.global_batch_size // layout.dp_degree
+        self.slice_start = layout.dp_rank * self.slice_size
+        self.accum_steps = self.slice_size // layout.local_batch_size
+        self.batch_index = 0  # global batch the next microbatch belongs to
+        self.micro_index = 0  # microbatches of that global batch already yielded by this rank
+        self._slice: torch.Tensor | None = None  # (slice_size, seq_len + 1); a cache, not state
+
+    def __iter__(self) -> _SliceIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._slice is None:
+            self._slice = self._read_slice()  # StopIteration here ends a finite stream
+        b = self.local_batch_size
+        micro = self._slice[self.micro_index * b : (self.micro_index + 1) * b]  # (local_bs, seq_len + 1)
+        self.micro_index += 1
+        if self.micro_index == self.accum_steps:
+            # Advance now, not on the next call: at the step boundary the state already names the
+            # next global batch, identically on every rank.
+            self._commit()
+            self.batch_index += 1
+            self.micro_index = 0
+            self._slice = None
+        return micro[:, :-1].contiguous(), micro[:, 1:].contiguous()
+
+    def _read_slice(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        """Make the position after the current global batch the committed one."""
+
+    def _load_cursor(self, state: dict[str, Any]) -> None:
+        if not 0 <= state["micro_index"] < self.accum_steps:
+            raise DataError(
+                f"dataloader checkpoint is {state['micro_index']} microbatches into a global batch, which this "
+                f"layout ({self.accum_steps} per step) cannot resume: resume mid-step checkpoints with the same layout"
+            )
+        self.batch_index = state["batch_index"]
+        self.micro_index = state["micro_index"]
+        self._slice = None
+
+
+class _TokenStream:
+    """Reads documents from a position and cuts the [bos] doc [eos] token stream into windows."""
+
+    def __init__(
+        self, source: DocumentSource, tokenizer: Tokenizer, *, epoch: int, doc_index: int, buffer: list[int],
+        infinite: bool,
+    ) -> None:
+        self.source, self.tokenizer, self.infinite = source, tokenizer, infinite
+        self.epoch, self.doc_index = epoch, doc_index
+        self._buf = list(buffer)
+        self._off = 0  # consumed prefix of _buf (deleting it per window would be quadratic)
+        self._docs = source.documents(epoch, doc_index)
+        self._full_pass = doc_index == 0  # only a pass from the first record can prove emptiness
+        self._docs_in_pass = 0
+
+    def take(self, n: int) -> list[int] | None:
+        """The next `n` tokens, or None when a finite stream runs out."""
+        while len(self._buf) - self._off < n:
+            if not self._read_document():
+                return None
+        window = self._buf[self._off : self._off + n]
+        self._off += n
+        return window
+
+    def leftover(self) -> list[int]:
+        return self._buf[self._off :]
+
+    def _read_document(self) -> bool:
+        while True:
+            for text in self._docs:
+                self.doc_index += 1
+                if not text.strip():
+                    continue
+                self._docs_in_pass += 1
+                del self._buf[: self._off]
+                self._off = 0
+                self._buf.extend(self.tokenizer.encode(text, bos=True, eos=True))
+                return True
+            if self._full_pass and self._docs_in_pass == 0:
+                raise DataError("the dataset is empty: a full pass found no non-empty documents")
+            if not self.infinite:
+                return False
+            self.epoch += 1
+            self.doc_index = 0
+            logger.info("data: source exhausted, starting epoch %d", self.epoch)
+            self._docs = self.source.documents(self.epoch, 0)
+            self._full_pass, self._docs_in_pass = True, 0
+
+
+class PackedIterator(_SliceIterator):
+    """Stateful iterator over this rank's microbatches of packed documents."""
+
+    def __init__(
+        self, *, source: DocumentSource, tokenizer: Tokenizer, seq_len: int, layout: BatchLayout, infinite: bool
+    ) -> None:
+        super().__init__(layout)
+        self.source, self.tokenizer, self.seq_len, self.infinite = source, tokenizer, seq_len, infinite
+        # Stream position at the start of global batch `batch_index` (committed state).
+        self.epoch, self.doc_index, self.buffer = 0, 0, []
+        self._next_position: tuple[int, int, list[int]] | None = None
+
+    def _read_slice(self) -> torch.Tensor:
+        stream = _TokenStream(
+            self.source, self.tokenizer, epoch=self.epoch, doc_index=self.doc_index, buffer=self.buffer,
+            infinite=self.infinite,
+        )
+        kept = []
+        for i in range(self.global_batch_size):
+            window = stream.take(self.seq_len + 1)
+            if window is None:
+                raise StopIteration  # finite mode drops a last, incomplete global batch
+            if self.slice_start <= i < self.slice_start + self.slice_size:
+                kept.append(window)
+        self._next_position = (stream.epoch, stream.doc_index, stream.leftover())
+        return torch.tensor(kept, dtype=torch.int64)
+
+    def _commit(self) -> None:
+        assert self._next_position is not None
+        self.epoch, self.doc_index, self.buffer = self._next_position
+        self._next_position = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "doc_index": self.doc_index,
+            "buffer": list(self.buffer),
+            "batch_index": self.batch_index,
+            "micro_index": self.micro_index,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_cursor(state)
+        self.epoch, self.doc_index, self.buffer = state["epoch"], state["doc_index"], list(state["buffer"])
+        self._next_position = None
+
+
+class SyntheticIterator(_SliceIterator):
+    """Random tokens: sample i of the stream is a pure function of (seed, i); endless in both modes."""
+
+    def __init__(self, *, seed: int, seq_len: int, vocab_size: int, layout: BatchLayout) -> None:
+        super().__init__(layout)
+        self.seed, self.seq_len, self.vocab_size = seed, seq_len, vocab_size
+
+    def _read_slice(self) -> torch.Tensor:
+        first = self.batch_index * self.global_batch_size + self.slice_start
+        n = self.seq_len + 1
+        return torch.stack([synthetic_sample(self.seed, first + i, n, self.vocab_size) for i in range(self.slice_size)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_index": self.batch_index, "micro_index": self.micro_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_cursor(state)
+
+
+class PackedDataset(IterableDataset):
+    """Packed documents; all state lives in the iterator, which StatefulDataLoader saves and restores."""
+
+    def __init__(
+        self, *, source: DocumentSource, tokenizer: Tokenizer, seq_len: int, layout: BatchLayout, infinite: bool
+    ) -> None:
+        self.source, self.tokenizer, self.seq_len, self.layout, self.infinite = (
+            source, tokenizer, seq_len, layout, infinite,
+        )
+
+    def __iter__(self) -> PackedIterator:
+        # Cheap by design: StatefulDataLoader calls this before loading a checkpointed state into it.
+        return PackedIterator(
+            source=self.source, tokenizer=self.tokenizer, seq_len=self.seq_len, layout=self.layout,
+            infinite=self.infinite,
+        )
+
+
+class SyntheticDataset(IterableDataset):
+    """Synthetic tokens; all state lives in the iterator."""
+
+    def __init__(self, *, seed: int, seq_len: int, vocab_size: int, layout: BatchLayout) -> None:
+        self.seed, self.seq_len, self.vocab_size, self.layout = seed, seq_len, vocab_size, layout
+
+    def __iter__(self) -> SyntheticIterator:
+        return SyntheticIterator(seed=self.seed, seq_len=self.seq_len, vocab_size=self.vocab_size, layout=self.layout)

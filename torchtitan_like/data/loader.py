@@ -1,0 +1,86 @@
+"""The training/validation dataloader: a torchdata StatefulDataLoader over a packed or synthetic stream.
+
+`state_dict()` is the same on every DP rank at a step boundary (it records the stream position, not
+the rank's slice), so it can be saved once and loaded with a different number of DP ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from torchtitan_like.components.tokenizer import Tokenizer
+from torchtitan_like.config.schema import Training
+from torchtitan_like.data.dataset import Batch, BatchLayout, PackedDataset, SyntheticDataset
+from torchtitan_like.data.sources import build_source
+from torchtitan_like.errors import ConfigError
+
+
+def global_batch_size(training: Training, dp_degree: int) -> int:
+    """training.global_batch_size resolved (-1 = local_batch_size x dp_degree) and checked for divisibility."""
+    local = training.local_batch_size
+    if local < 1:
+        raise ConfigError(f"training.local_batch_size={local} must be >= 1")
+    gbs = training.global_batch_size
+    if gbs == -1:
+        return local * dp_degree
+    per_step = local * dp_degree
+    if gbs < 1 or gbs % per_step:
+        lower = max(gbs // per_step, 1) * per_step
+        fixes = [f"training.global_batch_size={lower}"] + ([] if gbs < lower else [f"{lower + per_step}"])
+        hint = " or ".join(fixes)
+        if gbs >= 1 and gbs % dp_degree == 0:
+            per_rank = gbs // dp_degree
+            locals_ = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+            hint += f", or training.local_batch_size in {locals_}"
+        raise ConfigError(
+            f"training.global_batch_size={gbs} must be a positive multiple of training.local_batch_size={local} x "
+            f"data-parallel degree {dp_degree} = {per_step} (try {hint}; -1 means {per_step})"
+        )
+    return gbs
+
+
+def grad_accum_steps(training: Training, dp_degree: int) -> int:
+    """Microbatches per optimizer step on each DP rank."""
+    return global_batch_size(training, dp_degree) // (training.local_batch_size * dp_degree)
+
+
+def _as_is(batch: Batch) -> Batch:
+    # The default collate (default_convert) would turn the (inputs, labels) tuple into a list.
+    return batch
+
+
+def build_dataloader(
+    *,
+    training: Training,
+    tokenizer: Tokenizer | None,
+    vocab_size: int,
+    dp_rank: int,
+    dp_degree: int,
+    seed: int,
+    infinite: bool = True,
+) -> StatefulDataLoader:
+    """Loader yielding (inputs, labels) int64 tensors of shape (local_batch_size, seq_len) for this DP rank."""
+    if training.seq_len < 1:
+        raise ConfigError(f"training.seq_len={training.seq_len} must be >= 1")
+    layout = BatchLayout(
+        global_batch_size=global_batch_size(training, dp_degree),
+        local_batch_size=training.local_batch_size,
+        dp_rank=dp_rank,
+        dp_degree=dp_degree,
+    )
+    if training.dataset == "synthetic":
+        dataset = SyntheticDataset(seed=seed, seq_len=training.seq_len, vocab_size=vocab_size, layout=layout)
+    else:
+        assert tokenizer is not None, f"training.dataset={training.dataset!r} needs a tokenizer"
+        dataset = PackedDataset(
+            source=build_source(training, seed), tokenizer=tokenizer, seq_len=training.seq_len, layout=layout,
+            infinite=infinite,
+        )
+    # num_workers=0: tokenizing a few global batches per step is cheap next to the model, and the
+    # single-process loader saves the iterator's own state_dict() verbatim.
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates with a UserWarning.
+        warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
+        return StatefulDataLoader(dataset, batch_size=None, num_workers=0, collate_fn=_as_is)
