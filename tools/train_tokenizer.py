@@ -1,13 +1,15 @@
 """Train the embedded byte-level BPE tokenizer and write it in Llama 3 `tokenizer.model` format.
 
-    .venv/bin/python tools/train_tokenizer.py            # writes torchtitan_like/assets/tokenizer/tokenizer.model
+    .venv/bin/python tools/train_tokenizer.py   # writes torchtitan_like/assets/tokenizer/tokenizer.model
 
 Corpus: the embedded dataset (the Python standard library's .py files, in seed-0 epoch-0 order),
-all of it (about 11 MB on Python 3.11; --max-mb trains on a prefix). About 10 s on 2 cores. Chunks come from the Llama 3 split pattern (via the `regex`
-package, which tiktoken itself depends on); merges are learned over unique chunk counts with
-incremental pair-count updates, ties broken by the smaller (left id, right id), so the output is a
-pure function of the corpus. 256 byte tokens + 1488 merges = 1744 base tokens; with the 256 Llama 3
-special tokens the vocab is 2000, the debugmodel's.
+all of it (about 11 MB on Python 3.11; --max-mb trains on a prefix); about 10 s on 2 cores. Chunks
+come from the Llama 3 split pattern (via the `regex` package, which tiktoken itself depends on);
+merges are learned over unique chunk counts with incremental pair-count updates, ties broken by the
+smaller (left id, right id), so the output is a pure function of the corpus (and so of the Python
+version whose standard library it reads: the committed file was trained on CPython 3.11.7).
+256 byte tokens + 1488 merges = 1744 base tokens; with the 256 Llama 3 special tokens the vocab is
+2000, the debugmodel's.
 """
 
 from __future__ import annotations

@@ -14,7 +14,11 @@ from harness import run_on_ranks
 from tiny_loop import LoopSpec, reference_run, train
 from torchtitan_like.config.schema import Parallelism
 
-RTOL = 1e-4  # relative, on loss / grad norm / weights (fp32; observed differences are ~1e-6)
+RTOL = 1e-4  # relative, on the loss and grad norm of every step (fp32)
+# Weights after AdamW: Adam divides by sqrt(v), so where a gradient is ~0 the fp32 noise of a
+# different summation order (~1e-7) becomes a visible step difference. The whole update is at most
+# lr x steps = 1e-2 per element; 2e-5 absolute is 0.2% of that (seen: <= 1e-5, a few elements).
+PARAM_ATOL = 2e-5
 
 CASES = {
     # name: (world size, parallelism, spec overrides)
@@ -53,7 +57,7 @@ def _assert_parity(name: str, ranks: list[dict], ref: dict) -> None:
     assert final.keys() == ref["final"].keys()
     for key, want in ref["final"].items():
         torch.testing.assert_close(
-            final[key], want, rtol=RTOL, atol=1e-6, msg=lambda m: f"{name} final {key}: {m}"
+            final[key], want, rtol=RTOL, atol=PARAM_ATOL, msg=lambda m: f"{name} final {key}: {m}"
         )
 
 

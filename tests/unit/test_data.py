@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer
 from torchtitan_like.config.schema import Training
 from torchtitan_like.data import build_dataloader, global_batch_size, grad_accum_steps
+from torchtitan_like.data.dataset import BatchLayout, PackedIterator
 from torchtitan_like.data.sources import EMBEDDED_EXCLUDED_DIRS, EmbeddedSource, LocalSource, synthetic_sample
 from torchtitan_like.errors import ConfigError, DataError
 
@@ -191,6 +193,28 @@ def test_resume_skips_documents_without_tokenizing(tok, corpus):
     assert doc_index > 15 and counting.calls < 10
 
 
+class CountingSource:
+    """Counts the records a source goes through: skipped to reach `start`, then handed out."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.scanned = inner, 0
+
+    def documents(self, epoch: int, start: int):
+        self.scanned += start
+        for doc in self.inner.documents(epoch, start):
+            self.scanned += 1
+            yield doc
+
+
+def test_documents_are_read_once(tok, corpus):
+    source = CountingSource(LocalSource(corpus, "text"))
+    layout = BatchLayout(global_batch_size=GBS, local_batch_size=2, dp_rank=1, dp_degree=2)
+    it = PackedIterator(source=source, tokenizer=tok, seq_len=SEQ, layout=layout, infinite=True)
+    for _ in range(6 * 2):
+        next(it)
+    assert 10 < it.state_dict()["doc_index"] == source.scanned  # not re-read from the start every step
+
+
 def test_local_layouts(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "2.jsonl").write_text('{"text": "two"}\n\n{"text": "three"}\n', encoding="utf-8")
@@ -319,8 +343,47 @@ def test_text_field_problems(tmp_path):
 
 def test_hf_without_datasets(monkeypatch, tok):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(DataError, match=r"^training.dataset = 'hf' needs the `datasets` package: pip install datasets$"):
+    expected = "training.dataset = 'hf' needs the `datasets` package: pip install datasets"
+    with pytest.raises(DataError, match=f"^{re.escape(expected)}$"):
         make_loader(make_training("some/dataset", dataset="hf"), tok)
+
+
+class FakeStream:
+    """Stands in for a streaming HF dataset: iterable, with .skip(n)."""
+
+    def __init__(self, records: list[dict]) -> None:
+        self.records = records
+
+    def skip(self, n: int) -> FakeStream:
+        return FakeStream(self.records[n:])
+
+    def __iter__(self):
+        return iter(self.records)
+
+
+def test_hf_source_with_a_fake_hub(monkeypatch, tok, docs):
+    calls = []
+
+    def load_dataset(path, *, split, streaming):
+        calls.append((path, split, streaming))
+        return FakeStream([{"text": d} for d in docs])
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
+    training = make_training("org/name", dataset="hf", dataset_split="validation")
+    got = global_batches(training, tok, 2, steps=2)
+    assert calls[0] == ("org/name", "validation", True)
+    assert torch.equal(torch.cat(got), stream_windows(tok, docs)[: 2 * GBS])
+    old = make_loader(training, tok)
+    it = iter(old)
+    for _ in range(9):
+        next(it)
+    new = make_loader(training, tok)
+    new.load_state_dict(old.state_dict())  # resumes through .skip(doc_index)
+    assert torch.equal(next(iter(new))[0], next(it)[0])
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", lambda *a, **k: FakeStream([{"body": "x"}]))
+    with pytest.raises(DataError, match=r"HF record 0: no string field 'text' \(training.dataset_text_field\)"):
+        next(iter(make_loader(training, tok)))
 
 
 def test_global_batch_size_rules():

@@ -146,12 +146,17 @@ class PackedIterator(_SliceIterator):
         # Stream position at the start of global batch `batch_index` (committed state).
         self.epoch, self.doc_index, self.buffer = 0, 0, []
         self._next_position: tuple[int, int, list[int]] | None = None
+        # The live reader stays open across global batches: reopening it at doc_index every step
+        # would re-scan a .jsonl file (or re-skip an HF stream) from its start each time.
+        self._stream: _TokenStream | None = None
 
     def _read_slice(self) -> torch.Tensor:
-        stream = _TokenStream(
-            self.source, self.tokenizer, epoch=self.epoch, doc_index=self.doc_index, buffer=self.buffer,
-            infinite=self.infinite,
-        )
+        if self._stream is None:
+            self._stream = _TokenStream(
+                self.source, self.tokenizer, epoch=self.epoch, doc_index=self.doc_index, buffer=self.buffer,
+                infinite=self.infinite,
+            )
+        stream = self._stream
         kept = []
         for i in range(self.global_batch_size):
             window = stream.take(self.seq_len + 1)
@@ -180,6 +185,7 @@ class PackedIterator(_SliceIterator):
         self._load_cursor(state)
         self.epoch, self.doc_index, self.buffer = state["epoch"], state["doc_index"], list(state["buffer"])
         self._next_position = None
+        self._stream = None  # reopened at the loaded position on the next read
 
 
 class SyntheticIterator(_SliceIterator):

@@ -11,8 +11,9 @@ pp, dp_replicate, dp_shard, cp, tp (tp innermost: its ranks are neighbours), plu
     "dp_shard_cp"  dp_shard x cp                FSDP shards parameters over it
     "dp_cp"        dp_replicate x dp_shard x cp the loss sums and token counts are all-reduced over it
 
-A view exists only when one of its dims has degree > 1; `get_mesh(name)` returns None otherwise.
-When every degree is 1 there is nothing to build and `build_mesh` returns None.
+and "hsdp", the 2D (dp_replicate, dp_shard_cp) mesh that fully_shard takes for HSDP. A mesh exists
+only when it has more than one rank; `get_mesh(name)` returns None otherwise. When every degree is 1
+there is nothing to build and `build_mesh` returns None.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ _FLATTENED = {
 
 
 class _MeshSlot:
-    """The one mutable part of ParallelDims: the mesh, set once by build_mesh."""
+    """The one mutable part of ParallelDims: the meshes, set once by build_mesh."""
 
-    mesh: DeviceMesh | None = None
-    built: bool = False
+    def __init__(self) -> None:
+        self.built = False
+        self.root: DeviceMesh | None = None
+        self.meshes: dict[str, DeviceMesh] = {}
 
 
 @dataclass(frozen=True)
@@ -221,39 +224,43 @@ class ParallelDims:
         if self._slot.built:
             raise RuntimeError("ParallelDims.build_mesh() was already called")
         names = [n for n in _MESH_DIMS if self._degree(n) > 1]
-        mesh: DeviceMesh | None = None
         if names:
             if dist.get_world_size() != self.world_size:
                 raise RuntimeError(f"world size is {dist.get_world_size()}, ParallelDims says {self.world_size}")
-            mesh = init_device_mesh(
-                device_type, tuple(self._degree(n) for n in names), mesh_dim_names=tuple(names)
-            )
+            mesh = init_device_mesh(device_type, tuple(self._degree(n) for n in names), mesh_dim_names=tuple(names))
+            self._slot.meshes = {n: mesh[n] for n in names}
             for flat, dims in _FLATTENED.items():
                 present = tuple(d for d in dims if d in names)
-                if present:
-                    mesh[present]._flatten(flat)
+                # Keep the flattened meshes here: torch deprecates slicing them back out of the root.
+                if len(present) == 1:
+                    self._slot.meshes[flat] = mesh[present[0]]  # one dim: the same ranks, no new group
+                elif present:
+                    self._slot.meshes[flat] = mesh[present]._flatten(flat)
+            if self.dp_replicate > 1 and self.dp_shard * self.cp > 1:
+                # HSDP: fully_shard takes a 2D (replicate, shard) mesh.
+                if self.cp > 1:
+                    raise NotImplementedError("HSDP with context parallel")  # cp > 1 is rejected by from_config
+                self._slot.meshes["hsdp"] = mesh[("dp_replicate", "dp_shard")]
+            self._slot.root = mesh
             logger.info("device mesh %s", dict(zip(names, (self._degree(n) for n in names))))
-        self._slot.mesh = mesh
         self._slot.built = True
-        return mesh
+        return self._slot.root
 
     @property
     def mesh(self) -> DeviceMesh | None:
         """The mesh from build_mesh (None when every degree is 1)."""
         if not self._slot.built:
             raise RuntimeError("call ParallelDims.build_mesh() first")
-        return self._slot.mesh
+        return self._slot.root
 
     def get_mesh(self, name: str) -> DeviceMesh | None:
-        """A named dim or flattened view ("tp", "dp", "dp_shard_cp", ...); None when its degree is 1."""
-        if name not in _MESH_DIMS and name not in _FLATTENED:
+        """A named dim or flattened view ("tp", "dp", "dp_shard_cp", "dp_cp", ...) as a 1D mesh, or
+        "hsdp" (2D: dp_replicate, dp_shard_cp); None when that mesh would have one rank."""
+        if name not in _MESH_DIMS and name not in _FLATTENED and name != "hsdp":
             raise KeyError(f"unknown mesh dim {name!r}")
-        dims = _FLATTENED.get(name, (name,))
-        if math.prod(self._degree(d) for d in dims) == 1:
-            return None
-        mesh = self.mesh
-        assert mesh is not None
-        return mesh[name]
+        if not self._slot.built:
+            raise RuntimeError("call ParallelDims.build_mesh() first")
+        return self._slot.meshes.get(name)
 
     @property
     def dp_rank(self) -> int:

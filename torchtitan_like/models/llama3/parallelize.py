@@ -49,10 +49,8 @@ def parallelize_llama(
         "reduce_dtype": reduce_dtype(training.mixed_precision_reduce),
     }
     if parallel_dims.fsdp_enabled:
-        if parallel_dims.dp_replicate_enabled:
-            dp_mesh = parallel_dims.mesh[("dp_replicate", "dp_shard_cp")]  # type: ignore[index]  # HSDP
-        else:
-            dp_mesh = parallel_dims.get_mesh("dp_shard_cp")
+        hsdp = parallel_dims.dp_replicate_enabled
+        dp_mesh = parallel_dims.get_mesh("hsdp" if hsdp else "dp_shard_cp")
         assert dp_mesh is not None
         apply_fsdp(
             model,

@@ -1,0 +1,153 @@
+"""Checkpoint integrity: `manifest.json`, written last, lists every file of a step folder with its size
+and sha256, plus what produced it (step, config hash, parallel layout, versions).
+
+A step folder is complete only when its manifest is there and every file matches it. `verify` is the
+one check everybody uses (auto-resume, explicit loads, `tools/checkpoint.py verify`): it raises a
+`CheckpointError` that names the first bad file. Hashing can be split over ranks with `shard`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import torchtitan_like
+from torchtitan_like.errors import TrainerError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(TrainerError):
+    """A checkpoint that cannot be saved or loaded: names the folder and, where it applies, the file."""
+
+
+def list_files(folder: str | os.PathLike) -> list[str]:
+    """Every file under `folder` (relative POSIX paths, sorted), the manifest and its temp file excluded."""
+    root = Path(folder)
+    names = []
+    for dirpath, _, filenames in os.walk(root):
+        for fname in filenames:
+            rel = (Path(dirpath) / fname).relative_to(root).as_posix()
+            if rel not in (MANIFEST, MANIFEST + ".tmp"):
+                names.append(rel)
+    return sorted(names)
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """{"size": bytes, "sha256": hex} of one file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def hash_files(folder: str | os.PathLike, names: list[str]) -> dict[str, dict[str, Any]]:
+    root = Path(folder)
+    return {name: file_digest(root / name) for name in names}
+
+
+def build_manifest(
+    *, step: int, files: dict[str, dict[str, Any]], fingerprint: dict[str, Any], contents: list[str], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "config_hash": fingerprint.get("config_hash", ""),
+        "layout": fingerprint.get("layout", {}),
+        "world_size": fingerprint.get("world_size", 1),
+        "torch_version": torch.__version__,
+        "torchtitan_like_version": torchtitan_like.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "contents": sorted(contents),
+        **(extra or {}),
+        "files": dict(sorted(files.items())),
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is only durable once the directory entry is on disk (POSIX; a no-op where unsupported).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Atomically write `folder/manifest.json`: temp file, fsync, rename, fsync the folder."""
+    folder = Path(folder)
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    _fsync_dir(folder)
+    return folder / MANIFEST
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint in {folder} is incomplete (its save never finished)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}): the checkpoint in {folder} cannot be trusted") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise CheckpointError(f"{path} is not a torchtitan_like manifest (no 'step' or 'files')")
+    return manifest
+
+
+def verify_errors(folder: str | os.PathLike, manifest: dict[str, Any], *, shard: tuple[int, int] = (0, 1)) -> list[str]:
+    """Problems with this shard's files (every `world`-th listed file from `rank`); rank 0 also reports
+    files on disk that the manifest does not list."""
+    folder = Path(folder)
+    rank, world = shard
+    listed = sorted(manifest["files"])
+    errors = []
+    for name in listed[rank::world]:
+        path = folder / name
+        want = manifest["files"][name]
+        if not path.is_file():
+            errors.append(f"{path} is missing (listed in {MANIFEST})")
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            errors.append(f"{path} is truncated or changed: {size} bytes, {MANIFEST} says {want['size']}")
+            continue
+        if file_digest(path)["sha256"] != want["sha256"]:
+            errors.append(f"{path} is corrupted: sha256 does not match {MANIFEST}")
+    if rank == 0:
+        for name in sorted(set(list_files(folder)) - set(listed)):
+            errors.append(f"{folder / name} is not listed in {MANIFEST} (a foreign or leftover file)")
+    return errors
+
+
+def verify(folder: str | os.PathLike) -> dict[str, Any]:
+    """Re-hash every file of a step folder; return its manifest, or raise CheckpointError naming the file."""
+    manifest = read_manifest(folder)
+    errors = verify_errors(folder, manifest)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CheckpointError(errors[0] + more)
+    return manifest

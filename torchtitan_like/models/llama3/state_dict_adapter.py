@@ -1,0 +1,284 @@
+"""Llama 3 weights: our (Meta) parameter names <-> Hugging Face `LlamaForCausalLM`, and the HF files.
+
+Two differences besides the names:
+- RoPE layout. Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; HF's `rotate_half` rotates the
+  first half of each head against the second. The q and k projections' output rows are permuted per
+  head so both layouts compute the same attention (GQA: k uses the kv head count).
+- Tied embeddings. HF stores no `lm_head.weight` when `tie_word_embeddings`; our state dict lists
+  `output.weight` (the same tensor as `tok_embeddings.weight`).
+
+The conversions work on full (unsharded) tensors: gather before `to_hf`, distribute after `from_hf`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchtitan_like.components.manifest import CheckpointError
+from torchtitan_like.models.llama3.args import RopeScaling, TransformerArgs
+
+HF_CONFIG = "config.json"
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+_LAYER_TO_HF = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
+_TOP_TO_HF = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_TOP_FROM_HF = {v: k for k, v in _TOP_TO_HF.items()}
+_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _rope_rows(w: torch.Tensor, n_heads: int, head_dim: int, name: str, *, to_hf: bool) -> torch.Tensor:
+    """Permute the output rows of a q/k projection between the Meta and HF RoPE layouts."""
+    rows, cols = w.shape
+    if rows != n_heads * head_dim:
+        raise CheckpointError(f"{name} has {rows} rows, expected {n_heads} heads x {head_dim} = {n_heads * head_dim}")
+    if to_hf:  # per head: (pairs, 2) -> (2, pairs): the reals first, then the imaginaries
+        return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], args: TransformerArgs) -> dict[str, torch.Tensor]:
+    """Our full model state dict -> HF LlamaForCausalLM names and RoPE layout."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in state_dict.items():
+        if name == "output.weight" and args.tie_word_embeddings:
+            continue  # HF ties lm_head to embed_tokens itself
+        if name in _TOP_TO_HF:
+            out[_TOP_TO_HF[name]] = w
+            continue
+        m = _OURS_LAYER.match(name)
+        if m is None or m.group(2) not in _LAYER_TO_HF:
+            raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
+        layer, rest = m.groups()
+        if rest == "attention.wq.weight":
+            w = _rope_rows(w, args.n_heads, args.head_dim, name, to_hf=True)
+        elif rest == "attention.wk.weight":
+            w = _rope_rows(w, args.kv_heads, args.head_dim, name, to_hf=True)
+        out[f"model.layers.{layer}.{_LAYER_TO_HF[rest]}"] = w
+    return out
+
+
+def from_hf(hf_state_dict: dict[str, torch.Tensor], args: TransformerArgs) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM state dict -> our names and RoPE layout (with `output.weight` when tied)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in hf_state_dict.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some old HF checkpoints saved; we recompute it
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue  # some tied checkpoints still store it: the embedding is the source of truth
+        if name in _TOP_FROM_HF:
+            out[_TOP_FROM_HF[name]] = w
+            continue
+        m = _HF_LAYER.match(name)
+        if m is None or m.group(2) not in _LAYER_FROM_HF:
+            raise CheckpointError(f"Hugging Face tensor {name!r} has no counterpart in the llama3 model")
+        layer, rest = m.groups()
+        ours = _LAYER_FROM_HF[rest]
+        if ours == "attention.wq.weight":
+            w = _rope_rows(w, args.n_heads, args.head_dim, name, to_hf=False)
+        elif ours == "attention.wk.weight":
+            w = _rope_rows(w, args.kv_heads, args.head_dim, name, to_hf=False)
+        out[f"layers.{layer}.{ours}"] = w
+    if args.tie_word_embeddings and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+
+def hf_config(args: TransformerArgs, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A config.json for LlamaForCausalLM that reproduces `args`.
+
+    Writes the rope settings both as transformers 5's `rope_parameters` and as the older
+    `rope_theta` / `rope_scaling` keys, so 4.x and 5.x both read them."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    scaling = None
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+        rope = {**scaling, "rope_theta": args.rope_theta}
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.n_layers,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": rope,
+        "vocab_size": args.vocab_size,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "max_position_embeddings": args.max_seq_len,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def check_hf_config(config: dict[str, Any], args: TransformerArgs, *, where: str) -> None:
+    """Raise CheckpointError when an HF config.json describes a different model than `args`."""
+    rope = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
+    want: dict[str, tuple[Any, Any]] = {
+        "hidden_size": (config.get("hidden_size"), args.dim),
+        "num_hidden_layers": (config.get("num_hidden_layers"), args.n_layers),
+        "num_attention_heads": (config.get("num_attention_heads"), args.n_heads),
+        "num_key_value_heads": (config.get("num_key_value_heads", config.get("num_attention_heads")), args.kv_heads),
+        "intermediate_size": (config.get("intermediate_size"), args.ffn_hidden_dim),
+        "vocab_size": (config.get("vocab_size"), args.vocab_size),
+        "tie_word_embeddings": (bool(config.get("tie_word_embeddings", False)), args.tie_word_embeddings),
+        "rope_theta": (config.get("rope_theta", rope.get("rope_theta")), args.rope_theta),
+        "rope_scaling": (_scaling_from_hf(scaling), args.rope_scaling),
+    }
+    for key, (got, expected) in want.items():
+        if got is None and key != "rope_scaling":
+            continue  # not stated: the tensor shapes will still be checked on load
+        if isinstance(expected, float) and isinstance(got, (int, float)):
+            same = abs(float(got) - expected) <= 1e-9 * max(1.0, abs(expected))
+        else:
+            same = got == expected
+        if not same:
+            raise CheckpointError(
+                f"{where}: {key}={got} but the model flavor has {expected}: pick the model.flavor that matches "
+                f"this checkpoint"
+            )
+
+
+def _scaling_from_hf(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return None
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return scaling.get("rope_type", scaling.get("type"))  # compares unequal to any RopeScaling
+    return RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+# --- safetensors files ---------------------------------------------------------------------------
+
+
+def hf_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF checkpoint: a file, or a folder with model.safetensors or an index."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist (expected a Hugging Face folder or a .safetensors file)")
+    index = path / HF_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e})") from e
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing (listed in {index})")
+        return files
+    if (path / HF_SINGLE).is_file():
+        return [path / HF_SINGLE]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path} holds no {HF_SINGLE}, {HF_INDEX} or other .safetensors file")
+    return found
+
+
+def load_hf_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF checkpoint (full tensors, on CPU, in their stored dtype)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in hf_files(path):
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from e
+    return out
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(path)
+    cfg = (path if path.is_dir() else path.parent) / HF_CONFIG
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e})") from e
+
+
+def save_hf_safetensors(
+    hf_state_dict: dict[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    args: TransformerArgs | None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> list[Path]:
+    """Write model.safetensors (or model-0000i-of-0000n.safetensors + index) and, with `args`, config.json."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf_state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    written = []
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / HF_SINGLE), metadata={"format": "pt"})
+        written.append(folder / HF_SINGLE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+            written.append(folder / fname)
+        total = sum(t.numel() * t.element_size() for t in hf_state_dict.values())
+        (folder / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        written.append(folder / HF_INDEX)
+    if args is not None:
+        dtype = next(iter(hf_state_dict.values())).dtype if hf_state_dict else torch.float32
+        (folder / HF_CONFIG).write_text(json.dumps(hf_config(args, dtype=dtype), indent=1) + "\n")
+        written.append(folder / HF_CONFIG)
+    return written
