@@ -1,5 +1,9 @@
-"""Checkpoint integrity: `manifest.json`, written last, lists every file of a step folder with its size
-and sha256, plus what produced it (step, config hash, parallel layout, versions).
+"""Checkpoint folders and their integrity.
+
+`manifest.json`, written last, lists every file of a step folder with its size and sha256, plus what
+produced it (step, config hash, parallel layout, versions). Folder names: `step-N` (complete when it
+holds a manifest), `step-N.{tmp,old,del}-<nonce>-<k>` (leftovers of an interrupted save / replace /
+purge, never loaded).
 
 A step folder is complete only when its manifest is there and every file matches it. `verify` is the
 one check everybody uses (auto-resume, explicit loads, `tools/checkpoint.py verify`): it raises a
@@ -11,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 import torchtitan_like
 from torchtitan_like.errors import TrainerError
@@ -58,7 +65,12 @@ def hash_files(folder: str | os.PathLike, names: list[str]) -> dict[str, dict[st
 
 
 def build_manifest(
-    *, step: int, files: dict[str, dict[str, Any]], fingerprint: dict[str, Any], contents: list[str], extra: dict[str, Any] | None = None
+    *,
+    step: int,
+    files: dict[str, dict[str, Any]],
+    fingerprint: dict[str, Any],
+    contents: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
@@ -75,7 +87,7 @@ def build_manifest(
     }
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # The rename is only durable once the directory entry is on disk (POSIX; a no-op where unsupported).
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -99,16 +111,16 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return folder / MANIFEST
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{folder} does not exist or is not a folder")
     if not path.is_file():
-        raise CheckpointError(
-            f"{path} is missing: the checkpoint in {folder} is incomplete (its save never finished)"
-        )
+        raise CheckpointError(f"{path} is missing: the checkpoint in {folder} is incomplete (its save never finished)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -151,3 +163,42 @@ def verify(folder: str | os.PathLike) -> dict[str, Any]:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise CheckpointError(errors[0] + more)
     return manifest
+
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+PARTIAL_RE = re.compile(r"^step-\d+\.(tmp|old|del)-[0-9a-f]+-\d+$")
+"""Leftovers of an interrupted save, replace or purge; removed by rank 0 at the next save."""
+
+
+def is_partial(name: str) -> bool:
+    return PARTIAL_RE.match(name) is not None
+
+
+# --- folder layout --------------------------------------------------------------------------------
+
+
+def step_folders(folder: str | os.PathLike) -> dict[int, Path]:
+    """step -> step-N folder (complete or not; partial `.tmp-` folders are not listed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for p in folder.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out[int(m.group(1))] = p
+    return out
+
+
+def complete_steps(folder: str | os.PathLike) -> dict[int, Path]:
+    """The step-N folders that carry a manifest (not re-hashed: see `manifest.verify`)."""
+    return {s: p for s, p in step_folders(folder).items() if (p / MANIFEST).is_file()}
+
+
+def dcp_contents(path: str | os.PathLike) -> set[str]:
+    """Top-level state names in a DCP checkpoint (model, optimizer, ...), from its .metadata alone."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{Path(path) / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
+    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}

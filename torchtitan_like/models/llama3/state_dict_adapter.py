@@ -39,7 +39,11 @@ _LAYER_TO_HF = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 _LAYER_FROM_HF = {v: k for k, v in _LAYER_TO_HF.items()}
-_TOP_TO_HF = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_TOP_TO_HF = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _TOP_FROM_HF = {v: k for k, v in _TOP_TO_HF.items()}
 _OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -275,7 +279,9 @@ def save_hf_safetensors(
             weight_map.update({name: fname for name in shard})
             written.append(folder / fname)
         total = sum(t.numel() * t.element_size() for t in hf_state_dict.values())
-        (folder / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        (folder / HF_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
         written.append(folder / HF_INDEX)
     if args is not None:
         dtype = next(iter(hf_state_dict.values())).dtype if hf_state_dict else torch.float32

@@ -1,0 +1,255 @@
+"""Check, look into and convert torchtitan_like checkpoints.
+
+    python tools/checkpoint.py verify  outputs/checkpoint/step-100
+    python tools/checkpoint.py inspect outputs/checkpoint/step-100
+    python tools/checkpoint.py convert outputs/checkpoint/step-100 model.pt [--model-only]
+    python tools/checkpoint.py convert outputs/checkpoint/step-100 model.safetensors [--dtype bfloat16]
+    python tools/checkpoint.py convert outputs/checkpoint/step-100 hf_out/ --hf --flavor 8B
+    python tools/checkpoint.py convert model.pt dcp_out/                   (and .safetensors, or an HF
+    python tools/checkpoint.py convert hf_folder/ dcp_out/ --hf --flavor 8B  folder with --hf)
+
+A DCP source is verified against its manifest first. A DCP destination is written like a training
+save: into a temp folder, manifest last, then renamed. Exit status: 0 ok, 2 a checkpoint problem
+(one line on stderr naming the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchtitan_like.components.checkpoint import EXPORT_DTYPES, dcp_contents
+from torchtitan_like.components.manifest import (
+    MANIFEST,
+    CheckpointError,
+    build_manifest,
+    hash_files,
+    list_files,
+    read_manifest,
+    verify,
+    write_manifest,
+)
+
+
+def _is_dcp(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    manifest = verify(args.folder)
+    print(f"ok: {args.folder} (step {manifest['step']}, {len(manifest['files'])} files)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(args.folder)
+    dcp_contents(folder)  # a clear error when .metadata is missing
+    print(f"folder: {folder}")
+    if (folder / MANIFEST).is_file():
+        m = read_manifest(folder)
+        print(f"step: {m['step']}")
+        print(f"layout: {m.get('layout')}  world_size: {m.get('world_size')}")
+        print(f"versions: torch {m.get('torch_version')}, torchtitan_like {m.get('torchtitan_like_version')}")
+        print(f"saved: {m.get('time')}  config_hash: {m.get('config_hash')}")
+        print(f"contents: {', '.join(m.get('contents', []))}  model_only: {m.get('model_only')}")
+        print(f"files: {len(m['files'])} ({sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB)")
+    else:
+        print(f"manifest: none ({MANIFEST} missing: incomplete, or not written by torchtitan_like)")
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    entries = sorted(metadata.state_dict_metadata.items())
+    width = max((len(k) for k, _ in entries), default=0)
+    print(f"entries: {len(entries)}")
+    for name, md in entries:
+        if isinstance(md, TensorStorageMetadata):
+            shape = "(" + ", ".join(str(d) for d in md.size) + ")"
+            print(f"  {name:<{width}}  {shape:<16} {str(md.properties.dtype).removeprefix('torch.')}")
+        else:
+            print(f"  {name:<{width}}  (bytes)")
+    return 0
+
+
+# --- convert ---------------------------------------------------------------------------------------
+
+
+def _model_args(flavor: str | None):
+    from torchtitan_like.models.llama3 import LLAMA3_FLAVORS
+
+    if flavor is None:
+        raise CheckpointError("--hf needs --flavor (the llama3 flavor the weights belong to, e.g. debugmodel or 8B)")
+    if flavor not in LLAMA3_FLAVORS:
+        raise CheckpointError(f"--flavor {flavor!r} is not a llama3 flavor ({', '.join(LLAMA3_FLAVORS)})")
+    return LLAMA3_FLAVORS[flavor]
+
+
+def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    # Private, but exactly what torch's own dcp_to_torch_save uses (torch 2.13): rebuild the state dict
+    # from the metadata alone. The public dcp.load copies the top-level dict, so it cannot fill an empty one.
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if (src / MANIFEST).is_file():
+        verify(src)
+    else:
+        print(f"warning: {src} has no {MANIFEST}; converting without an integrity check", file=sys.stderr)
+    state: dict[str, Any] = {}
+    keys = {"model"} if model_only else None
+    _load_state_dict(
+        state,
+        storage_reader=dcp.FileSystemReader(str(src)),
+        planner=_EmptyStateDictLoadPlanner(keys=keys),
+        no_dist=True,
+    )
+    if "model" not in state:
+        raise CheckpointError(f"{src} holds no model weights (contents: {sorted(state)})")
+    return state
+
+
+def _cast(sd: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return sd
+    return {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _write_dcp(state: dict[str, Any], dst: Path, *, step: int, source: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    tmp = dst.parent / f"{dst.name}.tmp-{secrets.token_hex(4)}-0"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+    manifest = build_manifest(
+        step=step,
+        files=hash_files(tmp, list_files(tmp)),
+        fingerprint={"config_hash": "", "layout": {}, "world_size": 1},
+        contents=list(state),
+        extra={"model_only": list(state) == ["model"], "converted_from": str(source)},
+    )
+    write_manifest(tmp, manifest)
+    os.rename(tmp, dst)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    dst_suffix = dst.suffix.lower()
+    if not src.exists():
+        raise CheckpointError(f"{src} does not exist")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst} already exists: pick a new destination")
+    if _is_dcp(src):
+        if dst_suffix == ".pt":
+            model_only = bool(args.model_only)
+            if args.hf:
+                raise CheckpointError("--hf applies to .safetensors files and folders, not .pt")
+            state = _read_dcp(src, model_only=model_only)
+            state["model"] = _cast(state["model"], args.dtype)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state["model"] if model_only else state, dst)
+        else:
+            if args.model_only is False:
+                raise CheckpointError("safetensors hold model weights only: drop --no-model-only or write a .pt")
+            from torchtitan_like.models.llama3.state_dict_adapter import HF_SINGLE, save_hf_safetensors, to_hf
+
+            sd = _cast(_read_dcp(src, model_only=True)["model"], args.dtype)
+            margs = _model_args(args.flavor) if args.hf else None
+            if margs is not None:
+                sd = to_hf(sd, margs)
+            if dst_suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(dst), metadata={"format": "pt"})
+            elif dst_suffix == "":
+                save_hf_safetensors(sd, dst, args=margs)
+                if margs is None:
+                    print(
+                        f"note: wrote our parameter names into {dst / HF_SINGLE}; add --hf --flavor for HF names",
+                        file=sys.stderr,
+                    )
+            else:
+                raise CheckpointError(f"destination {dst}: use a .pt or .safetensors file, or a folder")
+    else:
+        # A file (or HF folder) -> a DCP folder.
+        if dst_suffix in (".pt", ".safetensors"):
+            raise CheckpointError(f"{src} is not a DCP checkpoint folder (no .metadata), and {dst} is not a folder")
+        step = args.step
+        if src.suffix.lower() == ".pt":
+            loaded = torch.load(src, map_location="cpu", weights_only=True)
+            state = loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+            if args.model_only:
+                state = {"model": state["model"]}
+            state["model"] = _cast(state["model"], args.dtype)
+            if step is None and isinstance(state.get("train_state"), dict):
+                step = int(state["train_state"].get("step", 0))
+        elif src.suffix.lower() == ".safetensors" or src.is_dir():
+            from torchtitan_like.models.llama3.state_dict_adapter import from_hf, load_hf_safetensors
+
+            sd = load_hf_safetensors(src)
+            if args.hf:
+                from torchtitan_like.models.llama3.state_dict_adapter import check_hf_config, read_hf_config
+
+                margs = _model_args(args.flavor)
+                config = read_hf_config(src)
+                if config is not None:
+                    check_hf_config(config, margs, where=str(src))
+                sd = from_hf(sd, margs)
+            state = {"model": _cast(sd, args.dtype)}
+        else:
+            raise CheckpointError(f"{src}: expected a DCP folder, a .pt or .safetensors file, or an HF folder")
+        _write_dcp(state, dst, step=step or 0, source=src)
+    print(f"ok: wrote {dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/checkpoint.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="re-hash a step folder against its manifest")
+    v.add_argument("folder")
+    v.set_defaults(fn=cmd_verify)
+    i = sub.add_parser("inspect", help="manifest summary and every entry's name, shape and dtype (nothing loaded)")
+    i.add_argument("folder")
+    i.set_defaults(fn=cmd_inspect)
+    c = sub.add_parser("convert", help="DCP folder <-> .pt / .safetensors / HF folder")
+    c.add_argument("src")
+    c.add_argument("dst", help="a .pt or .safetensors file, or a folder (HF export with --hf, else DCP)")
+    c.add_argument(
+        "--model-only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep only the model weights (default: on for safetensors, off for .pt)",
+    )
+    c.add_argument("--hf", action="store_true", help="Hugging Face LlamaForCausalLM names (needs --flavor)")
+    c.add_argument("--flavor", help="llama3 flavor of the weights, for --hf (e.g. debugmodel, 8B)")
+    c.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="cast the model weights")
+    c.add_argument(
+        "--step", type=int, help="step recorded in the manifest of a DCP destination (default: from the source, else 0)"
+    )
+    c.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

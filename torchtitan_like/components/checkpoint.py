@@ -1,0 +1,703 @@
+"""Distributed checkpoints (DCP): save every `interval` steps, resume from the latest complete one.
+
+One DCP checkpoint per step, in `<dump_folder>/<checkpoint.folder>/step-N`, holding:
+
+    model         get_model_state_dict (DTensors under FSDP/TP; parts merged; FQNs survive a PP split)
+    optimizer     get_optimizer_state_dict, flattened per parameter FQN, so it reshards to any layout
+    lr_scheduler  the LambdaLR state, pickled
+    dataloader    its state, pickled, under one key: it is the same on every rank at a step boundary,
+                  so DCP keeps one copy and any data-parallel degree can load it
+    train_state   step, tokens seen, and every rank's RNG states
+
+Integrity: a save writes into `step-N.tmp-<nonce>-<k>`; when every rank has finished, the files are
+hashed (split over ranks), rank 0 writes `manifest.json` last (atomically) and renames the folder to
+`step-N`. A crash at any point leaves no `step-N` that looks complete and never touches older steps;
+the leftover partial folder is removed by rank 0 at the next save. Loading verifies the manifest first:
+auto-resume skips a damaged latest step (with a warning) and takes the one before; an explicit
+`load_step` that is damaged raises `CheckpointError` naming the file.
+
+Async (`async_mode`): `dcp.async_save` on a gloo process group of our own (async saves on the default
+group while training goes on crash gloo; see CPU_NOTES.md); the manifest and rename happen in a
+background thread when the upload completes. The next save, `wait()` and `close()` wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+import random
+import secrets
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from torchtitan_like.components.manifest import (
+    MANIFEST,
+    CheckpointError,
+    build_manifest,
+    complete_steps,
+    dcp_contents,
+    fsync_dir,
+    hash_files,
+    is_partial,
+    list_files,
+    read_manifest,
+    step_folders,
+    verify,
+    verify_errors,
+    write_manifest,
+)
+from torchtitan_like.config.schema import Checkpoint
+from torchtitan_like.errors import ConfigError
+
+__all__ = ["COMPONENTS", "CheckpointError", "CheckpointManager", "TrainState", "verify"]
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_SUBFOLDER = "hf"
+"""A final save with last_save_in_hf puts the Hugging Face export in step-N/hf (covered by the manifest)."""
+
+_FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+# --- train state ----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, torch CPU and (if initialised) CUDA RNG states."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState(Stateful):
+    """The trainer's own progress: the optimizer steps taken and the tokens consumed."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self.tokens_seen = int(state_dict["tokens_seen"])
+        if state_dict.get("rng") is not None:
+            set_rng_state(state_dict["rng"])
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _rmtree_quietly(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("could not delete %s: %s", path, e)
+
+
+# --- the manager ----------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves and loads the whole training state; the trainer calls load(), maybe_save(), wait(), close().
+
+    `optimizer` is one optimizer over the model part, or one optimizer per model part (pipeline
+    parallel). `lr_scheduler` and `dataloader` may be None (not saved). `fingerprint` =
+    {"config_hash", "layout", "world_size"} goes into each manifest. `model_args` (default: the first
+    model part's `.args`) is needed only for the Hugging Face import/export.
+    """
+
+    def __init__(
+        self,
+        cfg: Checkpoint,
+        *,
+        dump_folder: str | os.PathLike,
+        model_parts: Sequence[nn.Module],
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        lr_scheduler: Any,
+        dataloader: Stateful | None,
+        train_state: TrainState,
+        fingerprint: dict[str, Any],
+        model_args: Any = None,
+    ):
+        self.cfg = cfg
+        _validate(cfg)
+        self.folder = Path(dump_folder) / cfg.folder
+        self.model_parts = list(model_parts)
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if len(self.optimizers) != len(self.model_parts):
+            raise CheckpointError(
+                f"{len(self.model_parts)} model parts but {len(self.optimizers)} optimizer(s): with several model "
+                f"parts (pipeline parallel) pass one optimizer per part, so each part's state keeps its parameter names"
+            )
+        self.lr_scheduler = lr_scheduler
+        self.dataloader = dataloader
+        self.train_state = train_state
+        self.fingerprint = dict(fingerprint)
+        self.model_args = model_args if model_args is not None else getattr(self.model_parts[0], "args", None)
+        self.export_dtype = EXPORT_DTYPES[cfg.export_dtype]
+
+        self._dist = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self._dist else 0
+        self.world_size = dist.get_world_size() if self._dist else 1
+        # One gloo group for every checkpoint collective (async uploads run in a background thread and
+        # must not share the training group). Created unconditionally: new_group is itself collective.
+        self._pg = dist.new_group(backend="gloo") if self._dist else None
+        self._nonce = self._broadcast(secrets.token_hex(4))  # names this run's partial folders
+        self._saves = 0
+
+        self._async = cfg.enable and cfg.async_mode != "disabled"
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-finish") if self._async else None
+        self._purger = ThreadPoolExecutor(1, thread_name_prefix="ckpt-purge")
+        self._pending: Future | None = None
+        self._staging: Future | None = None
+        self._stager = None
+        self._hook = None
+        if cfg.enable and cfg.async_mode == "async_with_pinned_mem":
+            self._stager = self._make_stager()
+            # The parameters must not change while they are being copied: every optimizer step first
+            # waits for the staging of the previous save (a no-op when none is running).
+            self._hook = [opt.register_step_pre_hook(lambda *_: self.wait_for_staging()) for opt in self.optimizers]
+        self._closed = False
+
+    # --- collectives on the checkpoint group (no-ops in a world of one) ---
+
+    def _broadcast(self, obj: Any) -> Any:
+        if not self._dist:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=self._pg)
+        return box[0]
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if not self._dist:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._pg)
+        return out
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Silence DCP's "assuming the intent is to save/load in a single process" (we pass no_dist on
+        purpose). Main thread only: catch_warnings is not thread-safe."""
+        with warnings.catch_warnings():
+            if not self._dist:
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            yield
+
+    def _agree(self, error: str | None) -> None:
+        """Raise the same CheckpointError on every rank if any rank reports an error."""
+        errors = [e for e in self._all_gather(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+
+    # --- saving -----------------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, *, last: bool = False) -> None:
+        """Save at every `interval`-th step and at the last one (model only if last_save_model_only)."""
+        if not self.cfg.enable or self._closed:
+            return
+        interval = self.cfg.interval
+        if not last and (interval <= 0 or step % interval != 0):
+            return
+        self.wait()  # one save in flight at a time
+        t0 = time.perf_counter()
+        model_only = last and self.cfg.last_save_model_only
+        self._saves += 1
+        tmp = self.folder / f"step-{step}.tmp-{self._nonce}-{self._saves}"
+        if self.rank == 0:
+            self._remove_partials()
+            tmp.mkdir(parents=True, exist_ok=False)
+
+        state, fresh_optimizers = self._state_for_save(model_only=model_only)
+        if last and self.cfg.last_save_in_hf:
+            self._export_hf(tmp / HF_SUBFOLDER)
+        contents = sorted(state)
+        writer = self._make_writer(tmp)
+        pg_kwargs = {"process_group": self._pg} if self._dist else {"no_dist": True}
+        finish = (step, tmp, contents, model_only, t0)
+        if not self._async:
+            try:
+                with self._quiet():
+                    dcp.save(state, storage_writer=writer, **pg_kwargs)
+            except (Exception, CheckpointException) as e:
+                raise CheckpointError(f"saving step {step} into {tmp} failed: {_describe(e)}") from e
+            self._finish(*finish)
+        else:
+            try:
+                response = dcp.async_save(state, storage_writer=writer, async_stager=self._stager, **pg_kwargs)
+            except (Exception, CheckpointException) as e:
+                raise CheckpointError(
+                    f"starting the async save of step {step} into {tmp} failed: {_describe(e)}"
+                ) from e
+            if self._stager is not None:  # AsyncSaveResponse: staging and upload complete separately
+                self._staging, upload = response.staging_completion, response.upload_completion
+            else:
+                upload = response
+            self._pending = self._finisher.submit(self._finish_async, upload, *finish)
+            logger.info(
+                "checkpoint step %d: training blocked %.2f s, upload continues in the background",
+                step,
+                time.perf_counter() - t0,
+            )
+        for opt in fresh_optimizers:
+            # get_optimizer_state_dict initialised the state of a never-stepped optimizer (a zero-lr
+            # step): drop it again so saving at step 0 does not change the training that follows.
+            opt.state.clear()
+
+    def _make_stager(self) -> Any:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        # Pinned host buffers (kept across saves), filled on a side CUDA stream in a background thread:
+        # the device-to-host copy overlaps the next forward/backward. Shared memory only serves the
+        # process-based checkpointer, which we do not use (it needs MASTER_ADDR/PORT and a re-import).
+        return DefaultStager(
+            StagingOptions(
+                use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
+            )
+        )
+
+    def _make_writer(self, path: Path) -> dcp.FileSystemWriter:
+        # A method so tests can inject a failing writer (a crash mid-save).
+        return dcp.FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True)
+
+    def _model_state(self, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[list[str]]]:
+        """Merged model state dict over the parts, and each part's keys."""
+        merged: dict[str, Any] = {}
+        keys = []
+        for part in self.model_parts:
+            sd = get_model_state_dict(part)
+            keys.append(list(sd))
+            for k, v in sd.items():
+                merged[k] = v.to(dtype) if dtype is not None and torch.is_tensor(v) and v.is_floating_point() else v
+        return merged, keys
+
+    def _optim_state(self) -> tuple[dict[str, Any], list[list[str]]]:
+        merged: dict[str, Any] = {}
+        keys = []
+        for part, opt in zip(self.model_parts, self.optimizers):
+            sd = get_optimizer_state_dict(part, opt, options=_FLAT_OPTIM)
+            keys.append(list(sd))
+            merged.update(sd)
+        return merged, keys
+
+    def _state_for_save(self, *, model_only: bool) -> tuple[dict[str, Any], list[torch.optim.Optimizer]]:
+        if model_only:
+            return {"model": self._model_state(self.export_dtype)[0]}, []
+        state: dict[str, Any] = {"model": self._model_state()[0]}
+        fresh = [opt for opt in self.optimizers if not opt.state]
+        if len(fresh) < len(self.optimizers):
+            # A never-stepped optimizer has no state worth saving: leaving it out (step 0, the seed
+            # checkpoint) makes a resume start with a fresh optimizer, exactly like the original run.
+            state["optimizer"] = self._optim_state()[0]
+        else:
+            fresh = []
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = pickle.dumps(self.lr_scheduler.state_dict())
+        if self.dataloader is not None:
+            state["dataloader"] = pickle.dumps(self.dataloader.state_dict())
+        ts = self.train_state.state_dict()
+        digest = hashlib.sha256(state.get("dataloader", b"")).hexdigest()
+        gathered = self._all_gather((ts.pop("rng", None), digest))
+        if len({d for _, d in gathered}) > 1:
+            # DCP keeps one copy of a key saved by every rank: differing states would be lost silently.
+            raise CheckpointError(
+                "the dataloader state differs across ranks at this step: it must be the same on every rank "
+                "(the stream position, not the rank's slice) to be saved once and reloaded at any DP degree"
+            )
+        rng_per_rank = [rng for rng, _ in gathered]  # identical on every rank -> stored once
+        state["train_state"] = {
+            "step": int(ts["step"]),
+            "tokens_seen": int(ts["tokens_seen"]),
+            "rng": pickle.dumps(rng_per_rank),
+        }
+        return state, fresh
+
+    def _finish_async(self, upload: Future, *finish: Any) -> None:
+        step, tmp = finish[0], finish[1]
+        try:
+            upload.result()
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"async save of step {step} into {tmp} failed: {_describe(e)}") from e
+        self._finish(*finish)
+
+    def _finish(self, step: int, tmp: Path, contents: list[str], model_only: bool, t0: float) -> None:
+        """After every rank wrote its files: hash them (split over ranks), manifest last, publish."""
+        names = self._broadcast(list_files(tmp) if self.rank == 0 else None)
+        hashes = self._all_gather(hash_files(tmp, names[self.rank :: self.world_size]))
+        status = None
+        if self.rank == 0:
+            try:
+                files = {k: v for part in hashes for k, v in part.items()}
+                extra = {"model_only": model_only, "model_dtype": self.cfg.export_dtype if model_only else None}
+                manifest = build_manifest(
+                    step=step, files=files, fingerprint=self.fingerprint, contents=contents, extra=extra
+                )
+                write_manifest(tmp, manifest)
+                self._publish(tmp, step)
+            except Exception as e:  # reported on every rank below
+                status = f"finishing checkpoint step {step} in {tmp} failed: {type(e).__name__}: {e}"
+        status = self._broadcast(status)
+        if status:
+            raise CheckpointError(status)
+        if self.rank == 0 and self.cfg.keep_latest_k > 0:
+            self._purger.submit(self._purge, step)
+        size = sum(v["size"] for part in hashes for v in part.values())
+        logger.info(
+            "saved checkpoint %s (%s, %.1f MB) in %.2f s",
+            self.folder / f"step-{step}",
+            ", ".join(contents),
+            size / 1e6,
+            time.perf_counter() - t0,
+        )
+
+    def _publish(self, tmp: Path, step: int) -> None:
+        final = self.folder / f"step-{step}"
+        if final.exists():
+            # Saving a step again (e.g. after an explicit load_step): move the old one aside first, so
+            # step-N is always either the old or the new complete checkpoint.
+            aside = self.folder / f"step-{step}.old-{self._nonce}-{self._saves}"
+            logger.warning("replacing existing checkpoint %s", final)
+            os.rename(final, aside)
+            self._purger.submit(_rmtree_quietly, aside)
+        os.rename(tmp, final)
+        fsync_dir(self.folder)
+
+    def _remove_partials(self) -> None:
+        """Rank 0, at the start of a save (none in flight): delete leftovers of interrupted saves."""
+        if not self.folder.is_dir():
+            return
+        for p in self.folder.iterdir():
+            if is_partial(p.name):
+                logger.info("removing partial checkpoint folder %s", p)
+                self._purger.submit(_rmtree_quietly, p)
+
+    def _purge(self, just_saved: int) -> None:
+        """Keep the newest keep_latest_k complete checkpoints (and the one just written)."""
+        steps = sorted(complete_steps(self.folder))
+        keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved}
+        for s in steps:
+            if s in keep:
+                continue
+            path = self.folder / f"step-{s}"
+            # Rename first: a crash mid-delete leaves a partial folder, never a damaged step-N.
+            doomed = self.folder / f"step-{s}.del-{self._nonce}-{self._saves}"
+            try:
+                os.rename(path, doomed)
+            except OSError as e:
+                logger.warning("could not purge %s: %s", path, e)
+                continue
+            _rmtree_quietly(doomed)
+            logger.info("purged checkpoint %s (keep_latest_k=%d)", path, self.cfg.keep_latest_k)
+
+    def wait_for_staging(self) -> None:
+        """async_with_pinned_mem: block until the last save's copy to host memory is done."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.result()
+
+    def wait(self) -> None:
+        """Block until an in-flight async save is complete (manifest written); raise if it failed."""
+        self.wait_for_staging()
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"async checkpoint save failed: {_describe(e)}") from e
+
+    def close(self) -> None:
+        """Wait for the last save, then stop the background threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            for handle in self._hook or []:
+                handle.remove()
+            if self._finisher is not None:
+                self._finisher.shutdown(wait=True)
+            self._purger.shutdown(wait=True)
+            if self._stager is not None:
+                self._stager.close()
+
+    # --- Hugging Face export ----------------------------------------------------------------------
+
+    def _check_hf_supported(self) -> Any:
+        if self.model_args is None:
+            return "Hugging Face import/export needs the model args: the model has no .args (pass model_args=)"
+        if int(self.fingerprint.get("layout", {}).get("pp", 1)) > 1:
+            return "Hugging Face import/export with pipeline parallel is not supported: use tools/checkpoint.py convert"
+        return None
+
+    def _export_hf(self, dst: Path) -> None:
+        from torchtitan_like.models.llama3.state_dict_adapter import save_hf_safetensors, to_hf
+
+        self._agree(self._check_hf_supported())
+        full: dict[str, torch.Tensor] = {}
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors, on rank 0 only
+        for part in self.model_parts:
+            full.update(get_model_state_dict(part, options=opts))
+        error = None
+        if self.rank == 0:
+            try:
+                hf = to_hf({k: v.to(self.export_dtype) for k, v in full.items()}, self.model_args)
+                save_hf_safetensors(hf, dst, args=self.model_args)
+            except Exception as e:
+                error = f"Hugging Face export into {dst} failed: {type(e).__name__}: {e}"
+        self._agree(error)
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def load(self) -> int | None:
+        """Resume from this run's folder, else start from initial_load_path. Returns the step resumed
+        from, or None when training starts fresh (also after a model-only initial load)."""
+        if self.cfg.enable:
+            step = self._load_own()
+            if step is not None:
+                return step
+        if self.cfg.initial_load_path:
+            return self._load_initial(Path(self.cfg.initial_load_path))
+        return None
+
+    def _verify_everywhere(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
+        """Verify a step folder with the hashing split over ranks; every rank gets the same answer."""
+        manifest, errors = None, []
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError as e:
+            errors = [str(e)]
+        if manifest is not None:
+            errors = verify_errors(path, manifest, shard=(self.rank, self.world_size))
+        everyone = [e for errs in self._all_gather(errors) for e in errs]
+        if not everyone:
+            return manifest, None
+        more = f" (and {len(everyone) - 1} more)" if len(everyone) > 1 else ""
+        return None, everyone[0] + more
+
+    def _load_own(self) -> int | None:
+        folders = step_folders(self.folder)
+        if self.cfg.load_step >= 0:
+            step = self.cfg.load_step
+            if step not in folders:
+                have = sorted(complete_steps(self.folder))
+                raise CheckpointError(
+                    f"checkpoint.load_step={step}: {self.folder / f'step-{step}'} does not exist "
+                    f"(complete checkpoints: {have or 'none'}); use load_step=-1 for the latest"
+                )
+            manifest, error = self._verify_everywhere(folders[step])
+            if error:
+                raise CheckpointError(f"checkpoint.load_step={step}: {error}")
+            return self._load_step(folders[step], manifest)
+        skipped = []
+        for step in sorted(folders, reverse=True):
+            manifest, error = self._verify_everywhere(folders[step])
+            if error:
+                logger.warning("skipping checkpoint step-%d: %s; falling back to the previous checkpoint", step, error)
+                skipped.append(error)
+                continue
+            return self._load_step(folders[step], manifest)
+        if skipped:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.folder}: every step folder is damaged or incomplete "
+                f"(latest: {skipped[0]}); delete them to start over, or set checkpoint.load_step"
+            )
+        return None
+
+    def _load_step(self, path: Path, manifest: dict[str, Any]) -> int:
+        step = int(manifest["step"])
+        if manifest.get("config_hash") != self.fingerprint.get("config_hash"):
+            logger.warning(
+                "%s was saved with a different config (hash %s, now %s): resuming anyway",
+                path,
+                manifest.get("config_hash"),
+                self.fingerprint.get("config_hash"),
+            )
+        if manifest.get("layout") != self.fingerprint.get("layout") or manifest.get("world_size") != self.world_size:
+            logger.info(
+                "resharding %s: saved with layout %s on %s ranks, loading into %s on %s",
+                path,
+                manifest.get("layout"),
+                manifest.get("world_size"),
+                self.fingerprint.get("layout"),
+                self.world_size,
+            )
+        loaded = self._load_components(path, set(COMPONENTS))
+        missing = [c for c in COMPONENTS if c not in loaded and c not in self.cfg.exclude_from_loading and self._has(c)]
+        if missing and step > 0:
+            logger.warning("%s holds no %s (a model-only save): those start fresh", path, ", ".join(missing))
+        if "train_state" not in loaded:
+            self.train_state.step = step
+        return step
+
+    def _load_initial(self, path: Path) -> int | None:
+        if self.cfg.initial_load_in_hf:
+            self._load_hf(path)
+            return None
+        if (path / MANIFEST).is_file():
+            _, error = self._verify_everywhere(path)
+            if error:
+                raise CheckpointError(f"checkpoint.initial_load_path: {error}")
+        elif not (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"checkpoint.initial_load_path={path} is not a DCP checkpoint ({path / '.metadata'} is missing); "
+                f"for Hugging Face safetensors set checkpoint.initial_load_in_hf=true"
+            )
+        else:
+            logger.warning("%s has no %s: loading it without an integrity check", path, MANIFEST)
+        wanted = {"model"} if self.cfg.initial_load_model_only else set(COMPONENTS)
+        loaded = self._load_components(path, wanted)
+        if "model" not in loaded:
+            raise CheckpointError(f"checkpoint.initial_load_path={path} holds no model weights")
+        return self.train_state.step if "train_state" in loaded else None
+
+    def _has(self, component: str) -> bool:
+        return {"lr_scheduler": self.lr_scheduler, "dataloader": self.dataloader}.get(component, True) is not None
+
+    def _load_components(self, path: Path, wanted: set[str]) -> list[str]:
+        t0 = time.perf_counter()
+        available = dcp_contents(path)
+        comps = [
+            c
+            for c in COMPONENTS
+            if c in wanted and c in available and c not in self.cfg.exclude_from_loading and self._has(c)
+        ]
+        state: dict[str, Any] = {}
+        model_keys = optim_keys = []
+        if "model" in comps:
+            state["model"], model_keys = self._model_state()
+        if "optimizer" in comps:
+            state["optimizer"], optim_keys = self._optim_state()
+        for c in ("lr_scheduler", "dataloader"):
+            if c in comps:
+                state[c] = b""  # placeholders: DCP replaces non-tensor values
+        if "train_state" in comps:
+            state["train_state"] = {"step": 0, "tokens_seen": 0, "rng": b""}
+        pg_kwargs = {"process_group": self._pg} if self._dist else {"no_dist": True}
+        try:
+            with self._quiet():
+                dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), **pg_kwargs)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"loading {', '.join(comps)} from {path} failed: {_describe(e)}") from e
+
+        if "model" in comps:
+            for part, keys in zip(self.model_parts, model_keys):
+                set_model_state_dict(part, {k: state["model"][k] for k in keys})
+        if "optimizer" in comps:
+            for part, opt, keys in zip(self.model_parts, self.optimizers, optim_keys):
+                set_optimizer_state_dict(part, opt, {k: state["optimizer"][k] for k in keys}, options=_FLAT_OPTIM)
+        if "lr_scheduler" in comps:
+            self.lr_scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
+        if "dataloader" in comps:
+            self.dataloader.load_state_dict(pickle.loads(state["dataloader"]))
+        if "train_state" in comps:
+            ts = state["train_state"]
+            rngs = pickle.loads(ts["rng"])
+            if len(rngs) != self.world_size:
+                logger.info(
+                    "RNG states were saved on %d ranks, now %d: every rank takes rank 0's", len(rngs), self.world_size
+                )
+            rng = rngs[self.rank] if len(rngs) == self.world_size else rngs[0]
+            self.train_state.load_state_dict({"step": ts["step"], "tokens_seen": ts["tokens_seen"], "rng": rng})
+        logger.info("loaded %s from %s in %.2f s", ", ".join(comps) or "nothing", path, time.perf_counter() - t0)
+        return comps
+
+    def _load_hf(self, path: Path) -> None:
+        from torchtitan_like.models.llama3.state_dict_adapter import (
+            HF_CONFIG,
+            check_hf_config,
+            from_hf,
+            load_hf_safetensors,
+            read_hf_config,
+        )
+
+        t0 = time.perf_counter()
+        self._agree(self._check_hf_supported())
+        # One reader, then a broadcast: only rank 0 holds the full weights in host memory.
+        broadcast = self._dist
+        full: dict[str, torch.Tensor] = {}
+        error = None
+        targets = [get_model_state_dict(part) for part in self.model_parts]
+        if self.rank == 0 or not broadcast:
+            try:
+                config = read_hf_config(path)
+                if config is not None:
+                    where = path / HF_CONFIG if path.is_dir() else path.parent / HF_CONFIG
+                    check_hf_config(config, self.model_args, where=str(where))
+                full = from_hf(load_hf_safetensors(path), self.model_args)
+                wanted = {k for t in targets for k in t}
+                if wanted - set(full):
+                    raise CheckpointError(f"{path} lacks {sorted(wanted - set(full))[:5]} (model.flavor mismatch?)")
+            except CheckpointError as e:
+                error = str(e)
+        self._agree(error)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=True)
+        for part, target in zip(self.model_parts, targets):
+            sub = {k: full[k].to(target[k].dtype) for k in target if k in full}
+            set_model_state_dict(part, sub, options=opts)
+        logger.info("loaded Hugging Face weights from %s in %.2f s", path, time.perf_counter() - t0)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an exception; DCP's CheckpointException (a BaseException) carries one per rank."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in sorted(e.failures.items()))
+    return f"{type(e).__name__}: {e}"
+
+
+def _validate(cfg: Checkpoint) -> None:
+    bad = [c for c in cfg.exclude_from_loading if c not in COMPONENTS]
+    if bad:
+        raise ConfigError(
+            f"checkpoint.exclude_from_loading={cfg.exclude_from_loading}: {bad} not among {', '.join(COMPONENTS)}"
+        )
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"checkpoint.export_dtype={cfg.export_dtype!r} must be one of {', '.join(EXPORT_DTYPES)}")
+    if cfg.keep_latest_k < 0:
+        raise ConfigError(f"checkpoint.keep_latest_k={cfg.keep_latest_k} must be >= 0 (0 keeps every checkpoint)")
+    if cfg.enable and cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+        raise ConfigError(
+            "checkpoint.async_mode='async_with_pinned_mem' needs CUDA: it stages GPU tensors into pinned host memory "
+            "on a side stream, and no CUDA device is available here; use async_mode='async' (background save from a "
+            "plain host copy) or 'disabled'"
+        )
