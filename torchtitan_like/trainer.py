@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
 from torchtitan_like.components.lr_scheduler import build_lr_scheduler
 from torchtitan_like.components.metrics import MetricsLogger
+from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
 from torchtitan_like.components.optimizer import build_optimizer
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
@@ -30,7 +32,7 @@ from torchtitan_like.config.schema import JobConfig
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
-from torchtitan_like.errors import TrainingError
+from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
 from torchtitan_like.models.llama3.parallelize import parallelize_llama
 
@@ -44,14 +46,18 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = init_distributed()
         self.device = local_device()
-        self.step = 0
-        self.tokens_seen = 0
+        self.train_state = TrainState()
         self.history: list[dict[str, float]] = []
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         # 1. Everything that can be checked without building the model, before building it.
         spec = MODELS[cfg.model.name]
         self.model_args = spec.flavors[cfg.model.flavor].with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len)
+        if cfg.checkpoint.create_seed_checkpoint and self.world_size != 1:
+            raise ConfigError(
+                f"checkpoint.create_seed_checkpoint=true runs on one process, not {self.world_size}: use NGPU=1 "
+                "(the seed checkpoint then loads under any layout)"
+            )
         self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.parallel_dims.validate(model_args=self.model_args, training=cfg.training)
         tokenizer = None
@@ -90,7 +96,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model_parts, cfg.optimizer, device_type=self.device.type)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, steps=cfg.training.steps)
         self.param_dtype = param_dtype(cfg.training.mixed_precision_param, self.device.type)
-        self.loss_parallel = self.parallel_dims.loss_parallel_enabled(cfg.parallelism)
+        self.loss_parallel = self.parallel_dims.loss_parallel_enabled
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -104,6 +110,21 @@ class Trainer:
         self.tokens_per_step = tokens_per_step
         if self.rank == 0:
             self._write_config()
+
+        # 4. Checkpoints: resume from the run's own latest complete step, else initial_load_path.
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint,
+            dump_folder=cfg.job.dump_folder,
+            model_parts=self.model_parts,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            dataloader=self.dataloader,
+            train_state=self.train_state,
+            fingerprint=self._fingerprint(),
+        )
+        if cfg.checkpoint.create_seed_checkpoint:
+            return
+        self.checkpointer.load()
         logger.info(
             "training %s %s for %d steps: global batch %d x seq %d (%d tokens/step), local batch %d, "
             "grad accumulation %d, world %d, device %s, params %s",
@@ -111,6 +132,22 @@ class Trainer:
             tokens_per_step, cfg.training.local_batch_size, self.grad_accum, self.world_size, self.device,
             str(self.param_dtype).removeprefix("torch."),
         )
+
+    @property
+    def step(self) -> int:
+        return self.train_state.step
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.train_state.tokens_seen
+
+    def _fingerprint(self) -> dict[str, Any]:
+        pd = self.parallel_dims
+        return {
+            "config_hash": hashlib.sha256(to_toml(self.cfg).encode()).hexdigest()[:16],
+            "layout": {"dp_replicate": pd.dp_replicate, "dp_shard": pd.dp_shard, "cp": pd.cp, "tp": pd.tp, "pp": pd.pp},
+            "world_size": self.world_size,
+        }
 
     # ------------------------------------------------------------------------------------------
 
@@ -203,18 +240,23 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
+        if cfg.checkpoint.create_seed_checkpoint:
+            # The initialized weights as step-0, for a later run to start from (initial_load_path).
+            self.checkpointer.maybe_save(0, last=True)
+            logger.info("seed checkpoint written; exiting without training")
+            return
         gc_freq = cfg.training.gc_freq
         if gc_freq > 0:
             gc.disable()  # collect on a schedule instead, so every rank pauses at the same step
             gc.collect(1)
         data_iter = iter(self.dataloader)
         window_start = time.perf_counter()
-        train_start = window_start
+        train_start, tokens_at_start = window_start, self.tokens_seen
         window_steps = window_tokens = 0
         data_wait = 0.0
         try:
             while self.step < cfg.training.steps:
-                self.step += 1
+                self.train_state.step += 1
                 if gc_freq > 0 and self.step % gc_freq == 0:
                     gc.collect(1)
                 t0 = time.perf_counter()
@@ -222,7 +264,7 @@ class Trainer:
                 data_wait += time.perf_counter() - t0
                 lr = self.lr_scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(batches)
-                self.tokens_seen += self.tokens_per_step
+                self.train_state.tokens_seen += self.tokens_per_step
                 window_steps += 1
                 window_tokens += self.tokens_per_step
                 self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
@@ -241,13 +283,18 @@ class Trainer:
                         steps=window_steps,
                     )
                     window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
-            self.metrics.summary(self.tokens_seen, time.perf_counter() - train_start)
+                self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+            self.metrics.summary(self.tokens_seen - tokens_at_start, time.perf_counter() - train_start)
         finally:
             if gc_freq > 0:
                 gc.enable()
 
     def close(self) -> None:
-        self.metrics.close()
+        # Never leave with a save in flight: close() waits for it (and raises if it failed).
+        try:
+            self.checkpointer.close()
+        finally:
+            self.metrics.close()
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

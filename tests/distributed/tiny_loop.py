@@ -57,8 +57,8 @@ class LoopSpec:
         )
 
     def reference(self) -> LoopSpec:
-        """The same training without parallelism."""
-        return replace(self, parallelism=Parallelism(data_parallel_shard_degree=1))
+        """The same training without parallelism (microbatches of 2: the split never changes the math)."""
+        return replace(self, parallelism=Parallelism(data_parallel_shard_degree=1), local_batch_size=2)
 
 
 def global_batch(spec: LoopSpec, step: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,25 +79,36 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(spec: LoopSpec) -> dict:
-    """Run the loop on this rank; returns losses and grad norms (every rank) and, on rank 0, the full
-    parameters after init and after the last step."""
-    torch.use_deterministic_algorithms(True)
+def build(spec: LoopSpec) -> tuple[Transformer, ParallelDims, Training]:
+    """The trainer's build order: meta -> parallelize_llama -> to_empty -> init_weights(seed)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
     args = spec.model_args()
     pd = ParallelDims.from_config(spec.parallelism, world)
     training = spec.training()
     pd.validate(model_args=args, training=training)
     pd.build_mesh("cpu")
-
     with torch.device("meta"):
         model = Transformer(args)
     parallelize_llama(model, pd, parallelism=spec.parallelism, training=training, device_type="cpu")
     model.to_empty(device="cpu")
     with torch.no_grad():
         model.init_weights(spec.seed)
-    init = full_params(model)
+    return model, pd, training
+
+
+def init_params(spec: LoopSpec) -> dict[str, torch.Tensor]:
+    """The full parameters right after init_weights (every rank returns them)."""
+    model, _, _ = build(spec)
+    return full_params(model)
+
+
+def train(spec: LoopSpec) -> dict:
+    """Run the loop on this rank; returns the per-step losses and grad norms (every rank) and, on
+    rank 0, the full parameters after the last step."""
+    torch.use_deterministic_algorithms(True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model, pd, training = build(spec)
+    args = spec.model_args()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, foreach=False)
 
     accum = pd.grad_accum_steps(training)
@@ -128,7 +139,6 @@ def train(spec: LoopSpec) -> dict:
     final = full_params(model)
     out: dict = {"losses": losses, "grad_norms": norms, "loss_type": type(loss).__name__}
     if rank == 0:
-        out["init"] = init
         out["final"] = final
     return out
 

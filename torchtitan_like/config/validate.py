@@ -32,6 +32,9 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "metrics.log_freq": (">= 1", lambda v: v >= 1),
     "metrics.peak_tflops": ("> 0", lambda v: v > 0),
     "model.max_seq_len": (">= 2", lambda v: v >= 2),
+    "checkpoint.interval": (">= 1", lambda v: v >= 1),
+    "checkpoint.keep_latest_k": (">= 0 (0 keeps all)", lambda v: v >= 0),
+    "checkpoint.load_step": ("-1 (latest) or >= 0", lambda v: v >= -1),
     "parallelism.data_parallel_replicate_degree": (">= 1", lambda v: v >= 1),
     "parallelism.data_parallel_shard_degree": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "parallelism.tensor_parallel_degree": (">= 1", lambda v: v >= 1),
@@ -64,6 +67,12 @@ def validate(cfg: JobConfig) -> None:
     t = cfg.training
     if t.dataset in ("local", "hf") and not t.dataset_path:
         raise ConfigError(f"training.dataset={t.dataset!r} needs training.dataset_path (a file, folder or glob for local; a hub name for hf)")
+    c = cfg.checkpoint
+    if c.create_seed_checkpoint and not c.enable:
+        raise ConfigError("checkpoint.create_seed_checkpoint=true needs checkpoint.enable=true")
+    if (c.initial_load_in_hf or c.last_save_in_hf) and not c.enable:
+        which = "initial_load_in_hf" if c.initial_load_in_hf else "last_save_in_hf"
+        raise ConfigError(f"checkpoint.{which}=true needs checkpoint.enable=true")
     max_seq = cfg.model.max_seq_len
     if max_seq is not None and t.seq_len > max_seq:
         raise ConfigError(

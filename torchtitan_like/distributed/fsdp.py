@@ -59,7 +59,7 @@ def apply_fsdp(
     if last:
         shard(last, last_reshard)
     shard(model, root_reshard)
-    pass  # _sum_gradients(model)
+    _sum_gradients(model)
     logger.info(
         "applied %s over %s (param %s, reduce %s, reshard_after_forward=%s%s)",
         "HSDP" if dp_mesh.ndim == 2 else "FSDP",
@@ -88,7 +88,7 @@ def apply_ddp(model: Transformer, dp_mesh: DeviceMesh, *, param_dtype: torch.dty
     if last:
         replicate(last, mesh=dp_mesh, mp_policy=mp)
     replicate(model, mesh=dp_mesh, mp_policy=mp)
-    pass  # _sum_gradients(model)
+    _sum_gradients(model)
     logger.info(
         "applied DDP (replicate) over %s (param %s, reduce %s)",
         dict(zip(dp_mesh.mesh_dim_names or (), dp_mesh.shape)),

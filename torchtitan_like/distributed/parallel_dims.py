@@ -62,6 +62,7 @@ class ParallelDims:
     pp: int
     """Pipeline parallel degree."""
     world_size: int
+    """Processes in the job; the degrees above multiply to it."""
     disable_loss_parallel: bool = False
     """parallelism.disable_loss_parallel: with TP, gather the full logits before the loss."""
     _slot: _MeshSlot = field(default_factory=_MeshSlot, init=False, repr=False, compare=False)

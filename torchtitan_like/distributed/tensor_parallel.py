@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -41,7 +42,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, as
         raise NotImplementedError("async tensor parallel needs torch.compile, which is not supported yet")
     tied = model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None
 
-    top: dict[str, object] = {}
+    top: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:
         # Vocab-sharded table; the partial sums are reduce-scattered onto sequence shards.
         top["tok_embeddings"] = RowwiseParallel(
@@ -55,14 +56,14 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, as
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,
         )
-    parallelize_module(model, tp_mesh, top)  # type: ignore[arg-type]
+    parallelize_module(model, tp_mesh, top)
     if tied:
         # parallelize_module made a separate DTensor parameter for each module; both are
         # Shard(0) over the vocab (row-wise embedding, column-wise output), so they can be one again.
         assert model.output.weight.placements == model.tok_embeddings.weight.placements  # type: ignore[union-attr]
         model.output.weight = model.tok_embeddings.weight  # type: ignore[union-attr]
 
-    block_plan = {
+    block_plan: dict[str, ParallelStyle] = {
         "attention_norm": SequenceParallel(),
         # x: sequence shards -> whole sequence; freqs_cis (whole, replicated) passes through as is.
         "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
@@ -77,7 +78,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, as
         "feed_forward.w3": ColwiseParallel(),
     }
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan)  # type: ignore[arg-type]
+        parallelize_module(block, tp_mesh, block_plan)
 
     logger.info(
         "applied tensor parallel (degree %d, sequence parallel, loss parallel %s%s)",
