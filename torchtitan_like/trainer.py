@@ -180,8 +180,9 @@ class Trainer:
         os.replace(tmp, folder / "config.toml")  # never leave a half-written config.toml
 
     def _amp(self) -> contextlib.AbstractContextManager:
-        # FSDP's MixedPrecisionPolicy casts parameters itself; without FSDP, autocast does.
-        if self.param_dtype == torch.float32 or self.parallel_dims.fsdp_enabled:
+        # FSDP / replicate apply a MixedPrecisionPolicy that casts parameters; otherwise autocast does.
+        pd = self.parallel_dims
+        if self.param_dtype == torch.float32 or pd.fsdp_enabled or pd.dp_replicate_enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.param_dtype)
 

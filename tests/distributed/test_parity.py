@@ -81,6 +81,9 @@ def test_parity_with_one_process(name: str, tmp_path) -> None:
     ref = reference_run(spec)
     assert ref["grad_norms"][0] > spec.max_norm, "the clip must be active for the grad-norm check to bite"
     _assert_parity(name, ranks, ref)
+    # Loss parallel really is on with TP: the loss comes back as a (replicated, scalar) DTensor.
+    loss_parallel = parallelism.tensor_parallel_degree > 1 and not parallelism.disable_loss_parallel
+    assert ranks[0]["loss_type"] == ("DTensor" if loss_parallel else "Tensor")
 
 
 def test_init_is_layout_independent(tmp_path) -> None:

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchtitan_like.config.schema import Parallelism, Training
+from torchtitan_like.data.loader import grad_accum_steps
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.utils import clip_grad_norm_
 from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS, TransformerArgs
@@ -111,7 +112,7 @@ def train(spec: LoopSpec) -> dict:
     args = spec.model_args()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, foreach=False)
 
-    accum = pd.grad_accum_steps(training)
+    accum = grad_accum_steps(training, pd.dp_degree)
     lbs, dp, dp_rank = spec.local_batch_size, pd.dp_degree, pd.dp_rank
     losses, norms = [], []
     for step in range(spec.steps):

@@ -56,12 +56,6 @@ def test_flags() -> None:
     assert tp.tp_enabled and not tp.loss_parallel_enabled
 
 
-def test_grad_accum_steps() -> None:
-    pd = _dims(4)
-    assert pd.grad_accum_steps(Training(local_batch_size=2, global_batch_size=-1)) == 1
-    assert pd.grad_accum_steps(Training(local_batch_size=2, global_batch_size=32)) == 4
-
-
 # ---- from_config errors ------------------------------------------------------------------------
 
 

@@ -175,12 +175,6 @@ class ParallelDims:
                 "set it to false or shard the model"
             )
 
-    def grad_accum_steps(self, training: Training) -> int:
-        """Microbatches per optimizer step on each data-parallel rank (1 when global_batch_size is -1)."""
-        if training.global_batch_size == -1:
-            return 1
-        return training.global_batch_size // (training.local_batch_size * self.dp_degree)
-
     # ---- degrees ---------------------------------------------------------------------------
 
     @property
