@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# Launch training through torchrun.
-#   NGPU        processes on this node (default: visible GPUs, else 1)
-#   CONFIG_FILE TOML config (default: train_configs/debug_model.toml)
-#   LOG_RANK    ranks whose output is shown, comma-separated (default: 0)
+# Launch training through torchrun (c10d rendezvous), on one node or on each node of a multi-node job.
+#   NGPU             processes on this node (default: visible GPUs, else 1)
+#   CONFIG_FILE      TOML config (default: train_configs/debug_model.toml)
+#   LOG_RANK         local ranks whose output is shown, comma-separated (default: 0)
+#   NNODES           nodes in the job (default: 1)
+#   NODE_RANK        this node's index, 0..NNODES-1 (default: 0)
+#   RDZV_ENDPOINT    host:port of the rendezvous, the same on every node (default: MASTER_ADDR:MASTER_PORT;
+#                    on one node without them, localhost and a free port)
+#   MASTER_ADDR      rendezvous host when RDZV_ENDPOINT is unset; MASTER_PORT its port (default: 29500)
+#   RDZV_ID          job id, the same on every node (default: torchrun's "none"; tools/slurm_train.sbatch
+#                    passes SLURM_JOB_ID)
+#   MAX_RESTARTS     times torchrun restarts the workers after a failure, each time resuming from the latest
+#                    complete checkpoint (default: 0)
+#   SHUTDOWN_TIMEOUT seconds the workers get to checkpoint and exit after SIGTERM/SIGUSR1 before torchrun
+#                    kills them (default: 60)
 # Extra arguments are config overrides: --section.key value.
+# Exit status: 0 done; 2 config or data error; 3 diverged; 75 pre-empted (SIGTERM/SIGUSR1: rerun to resume);
+# 1 (or the worker's status) any other failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -15,14 +28,43 @@ if [[ -z "${NGPU:-}" ]]; then
 fi
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
+
+if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
+  if [[ -n "${MASTER_ADDR:-}" ]]; then
+    RDZV_ENDPOINT="${MASTER_ADDR}:${MASTER_PORT:-29500}"
+  elif [[ "$NNODES" == 1 ]]; then
+    RDZV_ENDPOINT="localhost:0"  # port 0: the agent picks a free one
+  else
+    echo "error: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (or MASTER_ADDR and MASTER_PORT) naming a host" \
+      "every node reaches, e.g. node 0" >&2
+    exit 2
+  fi
+fi
+rdzv_id=()
+if [[ -n "${RDZV_ID:-}" ]]; then rdzv_id=(--rdzv-id="$RDZV_ID"); fi
 
 # One thread per rank unless the user says otherwise: CPU ranks otherwise oversubscribe the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # torchao's CUDA extensions cannot load on a CPU build; skip them instead of logging two failures.
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=${TORCHAO_FORCE_SKIP_LOADING_SO_FILES:-1}
 
+if [[ "$MAX_RESTARTS" != 0 ]]; then
+  # torch 2.13's c10d rendezvous hands the workers the same store in every restart round, and a restarted
+  # group then reads its peers' addresses from the previous round ("Connection refused" at init;
+  # pytorch/pytorch#135712). Opting out of the shared store gives each round a fresh one.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
+
+# --signals-to-handle adds SIGUSR1 to torchrun's list (SIGTERM,SIGINT,SIGHUP,SIGQUIT): torchrun then forwards
+# it to the workers, which treat it like SIGTERM (checkpoint and stop). Unlisted, it would kill torchrun.
 exec "$PYTHON" -m torchtitan_like.launch \
-  --nproc-per-node="$NGPU" \
-  --rdzv-backend=c10d --rdzv-endpoint="localhost:0" \
+  --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$NGPU" \
+  --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" ${rdzv_id[@]+"${rdzv_id[@]}"} \
+  --max-restarts="$MAX_RESTARTS" \
+  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
   --local-ranks-filter="$LOG_RANK" --role=rank --tee=3 \
   -m torchtitan_like.train --job.config_file "$CONFIG_FILE" "$@"

@@ -1,17 +1,33 @@
-"""torchrun, without the launcher's own traceback when a worker fails cleanly.
+"""torchrun, without the launcher's own traceback when a worker fails cleanly or the job is signalled.
 
 `python -m torchtitan_like.launch <torchrun args> -m torchtitan_like.train ...` runs exactly
-`torch.distributed.run` (torchrun). When a worker exits non-zero, torchrun raises ChildFailedError
-and Python prints the launcher's stack: noise after our one-line error. Here that becomes one line
-and the worker's exit code.
+`torch.distributed.run` (torchrun). Two outcomes get a short message and a meaningful status:
+
+- A worker exits non-zero: torchrun raises ChildFailedError and Python would print the launcher's
+  stack. Here each failed rank gets one line, with the error it recorded (train.py writes it to
+  torchrun's error file, so it shows even when LOG_RANK hides that rank's output), and the status
+  is the first failure's exit code.
+- The launcher gets SIGTERM or SIGUSR1 (pre-emption): torchrun forwards the signal to every worker,
+  which checkpoint and stop at the next step boundary, and then raises SignalException. The status
+  is 75 (EXIT_PREEMPTED: run the same command again to resume from the latest complete checkpoint).
+  Other signals give 128 + the signal number, as a shell reports them.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
+
+from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS
+
+
+def _first_line(message: object) -> str:
+    text = message.get("message", "") if isinstance(message, dict) else str(message or "")
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +37,27 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        signal = f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
-        print(f"run_train: rank {rank} exited with code {failure.exitcode}{signal}; its error is above", file=sys.stderr)
+        for r, f in sorted(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0])):
+            signal_text = f" (signal {f.signal_name()})" if f.exitcode < 0 else ""
+            error = _first_line(f.message)
+            detail = f": {error}" if error and f.exitcode > 0 and "To enable traceback see" not in error else ""
+            print(f"run_train: rank {r} exited with code {f.exitcode}{signal_text}{detail}", file=sys.stderr)
+        if code == EXIT_PREEMPTED:
+            print("run_train: pre-empted; run the same command again to resume", file=sys.stderr)
+        else:
+            print(f"run_train: job failed (first failure: rank {rank}); the full error is above", file=sys.stderr)
         return code
+    except SignalException as e:
+        name = signal.Signals(e.sigval).name
+        if e.sigval in PREEMPTION_SIGNALS:
+            print(
+                f"run_train: got {name}; the workers stopped at a step boundary (saving a checkpoint first when "
+                f"checkpoint.enable is on: see the log); exit {EXIT_PREEMPTED}: run the same command again to resume",
+                file=sys.stderr,
+            )
+            return EXIT_PREEMPTED
+        print(f"run_train: got {name}; workers stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0
 
 

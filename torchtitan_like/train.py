@@ -1,7 +1,9 @@
 """Entry point: `python -m torchtitan_like.train --job.config_file FILE [--section.key value ...]`.
 
 Normally started by run_train.sh through torchrun. `--help` prints every config key with its default
-and doc. A user-facing error (TrainerError) prints one line and exits 2 (3 for a diverged run).
+and doc. A user-facing error (TrainerError) prints one line and exits 2 (3 for a diverged run). A run stopped by SIGTERM/SIGUSR1 (pre-emption) saves a
+checkpoint and exits 75. Any other exception in a distributed run is logged and ends this rank at
+once with status 1, without waiting on the other ranks (torchrun then stops them).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from torchtitan_like.errors import TrainerError, TrainingError
 
@@ -16,6 +19,8 @@ logger = logging.getLogger("torchtitan_like")
 
 EXIT_CONFIG_OR_DATA = 2
 EXIT_TRAINING = 3
+EXIT_FAILURE = 1
+EXIT_PREEMPTED = 75  # torchtitan_like.distributed.preemption.EXIT_PREEMPTED (not imported: --help stays torch-free)
 
 
 def _setup_logging() -> None:
@@ -55,11 +60,50 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_TRAINING if isinstance(e, TrainingError) else EXIT_CONFIG_OR_DATA
+    except Exception as e:
+        if _distributed():
+            _fail_fast(e)  # no close(): it could wait on collectives that the other ranks never join
+        raise
     finally:
         if trainer is not None:
             trainer.close()
+    if trainer is not None and trainer.stopped_by is not None:
+        return EXIT_PREEMPTED
     logger.info("training finished")
     return 0
+
+
+def _distributed() -> bool:
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fail_fast(e: Exception) -> NoReturn:
+    """Log the error, hand it to torchrun (which prints it whatever LOG_RANK shows), exit 1 at once.
+
+    Call inside the `except` block (the error file records the active traceback). Waiting here, on
+    a barrier, a checkpoint or the process group's destructor, is what turns one rank's error into a
+    job that hangs until the collective timeout.
+    """
+    import torch.distributed as dist
+
+    logger.error(
+        "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", dist.get_rank(), type(e).__name__, e,
+        exc_info=True,
+    )
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)  # the file torchrun names in TORCHELASTIC_ERROR_FILE, if any
+    except Exception:  # reporting must never replace the exit
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FAILURE)
 
 
 def _exit(code: int) -> None:
@@ -72,7 +116,7 @@ def _exit(code: int) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        if code == 0:
+        if code in (0, EXIT_PREEMPTED):  # every rank got here together
             dist.barrier()
         dist.destroy_process_group()
     logging.shutdown()

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,19 @@ from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
 from torchtitan_like.components.lr_scheduler import build_lr_scheduler
 from torchtitan_like.components.metrics import MetricsLogger
 from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
+from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
 from torchtitan_like.components.optimizer import build_optimizer
+from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+from torchtitan_like.components.validation import Validator, build_validation_dataset, check_layout
 from torchtitan_like.config.loader import to_toml
-from torchtitan_like.config.schema import JobConfig
+from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
+from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
+from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
 from torchtitan_like.distributed.parallel_dims import ParallelDims
+from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
 from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
@@ -38,16 +45,24 @@ from torchtitan_like.models.llama3.parallelize import parallelize_llama
 
 logger = logging.getLogger(__name__)
 
+# The start-up collective check fails within this (or comm.init_timeout_seconds if shorter): the
+# ranks have just built the mesh together, so a healthy check takes milliseconds.
+COLLECTIVE_CHECK_TIMEOUT_S = 60.0
+
 
 class Trainer:
     """One training job. `train()` runs it; `close()` releases files and the process group."""
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(timeout_s=cfg.comm.init_timeout_seconds)
         self.device = local_device()
         self.train_state = TrainState()
         self.history: list[dict[str, float]] = []
+        self.preemption = PreemptionWatcher()
+        self.stopped_by: signal.Signals | None = None
+        """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""
+        check_memory_snapshot(cfg.profiling, self.device)
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         # 1. Everything that can be checked without building the model, before building it.
@@ -58,13 +73,26 @@ class Trainer:
                 f"checkpoint.create_seed_checkpoint=true runs on one process, not {self.world_size}: use NGPU=1 "
                 "(the seed checkpoint then loads under any layout)"
             )
+        if cfg.debug.fail_at_step and cfg.debug.fail_rank >= self.world_size:
+            raise ConfigError(
+                f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this world of {self.world_size}: "
+                f"use -1 (every rank) or 0..{self.world_size - 1}"
+            )
         self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.parallel_dims.validate(model_args=self.model_args, training=cfg.training)
+        validating = cfg.validation.enable
+        if validating:
+            check_layout(cfg.validation, tp=self.parallel_dims.tp, cp=self.parallel_dims.cp)
         tokenizer = None
-        if cfg.training.dataset != "synthetic":
+        if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
         self.parallel_dims.build_mesh(self.device.type)
+        log_ranks(self.device)
+        check_collectives(
+            named_meshes(self.parallel_dims), self.device,
+            timeout_s=min(cfg.comm.init_timeout_seconds, COLLECTIVE_CHECK_TIMEOUT_S),
+        )
         self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
         self.dataloader = build_dataloader(
             training=cfg.training,
@@ -74,16 +102,47 @@ class Trainer:
             dp_degree=self.parallel_dims.dp_degree,
             seed=cfg.debug.seed,
         )
+        self.validator: Validator | None = None
+        if validating:
+            # Its own dataset and iterator: validating never moves the training stream.
+            val_data = build_validation_dataset(
+                cfg.validation,
+                tokenizer=tokenizer,
+                vocab_size=self.model_args.vocab_size,
+                text_field=cfg.training.dataset_text_field,
+                dp_rank=self.parallel_dims.dp_rank,
+                dp_degree=self.parallel_dims.dp_degree,
+                seed=cfg.debug.seed,
+            )
+            self.validator = Validator(
+                cfg.validation, val_data, device=self.device, loss_group=self.parallel_dims.loss_group,
+                loss_context=self._loss_ctx, amp_context=self._amp,
+            )
 
-        # 2. Model: meta -> parallelize -> materialize -> init.
+        # 2. Model: meta -> converters (float8) -> parallelize -> materialize -> init.
+        self.float8 = build_float8_converter(
+            cfg.model.converters,
+            cfg.quantize.linear.float8,
+            parallel_dims=self.parallel_dims,
+            device=self.device,
+            param_dtype=param_dtype(cfg.training.mixed_precision_param, self.device.type),
+        )
+        compiling = cfg.compile.enable
+        # Created before anything compiles, so it sees every compile (and recompile) of the run.
+        self.compile_monitor = CompileMonitor() if compiling else None
         with torch.device("meta"):
             model = spec.build(self.model_args)
+        if self.float8 is not None:
+            self.float8.convert(model)
         model = parallelize_llama(
             model,
             self.parallel_dims,
             parallelism=cfg.parallelism,
             training=cfg.training,
             device_type=self.device.type,
+            activation_checkpoint=cfg.activation_checkpoint,
+            compile_config=cfg.compile,
+            float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
         )
         model.to_empty(device=self.device)
         with torch.no_grad():
@@ -97,6 +156,9 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, steps=cfg.training.steps)
         self.param_dtype = param_dtype(cfg.training.mixed_precision_param, self.device.type)
         self.loss_parallel = self.parallel_dims.loss_parallel_enabled
+        self.loss_fn = cross_entropy_sum
+        if compiling and "loss" in cfg.compile.components:
+            self.loss_fn = compile_loss(cross_entropy_sum, backend=cfg.compile.backend)
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -125,6 +187,8 @@ class Trainer:
         if cfg.checkpoint.create_seed_checkpoint:
             return
         self.checkpointer.load()
+        if cfg.checkpoint.enable:
+            self.metrics.drop_after(self.step)  # rows of an attempt that died after its last checkpoint
         logger.info(
             "training %s %s for %d steps: global batch %d x seq %d (%d tokens/step), local batch %d, "
             "grad accumulation %d, world %d, device %s, params %s",
@@ -218,7 +282,7 @@ class Trainer:
             with self._loss_ctx():
                 with self._amp():
                     logits = model(inputs)
-                loss = cross_entropy_sum(logits, labels) / total_tokens
+                loss = self.loss_fn(logits, labels) / total_tokens
                 loss.backward()
             loss_sum += _plain(loss.detach()).to(torch.float64)
             del logits, loss
@@ -235,6 +299,8 @@ class Trainer:
                 f"lower optimizer.lr, raise lr_scheduler.warmup_steps or check the data"
             )
         self.optimizer.step()
+        if self.float8 is not None:
+            self.float8.post_optimizer_step(self.model_parts)  # precomputed float8 scales, if enabled
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value
@@ -255,40 +321,106 @@ class Trainer:
         train_start, tokens_at_start = window_start, self.tokens_seen
         window_steps = window_tokens = 0
         data_wait = 0.0
+        first_step = self.step + 1
+        prof_kwargs = {"dump_folder": cfg.job.dump_folder, "rank": self.rank, "device": self.device, "global_step": self.step}
+        self.preemption.install()
         try:
-            while self.step < cfg.training.steps:
-                self.train_state.step += 1
-                if gc_freq > 0 and self.step % gc_freq == 0:
-                    gc.collect(1)
-                t0 = time.perf_counter()
-                batches = self._next_batches(data_iter)
-                data_wait += time.perf_counter() - t0
-                lr = self.lr_scheduler.get_last_lr()[0]
-                loss, grad_norm = self.train_step(batches)
-                self.train_state.tokens_seen += self.tokens_per_step
-                window_steps += 1
-                window_tokens += self.tokens_per_step
-                self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
-                if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    self.metrics.log(
-                        self.step,
-                        loss=loss,
-                        grad_norm=grad_norm,
-                        lr=lr,
-                        tokens=window_tokens // self.world_size,
-                        elapsed_s=now - window_start,
-                        data_wait_s=data_wait,
-                        steps=window_steps,
-                    )
-                    window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
-                self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+            with contextlib.ExitStack() as stack:
+                profiler = stack.enter_context(maybe_enable_profiling(cfg.profiling, **prof_kwargs))
+                snapshotter = stack.enter_context(maybe_enable_memory_snapshot(cfg.profiling, **prof_kwargs))
+                while self.step < cfg.training.steps:
+                    self.train_state.step += 1
+                    maybe_inject_fault(cfg.debug, step=self.step, rank=self.rank)
+                    if gc_freq > 0 and self.step % gc_freq == 0:
+                        gc.collect(1)
+                    t0 = time.perf_counter()
+                    batches = self._next_batches(data_iter)
+                    data_wait += time.perf_counter() - t0
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    try:
+                        loss, grad_norm = self.train_step(batches)
+                    except torch.OutOfMemoryError:
+                        if snapshotter is not None:
+                            snapshotter.step(on_oom=True)
+                        raise
+                    if self.step == first_step:
+                        self._apply_train_timeout()  # the first step (and its compile) is over
+                    self.train_state.tokens_seen += self.tokens_per_step
+                    window_steps += 1
+                    window_tokens += self.tokens_per_step
+                    self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
+                    validation, validation_s = self._maybe_validate()
+                    if validation or self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        now = time.perf_counter()
+                        elapsed = now - window_start - validation_s  # validating is not training time
+                        extra: dict[str, float] = {}
+                        if self.compile_monitor is not None:
+                            extra.update(self.compile_monitor.metrics())
+                        extra.update(step_time_stats(elapsed / window_steps, self.device))  # collective
+                        extra.update(validation)
+                        self.metrics.log(
+                            self.step,
+                            loss=loss,
+                            grad_norm=grad_norm,
+                            lr=lr,
+                            tokens=window_tokens // self.world_size,
+                            elapsed_s=elapsed,
+                            data_wait_s=data_wait,
+                            steps=window_steps,
+                            extra=extra or None,
+                        )
+                        window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
+                    self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+                    if profiler is not None:
+                        profiler.step()
+                    if snapshotter is not None:
+                        snapshotter.step()
+                    if self._stop_if_preempted():
+                        break
             self.metrics.summary(self.tokens_seen - tokens_at_start, time.perf_counter() - train_start)
         finally:
+            self.preemption.restore()
             if gc_freq > 0:
                 gc.enable()
+
+    def _maybe_validate(self) -> tuple[dict[str, float], float]:
+        """({"val_loss", "val_ppl"} or {}, seconds spent) for this step."""
+        if self.validator is None or not self.validator.should_run(self.step):
+            return {}, 0.0
+        t0 = time.perf_counter()
+        result = self.validator.validate(self.model_parts)
+        return result, time.perf_counter() - t0
+
+    def _apply_train_timeout(self) -> None:
+        seconds = self.cfg.comm.train_timeout_seconds
+        n = set_pg_timeouts(self.parallel_dims, seconds)
+        if n:
+            logger.info(
+                "collective timeout now %d s on %d process group(s) (comm.train_timeout_seconds; it was %d s until "
+                "the first step ended)", seconds, n, self.cfg.comm.init_timeout_seconds,
+            )
+
+    def _stop_if_preempted(self) -> bool:
+        """Collective, every step: True when some rank got SIGTERM/SIGUSR1; then the full state is saved."""
+        sig = self.preemption.agreed_signal(self.device)
+        if sig is None or self.step >= self.cfg.training.steps:
+            return False  # no signal, or the run ends at this step anyway (with its usual final save)
+        ckpt = self.cfg.checkpoint
+        if ckpt.enable:
+            if self.step % ckpt.interval != 0:  # else the interval save of this step already holds it
+                self.checkpointer.maybe_save(self.step, force=True)
+            self.checkpointer.wait()
+            saved = f"checkpoint step-{self.step} saved (full state)"
+        else:
+            saved = "checkpoint.enable=false, so nothing was saved"
+        logger.warning(
+            "pre-empted by %s: every rank stopped after step %d; %s; exiting with status %d "
+            "(run the same command again to resume)", sig.name, self.step, saved, EXIT_PREEMPTED,
+        )
+        self.stopped_by = sig
+        return True
 
     def close(self) -> None:
         # Never leave with a save in flight: close() waits for it (and raises if it failed).
@@ -296,6 +428,20 @@ class Trainer:
             self.checkpointer.close()
         finally:
             self.metrics.close()
+            if self.compile_monitor is not None:
+                self.compile_monitor.close()
+
+
+class InjectedFault(RuntimeError):
+    """The error debug.fail_at_step raises: for testing how the job handles a failing rank."""
+
+
+def maybe_inject_fault(debug: Debug, *, step: int, rank: int) -> None:
+    if debug.fail_at_step and step == debug.fail_at_step and debug.fail_rank in (-1, rank):
+        raise InjectedFault(
+            f"debug.fail_at_step={step}: injected failure on rank {rank} (debug.fail_rank={debug.fail_rank}; "
+            f"for testing fault handling)"
+        )
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

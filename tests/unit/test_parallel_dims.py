@@ -101,9 +101,10 @@ def test_cp_and_pp_are_not_supported_yet(key: str) -> None:
     assert f"parallelism.{key}=2" in msg and "not supported yet" in msg and "set it to 1" in msg
 
 
-def test_async_tp_needs_compile_and_cuda() -> None:
-    msg = _error(_dims, 2, tensor_parallel_degree=2, enable_async_tensor_parallel=True)
-    assert "parallelism.enable_async_tensor_parallel=true" in msg
+def test_async_tp_needs_tensor_parallel() -> None:
+    # The compile.enable part: config/validate.py; the CUDA part: parallelize (tests/unit/test_compile.py).
+    msg = _error(_dims, 2, tensor_parallel_degree=1, enable_async_tensor_parallel=True)
+    assert "parallelism.enable_async_tensor_parallel=true needs tensor_parallel_degree > 1 (got 1)" in msg
     assert "compile.enable" in msg and "CUDA" in msg and "set it to false" in msg
 
 

@@ -229,12 +229,15 @@ class CheckpointManager:
 
     # --- saving -----------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, *, last: bool = False) -> None:
-        """Save at every `interval`-th step and at the last one (model only if last_save_model_only)."""
+    def maybe_save(self, step: int, *, last: bool = False, force: bool = False) -> None:
+        """Save at every `interval`-th step and at the last one (model only if last_save_model_only).
+
+        `force` saves the full state now, whatever the interval (a pre-empted run, to resume from).
+        """
         if not self.cfg.enable or self._closed:
             return
         interval = self.cfg.interval
-        if not last and (interval <= 0 or step % interval != 0):
+        if not (last or force) and (interval <= 0 or step % interval != 0):
             return
         self.wait()  # one save in flight at a time
         t0 = time.perf_counter()

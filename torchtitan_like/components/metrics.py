@@ -229,6 +229,26 @@ class MetricsLogger:
             self._writer.add_scalar(tag, value, r["step"])
         self._writer.flush()
 
+    def drop_after(self, step: int) -> int:
+        """Remove metrics.jsonl rows of steps after `step` (the step a run resumes from); returns how many.
+
+        A run that died after logging steps its last checkpoint does not hold would otherwise list
+        those steps twice once it resumes: the file keeps one row per step of the resumed timeline.
+        """
+        if not self.enabled or not os.path.exists(self.jsonl_path):
+            return 0
+        with open(self.jsonl_path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        dropped = len(lines) - len(kept)
+        if dropped:
+            tmp = self.jsonl_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.jsonl_path)
+            logger.info("metrics.jsonl: dropped %d row(s) after step %d, from an attempt that did not reach a checkpoint", dropped, step)
+        return dropped
+
     def summary(self, total_tokens_seen_global: int, elapsed_s: float) -> dict[str, Any]:
         """Log the run's global tokens/s and how long 1B / 100B / 1T tokens would take at that rate."""
         global_tps = _ratio(total_tokens_seen_global, elapsed_s)

@@ -111,7 +111,7 @@ def type_name(tp: Any) -> str:
     if choices is not None:
         name = " | ".join(repr(c) for c in choices)
     elif get_origin(inner) is list:
-        name = f"list[{get_args(inner)[0].__name__}]"
+        name = f"list[{type_name(get_args(inner)[0])}]"  # list[Literal[...]] names its choices
     else:
         name = getattr(inner, "__name__", str(inner))
     return f"{name} | None" if optional else name

@@ -190,7 +190,7 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
         if from_cli and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list of {item.__name__}, got {value!r}")
+            raise ConfigError(f"{where} must be a list of {type_name(item)}, got {value!r}")
         inner = Key(key.section, key.name, item, None, "")
         return [coerce(inner, v, from_cli=from_cli) for v in value]
     if tp is bool:

@@ -33,6 +33,8 @@ class Model:
     """Llama 3 format tokenizer.model (base64 token + rank per line); empty = the embedded tokenizer."""
     max_seq_len: int | None = None
     """Override the flavor's RoPE table length (defaults to training.seq_len)."""
+    converters: list[Literal["float8", "quantize.linear.float8"]] = field(default_factory=list)
+    """Model converters applied to the meta model before any parallelism: float8 (alias quantize.linear.float8)."""
 
 
 @dataclass
@@ -162,11 +164,105 @@ class Checkpoint:
 
 
 @dataclass
+class ActivationCheckpoint:
+    mode: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: none, full (every block), or selective (see selective_ac_option)."""
+    selective_ac_option: str = "2"
+    """With mode = selective: an integer N (checkpoint every N-th block) or "op" (save matmul/attention outputs, recompute the rest)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each transformer block (fullgraph) and, if listed, the loss."""
+    components: list[Literal["model", "loss"]] = field(default_factory=lambda: ["model", "loss"])
+    """What compile.enable compiles: model (per transformer block) and/or loss."""
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend: inductor (generates kernels), aot_eager or eager (debugging)."""
+
+
+@dataclass
+class Float8:
+    recipe_name: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
+    """torchao float8 recipe: tensorwise (one scale per tensor), rowwise, or rowwise_with_gw_hp (grad_weight in high precision)."""
+    enable_fsdp_float8_all_gather: bool = False
+    """FSDP all-gathers the weights in float8 (tensorwise only; needs data_parallel_shard_degree > 1)."""
+    precompute_float8_dynamic_scale_for_fsdp: bool = False
+    """Compute every weight's float8 scale in one all-reduce after optimizer.step (needs enable_fsdp_float8_all_gather)."""
+    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
+    """Linear layers to keep in high precision, by name substring; "auto_filter_small_kn" also skips those too small to gain."""
+    emulate: bool = False
+    """Emulate float8 matmuls in high precision (for testing on devices without float8 support)."""
+
+
+@dataclass
+class QuantizeLinear:
+    float8: Float8 = field(default_factory=Float8)
+    """[quantize.linear.float8]"""
+
+
+@dataclass
+class Quantize:
+    linear: QuantizeLinear = field(default_factory=QuantizeLinear)
+    """[quantize.linear]"""
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = 300
+    """Process-group timeout until the first step has finished (start-up, first compile)."""
+    train_timeout_seconds: int = 100
+    """Process-group timeout from the second step on: a collective stuck this long fails the job."""
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False
+    """Record torch.profiler traces (Chrome/Perfetto JSON, one file per rank) every profile_freq steps."""
+    save_traces_folder: str = "profile_traces"
+    """Trace folder, relative to job.dump_folder: iteration_N/rank{R}_trace.json per capture."""
+    profile_freq: int = 10
+    """Capture a trace (and a memory snapshot) every N steps."""
+    profiler_warmup: int = 3
+    """Warm-up steps before each capture (profiled, then discarded)."""
+    profiler_active: int = 1
+    """Steps recorded in each trace."""
+    enable_memory_snapshot: bool = False
+    """Record CUDA memory history; dump a snapshot every profile_freq steps and on out-of-memory (needs a GPU)."""
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Memory snapshot folder, relative to job.dump_folder: iteration_N/rank{R}_memory_snapshot.pickle."""
+
+
+@dataclass
+class Validation:
+    enable: bool = False
+    """Compute the loss and perplexity on held-out data every freq steps (val_loss, val_ppl in the metrics)."""
+    dataset: Literal["embedded", "synthetic", "local", "hf"] = "embedded"
+    """Held-out data: embedded (stdlib tests and tools, never trained on), synthetic (another seed), local files, or HF hub."""
+    dataset_path: str | None = None
+    """For local: a .txt/.jsonl/.json file, a directory or a glob (text in training.dataset_text_field). For hf: the hub name."""
+    dataset_split: str = "validation"
+    """Split to read from an HF hub dataset."""
+    freq: int = 10
+    """Validate every N steps."""
+    steps: int = -1
+    """Global batches per validation; -1 = the whole dataset (synthetic data needs a number: it never ends)."""
+    local_batch_size: int = 8
+    """Sequences per validation batch on each data-parallel rank."""
+    seq_len: int = 2048
+    """Tokens per validation sequence (at most the model's RoPE length: model.max_seq_len or training.seq_len)."""
+
+
+@dataclass
 class Debug:
     seed: int = 42
     """Seed for weight init, data order and every random number generator."""
     deterministic: bool = False
     """Use deterministic algorithms (slower; for exact reproducibility)."""
+    fail_at_step: int = 0
+    """For testing fault handling only: raise an error at the start of this step (0 = never)."""
+    fail_rank: int = 0
+    """For testing fault handling only: the rank that raises at fail_at_step (-1 = every rank)."""
 
 
 @dataclass
@@ -187,5 +283,17 @@ class JobConfig:
     """[parallelism]"""
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     """[checkpoint]"""
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    """[activation_checkpoint]"""
+    compile: Compile = field(default_factory=Compile)
+    """[compile]"""
+    quantize: Quantize = field(default_factory=Quantize)
+    """[quantize]"""
+    comm: Comm = field(default_factory=Comm)
+    """[comm]"""
+    profiling: Profiling = field(default_factory=Profiling)
+    """[profiling]"""
+    validation: Validation = field(default_factory=Validation)
+    """[validation]"""
     debug: Debug = field(default_factory=Debug)
     """[debug]"""

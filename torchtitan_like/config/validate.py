@@ -35,6 +35,17 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "checkpoint.interval": (">= 1", lambda v: v >= 1),
     "checkpoint.keep_latest_k": (">= 0 (0 keeps all)", lambda v: v >= 0),
     "checkpoint.load_step": ("-1 (latest) or >= 0", lambda v: v >= -1),
+    "comm.init_timeout_seconds": (">= 1", lambda v: v >= 1),
+    "comm.train_timeout_seconds": (">= 1", lambda v: v >= 1),
+    "profiling.profile_freq": (">= 1", lambda v: v >= 1),
+    "profiling.profiler_warmup": (">= 0", lambda v: v >= 0),
+    "profiling.profiler_active": (">= 1", lambda v: v >= 1),
+    "validation.freq": (">= 1", lambda v: v >= 1),
+    "validation.steps": ("-1 (the whole dataset) or >= 1", lambda v: v == -1 or v >= 1),
+    "validation.local_batch_size": (">= 1", lambda v: v >= 1),
+    "validation.seq_len": (">= 2", lambda v: v >= 2),
+    "debug.fail_at_step": (">= 0 (0 = never)", lambda v: v >= 0),
+    "debug.fail_rank": ("-1 (every rank) or >= 0", lambda v: v >= -1),
     "parallelism.data_parallel_replicate_degree": (">= 1", lambda v: v >= 1),
     "parallelism.data_parallel_shard_degree": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "parallelism.tensor_parallel_degree": (">= 1", lambda v: v >= 1),
@@ -78,3 +89,86 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"training.seq_len={t.seq_len} exceeds model.max_seq_len={max_seq}: raise model.max_seq_len or lower training.seq_len"
         )
+    _validate_profiling_and_validation(cfg)
+    _validate_features(cfg)
+
+
+def _validate_profiling_and_validation(cfg: JobConfig) -> None:
+    """[profiling] schedule and [validation] data rules. enable_memory_snapshot needs a GPU: checked by
+    the trainer, which knows the device."""
+    p = cfg.profiling
+    if p.enable_profiling and p.profile_freq < p.profiler_warmup + p.profiler_active:
+        raise ConfigError(
+            f"profiling.profile_freq={p.profile_freq} must be >= profiler_warmup({p.profiler_warmup}) + "
+            f"profiler_active({p.profiler_active}) = {p.profiler_warmup + p.profiler_active}: every capture "
+            f"fits in one period; raise profile_freq or lower the others"
+        )
+    v = cfg.validation
+    if not v.enable:
+        return
+    if v.dataset in ("local", "hf") and not v.dataset_path:
+        raise ConfigError(
+            f"validation.dataset={v.dataset!r} needs validation.dataset_path (a file, folder or glob for local; a hub name for hf)"
+        )
+    if v.dataset == "synthetic" and v.steps == -1:
+        raise ConfigError(
+            "validation.dataset=\"synthetic\" never ends, so validation.steps=-1 (the whole dataset) would never "
+            "finish: set validation.steps to a number of batches"
+        )
+    rope_len = cfg.model.max_seq_len or cfg.training.seq_len
+    if v.seq_len > rope_len:
+        which = "model.max_seq_len" if cfg.model.max_seq_len else "training.seq_len (the model's RoPE length)"
+        raise ConfigError(
+            f"validation.seq_len={v.seq_len} exceeds {which}={rope_len}: lower validation.seq_len to at most "
+            f"{rope_len} or raise model.max_seq_len"
+        )
+
+
+def _validate_features(cfg: JobConfig) -> None:
+    """Model converters, activation checkpointing, torch.compile and float8: rules between their keys.
+
+    Rules that need the world or the device (float8 all-gather needs FSDP, float8 needs an SM89+
+    GPU, async TP needs CUDA) are checked where those are known: components/float8.py and
+    parallelize.py.
+    """
+    from torchtitan_like.components.float8 import CONVERTER_NAMES
+    from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
+
+    converters = cfg.model.converters
+    if len(set(converters)) != len(converters):
+        raise ConfigError(f"model.converters={converters!r} lists a converter twice")
+    float8_names = [c for c in converters if c in CONVERTER_NAMES]
+    if len(float8_names) > 1:
+        raise ConfigError(
+            f"model.converters={converters!r}: 'float8' and 'quantize.linear.float8' are the same converter; keep one"
+        )
+    parse_selective_option(cfg.activation_checkpoint.selective_ac_option)
+
+    comp = cfg.compile
+    if len(set(comp.components)) != len(comp.components):
+        raise ConfigError(f"compile.components={comp.components!r} lists a component twice")
+    if comp.enable and not comp.components:
+        raise ConfigError("compile.enable=true with compile.components=[] compiles nothing: list model and/or loss")
+    if cfg.parallelism.enable_async_tensor_parallel and not (comp.enable and "model" in comp.components):
+        raise ConfigError(
+            "parallelism.enable_async_tensor_parallel=true needs compile.enable=true with \"model\" in "
+            "compile.components (async TP is an inductor pass), tensor_parallel_degree > 1 and CUDA; set it to "
+            "false or enable compile"
+        )
+
+    f8 = cfg.quantize.linear.float8
+    if float8_names:
+        if f8.enable_fsdp_float8_all_gather and f8.recipe_name != "tensorwise":
+            raise ConfigError(
+                f"quantize.linear.float8.enable_fsdp_float8_all_gather=true works only with recipe_name=\"tensorwise\" "
+                f"(torchao gathers one scale per tensor), not {f8.recipe_name!r}: use tensorwise or set it to false"
+            )
+        if f8.precompute_float8_dynamic_scale_for_fsdp and not (
+            f8.enable_fsdp_float8_all_gather and f8.recipe_name == "tensorwise"
+        ):
+            raise ConfigError(
+                "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp=true needs recipe_name=\"tensorwise\" "
+                f"and enable_fsdp_float8_all_gather=true (got recipe_name={f8.recipe_name!r}, "
+                f"enable_fsdp_float8_all_gather={str(f8.enable_fsdp_float8_all_gather).lower()}): set those, or "
+                "set it to false"
+            )

@@ -97,10 +97,11 @@ class ParallelDims:
                 f"parallelism.pipeline_parallel_degree={p.pipeline_parallel_degree}: pipeline parallel is not "
                 "supported yet; set it to 1"
             )
-        if p.enable_async_tensor_parallel:
+        if p.enable_async_tensor_parallel and p.tensor_parallel_degree <= 1:
+            # The compile.enable part is checked by config/validate.py, the CUDA part by parallelize.
             raise ConfigError(
-                "parallelism.enable_async_tensor_parallel=true needs tensor_parallel_degree > 1, CUDA and "
-                "compile.enable=true, and torch.compile is not supported yet; set it to false"
+                f"parallelism.enable_async_tensor_parallel=true needs tensor_parallel_degree > 1 (got "
+                f"{p.tensor_parallel_degree}), CUDA and compile.enable=true; set it to false or enable tensor parallel"
             )
 
         dp_replicate, cp, tp, pp = (

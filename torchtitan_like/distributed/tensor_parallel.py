@@ -8,6 +8,12 @@ not replicated, so TP must divide n_kv_heads (ParallelDims.validate checks it).
 The residual stream stays a DTensor (Shard(1)) from the embedding to the final norm: the model reads
 `h.shape[1]` as the sequence length to slice its RoPE table, and a DTensor reports the global
 length where a local shard would report seqlen / tp.
+
+With float8 tensorwise (`float8=True`) on CUDA, the block linears that the float8 converter swapped
+use torchao's float8-aware styles: the activations are cast to float8 before the sequence
+all-gather (half the bytes), once per attention / feed-forward input. Linears the filter kept in
+high precision, every linear under the rowwise recipes (torchao has no rowwise TP styles), and
+every linear on CPU (gloo cannot all-gather float8) use the plain styles.
 """
 
 from __future__ import annotations
@@ -25,22 +31,31 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from torchtitan_like.models.llama3.model import Transformer
+from torchtitan_like.models.llama3.model import Transformer, TransformerBlock
 
 logger = logging.getLogger(__name__)
 
 
-def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, async_tp: bool) -> None:
+def apply_tp(
+    model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, async_tp: bool, float8: bool = False
+) -> None:
     """Shard `model` (on any device, meta included) over `tp_mesh`, in place.
 
     loss_parallel: the output projection keeps its logits sharded on vocab, as a DTensor
     (Shard(-1)); the caller computes the loss inside `torch.distributed.tensor.parallel.loss_parallel()`.
     Otherwise the logits are gathered into a plain tensor.
+    float8: the model was converted with the float8 tensorwise recipe (float8-aware styles).
+    async_tp: overlap the TP collectives with the matmuls (an inductor pass over the compiled blocks;
+    config validation made sure compile is on, parallelize that the device is CUDA).
     """
-    if async_tp:
-        # Async TP is a torch.compile (inductor micro-pipeline) pass; ParallelDims.from_config rejects it.
-        raise NotImplementedError("async tensor parallel needs torch.compile, which is not supported yet")
     tied = model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None
+    float8_note = ""
+    if float8 and tp_mesh.device_type != "cuda":
+        # gloo has no float8 dtypes: all-gathering float8 activations fails with "Invalid scalar
+        # type" (torch 2.13). The plain styles gather in high precision instead; the Float8Linear
+        # layers still compute in float8, with the same tensorwise scale (amax of the whole input).
+        float8 = False
+        float8_note = f", float8 styles off on {tp_mesh.device_type} (gloo cannot all-gather float8)"
 
     top: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:
@@ -63,27 +78,74 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, as
         assert model.output.weight.placements == model.tok_embeddings.weight.placements  # type: ignore[union-attr]
         model.output.weight = model.tok_embeddings.weight  # type: ignore[union-attr]
 
-    block_plan: dict[str, ParallelStyle] = {
-        "attention_norm": SequenceParallel(),
-        # x: sequence shards -> whole sequence; freqs_cis (whole, replicated) passes through as is.
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
-        "feed_forward.w3": ColwiseParallel(),
-    }
+    f8_blocks = 0
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan)
+        plan = _block_plan(block, float8=float8)
+        f8_blocks += any(type(style).__name__.startswith(("Float8", "PrepareFloat8")) for style in plan.values())
+        parallelize_module(block, tp_mesh, plan)
+
+    if async_tp:
+        import torch._inductor.config as inductor_config
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        # Inductor's micro-pipeline TP pass rewrites all-gather + matmul (and matmul + reduce-scatter)
+        # in the compiled blocks into overlapped symmetric-memory ops over this group.
+        inductor_config._micro_pipeline_tp = True
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
     logger.info(
-        "applied tensor parallel (degree %d, sequence parallel, loss parallel %s%s)",
+        "applied tensor parallel (degree %d, sequence parallel, loss parallel %s%s%s%s%s)",
         tp_mesh.size(),
         "on" if loss_parallel else "off",
         ", tied embeddings" if tied else "",
+        f", float8 styles in {f8_blocks} of {len(model.layers)} blocks" if float8 else "",
+        float8_note,
+        ", async TP" if async_tp else "",
     )
+
+
+def _block_plan(block: TransformerBlock, *, float8: bool) -> dict[str, ParallelStyle]:
+    """The TP plan of one block; float8-aware styles for the linears the float8 converter swapped."""
+    colwise, rowwise, prepare_input = ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    f8: set[str] = set()
+    if float8:
+        from torchao.float8.float8_linear import Float8Linear
+        from torchao.float8.float8_tensor_parallel import (
+            Float8ColwiseParallel,
+            Float8RowwiseParallel,
+            PrepareFloat8ModuleInput,
+        )
+
+        f8 = {name for name, m in block.named_modules() if isinstance(m, Float8Linear)}
+
+    def col(name: str) -> ParallelStyle:
+        return (Float8ColwiseParallel if name in f8 else colwise)()
+
+    def row(name: str) -> ParallelStyle:
+        return (Float8RowwiseParallel if name in f8 else rowwise)(output_layouts=Shard(1), use_local_output=False)
+
+    def prepare(module: str, consumers: tuple[str, ...], **layouts: object) -> ParallelStyle:
+        # Cast to float8 before the all-gather only if every consumer of the gathered input is float8.
+        if all(f"{module}.{c}" in f8 for c in consumers):
+            return PrepareFloat8ModuleInput(**layouts, fwd_config_submodule_fqn=consumers[0])
+        return prepare_input(**layouts)
+
+    return {
+        "attention_norm": SequenceParallel(),
+        # x: sequence shards -> whole sequence; freqs_cis (whole, replicated) passes through as is.
+        "attention": prepare(
+            "attention", ("wq", "wk", "wv"), input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+        ),
+        "attention.wq": col("attention.wq"),
+        "attention.wk": col("attention.wk"),
+        "attention.wv": col("attention.wv"),
+        "attention.wo": row("attention.wo"),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": prepare(
+            "feed_forward", ("w1", "w3"), input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "feed_forward.w1": col("feed_forward.w1"),
+        "feed_forward.w2": row("feed_forward.w2"),
+        "feed_forward.w3": col("feed_forward.w3"),
+    }
 

@@ -63,9 +63,19 @@ def clip_grad_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    # On CPU, accumulate in float64: torch's CPU fp32 norm kernel (torch 2.13) is off by up to 1.4e-4
+    # relative on the debug model's gradients (most of it from the 512k-element output projection),
+    # while the smaller shards of a parallel layout come out nearly exact. The clip factor then differs
+    # by layout and parallel runs drift away from one process (grad norms 0.2% apart after 18 steps).
+    # Only on CPU: the float64 copy costs memory, and GPU norm kernels were not measured to need it.
+    upcast = grads[0].device.type == "cpu" and grads[0].dtype != torch.float64
+    total = torch.nn.utils.get_total_norm(
+        [g.to(torch.float64) for g in grads] if upcast else grads, norm_type=norm_type
+    )
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if upcast:
+        total = total.to(grads[0].dtype)
     if pp_group is not None:
         if norm_type == float("inf"):
             dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)

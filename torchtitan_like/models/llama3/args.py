@@ -84,6 +84,12 @@ LLAMA3_FLAVORS: dict[str, TransformerArgs] = {
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024,
         rope_scaling=_LLAMA31_ROPE, max_seq_len=131072,
     ),
+    # Benchmark slice: Llama 3.1 8B width (dim 4096, ffn 14336, 32/8 heads, vocab 128256), 8 of its 32
+    # layers, so one GPU measures the real 8B per-layer shapes.
+    "8B_slice8": TransformerArgs(
+        dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=1024,
+        rope_scaling=_LLAMA31_ROPE, max_seq_len=131072,
+    ),
     "70B": TransformerArgs(
         dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
         rope_scaling=_LLAMA31_ROPE, max_seq_len=131072,

@@ -12,6 +12,7 @@ does not own `tok_embeddings`, `norm` or `output` has them set to None.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 
 import torch
@@ -156,7 +157,10 @@ class Transformer(nn.Module):
         if a.tie_word_embeddings and self.output is not None and self.tok_embeddings is not None:
             # to_empty() materializes each module's parameters separately, which unties them.
             self.output.weight = self.tok_embeddings.weight
-        for name, param in self.named_parameters():
+        for wrapped_name, param in self.named_parameters():
+            # Seed by the checkpoint name: activation checkpointing and torch.compile wrappers add
+            # path parts that the state dict (and so the weights' identity) does not have.
+            name = _WRAPPER_PARTS.sub("", wrapped_name)
             leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):
                 _fill_(param, 1.0)
@@ -172,6 +176,9 @@ class Transformer(nn.Module):
                 _init_from_full_(param, seed, name, std=layer.weight_init_std)
             else:
                 raise AssertionError(f"init_weights does not know parameter {name}")
+
+
+_WRAPPER_PARTS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 def _local(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,15 @@
 """The order of the parallelism passes for Llama 3. This file is where that order lives.
 
+0. (before this file) model converters such as float8 have swapped nn.Linear on the meta model;
 1. tensor parallel (+ sequence parallel, loss parallel): it rewrites the Linear/Embedding/Norm
-   parameters into DTensors on the "tp" mesh, which the later passes then wrap;
-2. [later: context parallel, activation checkpointing, torch.compile per block];
-3. data parallel last, because FSDP2 shards whatever parameters it finds (plain or TP DTensors):
+   parameters into DTensors on the "tp" mesh, which the later passes then wrap; float8 tensorwise
+   linears get torchao's float8-aware styles;
+2. [later: context parallel];
+3. activation checkpointing: wraps each block, so compile traces the recomputation too;
+4. torch.compile per block (fullgraph), on the (checkpoint-wrapped) TP block;
+5. data parallel last, because FSDP2 shards whatever parameters it finds (plain or TP DTensors):
    FSDP / HSDP (fully_shard per block, then [norm, output], then the root), or DDP (replicate)
-   when the only data-parallel dim is dp_replicate.
+   when the only data-parallel dim is dp_replicate. Its hooks wrap the compiled blocks from outside.
 
 The model arrives on the meta device and leaves on it; the trainer then calls
 `model.to_empty(device=...)` and `model.init_weights(seed)` under no_grad.
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import logging
 
-from torchtitan_like.config.schema import Parallelism, Training
+from torchtitan_like.config.schema import ActivationCheckpoint, Compile, Parallelism, Training
+from torchtitan_like.distributed.activation_checkpoint import apply_ac
+from torchtitan_like.distributed.compile import apply_compile
 from torchtitan_like.distributed.fsdp import apply_ddp, apply_fsdp
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.tensor_parallel import apply_tp
 from torchtitan_like.distributed.utils import param_dtype, reduce_dtype
+from torchtitan_like.errors import ConfigError
 from torchtitan_like.models.llama3.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -32,8 +39,20 @@ def parallelize_llama(
     parallelism: Parallelism,
     training: Training,
     device_type: str,
+    activation_checkpoint: ActivationCheckpoint | None = None,
+    compile_config: Compile | None = None,
+    float8_tensorwise: bool = False,
 ) -> Transformer:
-    """Apply TP then data parallelism to `model` in place (the mesh must be built); returns it."""
+    """Apply TP, AC, compile, then data parallelism to `model` in place (the mesh must be built); returns it.
+
+    float8_tensorwise: the float8 converter swapped the linears with the tensorwise recipe, so TP
+    uses torchao's float8-aware styles for them.
+    """
+    if parallelism.enable_async_tensor_parallel and device_type != "cuda":
+        raise ConfigError(
+            f"parallelism.enable_async_tensor_parallel=true needs CUDA (symmetric memory), not {device_type}: "
+            "set it to false"
+        )
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         assert tp_mesh is not None
@@ -42,7 +61,13 @@ def parallelize_llama(
             tp_mesh,
             loss_parallel=parallel_dims.loss_parallel_enabled,
             async_tp=parallelism.enable_async_tensor_parallel,
+            float8=float8_tensorwise,
         )
+
+    if activation_checkpoint is not None:
+        apply_ac(model, activation_checkpoint)
+    if compile_config is not None and compile_config.enable and "model" in compile_config.components:
+        apply_compile(model, backend=compile_config.backend)
 
     mp = {
         "param_dtype": param_dtype(training.mixed_precision_param, device_type),

@@ -1,0 +1,447 @@
+"""Training throughput of one named config: N timed steps after warm-up, optionally beside torchtitan.
+
+    python benchmarks/bench_train.py --list
+    python benchmarks/bench_train.py --name 1B_compile_f8_rowwise                # ours only
+    python benchmarks/bench_train.py --name 1B_compile_f8_rowwise --peer-site /tmp/site   # + torchtitan
+    python benchmarks/bench_train.py --matrix --peer-site /tmp/site              # the whole matrix
+    python benchmarks/bench_train.py --name debug_cpu --steps 3 --warmup 1      # smoke run on CPU
+
+Each run is a fresh `torchrun --standalone --nproc_per_node=NGPU` process (clean memory, its own
+compile), training on synthetic tokens, with checkpoints off and one metrics log at the end. Every
+train step is timed between two device synchronizations; the first `--warmup` steps (compile,
+allocator warm-up) are dropped. Printed and written as JSON (one file per run, plus summary.json):
+
+- tokens/s per device (tokens of one device's step / median step time; the mean too);
+- TFLOPS per device and MFU, two ways: the NeMo formula `model_flops_per_token(args, seq)` (what
+  torchtitan and Megatron report), and the causal-discounted one (causal=True: the attention score
+  work halved, what causal kernels actually do); MFU against the device's dense bf16 peak (float8
+  runs too, the usual convention);
+- peak memory (GPU: max allocated and reserved; CPU: peak RSS);
+- step time min / median / max / mean / std.
+
+Side by side (`--peer-site DIR`, where `shared/gpu/fetch_wheels.sh --peer` installs torchtitan
+0.2.2): the same shape, batch, sequence and features run in torchtitan through
+benchmarks/torchtitan_peer.py, timed the same way, and the ratio ours / torchtitan is reported
+with the torchtitan version that ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark row: a model shape and the features it trains with (ours and torchtitan alike)."""
+
+    flavor: str
+    seq_len: int
+    local_batch_size: int = 1
+    compile: bool = False
+    float8: str | None = None
+    """float8 recipe (tensorwise, rowwise, rowwise_with_gw_hp) or None for bf16."""
+    ac: str = "none"
+    """none, full, selective_op or selective_N (every N-th block)."""
+    dtype: str = "bfloat16"
+    """training.mixed_precision_param (float32 for the CPU smoke runs)."""
+    extra: tuple[str, ...] = field(default=())
+    """More overrides for our trainer only (not mirrored to torchtitan)."""
+
+    def features(self) -> str:
+        parts = ["compile" if self.compile else "eager", self.dtype]
+        if self.float8:
+            parts.append(f"float8 {self.float8}")
+        if self.ac != "none":
+            parts.append(f"AC {self.ac}")
+        return ", ".join(parts)
+
+    def _ac_args(self) -> list[str]:
+        if self.ac == "none" or self.ac == "full":
+            return ["--activation_checkpoint.mode", self.ac]
+        option = self.ac.removeprefix("selective_")
+        return ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", option]
+
+    def ours_args(self, *, steps: int, dump: str) -> list[str]:
+        args = [
+            "--model.flavor", self.flavor,
+            "--training.seq_len", str(self.seq_len),
+            "--training.local_batch_size", str(self.local_batch_size),
+            "--training.steps", str(steps),
+            "--training.dataset", "synthetic",
+            "--training.mixed_precision_param", self.dtype,
+            "--lr_scheduler.warmup_steps", "1",
+            "--metrics.log_freq", str(steps),
+            "--metrics.no_enable_tensorboard",
+            "--job.dump_folder", dump,
+            *self._ac_args(),
+        ]
+        if self.compile:
+            args += ["--compile.enable", "--compile.components", "model,loss"]
+        if self.float8:
+            args += ["--model.converters", "float8", "--quantize.linear.float8.recipe_name", self.float8]
+        return args + list(self.extra)
+
+    def peer_args(self, *, steps: int, dump: str) -> list[str]:
+        """torchtitan 0.2.2's CLI for the same run (its TOML schema is ours; its defaults are not)."""
+        args = [
+            "--model.name", "llama3_bench",  # torchtitan's llama3 spec + our flavors + synthetic data (torchtitan_peer.py)
+            "--model.flavor", self.flavor,
+            "--training.seq_len", str(self.seq_len),
+            "--training.local_batch_size", str(self.local_batch_size),
+            "--training.steps", str(steps),
+            "--training.mixed_precision_param", self.dtype,
+            "--lr_scheduler.warmup_steps", "1",
+            "--metrics.log_freq", str(steps),
+            "--job.dump_folder", dump,
+            *self._ac_args(),  # explicit: torchtitan's default is selective AC every 2nd block
+        ]
+        if self.compile:
+            args += ["--compile.enable", "--compile.components", "model,loss"]
+        if self.float8:
+            # torchtitan's filter_fqns defaults to nothing; ours to ["output"]: say it.
+            args += ["--model.converters", "quantize.linear.float8",
+                     "--quantize.linear.float8.recipe_name", self.float8,
+                     "--quantize.linear.float8.filter_fqns", "output"]
+        return args
+
+
+_1B = BenchConfig(flavor="1B", seq_len=8192)
+# The 8B-width slice needs activation checkpointing to fit at seq 8192 on 80 GB (an estimate: weights,
+# grads and AdamW state of 2.8B params are ~45 GB); selective op AC first, `--ac full` if it OOMs.
+_8B = BenchConfig(flavor="8B_slice8", seq_len=8192, ac="selective_op")
+
+CONFIGS: dict[str, BenchConfig] = {
+    "1B_eager_bf16": _1B,
+    "1B_compile_bf16": replace(_1B, compile=True),
+    "1B_compile_f8_rowwise": replace(_1B, compile=True, float8="rowwise"),
+    "1B_compile_f8_tensorwise": replace(_1B, compile=True, float8="tensorwise"),
+    "8B_slice8_eager_bf16": _8B,
+    "8B_slice8_compile_bf16": replace(_8B, compile=True),
+    "8B_slice8_compile_f8_rowwise": replace(_8B, compile=True, float8="rowwise"),
+    "8B_slice8_compile_f8_tensorwise": replace(_8B, compile=True, float8="tensorwise"),
+    # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
+    "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
+    "debug_cpu_compile_f8": BenchConfig(
+        flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32", compile=True, float8="tensorwise"
+    ),
+}
+MATRIX = [name for name in CONFIGS if not name.startswith("debug_")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing (shared with torchtitan_peer.py)
+# ------------------------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Wraps a train-step callable: device sync before and after, wall time and peak memory per step."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._sync()
+            self.times.append(time.perf_counter() - t0)
+            self._sample_memory()
+            return out
+
+        return timed
+
+    def _sample_memory(self) -> None:
+        # Sampled after every step: the trainers' own metrics reset the CUDA peaks when they log.
+        import torch
+
+        if self.device.type == "cuda":
+            self.peak_allocated = max(self.peak_allocated, torch.cuda.max_memory_allocated(self.device))
+            self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved(self.device))
+        else:
+            from torchtitan_like.components.metrics import cpu_memory
+
+            self.peak_allocated = self.peak_reserved = max(self.peak_reserved, int(cpu_memory().secondary_gib * 2**30))
+
+    def raw(self) -> dict[str, Any]:
+        import torch
+
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "step_times_s": self.times,
+            "peak_allocated_bytes": self.peak_allocated,
+            "peak_reserved_bytes": self.peak_reserved,
+            "device": device_name,
+            "device_type": self.device.type,
+            "torch": torch.__version__,
+        }
+
+
+def summarize(raw: dict[str, Any], cfg: BenchConfig, *, warmup: int, world_size: int) -> dict[str, Any]:
+    """Throughput, FLOPS, MFU, memory and step-time spread from one run's raw timings."""
+    import torch
+
+    from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
+    from torchtitan_like.models import MODELS
+
+    times = raw["step_times_s"][warmup:]
+    if not times:
+        raise SystemExit(f"no timed steps: {len(raw['step_times_s'])} steps ran, warm-up is {warmup}")
+    median = statistics.median(times)
+    tokens = cfg.local_batch_size * cfg.seq_len  # one device's tokens per step (data parallel only)
+    tps = tokens / median
+    args = MODELS["llama3"].flavors[cfg.flavor]
+    flops = {
+        "nemo": model_flops_per_token(args, cfg.seq_len, causal=False),
+        "causal": model_flops_per_token(args, cfg.seq_len, causal=True),
+    }
+    peak = None
+    if raw["device_type"] == "cuda":
+        peak = peak_tflops(torch.device("cuda", 0), "bf16")
+    tflops = {k: tps * f / 1e12 for k, f in flops.items()}
+    gib = 2**30
+    return {
+        "device": raw["device"],
+        "world_size": world_size,
+        "timed_steps": len(times),
+        "warmup_steps": warmup,
+        "tokens_per_step_per_device": tokens,
+        "tokens_per_s_per_device": tps,
+        "tokens_per_s_per_device_mean": tokens * len(times) / sum(times),
+        "flops_per_token": flops,
+        "tflops_per_device": tflops,
+        "peak_bf16_tflops": peak,
+        "mfu_pct": {k: (None if peak is None else 100 * v / peak) for k, v in tflops.items()},
+        "peak_memory_gib": {"allocated": raw["peak_allocated_bytes"] / gib, "reserved": raw["peak_reserved_bytes"] / gib},
+        "step_time_s": {
+            "min": min(times),
+            "median": median,
+            "max": max(times),
+            "mean": statistics.fmean(times),
+            "std": statistics.stdev(times) if len(times) > 1 else 0.0,
+        },
+        "first_step_s": raw["step_times_s"][0],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: our trainer, inside torchrun
+# ------------------------------------------------------------------------------------------------
+
+
+def run_ours(cfg: BenchConfig, *, steps: int, out: Path) -> None:
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as dump:
+        trainer = Trainer(load_config(cfg.ours_args(steps=steps, dump=dump)))
+        timer = StepTimer(trainer.device)
+        trainer.train_step = timer.wrap(trainer.train_step)  # type: ignore[method-assign]
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    if trainer.rank != 0:
+        return
+    raw = timer.raw()
+    raw.update(
+        implementation="torchtitan_like",
+        version=_git_version(),
+        torchao=_version("torchao"),
+        compile_s=trainer.compile_monitor.compile_s if trainer.compile_monitor else None,
+        recompiles=trainer.compile_monitor.recompiles if trainer.compile_monitor else None,
+        final_loss=trainer.history[-1]["loss"] if trainer.history else None,
+        world_size=trainer.world_size,
+    )
+    out.write_text(json.dumps(raw, indent=1))
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------
+
+
+def _torchrun(ngpu: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ngpu}"]
+
+
+def _launch(cmd: list[str], *, env: dict[str, str], log: Path) -> int:
+    print(f"$ {' '.join(cmd)}", flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        print(f"  failed (exit {proc.returncode}); last lines of {log}:\n    " + "\n    ".join(tail), flush=True)
+    return proc.returncode
+
+
+def bench_one(name: str, cfg: BenchConfig, a: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    total = a.warmup + a.steps
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    result: dict[str, Any] = {"name": name, "config": asdict(cfg), "features": cfg.features()}
+
+    ours_raw = out_dir / f"{name}.ours.raw.json"
+    cmd = [*_torchrun(a.ngpu), str(Path(__file__).resolve()), "--worker", "--name", name, "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--raw-out", str(ours_raw), *(["--ac", a.ac] if a.ac else [])]
+    if _launch(cmd, env=env, log=out_dir / f"{name}.ours.log") == 0:
+        raw = json.loads(ours_raw.read_text())
+        result["ours"] = {**summarize(raw, cfg, warmup=a.warmup, world_size=raw["world_size"]),
+                          "version": raw["version"], "torch": raw["torch"], "torchao": raw["torchao"],
+                          "compile_s": raw["compile_s"], "recompiles": raw["recompiles"], "final_loss": raw["final_loss"]}
+    else:
+        result["ours"] = {"error": f"see {name}.ours.log"}
+
+    if a.peer_site:
+        peer_raw = out_dir / f"{name}.torchtitan.raw.json"
+        peer_env = dict(env, PYTHONPATH=os.pathsep.join([a.peer_site, env["PYTHONPATH"]]))
+        with tempfile.TemporaryDirectory() as dump:
+            cmd = [*_torchrun(a.ngpu), str(ROOT / "benchmarks" / "torchtitan_peer.py"), "--raw-out", str(peer_raw),
+                   "--", *cfg.peer_args(steps=total, dump=dump)]
+            rc = _launch(cmd, env=peer_env, log=out_dir / f"{name}.torchtitan.log")
+        if rc == 0:
+            raw = json.loads(peer_raw.read_text())
+            result["torchtitan"] = {**summarize(raw, cfg, warmup=a.warmup, world_size=raw["world_size"]),
+                                    "version": raw["version"], "torch": raw["torch"], "torchao": raw["torchao"],
+                                    "final_loss": raw["final_loss"]}
+        else:
+            result["torchtitan"] = {"error": f"see {name}.torchtitan.log"}
+        ours, peer = result.get("ours", {}), result["torchtitan"]
+        if "error" not in ours and "error" not in peer:
+            result["ratio_ours_over_torchtitan"] = {
+                "tokens_per_s": ours["tokens_per_s_per_device"] / peer["tokens_per_s_per_device"],
+                "peak_memory_reserved": ours["peak_memory_gib"]["reserved"] / max(peer["peak_memory_gib"]["reserved"], 1e-9),
+            }
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return format(v, spec)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ("| run | impl | tokens/s/device | TFLOPS (NeMo / causal) | MFU % (NeMo / causal) | peak mem GiB "
+            "(alloc / reserved) | step s (min / median / max / std) | ours/tt |")
+    lines = [head, "|" + "---|" * 8]
+    for r in results:
+        for impl in ("ours", "torchtitan"):
+            m = r.get(impl)
+            if m is None:
+                continue
+            if "error" in m:
+                lines.append(f"| {r['name']} | {impl} | {m['error']} | | | | | |")
+                continue
+            st = m["step_time_s"]
+            ratio = r.get("ratio_ours_over_torchtitan", {}).get("tokens_per_s") if impl == "ours" else None
+            label = impl if impl == "ours" else f"torchtitan {m['version']}"
+            lines.append(
+                f"| {r['name']} | {label} | {_fmt(m['tokens_per_s_per_device'], ',.0f')} | "
+                f"{_fmt(m['tflops_per_device']['nemo'])} / {_fmt(m['tflops_per_device']['causal'])} | "
+                f"{_fmt(m['mfu_pct']['nemo'])} / {_fmt(m['mfu_pct']['causal'])} | "
+                f"{_fmt(m['peak_memory_gib']['allocated'])} / {_fmt(m['peak_memory_gib']['reserved'])} | "
+                f"{_fmt(st['min'], '.3f')} / {_fmt(st['median'], '.3f')} / {_fmt(st['max'], '.3f')} / "
+                f"{_fmt(st['std'], '.3f')} | {_fmt(ratio, '.3f')} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", help="a named config (see --list)")
+    p.add_argument("--matrix", action="store_true", help="run every GPU config: " + ", ".join(MATRIX))
+    p.add_argument("--list", action="store_true", help="list the named configs")
+    p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first: compile, allocator (default 5)")
+    p.add_argument("--ngpu", type=int, default=1, help="processes (GPUs) per run (default 1)")
+    p.add_argument("--ac", choices=["none", "full", "selective_op", "selective_2"],
+                   help="override the config's activation checkpointing (e.g. full if a run OOMs)")
+    p.add_argument("--peer-site", help="folder holding torchtitan 0.2.2 (fetch_wheels.sh --peer): run it side by side")
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench"), help="folder for the JSON and logs (default outputs/bench)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--raw-out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+
+    if a.list:
+        for name, cfg in CONFIGS.items():
+            print(f"{name:34s} {cfg.flavor:10s} seq {cfg.seq_len:5d} batch {cfg.local_batch_size}  {cfg.features()}")
+        return 0
+    names = MATRIX if a.matrix else [a.name] if a.name else []
+    if not names:
+        p.error("give --name NAME, --matrix or --list")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown config {unknown[0]!r}; see --list")
+
+    if a.worker:
+        cfg = CONFIGS[a.name]
+        if a.ac:
+            cfg = replace(cfg, ac=a.ac)
+        run_ours(cfg, steps=a.warmup + a.steps, out=Path(a.raw_out))
+        return 0
+
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        cfg = CONFIGS[name] if not a.ac else replace(CONFIGS[name], ac=a.ac)
+        print(f"== {name}: {cfg.flavor}, seq {cfg.seq_len}, batch {cfg.local_batch_size}, {cfg.features()}", flush=True)
+        results.append(bench_one(name, cfg, a, out_dir))
+        print(table(results[-1:]), flush=True)
+    summary = {"runs": results, "table": table(results)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + summary["table"])
+    print(f"\nJSON: {out_dir}/<name>.json and {out_dir}/summary.json")
+    failed = [r["name"] for r in results if any("error" in r.get(k, {}) for k in ("ours", "torchtitan"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

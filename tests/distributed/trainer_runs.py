@@ -1,0 +1,129 @@
+"""The real Trainer on N ranks, for parity and resume tests: one rank function, the layouts, the config.
+
+    ranks = run_on_ranks(train_run, world_size=4, tmp_path=tmp_path, args=(trainer_argv(dump, "fsdp2xtp2"),))
+    ranks[0]["history"], ranks[0]["params"]
+
+Every run is the debug model in fp32 with deterministic algorithms, seq_len 64 and a global batch of
+8 sequences, so every layout trains on the same global batches (the loader deals them out
+independently of the layout) and must give the same training. A layout only says how the batch is
+split: `local_batch_size` per layout, with gradient accumulation where it is smaller than the
+layout's share of the global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 20
+
+# name: (world size, CLI overrides). Global batch 8 everywhere; "accumulates" = microbatches per step.
+LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "one": (1, ("--training.local_batch_size", "8")),
+    # FSDP(2) and DDP(2) take 2 microbatches of 2 per rank: accumulation under data parallelism.
+    "fsdp2": (2, ("--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", "2")),
+    "fsdp4": (4, ("--parallelism.data_parallel_shard_degree", "4", "--training.local_batch_size", "2")),
+    "hsdp2x2": (
+        4,
+        (
+            "--parallelism.data_parallel_replicate_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--training.local_batch_size", "2",
+        ),
+    ),
+    "ddp2": (
+        2,
+        (
+            "--parallelism.data_parallel_replicate_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--training.local_batch_size", "2",
+        ),
+    ),
+    "tp2": (
+        2,
+        (
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "8",
+        ),
+    ),
+    "fsdp2xtp2": (
+        4,
+        (
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "4",
+        ),
+    ),
+}
+
+
+def trainer_argv(dump_folder: Path, layout: str, *overrides: str, steps: int = STEPS) -> list[str]:
+    """The command line (as run_train.sh passes it) of a debug-model run under `layout`."""
+    _, layout_args = LAYOUTS[layout]
+    return [
+        "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml"),
+        "--job.dump_folder", str(dump_folder),
+        "--training.seq_len", "64",
+        "--training.global_batch_size", "8",
+        "--training.steps", str(steps),
+        "--metrics.no_enable_tensorboard",
+        "--debug.deterministic",
+        *layout_args,
+        *overrides,
+    ]
+
+
+class SimulatedCrash(Exception):
+    """Raised inside train_step at the step a run is told to die at."""
+
+
+def full_params(model_parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every parameter as a whole plain tensor (a collective under DTensor: call it on every rank)."""
+    out = {}
+    for part in model_parts:
+        for name, p in part.named_parameters():
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name] = t.detach().clone()
+    return out
+
+
+def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
+    """Rank function: build a Trainer from `argv` (resuming if its dump folder holds a checkpoint) and
+    train. With `crash_at_step`, the step of that number raises SimulatedCrash before it touches any
+    weight or collective, on every rank: the process then ends as after a crash (close() runs, as in
+    train.main's `finally`), with the checkpoints written before it.
+
+    Returns {"history", "crashed"} on every rank, plus "params" (full, after the run) on rank 0 when
+    the run did not crash.
+    """
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import Trainer
+
+    trainer = Trainer(load_config(argv))
+    if crash_at_step is not None:
+        train_step = trainer.train_step
+
+        def crashing_train_step(batches):
+            if trainer.step == crash_at_step:
+                raise SimulatedCrash(f"simulated crash at step {crash_at_step}")
+            return train_step(batches)
+
+        trainer.train_step = crashing_train_step
+    crashed = False
+    try:
+        trainer.train()
+    except SimulatedCrash:
+        crashed = True
+    finally:
+        trainer.close()
+    out: dict = {"history": trainer.history, "crashed": crashed}
+    if not crashed:
+        params = full_params(trainer.model_parts)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            out["params"] = params
+    return out

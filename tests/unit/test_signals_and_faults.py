@@ -1,0 +1,129 @@
+"""Pre-emption, fault injection and restart bookkeeping in one process (the torchrun paths are in
+tests/integration/test_preemption.py and test_failures.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtitan_like import train
+from torchtitan_like.components.metrics import MetricsLogger
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.config.schema import Metrics
+from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.trainer import InjectedFault, Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def argv(dump: Path, *overrides: str) -> list[str]:
+    return [
+        "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
+        "--job.dump_folder", str(dump),
+        "--training.seq_len", "32",
+        "--training.local_batch_size", "2",
+        "--training.steps", "6",
+        "--metrics.no_enable_tensorboard",
+        *overrides,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_exit_status_is_the_same_everywhere():
+    assert train.EXIT_PREEMPTED == EXIT_PREEMPTED == 75
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_watcher_records_the_signal_and_restores_the_handler(sig):
+    before = signal.getsignal(sig)
+    watcher = PreemptionWatcher()
+    watcher.install()
+    try:
+        assert watcher.agreed_signal(torch.device("cpu")) is None
+        os.kill(os.getpid(), sig)  # handled (not fatal) while installed
+        assert watcher.received == sig
+        assert watcher.agreed_signal(torch.device("cpu")) == sig
+    finally:
+        watcher.restore()
+    assert signal.getsignal(sig) == before
+
+
+def signal_self_at(monkeypatch, step: int, sig: signal.Signals) -> None:
+    """Make the trainer's `step`-th train_step send `sig` to this process (as a scheduler would)."""
+    original = Trainer.train_step
+
+    def train_step(self, batches):
+        out = original(self, batches)
+        if self.step == step:
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_sigterm_stops_at_the_step_boundary_with_a_full_checkpoint(tmp_path, monkeypatch, capsys):
+    signal_self_at(monkeypatch, 2, signal.SIGTERM)
+    code = train.main(argv(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "4"))
+    assert code == EXIT_PREEMPTED
+    out = capsys.readouterr().out
+    assert "pre-empted by SIGTERM: every rank stopped after step 2; checkpoint step-2 saved (full state)" in out
+    manifest = json.loads((tmp_path / "checkpoint" / "step-2" / "manifest.json").read_text())
+    assert manifest["model_only"] is False and "optimizer" in manifest["contents"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are back after train()
+
+
+def test_a_signal_in_the_last_step_is_an_ordinary_finish(tmp_path, monkeypatch):
+    signal_self_at(monkeypatch, 6, signal.SIGUSR1)
+    assert train.main(argv(tmp_path)) == 0
+
+
+def test_without_checkpointing_the_stop_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    signal_self_at(monkeypatch, 1, signal.SIGUSR1)
+    assert train.main(argv(tmp_path)) == EXIT_PREEMPTED
+    assert "pre-empted by SIGUSR1: every rank stopped after step 1; checkpoint.enable=false, so nothing was saved" in (
+        capsys.readouterr().out
+    )
+
+
+def test_fail_at_step_raises_on_the_named_rank(tmp_path):
+    trainer = Trainer(load_config(argv(tmp_path, "--debug.fail_at_step", "3", "--debug.fail_rank", "0")))
+    try:
+        with pytest.raises(InjectedFault, match="debug.fail_at_step=3: injected failure on rank 0"):
+            trainer.train()
+    finally:
+        trainer.close()
+    assert [h["step"] for h in trainer.history] == [1, 2]
+
+
+def test_fail_rank_outside_the_world_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"debug.fail_rank=1 is not a rank of this world of 1: use -1 \(every rank\) or 0..0"):
+        Trainer(load_config(argv(tmp_path, "--debug.fail_at_step", "2", "--debug.fail_rank", "1")))
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+    metrics = MetricsLogger(
+        Metrics(), str(tmp_path), enabled=True, flops_per_token=1.0, peak_flops_per_s=None,
+        device=torch.device("cpu"), world_size=1,
+    )
+    for step in range(1, 6):
+        metrics.log(step, loss=1.0, grad_norm=1.0, lr=1.0, tokens=1, elapsed_s=1.0, data_wait_s=0.0, steps=1)
+    assert metrics.drop_after(3) == 2
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert metrics.drop_after(3) == 0

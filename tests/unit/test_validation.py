@@ -1,0 +1,138 @@
+"""[validation] in one process: held-out data, the metrics it adds, and that training does not notice it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtitan_like.components.loss import cross_entropy_sum
+from torchtitan_like.components.validation import HeldOutEmbeddedSource
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.data.sources import EmbeddedSource
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+VALIDATION = (
+    "--validation.enable", "--validation.freq", "2", "--validation.steps", "2",
+    "--validation.seq_len", "32", "--validation.local_batch_size", "2",
+)
+
+
+def argv(dump: Path, *overrides: str) -> list[str]:
+    return [
+        "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
+        "--job.dump_folder", str(dump),
+        "--training.seq_len", "32",
+        "--training.local_batch_size", "2",
+        "--training.steps", "4",
+        "--metrics.log_freq", "3",
+        "--metrics.no_enable_tensorboard",
+        "--debug.deterministic",
+        *overrides,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def run(dump: Path, *overrides: str) -> Trainer:
+    trainer = Trainer(load_config(argv(dump, *overrides)))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def test_embedded_validation_data_is_held_out_from_training():
+    held_out = set(HeldOutEmbeddedSource(seed=0).files)
+    assert held_out and held_out.isdisjoint(EmbeddedSource(seed=0).files)
+
+
+def test_validation_adds_val_loss_and_leaves_training_alone(tmp_path):
+    plain = run(tmp_path / "plain")
+    validated = run(tmp_path / "validated", *VALIDATION)
+    # The training stream, its position and the weights are untouched: the same losses, the same
+    # loader state to checkpoint.
+    assert [h["loss"] for h in validated.history] == [h["loss"] for h in plain.history]
+    assert validated.dataloader.state_dict() == plain.dataloader.state_dict()
+    assert all(m.training for m in validated.model_parts)  # train mode is back after each validation
+
+    rows = [json.loads(line) for line in (tmp_path / "validated" / "metrics.jsonl").read_text().splitlines()]
+    # log_freq 3 logs step 3 and the last step; validation adds its own rows at steps 2 and 4.
+    assert [r["step"] for r in rows] == [2, 3, 4]
+    with_val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in with_val] == [2, 4]
+    for r in with_val:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert 0 < r["val_loss"] < 10  # ln(vocab 2000) = 7.6 at init
+    assert "val_loss" not in rows[1]
+
+
+def test_validation_loss_is_the_mean_token_loss_of_the_held_out_batches(tmp_path):
+    trainer = Trainer(load_config(argv(tmp_path, *VALIDATION)))
+    try:
+        got = trainer.validator.validate(trainer.model_parts)
+        model = trainer.model_parts[0]
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for i, (inputs, labels) in enumerate(trainer.validator.dataset):
+                if i == 2:
+                    break
+                total += float(cross_entropy_sum(model(inputs), labels))
+                tokens += labels.numel()
+    finally:
+        trainer.close()
+    assert got["val_loss"] == pytest.approx(total / tokens, rel=1e-6)
+    assert got["val_ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("--validation.dataset", "local"), "validation.dataset='local' needs validation.dataset_path"),
+        (("--validation.dataset", "synthetic"), "validation.steps=-1 (the whole dataset) would never finish"),
+        (("--validation.seq_len", "64"), "validation.seq_len=64 exceeds training.seq_len (the model's RoPE length)=32"),
+        (("--validation.steps", "0"), "validation.steps=0 is out of range: must be -1 (the whole dataset) or >= 1"),
+        (("--validation.freq", "0"), "validation.freq=0 is out of range: must be >= 1"),
+        (("--validation.local_batch_size", "0"), "validation.local_batch_size=0 is out of range: must be >= 1"),
+    ],
+)
+def test_validation_config_errors(tmp_path, overrides, message):
+    base = ("--validation.enable", "--validation.seq_len", "32")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(argv(tmp_path, *base, *overrides))
+
+
+def test_validation_seq_len_follows_the_sequence_parallel_rule():
+    from torchtitan_like.components.validation import check_layout
+    from torchtitan_like.config.schema import Validation
+
+    check_layout(Validation(seq_len=32), tp=2, cp=1)
+    with pytest.raises(ConfigError, match=r"validation.seq_len=30 must be divisible by tensor_parallel_degree\(2\) x 2"):
+        check_layout(Validation(seq_len=30), tp=2, cp=1)
+
+
+def test_a_validation_set_smaller_than_one_batch_is_a_data_error(tmp_path):
+    from torchtitan_like.errors import DataError
+
+    data = tmp_path / "tiny.jsonl"
+    data.write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    trainer = Trainer(load_config(argv(
+        tmp_path, *VALIDATION, "--validation.dataset", "local", "--validation.dataset_path", str(data),
+        "--validation.steps", "-1",
+    )))
+    try:
+        with pytest.raises(DataError, match="validation: the local dataset holds less than one global batch"):
+            trainer.validator.validate(trainer.model_parts)
+    finally:
+        trainer.close()

@@ -1,0 +1,181 @@
+"""Float8 training through torchao: a model converter, applied to the meta model before any parallelism.
+
+`model.converters = ["float8"]` (or its torchtitan name "quantize.linear.float8") swaps the
+`nn.Linear` layers that pass the filter for torchao's `Float8Linear`; the keys live under
+`[quantize.linear.float8]`. Nothing here implements float8 itself: scaling, casts and the
+`torch._scaled_mm` matmuls are torchao's.
+
+- recipes: tensorwise (one dynamic scale per tensor), rowwise (one per row, power-of-two scales)
+  and rowwise_with_gw_hp (rowwise, with the weight gradient computed in high precision);
+- filter_fqns: names (substrings) of linears to keep in high precision, `output` by default; the
+  entry "auto_filter_small_kn" adds torchao's shape-based filter (linears too small to gain, or
+  with a dimension not divisible by 16);
+- FSDP float8 all-gather (tensorwise): FSDP gathers the float8 weights, half the bytes of bf16;
+  with precompute_float8_dynamic_scale_for_fsdp the trainer calls `post_optimizer_step` after each
+  optimizer step, which computes every weight's scale in one all-reduce;
+- emulate: the float8 casts happen, the matmuls run in high precision (devices without float8).
+
+rowwise_with_gw_hp cannot train under torch.autocast (bf16 parameters without FSDP or DDP): torchao
+computes its high-precision weight gradient from the fp32 input and a bf16 gradient. The converter
+says so before training instead of failing at the first backward.
+
+Hardware: CUDA needs compute capability >= 8.9 (Ada, Hopper or newer) for float8 matmuls; on an
+older GPU the converter stops with a ConfigError unless emulate is set. It never silently trains in
+bf16. On CPU torch._scaled_mm exists, so float8 runs (slowly) for real.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from functools import partial
+
+import torch
+from torch import nn
+
+from torchtitan_like.config.schema import Float8
+from torchtitan_like.distributed.parallel_dims import ParallelDims
+from torchtitan_like.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONVERTER_NAMES = ("float8", "quantize.linear.float8")
+"""The names of this converter in model.converters (ours, and torchtitan's)."""
+AUTO_FILTER = "auto_filter_small_kn"
+"""The filter_fqns entry that turns on torchao's shape-based filter (torchtitan's name)."""
+_MIN_CAPABILITY = (8, 9)
+
+
+def float8_requested(converters: list[str]) -> bool:
+    return any(name in CONVERTER_NAMES for name in converters)
+
+
+def check_float8_device(device: torch.device, *, emulate: bool) -> None:
+    """Stop with a ConfigError when `device` cannot run float8 matmuls and emulate is off."""
+    if emulate or device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"float8 training is not supported on device {device}: run on CUDA with compute capability >= 8.9, on "
+            "CPU, or set quantize.linear.float8.emulate=true (or remove float8 from model.converters)"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) < _MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"float8 training needs a GPU with compute capability >= 8.9 (Ada, Hopper or newer), but {device} is "
+            f"{name} (compute capability {capability[0]}.{capability[1]}): set quantize.linear.float8.emulate=true "
+            "to run float8 numerics in high precision (for testing), or remove float8 from model.converters"
+        )
+
+
+def _name_filter(module: nn.Module, fqn: str, *, filter_fqns: list[str]) -> bool:
+    """Convert every nn.Linear whose name contains none of filter_fqns."""
+    return isinstance(module, nn.Linear) and not any(f in fqn for f in filter_fqns)
+
+
+class Float8Converter:
+    """Swaps nn.Linear for torchao's Float8Linear; checks the config against the device and layout."""
+
+    def __init__(
+        self, cfg: Float8, *, parallel_dims: ParallelDims, device: torch.device, param_dtype: torch.dtype = torch.float32
+    ) -> None:
+        """param_dtype: the resolved training.mixed_precision_param (bf16 without FSDP/DDP means autocast)."""
+        from torchao.float8 import Float8LinearConfig
+
+        check_float8_device(device, emulate=cfg.emulate)
+        if cfg.enable_fsdp_float8_all_gather and not parallel_dims.fsdp_enabled:
+            raise ConfigError(
+                "quantize.linear.float8.enable_fsdp_float8_all_gather=true needs FSDP (parameters sharded over "
+                f"data_parallel_shard_degree > 1; this layout has {parallel_dims.dp_shard}): set it to false or "
+                "shard the model"
+            )
+        autocast = param_dtype != torch.float32 and not (parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled)
+        if cfg.recipe_name == "rowwise_with_gw_hp" and autocast:
+            # torchao (0.18) computes grad_weight from the saved fp32 input and the bf16 gradient, which
+            # fails at the first backward ("expected m1 and m2 to have the same dtype"); FSDP/DDP cast the
+            # parameters instead of autocasting, so the input is bf16 there.
+            raise ConfigError(
+                f'quantize.linear.float8.recipe_name="rowwise_with_gw_hp" cannot train under torch.autocast, which '
+                f"{str(param_dtype).removeprefix('torch.')} parameters without FSDP or DDP use: shard the model "
+                "(data_parallel_shard_degree > 1), use recipe_name rowwise or tensorwise, or set "
+                "training.mixed_precision_param=float32"
+            )
+        # The cross-key rules (recipe vs all-gather vs precompute) are in config/validate.py.
+        self.cfg = cfg
+        config = Float8LinearConfig.from_recipe_name(cfg.recipe_name)
+        self.torchao_config = replace(
+            config, enable_fsdp_float8_all_gather=cfg.enable_fsdp_float8_all_gather, emulate=cfg.emulate
+        )
+        names = [f for f in cfg.filter_fqns if f != AUTO_FILTER]
+        self.auto_filter = AUTO_FILTER in cfg.filter_fqns
+        if self.auto_filter:
+            if cfg.recipe_name == "rowwise_with_gw_hp":
+                raise ConfigError(
+                    f'quantize.linear.float8.filter_fqns has "{AUTO_FILTER}", which torchao does not support for '
+                    'recipe_name="rowwise_with_gw_hp": use tensorwise or rowwise, or list the layers to skip by name'
+                )
+            from torchao.float8 import _auto_filter_for_recipe
+
+            self.filter_fn = _auto_filter_for_recipe(cfg.recipe_name, filter_fqns=names)
+        else:
+            self.filter_fn = partial(_name_filter, filter_fqns=names)
+        self.precompute_scales = cfg.precompute_float8_dynamic_scale_for_fsdp
+
+    @property
+    def tensorwise(self) -> bool:
+        """Float8-aware tensor parallel styles apply (torchao supports them for tensorwise only)."""
+        return self.cfg.recipe_name == "tensorwise"
+
+    def convert(self, model: nn.Module) -> None:
+        """Swap the filtered nn.Linear layers of `model` (on any device, meta included), in place."""
+        from torchao.float8 import convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+
+        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        convert_to_float8_training(model, config=self.torchao_config, module_filter_fn=self.filter_fn)
+        swapped = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+        if not swapped:
+            raise ConfigError(
+                "model.converters has float8, but quantize.linear.float8.filter_fqns="
+                f"{self.cfg.filter_fqns!r} leaves no linear layer to convert: loosen the filter or remove float8"
+            )
+        logger.info(
+            "float8 (torchao, recipe %s%s): %d of %d linear layers converted%s%s%s",
+            self.cfg.recipe_name,
+            ", emulated in high precision" if self.cfg.emulate else "",
+            len(swapped),
+            linears,
+            f", filtered {self.cfg.filter_fqns}" if self.cfg.filter_fqns else "",
+            ", FSDP float8 all-gather" if self.cfg.enable_fsdp_float8_all_gather else "",
+            ", precomputed scales" if self.precompute_scales else "",
+        )
+
+    def post_optimizer_step(self, model_parts: list[nn.Module]) -> None:
+        """After optimizer.step(): compute the float8 scales of every FSDP-sharded weight, one all-reduce."""
+        if not self.precompute_scales:
+            return
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        for part in model_parts:
+            precompute_float8_dynamic_scale_for_fsdp(part)
+
+
+def build_float8_converter(
+    converters: list[str],
+    cfg: Float8,
+    *,
+    parallel_dims: ParallelDims,
+    device: torch.device,
+    param_dtype: torch.dtype = torch.float32,
+) -> Float8Converter | None:
+    """The float8 converter when model.converters asks for it, else None."""
+    if not float8_requested(converters):
+        return None
+    return Float8Converter(cfg, parallel_dims=parallel_dims, device=device, param_dtype=param_dtype)
+
+
+def is_float8_linear(module: nn.Module) -> bool:
+    from torchao.float8.float8_linear import Float8Linear
+
+    return isinstance(module, Float8Linear)

@@ -1,0 +1,192 @@
+"""[validation]: the loss and perplexity on held-out data, every `freq` steps, under any parallel layout.
+
+The validation data has its own dataset and iterator, restarted from the beginning at every
+validation: the training loader, its position and its checkpointed state are never touched. Global
+batches are dealt out to data-parallel ranks exactly as in training (layout-independent), each rank
+sums the token losses of its slice, and the sum and the token count are all-reduced over the loss
+group (dp x cp): val_loss = total token loss / total tokens, the same number as one process gets.
+The model runs under `torch.no_grad()` in eval mode, and each model part gets its mode back after.
+
+Held-out sources: `embedded` reads the standard library's own tests and tools (test/, idlelib/,
+lib2to3/, turtledemo/, whichever this Python has), which the training corpus leaves out;
+`synthetic` draws random tokens from another seed; `local` and `hf` read what they name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import sysconfig
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.data import IterableDataset
+
+from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
+from torchtitan_like.components.tokenizer import Tokenizer
+from torchtitan_like.config.schema import Validation
+from torchtitan_like.data.dataset import BatchLayout, PackedDataset, SyntheticDataset
+from torchtitan_like.data.sources import EMBEDDED_EXCLUDED_DIRS, DocumentSource, HFSource, LocalSource
+from torchtitan_like.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_DIRS = tuple(sorted(EMBEDDED_EXCLUDED_DIRS - {"site-packages", "__pycache__"}))
+"""Standard-library folders the embedded training corpus skips: the embedded validation set."""
+SYNTHETIC_SEED_OFFSET = 1_000_003
+"""Synthetic validation tokens come from seed + this, so they are not the training samples."""
+
+
+class HeldOutEmbeddedSource:
+    """The .py files under the standard library's HELD_OUT_DIRS, in one fixed (seeded) order."""
+
+    def __init__(self, seed: int) -> None:
+        self.root = Path(sysconfig.get_paths()["stdlib"])
+        files = []
+        for name in HELD_OUT_DIRS:
+            folder = self.root / name
+            if folder.is_dir():
+                files.extend(p.relative_to(self.root).as_posix() for p in folder.rglob("*.py"))
+        if not files:
+            raise DataError(
+                f"validation.dataset = 'embedded' reads the standard library's {', '.join(HELD_OUT_DIRS)} folders, "
+                f"and this Python has none of them under {self.root}: use validation.dataset = 'local' or 'synthetic'"
+            )
+        self.files = sorted(files)
+        random.Random(seed).shuffle(self.files)
+
+    def documents(self, epoch: int, start: int) -> Iterator[str]:
+        for rel in self.files[start:]:
+            try:
+                yield (self.root / rel).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                yield ""
+
+
+def build_validation_source(cfg: Validation, *, text_field: str, seed: int) -> DocumentSource:
+    if cfg.dataset == "embedded":
+        return HeldOutEmbeddedSource(seed)
+    if not cfg.dataset_path:
+        raise ConfigError(f"validation.dataset = {cfg.dataset!r} needs validation.dataset_path")
+    if cfg.dataset == "local":
+        return LocalSource(cfg.dataset_path, text_field)
+    if cfg.dataset == "hf":
+        return HFSource(cfg.dataset_path, cfg.dataset_split, text_field)
+    raise ConfigError(f"validation.dataset = {cfg.dataset!r} has no document source")
+
+
+def build_validation_dataset(
+    cfg: Validation,
+    *,
+    tokenizer: Tokenizer | None,
+    vocab_size: int,
+    text_field: str,
+    dp_rank: int,
+    dp_degree: int,
+    seed: int,
+) -> IterableDataset:
+    """Finite (except synthetic) dataset of this DP rank's (local_batch_size, seq_len) slices of
+    global batches of local_batch_size x dp_degree sequences."""
+    layout = BatchLayout(
+        global_batch_size=cfg.local_batch_size * dp_degree,
+        local_batch_size=cfg.local_batch_size,
+        dp_rank=dp_rank,
+        dp_degree=dp_degree,
+    )
+    if cfg.dataset == "synthetic":
+        return SyntheticDataset(seed=seed + SYNTHETIC_SEED_OFFSET, seq_len=cfg.seq_len, vocab_size=vocab_size, layout=layout)
+    assert tokenizer is not None, f"validation.dataset={cfg.dataset!r} needs a tokenizer"
+    source = build_validation_source(cfg, text_field=text_field, seed=seed)
+    return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)
+
+
+def check_layout(cfg: Validation, *, tp: int, cp: int) -> None:
+    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel."""
+    unit = tp * 2 * cp
+    if (tp > 1 or cp > 1) and cfg.seq_len % unit:
+        raise ConfigError(
+            f"validation.seq_len={cfg.seq_len} must be divisible by tensor_parallel_degree({tp}) x 2 x "
+            f"context_parallel_degree({cp}) = {unit}; try {-(-cfg.seq_len // unit) * unit}"
+        )
+
+
+class Validator:
+    """Runs validation every `cfg.freq` steps; `validate()` returns {"val_loss", "val_ppl"} on every rank."""
+
+    def __init__(
+        self,
+        cfg: Validation,
+        dataset: IterableDataset,
+        *,
+        device: torch.device,
+        loss_group: dist.ProcessGroup | None,
+        loss_context: Callable[[], contextlib.AbstractContextManager],
+        amp_context: Callable[[], contextlib.AbstractContextManager],
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.device = device
+        self.loss_group = loss_group
+        self.loss_context = loss_context
+        self.amp_context = amp_context
+
+    def should_run(self, step: int) -> bool:
+        return step % self.cfg.freq == 0
+
+    def validate(self, model_parts: Sequence[nn.Module]) -> dict[str, float]:
+        """Held-out loss (mean over every token of every global batch taken) and perplexity."""
+        t0 = time.perf_counter()
+        modes = [m.training for m in model_parts]
+        for m in model_parts:
+            m.eval()
+        try:
+            with torch.no_grad():
+                totals, batches = self._token_loss_sums(model_parts)
+        finally:
+            for m, mode in zip(model_parts, modes, strict=True):
+                m.train(mode)
+        loss_sum, n_tokens = totals.tolist()
+        if n_tokens == 0:
+            raise DataError(
+                f"validation: the {self.cfg.dataset} dataset holds less than one global batch of "
+                f"{self.cfg.local_batch_size} x data-parallel degree sequences of {self.cfg.seq_len + 1} tokens: "
+                f"lower validation.local_batch_size or validation.seq_len, or use more data"
+            )
+        loss = loss_sum / n_tokens
+        ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+        logger.info(
+            "validation: loss %.4f, perplexity %.2f over %d batches (%d tokens) in %.2f s",
+            loss, ppl, batches, int(n_tokens), time.perf_counter() - t0,
+        )
+        return {"val_loss": loss, "val_ppl": ppl}
+
+    def _token_loss_sums(self, model_parts: Sequence[nn.Module]) -> tuple[torch.Tensor, int]:
+        """(sum of token losses, token count) over every rank of the loss group, and batches taken."""
+        model = model_parts[0]
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = 0
+        for inputs, labels in self.dataset:  # a fresh iterator: every validation starts at the beginning
+            inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
+            labels = labels.to(self.device, non_blocking=True)
+            with self.loss_context():
+                with self.amp_context():
+                    logits = model(inputs)  # (local_bs, seq_len, vocab), vocab-sharded under loss parallel
+                loss = cross_entropy_sum(logits, labels)
+            if isinstance(loss, DTensor):
+                loss = loss.to_local()  # replicated over the TP ranks
+            totals[0] += loss.to(torch.float64)
+            totals[1] += (labels != IGNORE_INDEX).sum().to(torch.float64)
+            batches += 1
+            del logits, loss
+            if batches == self.cfg.steps:
+                break
+        if self.loss_group is not None:
+            dist.all_reduce(totals, group=self.loss_group)
+        return totals, batches

@@ -1,0 +1,110 @@
+"""torch.compile per transformer block (and of the loss), and the compile time / recompile report.
+
+Each block is compiled on its own, with fullgraph=True: the blocks share one code object, so after
+the first block every other one reuses its graph (one compile, not n_layers), and a graph break is
+an error instead of a silent slowdown. Compile comes after tensor parallel and activation
+checkpointing (it traces the checkpointed block) and before FSDP, whose per-block hooks then stay
+outside the compiled region.
+
+`CompileMonitor` measures wall time spent compiling and counts recompilations (a compile of a frame
+that already had a graph: its guards failed, e.g. a new shape or dtype), through dynamo's
+compile-start/-end callbacks. The trainer logs both with every metrics line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchtitan_like.models.llama3.model import Transformer
+
+logger = logging.getLogger(__name__)
+
+
+def apply_compile(model: Transformer, *, backend: str) -> None:
+    """Replace every block of `model` by its torch.compile'd module (fullgraph), in place.
+
+    The compiled module wraps the block as `_orig_mod`; state dicts and init_weights strip that
+    part of the names again.
+    """
+    for layer_id, block in list(model.layers.items()):
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=True))
+    logger.info("compiling each of the %d transformer blocks with torch.compile (backend %s, fullgraph)",
+                len(model.layers), backend)
+
+
+def compile_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:
+    """The loss function, compiled (the float32 upcast and log-softmax over the vocab fuse into one kernel)."""
+    logger.info("compiling the loss with torch.compile (backend %s)", backend)
+    return torch.compile(loss_fn, backend=backend)
+
+
+# "0/1", "[0/1]", "0/1_1", "!0/1" ...: frame id / compile count of that frame (0 = first compile).
+_COMPILE_ID = re.compile(r"(\d+)/(\d+)")
+
+
+class CompileMonitor:
+    """Wall time spent compiling and the number of recompilations, from when it is created.
+
+    Dynamo calls the start callback when a compile begins (only the outermost one when compiles
+    nest) and the end callback when it ends; a compile whose id says it is not the first of its
+    frame is a recompile. Call `close()` to remove the callbacks.
+    """
+
+    def __init__(self) -> None:
+        from torch._dynamo.callback import callback_handler
+
+        self._handler = callback_handler
+        self._lock = threading.Lock()
+        self._started: float | None = None
+        self.compile_s = 0.0
+        """Seconds spent compiling so far (forward and, lazily, backward graphs)."""
+        self.compiles = 0
+        """Compilations so far (dynamo frames and lazily compiled backward graphs)."""
+        self.recompiles = 0
+        """Compilations of a frame that had been compiled before (its guards failed)."""
+        self._reported = 0
+        self._handler.register_start_callback(self._on_start)
+        self._handler.register_end_callback(self._on_end)
+
+    def _on_start(self, args: Any) -> None:
+        with self._lock:
+            self._started = time.perf_counter()
+
+    def _on_end(self, args: Any) -> None:
+        with self._lock:
+            if self._started is not None:
+                self.compile_s += time.perf_counter() - self._started
+                self._started = None
+            self.compiles += 1
+            m = _COMPILE_ID.search(str(getattr(args, "compile_id", "")))
+            trigger = getattr(getattr(args, "callback_trigger", None), "name", "DYNAMO")
+            if m is not None and int(m.group(2)) > 0 and trigger == "DYNAMO":
+                self.recompiles += 1
+
+    def metrics(self) -> dict[str, float]:
+        """{"compile_s", "recompiles"} for the metrics line; warns once per new recompile."""
+        with self._lock:
+            new = self.recompiles - self._reported
+            self._reported = self.recompiles
+            out = {"compile_s": self.compile_s, "recompiles": float(self.recompiles)}
+        if new > 0:
+            logger.warning(
+                "torch.compile recompiled %d time(s) since the last log (%d in all): a guard failed, e.g. a "
+                "new input shape or dtype; run with TORCH_LOGS=recompiles to see why", new, self.recompiles,
+            )
+        return out
+
+    def close(self) -> None:
+        for remove, cb in ((self._handler.remove_start_callback, self._on_start),
+                           (self._handler.remove_end_callback, self._on_end)):
+            try:
+                remove(cb)
+            except ValueError:  # already removed
+                pass

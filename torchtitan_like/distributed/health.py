@@ -1,0 +1,200 @@
+"""Health of a distributed job: who runs where, do the collectives work, who is slow, how long to wait.
+
+- `log_ranks`: at start-up rank 0 logs every rank's host, device name and memory (one line each).
+- `check_collectives`: an all_reduce of known values on every named mesh dim; a broken or stuck
+  collective fails at start-up naming the dim, instead of hanging in the first FSDP all-gather.
+- `step_time_stats`: the slowest rank's step time against the median (all_gather), for stragglers.
+- `set_pg_timeouts`: the process-group timeout of the default group and of every mesh group
+  (comm.train_timeout_seconds once the first step, which may compile, is over).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import statistics
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
+
+from torchtitan_like.distributed.parallel_dims import ParallelDims
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1024**3
+# 1D meshes that ParallelDims may build: the dims, then the flattened views over several dims.
+MESH_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_shard_cp", "dp_cp")
+
+
+class CollectiveCheckError(RuntimeError):
+    """A collective on one mesh dim returned a wrong value, raised, or did not finish in time."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# --- start-up: who runs where ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    host: str
+    device: str
+    """Device name: the GPU's name, or the CPU model and the cores this process may use."""
+    memory_total_gib: float
+    memory_free_gib: float | None
+
+    def line(self) -> str:
+        free = "" if self.memory_free_gib is None else f", {self.memory_free_gib:.1f} GiB free"
+        return f"rank {self.rank}: host {self.host}, {self.device}, {self.memory_total_gib:.1f} GiB{free}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rank_info(device: torch.device) -> RankInfo:
+    """This process's host, device name and device memory (GPU memory, or the host's RAM on CPU)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    host = socket.gethostname()
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return RankInfo(rank, host, f"{device} ({torch.cuda.get_device_name(device)})", total / _GIB, free / _GIB)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    free = _meminfo_bytes("MemAvailable")
+    return RankInfo(
+        rank, host, f"cpu ({_cpu_name()}, {cores} cores, {torch.get_num_threads()} threads)", total / _GIB,
+        None if free is None else free / _GIB,
+    )
+
+
+def log_ranks(device: torch.device) -> list[RankInfo]:
+    """Gather every rank's RankInfo (collective on the world); rank 0 logs one line per rank."""
+    mine = rank_info(device)
+    infos = [mine]
+    if _distributed():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        infos = gathered
+    if mine.rank == 0:
+        for info in infos:
+            logger.info("%s", info.line())
+    return infos
+
+
+# --- start-up: do the collectives work ---------------------------------------------------------------
+
+
+def named_meshes(parallel_dims: ParallelDims) -> dict[str, Any]:
+    """The 1D meshes the job built (name -> DeviceMesh); empty in a world of one."""
+    meshes = {}
+    for name in MESH_NAMES:
+        mesh = parallel_dims.get_mesh(name)
+        if mesh is not None:
+            meshes[name] = mesh
+    return meshes
+
+
+def check_collectives(meshes: dict[str, Any], device: torch.device, *, timeout_s: float) -> None:
+    """All-reduce (local rank + 1) on the world and on every named mesh; expect n(n+1)/2 everywhere.
+
+    Every rank runs the same checks in the same order. A wrong sum, an error or a collective that
+    does not finish within `timeout_s` raises CollectiveCheckError naming the mesh dim.
+    """
+    if not _distributed():
+        return
+    checks: list[tuple[str, dist.ProcessGroup | None, int, int]] = [
+        ("world", None, dist.get_rank(), dist.get_world_size())
+    ]
+    for name, mesh in meshes.items():
+        checks.append((name, mesh.get_group(), mesh.get_local_rank(), mesh.size()))
+    for name, group, local_rank, size in checks:
+        value = torch.tensor([float(local_rank + 1)], dtype=torch.float64, device=device)
+        try:
+            work = dist.all_reduce(value, group=group, async_op=True)
+            work.wait(timeout=timedelta(seconds=timeout_s))
+        except Exception as e:
+            raise CollectiveCheckError(
+                f"collective check on mesh dim {name!r} ({size} ranks) failed on rank {dist.get_rank()}: "
+                f"all_reduce raised or did not finish within {timeout_s:g} s ({type(e).__name__}: {e}); "
+                f"check the network between the ranks of this dim (NCCL_DEBUG=INFO / GLOO_SOCKET_IFNAME)"
+            ) from e
+        expected = size * (size + 1) / 2
+        got = float(value.item())
+        if got != expected:
+            raise CollectiveCheckError(
+                f"collective check on mesh dim {name!r} ({size} ranks) failed on rank {dist.get_rank()}: "
+                f"all_reduce of (local rank + 1) returned {got:g}, expected {expected:g}"
+            )
+    logger.info("collective check passed on %s", ", ".join(f"{n} ({s})" for n, _, _, s in checks))
+
+
+# --- training: stragglers and timeouts -----------------------------------------------------------------
+
+
+def step_time_stats(step_time_s: float, device: torch.device) -> dict[str, float]:
+    """Collective on the world: every rank's mean step time -> {step_time_max, step_time_median,
+    slowest_rank} (the same on every rank). Empty in a world of one."""
+    if not _distributed():
+        return {}
+    mine = torch.tensor([step_time_s], dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    times = [float(t.item()) for t in gathered]
+    slowest = max(range(len(times)), key=times.__getitem__)
+    return {"step_time_max": times[slowest], "step_time_median": statistics.median(times), "slowest_rank": slowest}
+
+
+def process_groups(parallel_dims: ParallelDims) -> list[dist.ProcessGroup]:
+    """The default group and every mesh group of the job (each once)."""
+    groups: dict[int, dist.ProcessGroup] = {}
+    default = dist.distributed_c10d._get_default_group()
+    groups[id(default)] = default
+    for name in (*MESH_NAMES, "hsdp"):
+        mesh = parallel_dims.get_mesh(name)
+        if mesh is None:
+            continue
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            groups.setdefault(id(group), group)
+    return list(groups.values())
+
+
+def set_pg_timeouts(parallel_dims: ParallelDims, timeout_s: float) -> int:
+    """Set the collective timeout of the default group and of every mesh group; returns how many.
+
+    torch has no public setter; `_set_pg_timeout` (torch 2.13) covers gloo and NCCL backends.
+    """
+    if not _distributed():
+        return 0
+    groups = process_groups(parallel_dims)
+    for group in groups:
+        _set_pg_timeout(timedelta(seconds=timeout_s), group)
+    return len(groups)
