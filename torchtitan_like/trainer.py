@@ -22,12 +22,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
-from torchtitan_like.components.lr_scheduler import build_lr_scheduler
+from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.metrics import MetricsLogger
 from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
-from torchtitan_like.components.optimizer import build_optimizer
+from torchtitan_like.components.optimizer import build_optimizers
 from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
 from torchtitan_like.components.validation import Validator, build_validation_dataset, check_layout
@@ -37,6 +37,7 @@ from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
 from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
 from torchtitan_like.distributed.parallel_dims import ParallelDims
+from torchtitan_like.distributed.pipeline import Pipeline, PipelinePlan, log_plan, plan_pipeline, split_model
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
 from torchtitan_like.errors import ConfigError, TrainingError
@@ -82,7 +83,17 @@ class Trainer:
         self.parallel_dims.validate(model_args=self.model_args, training=cfg.training)
         validating = cfg.validation.enable
         if validating:
-            check_layout(cfg.validation, tp=self.parallel_dims.tp, cp=self.parallel_dims.cp)
+            check_layout(cfg.validation, tp=self.parallel_dims.tp, cp=self.parallel_dims.cp, pp=self.parallel_dims.pp)
+        compile_model = cfg.compile.enable and "model" in cfg.compile.components
+        self.pp_plan: PipelinePlan | None = None
+        if self.parallel_dims.pp_enabled:
+            self.pp_plan = plan_pipeline(
+                cfg.parallelism,
+                n_layers=self.model_args.n_layers,
+                local_batch_size=cfg.training.local_batch_size,
+                tie_word_embeddings=self.model_args.tie_word_embeddings,
+                compile_model=compile_model,
+            )
         tokenizer = None
         if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
@@ -131,34 +142,54 @@ class Trainer:
         # Created before anything compiles, so it sees every compile (and recompile) of the run.
         self.compile_monitor = CompileMonitor() if compiling else None
         with torch.device("meta"):
-            model = spec.build(self.model_args)
+            whole = spec.build(self.model_args)
         if self.float8 is not None:
-            self.float8.convert(model)
-        model = parallelize_llama(
-            model,
-            self.parallel_dims,
-            parallelism=cfg.parallelism,
-            training=cfg.training,
-            device_type=self.device.type,
-            activation_checkpoint=cfg.activation_checkpoint,
-            compile_config=cfg.compile,
-            float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
-        )
-        model.to_empty(device=self.device)
-        with torch.no_grad():
-            model.init_weights(cfg.debug.seed, buffer_device=self.device)
-        model.train()
-        self.model_parts: list[nn.Module] = [model]
-        self._log_model(model)
+            self.float8.convert(whole)
+        pp_rank = self.parallel_dims.pp_rank
+        if self.pp_plan is not None:
+            # One model part per stage this rank runs; every other module is deleted from it.
+            parts = [split_model(whole, self.pp_plan.fqns_per_stage[s]) for s in self.pp_plan.stage_ids(pp_rank)]
+            del whole
+        else:
+            parts = [whole]
+        self.model_parts: list[nn.Module] = []
+        for part in parts:
+            part = parallelize_llama(
+                part,
+                self.parallel_dims,
+                parallelism=cfg.parallelism,
+                training=cfg.training,
+                device_type=self.device.type,
+                activation_checkpoint=cfg.activation_checkpoint,
+                compile_config=cfg.compile,
+                float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
+            )
+            part.to_empty(device=self.device)
+            with torch.no_grad():
+                part.init_weights(cfg.debug.seed, buffer_device=self.device)
+            part.train()
+            self.model_parts.append(part)
+        self._log_model()
 
-        # 3. Optimizer, LR schedule, metrics.
-        self.optimizer = build_optimizer(self.model_parts, cfg.optimizer, device_type=self.device.type)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, steps=cfg.training.steps)
+        # 3. Optimizer, LR schedule, loss, pipeline schedule, metrics.
+        self.optimizers = build_optimizers(self.model_parts, cfg.optimizer, device_type=self.device.type)
+        self.lr_scheduler = build_lr_schedulers(self.optimizers, cfg.lr_scheduler, steps=cfg.training.steps)
         self.param_dtype = param_dtype(cfg.training.mixed_precision_param, self.device.type)
         self.loss_parallel = self.parallel_dims.loss_parallel_enabled
         self.loss_fn = cross_entropy_sum
         if compiling and "loss" in cfg.compile.components:
             self.loss_fn = compile_loss(cross_entropy_sum, backend=cfg.compile.backend)
+        self.pipeline: Pipeline | None = None
+        self._pp_denominator = 1.0
+        self._pp_time_s = self._pp_compute_s = 0.0
+        if self.pp_plan is not None:
+            pp_group = self.parallel_dims.pp_group
+            assert pp_group is not None
+            self.pipeline = Pipeline(
+                self.pp_plan, pp_rank=pp_rank, parts=self.model_parts, pp_group=pp_group, device=self.device,
+                loss_fn=self._pp_loss,
+            )
+            log_plan(self.pp_plan, pp_rank)
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -178,7 +209,7 @@ class Trainer:
             cfg.checkpoint,
             dump_folder=cfg.job.dump_folder,
             model_parts=self.model_parts,
-            optimizer=self.optimizer,
+            optimizer=self.optimizers,
             lr_scheduler=self.lr_scheduler,
             dataloader=self.dataloader,
             train_state=self.train_state,
@@ -228,7 +259,7 @@ class Trainer:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
 
-    def _log_model(self, model: nn.Module) -> None:
+    def _log_model(self) -> None:
         n = self.model_args.num_params()
         logger.info(
             "model %s: %.3fM parameters (%.3fM without embeddings), %d layers, dim %d",
@@ -274,6 +305,33 @@ class Trainer:
             dist.all_reduce(n_tokens, group=loss_group)
         total_tokens = n_tokens.item()
 
+        if self.pipeline is not None:
+            loss_sum = self._pipeline_forward_backward(batches, total_tokens)
+        else:
+            loss_sum = self._forward_backward(batches, total_tokens)
+
+        params = [p for m in self.model_parts for p in m.parameters()]
+        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm, pp_group=self.parallel_dims.pp_group)
+        if loss_group is not None:
+            dist.all_reduce(loss_sum, group=loss_group)
+        loss_value, norm_value = loss_sum.item(), float(grad_norm)
+        if not (torch.isfinite(torch.tensor(loss_value)) and torch.isfinite(torch.tensor(norm_value))):
+            # Raise before optimizer.step(): the weights (and any checkpoint) stay as they were.
+            raise TrainingError(
+                f"loss is {loss_value} (grad_norm {norm_value}) at step {self.step}: training diverged; "
+                f"lower optimizer.lr, raise lr_scheduler.warmup_steps or check the data"
+            )
+        for opt in self.optimizers:
+            opt.step()
+        if self.float8 is not None:
+            self.float8.post_optimizer_step(self.model_parts)  # precomputed float8 scales, if enabled
+        self.lr_scheduler.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss_value, norm_value
+
+    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], total_tokens: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch; returns this rank's loss sum (float64 scalar)."""
         model = self.model_parts[0]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for inputs, labels in batches:
@@ -286,24 +344,60 @@ class Trainer:
                 loss.backward()
             loss_sum += _plain(loss.detach()).to(torch.float64)
             del logits, loss
+        return loss_sum
 
-        params = [p for m in self.model_parts for p in m.parameters()]
-        grad_norm = clip_grad_norm_(params, self.cfg.training.max_norm)
-        if loss_group is not None:
-            dist.all_reduce(loss_sum, group=loss_group)
-        loss_value, norm_value = loss_sum.item(), float(grad_norm)
-        if not (torch.isfinite(torch.tensor(loss_value)) and torch.isfinite(torch.tensor(norm_value))):
-            # Raise before optimizer.step(): the weights (and any checkpoint) stay as they were.
-            raise TrainingError(
-                f"loss is {loss_value} (grad_norm {norm_value}) at step {self.step}: training diverged; "
-                f"lower optimizer.lr, raise lr_scheduler.warmup_steps or check the data"
-            )
-        self.optimizer.step()
-        if self.float8 is not None:
-            self.float8.post_optimizer_step(self.model_parts)  # precomputed float8 scales, if enabled
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
+    def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Called by the schedule on the last stage, once per pipeline microbatch: the same global
+        # token denominator as without PP, so the summed gradients are the same.
+        return self.loss_fn(logits, labels) / self._pp_denominator
+
+    def _pipeline_forward_backward(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]], total_tokens: float
+    ) -> torch.Tensor:
+        """One schedule step per accumulation batch; returns the loss sum, whole on every pp rank."""
+        assert self.pipeline is not None
+        self._pp_denominator = total_tokens
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        t0 = time.perf_counter()
+        for inputs, labels in batches:
+            losses: list[torch.Tensor] = []
+            # loss parallel must cover the last stage's loss and its backward, both inside the schedule.
+            with self._loss_ctx(), self._amp():
+                self.pipeline.step(inputs.to(self.device), labels.to(self.device), losses)
+            for loss in losses:
+                loss_sum += _plain(loss.detach()).to(torch.float64)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the compute clock reads CUDA events
+        self._pp_time_s += time.perf_counter() - t0
+        self._pp_compute_s += self.pipeline.compute_s()
+        # Only the rank with the last stage has the loss: make it whole across the pipeline.
+        pp_group = self.parallel_dims.pp_group
+        assert pp_group is not None
+        dist.all_reduce(loss_sum, group=pp_group)
+        return loss_sum
+
+    def _pipeline_wait_stats(self) -> dict[str, float]:
+        """Share of the pipeline's time each pp rank spent waiting (not computing) since the last call;
+        collective over the pp group. Logged per rank by rank 0."""
+        if self.pipeline is None:
+            return {}
+        assert self.pp_plan is not None
+        share = 0.0 if self._pp_time_s <= 0 else max(0.0, 1.0 - self._pp_compute_s / self._pp_time_s)
+        self._pp_time_s = self._pp_compute_s = 0.0
+        pp = self.pp_plan.pp
+        shares = torch.zeros(pp, dtype=torch.float64, device=self.device)
+        shares[self.parallel_dims.pp_rank] = share
+        dist.all_reduce(shares, group=self.parallel_dims.pp_group)
+        values = shares.tolist()
+        theory = self.pp_plan.bubble_fraction()
+        # bubble_fraction() is idle time over compute time; as a share of the step it is b / (1 + b).
+        logger.info(
+            "pipeline: share of step time spent waiting per pp rank %s (schedule %s; theoretical %s)",
+            "[" + ", ".join(f"{v:.1%}" for v in values) + "]",
+            self.pp_plan.schedule,
+            "n/a for a CSV schedule" if theory is None else f"{theory / (1 + theory):.1%}",
+        )
+        return {"pp_wait_share_max": max(values), "pp_wait_share_mean": sum(values) / len(values)}
 
     def train(self) -> None:
         cfg = self.cfg
@@ -359,6 +453,7 @@ class Trainer:
                         if self.compile_monitor is not None:
                             extra.update(self.compile_monitor.metrics())
                         extra.update(step_time_stats(elapsed / window_steps, self.device))  # collective
+                        extra.update(self._pipeline_wait_stats())  # collective over the pp group
                         extra.update(validation)
                         self.metrics.log(
                             self.step,

@@ -59,6 +59,32 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--training.local_batch_size", "4",
         ),
     ),
+    # Pipeline parallel (schedule 1F1B unless overridden): 8 microbatches of 1 per step.
+    "pp2": (
+        2,
+        (
+            "--parallelism.pipeline_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--training.local_batch_size", "8",
+        ),
+    ),
+    "pp2xfsdp2": (
+        4,
+        (
+            "--parallelism.pipeline_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--training.local_batch_size", "4",
+        ),
+    ),
+    "pp2xtp2": (
+        4,
+        (
+            "--parallelism.pipeline_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "8",
+        ),
+    ),
 }
 
 
@@ -99,7 +125,8 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     train.main's `finally`), with the checkpoints written before it.
 
     Returns {"history", "crashed"} on every rank, plus "params" (full, after the run) on rank 0 when
-    the run did not crash.
+    the run did not crash; with pipeline parallel on every rank (each holds only its stages' names:
+    merge them with `merged_params`).
     """
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.trainer import Trainer
@@ -124,6 +151,20 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     out: dict = {"history": trainer.history, "crashed": crashed}
     if not crashed:
         params = full_params(trainer.model_parts)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if not dist.is_initialized() or dist.get_rank() == 0 or trainer.parallel_dims.pp_enabled:
             out["params"] = params
+    return out
+
+
+def train_runs(argvs: list[list[str]]) -> list[dict]:
+    """Rank function: `train_run` for each command line in turn, in the same processes (one launch
+    for several short runs of one world size)."""
+    return [train_run(argv) for argv in argvs]
+
+
+def merged_params(ranks: list[dict]) -> dict[str, torch.Tensor]:
+    """The whole model from the ranks' "params" (pipeline stages hold disjoint names)."""
+    out: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        out.update(r.get("params", {}))
     return out

@@ -1,5 +1,5 @@
-"""./run_train.sh with NGPU > 1 end to end, as a user runs it (torchrun, CPU, gloo): a 2D layout trains
-like one process, every rank exits 0, and an impossible layout is one error line."""
+"""./run_train.sh with NGPU > 1 end to end, as a user runs it (torchrun, CPU, gloo): FSDP x TP and
+PP x DP train like one process, every rank exits 0, and an impossible layout is one error line."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fsdp2_tp2_on_4_ranks_trains_like_one_process(tmp_path):
+def test_fsdp2_tp2_and_pp2_dp2_on_4_ranks_train_like_one_process(tmp_path):
     runs = {}
     for name, ngpu, layout, shape in [
         ("one", 1, (), "grad accumulation 2, world 1"),
@@ -47,6 +47,11 @@ def test_fsdp2_tp2_on_4_ranks_trains_like_one_process(tmp_path):
             "fsdp2xtp2", 4,
             ("--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2"),
             "grad accumulation 1, world 4",
+        ),
+        (
+            "pp2xdp2", 4,
+            ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"),
+            "pipeline: schedule 1F1B, p=2, v=1 stage(s) per rank, m=4 microbatches of 1",
         ),
     ]:
         r = run_train(tmp_path / name, *SHORT_RUN, *layout, ngpu=ngpu)
@@ -58,11 +63,14 @@ def test_fsdp2_tp2_on_4_ranks_trains_like_one_process(tmp_path):
         assert [row["step"] for row in rows] == list(range(1, STEPS + 1)), name
         runs[name] = rows
 
-    for key in ("loss", "grad_norm"):
-        got = [row[key] for row in runs["fsdp2xtp2"]]
-        want = [row[key] for row in runs["one"]]
-        assert got == pytest.approx(want, rel=RTOL, abs=0), key
-    assert [row["lr"] for row in runs["fsdp2xtp2"]] == [row["lr"] for row in runs["one"]]
+    for layout in ("fsdp2xtp2", "pp2xdp2"):
+        for key in ("loss", "grad_norm"):
+            got = [row[key] for row in runs[layout]]
+            want = [row[key] for row in runs["one"]]
+            assert got == pytest.approx(want, rel=RTOL, abs=0), (layout, key)
+        assert [row["lr"] for row in runs[layout]] == [row["lr"] for row in runs["one"]], layout
+    # The pipeline's measured waiting share is in the metrics (a share of the step: 0..1).
+    assert all(0 <= row["pp_wait_share_max"] < 1 for row in runs["pp2xdp2"])
 
 
 def test_tensor_parallel_degree_that_does_not_fit_the_world_is_one_error_line(tmp_path):

@@ -95,8 +95,8 @@ def test_expert_parallel_is_reserved() -> None:
     assert "parallelism.expert_parallel_degree=2 is reserved until MoE models exist: set it to 1" in msg
 
 
-@pytest.mark.parametrize("key", ["context_parallel_degree", "pipeline_parallel_degree"])
-def test_cp_and_pp_are_not_supported_yet(key: str) -> None:
+@pytest.mark.parametrize("key", ["context_parallel_degree"])
+def test_cp_is_not_supported_yet(key: str) -> None:
     msg = _error(_dims, 2, **{key: 2})
     assert f"parallelism.{key}=2" in msg and "not supported yet" in msg and "set it to 1" in msg
 

@@ -43,3 +43,35 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, *, st
         min_lr_factor=cfg.min_lr_factor,
     )
     return LambdaLR(optimizer, fn)
+
+
+class LRSchedulers:
+    """One LambdaLR per optimizer (one optimizer per pipeline model part), stepped together.
+
+    They share a schedule, so they are always in the same state: the checkpoint holds the first
+    one's state, which is what a single-part run saves, and loading applies it to all of them. A
+    checkpoint therefore resumes under any number of model parts.
+    """
+
+    def __init__(self, schedulers: list[LambdaLR]):
+        if not schedulers:
+            raise ValueError("LRSchedulers needs at least one scheduler")
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedulers[0].get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.schedulers:
+            s.load_state_dict(state)
+
+
+def build_lr_schedulers(optimizers: list[torch.optim.Optimizer], cfg: LRScheduler, *, steps: int) -> LRSchedulers:
+    return LRSchedulers([build_lr_scheduler(opt, cfg, steps=steps) for opt in optimizers])

@@ -31,3 +31,9 @@ def build_optimizer(model_parts: list[nn.Module], cfg: Optimizer, *, device_type
     return cls(
         params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **impl
     )
+
+
+def build_optimizers(model_parts: list[nn.Module], cfg: Optimizer, *, device_type: str) -> list[torch.optim.Optimizer]:
+    """One optimizer per model part (pipeline stages on this rank): each part's optimizer state then
+    keeps its own parameter names in the checkpoint, the same names a one-part run saves."""
+    return [build_optimizer([part], cfg, device_type=device_type) for part in model_parts]

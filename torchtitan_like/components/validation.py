@@ -107,8 +107,15 @@ def build_validation_dataset(
     return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)
 
 
-def check_layout(cfg: Validation, *, tp: int, cp: int) -> None:
-    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel."""
+def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1) -> None:
+    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel; no
+    pipeline parallel (validation runs the whole model forward on each rank)."""
+    if pp > 1:
+        raise ConfigError(
+            f"validation.enable=true is not supported with parallelism.pipeline_parallel_degree={pp} yet (validation "
+            "runs the whole model on each rank): set validation.enable=false, or validate the checkpoints in a "
+            "separate run without pipeline parallel"
+        )
     unit = tp * 2 * cp
     if (tp > 1 or cp > 1) and cfg.seq_len % unit:
         raise ConfigError(

@@ -188,7 +188,9 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
     if get_origin(tp) is list:
         (item,) = get_args(tp)
         if from_cli and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # A list of lists on the command line: ';' separates the outer items, ',' the inner ones.
+            sep = ";" if get_origin(unwrap_optional(item)[0]) is list else ","
+            value = [v.strip() for v in value.split(sep) if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list of {type_name(item)}, got {value!r}")
         inner = Key(key.section, key.name, item, None, "")

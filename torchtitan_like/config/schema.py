@@ -120,11 +120,25 @@ class Parallelism:
     context_parallel_degree: int = 1
     """Context parallel degree (reserved: not yet supported, must be 1)."""
     pipeline_parallel_degree: int = 1
-    """Pipeline parallel degree (reserved: not yet supported, must be 1)."""
+    """Pipeline parallel degree: ranks the layers are split across (1 disables it)."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """torch.distributed.pipelining schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV (if the installed torch has it)."""
+    pipeline_parallel_schedule_csv: str | None = None
+    """A custom schedule as a compute-only CSV (one row per rank, actions like 0F0,0B0); overrides pipeline_parallel_schedule."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Samples per pipeline microbatch; training.local_batch_size must be a multiple of it."""
+    pipeline_parallel_layers_per_stage: int | None = None
+    """Transformer layers per pipeline stage (counting the embedding and output as *_less_layers); unset = 1 stage per rank (2 for interleaved and V schedules)."""
+    pipeline_parallel_first_stage_less_layers: int = 1
+    """The first stage gets this many fewer layers, for the cost of the token embedding."""
+    pipeline_parallel_last_stage_less_layers: int = 1
+    """The last stage gets this many fewer layers, for the cost of the final norm, output projection and loss."""
+    module_fqns_per_model_part: list[list[str]] | None = None
+    """An explicit split: the module names of each stage in order, e.g. [["tok_embeddings", "layers.0"], ["layers.1", "norm", "output"]]; on the CLI parts are separated by ';'."""
     expert_parallel_degree: int = 1
     """Expert parallel degree (reserved for MoE models; must be 1)."""
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
-    """Free gathered parameters after forward: default = yes except for the root module."""
+    """Free gathered parameters after forward: default = yes except for the root module (and no with pipeline parallel, where every microbatch would gather again)."""
     disable_loss_parallel: bool = False
     """With TP, gather the full logits before the loss instead of computing it on vocab shards."""
     enable_async_tensor_parallel: bool = False

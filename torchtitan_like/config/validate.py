@@ -52,6 +52,10 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "parallelism.context_parallel_degree": (">= 1", lambda v: v >= 1),
     "parallelism.pipeline_parallel_degree": (">= 1", lambda v: v >= 1),
     "parallelism.expert_parallel_degree": (">= 1", lambda v: v >= 1),
+    "parallelism.pipeline_parallel_microbatch_size": (">= 1", lambda v: v >= 1),
+    "parallelism.pipeline_parallel_layers_per_stage": (">= 1", lambda v: v >= 1),
+    "parallelism.pipeline_parallel_first_stage_less_layers": (">= 0", lambda v: v >= 0),
+    "parallelism.pipeline_parallel_last_stage_less_layers": (">= 0", lambda v: v >= 0),
 }
 
 

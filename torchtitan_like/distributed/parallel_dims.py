@@ -92,11 +92,6 @@ class ParallelDims:
                 f"parallelism.context_parallel_degree={p.context_parallel_degree}: context parallel is not "
                 "supported yet; set it to 1"
             )
-        if p.pipeline_parallel_degree != 1:
-            raise ConfigError(
-                f"parallelism.pipeline_parallel_degree={p.pipeline_parallel_degree}: pipeline parallel is not "
-                "supported yet; set it to 1"
-            )
         if p.enable_async_tensor_parallel and p.tensor_parallel_degree <= 1:
             # The compile.enable part is checked by config/validate.py, the CUDA part by parallelize.
             raise ConfigError(
@@ -263,6 +258,18 @@ class ParallelDims:
         """This rank's index among the data-parallel ranks (which slice of the batch it loads)."""
         dp = self.get_mesh("dp")
         return 0 if dp is None else dp.get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's index among the pipeline ranks (which stages it runs)."""
+        pp = self.get_mesh("pp")
+        return 0 if pp is None else pp.get_local_rank()
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """Group of the pipeline ranks that hold the other stages of this rank's model replica."""
+        m = self.get_mesh("pp")
+        return None if m is None else m.get_group()
 
     @property
     def loss_group(self) -> dist.ProcessGroup | None:

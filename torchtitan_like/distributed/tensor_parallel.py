@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -72,6 +73,18 @@ def apply_tp(
             use_local_output=not loss_parallel,
         )
     parallelize_module(model, tp_mesh, top)
+    # A pipeline stage passes plain local tensors to its neighbours (P2P sends whole tensors): the
+    # hidden states arrive as this rank's sequence shard and leave the same way.
+    if model.tok_embeddings is None:
+        parallelize_module(
+            model, tp_mesh,
+            PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=False),
+        )
+    if model.output is None:
+        parallelize_module(
+            model, tp_mesh,
+            PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Shard(1), use_local_output=True),
+        )
     if tied:
         # parallelize_module made a separate DTensor parameter for each module; both are
         # Shard(0) over the vocab (row-wise embedding, column-wise output), so they can be one again.

@@ -5,6 +5,7 @@
    parameters into DTensors on the "tp" mesh, which the later passes then wrap; float8 tensorwise
    linears get torchao's float8-aware styles;
 2. [later: context parallel];
+   (the pipeline split happens before this file: with PP it is called once per model part);
 3. activation checkpointing: wraps each block, so compile traces the recomputation too;
 4. torch.compile per block (fullgraph), on the (checkpoint-wrapped) TP block;
 5. data parallel last, because FSDP2 shards whatever parameters it finds (plain or TP DTensors):
@@ -73,6 +74,11 @@ def parallelize_llama(
         "param_dtype": param_dtype(training.mixed_precision_param, device_type),
         "reduce_dtype": reduce_dtype(training.mixed_precision_reduce),
     }
+    reshard = parallelism.fsdp_reshard_after_forward
+    if reshard == "default" and parallel_dims.pp_enabled:
+        # Each pipeline microbatch runs the block's forward again: resharding after every one would
+        # all-gather the parameters once per microbatch instead of once per step.
+        reshard = "never"
     if parallel_dims.fsdp_enabled:
         hsdp = parallel_dims.dp_replicate_enabled
         dp_mesh = parallel_dims.get_mesh("hsdp" if hsdp else "dp_shard_cp")
@@ -81,7 +87,7 @@ def parallelize_llama(
             model,
             dp_mesh,
             **mp,
-            reshard_after_forward=parallelism.fsdp_reshard_after_forward,
+            reshard_after_forward=reshard,
             cpu_offload=training.enable_cpu_offload,
         )
     elif parallel_dims.dp_replicate_enabled:
