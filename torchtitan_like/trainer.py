@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
+from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.metrics import MetricsLogger
 from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
@@ -35,6 +35,7 @@ from torchtitan_like.config.loader import to_toml
 from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
+from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
 from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.pipeline import Pipeline, PipelinePlan, log_plan, plan_pipeline, split_model
@@ -81,6 +82,13 @@ class Trainer:
             )
         self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
         self.parallel_dims.validate(model_args=self.model_args, training=cfg.training)
+        if self.parallel_dims.cp_enabled:
+            rotate = cfg.parallelism.context_parallel_rotate_method
+            if rotate not in supported_rotate_methods():
+                raise ConfigError(
+                    f"parallelism.context_parallel_rotate_method={rotate!r} is not offered by torch {torch.__version__}: "
+                    f"use one of {', '.join(supported_rotate_methods())}"
+                )
         validating = cfg.validation.enable
         if validating:
             check_layout(cfg.validation, tp=self.parallel_dims.tp, cp=self.parallel_dims.cp, pp=self.parallel_dims.pp)
@@ -177,6 +185,7 @@ class Trainer:
         self.param_dtype = param_dtype(cfg.training.mixed_precision_param, self.device.type)
         self.loss_parallel = self.parallel_dims.loss_parallel_enabled
         self.loss_fn = cross_entropy_sum
+        self.loss_chunk_size = cfg.training.loss_chunk_size
         if compiling and "loss" in cfg.compile.components:
             self.loss_fn = compile_loss(cross_entropy_sum, backend=cfg.compile.backend)
         self.pipeline: Pipeline | None = None
@@ -297,12 +306,14 @@ class Trainer:
         """One optimizer step over the accumulated micro-batches; returns (global mean loss, grad norm)."""
         loss_group = self.parallel_dims.loss_group
         # The loss is the mean over every token of the global batch: count them first, so each
-        # micro-batch's token-sum loss can be scaled by the same global denominator.
+        # micro-batch's token-sum loss can be scaled by the same global denominator. Counted over
+        # the batch group (dp), not the loss group: context-parallel ranks hold the same sequences.
         n_tokens = torch.tensor(
             [sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)], dtype=torch.float64, device=self.device
         )
-        if loss_group is not None:
-            dist.all_reduce(n_tokens, group=loss_group)
+        batch_group = self.parallel_dims.batch_group
+        if batch_group is not None:
+            dist.all_reduce(n_tokens, group=batch_group)
         total_tokens = n_tokens.item()
 
         if self.pipeline is not None:
@@ -337,14 +348,36 @@ class Trainer:
         for inputs, labels in batches:
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with self._loss_ctx():
+            # Under CP, inputs and labels become this rank's sequence shards inside the context.
+            with self._cp_ctx(inputs, labels), self._loss_ctx():
                 with self._amp():
-                    logits = model(inputs)
-                loss = self.loss_fn(logits, labels) / total_tokens
+                    if self.loss_chunk_size:
+                        hidden = model(inputs, skip_output=True)  # (bs, seqlen, dim)
+                        loss = chunked_output_loss(
+                            hidden, model.output, labels, chunk_size=self.loss_chunk_size, loss_fn=self.loss_fn
+                        )
+                    else:
+                        loss = self.loss_fn(model(inputs), labels)
+                loss = loss / total_tokens
                 loss.backward()
             loss_sum += _plain(loss.detach()).to(torch.float64)
-            del logits, loss
+            del loss
         return loss_sum
+
+    def _cp_ctx(self, inputs: torch.Tensor, labels: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Context parallel for one forward + backward: shards inputs, labels (kept sharded) and every
+        model part's RoPE table (restored after) along the sequence; SDPA runs as ring attention."""
+        cp_mesh = self.parallel_dims.get_mesh("cp")
+        if cp_mesh is None:
+            return contextlib.nullcontext()
+        freqs = [part.freqs_cis for part in self.model_parts]
+        return context_parallel_ctx(
+            cp_mesh,
+            buffers=[inputs, labels, *freqs],
+            seq_dims=[1, 1, *[0] * len(freqs)],
+            no_restore_buffers={inputs, labels},
+            rotate_method=self.cfg.parallelism.context_parallel_rotate_method,
+        )
 
     def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Called by the schedule on the last stage, once per pipeline microbatch: the same global
@@ -360,10 +393,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for inputs, labels in batches:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
             losses: list[torch.Tensor] = []
             # loss parallel must cover the last stage's loss and its backward, both inside the schedule.
-            with self._loss_ctx(), self._amp():
-                self.pipeline.step(inputs.to(self.device), labels.to(self.device), losses)
+            with self._cp_ctx(inputs, labels), self._loss_ctx(), self._amp():
+                self.pipeline.step(inputs, labels, losses)
             for loss in losses:
                 loss_sum += _plain(loss.detach()).to(torch.float64)
         if self.device.type == "cuda":

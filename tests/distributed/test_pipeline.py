@@ -19,13 +19,11 @@ import torch
 from harness import run_on_ranks
 from torchtitan_like.components.manifest import complete_steps
 from torchtitan_like.distributed.pipeline import available_schedules
-from trainer_runs import LAYOUTS, merged_params, train_run, train_runs, trainer_argv
+from trainer_runs import LAYOUTS, assert_same_training, merged_params, series, train_run, trainer_argv
 
 STEPS = 6  # the grad-norm clip (max_norm 1) is active from step 2
-# Same tolerances and reasons as test_trainer_parity.py (seen here: loss <= 3e-7, grad norm <= 2e-7).
-RTOL = 1e-4
-NORM_RTOL = 1e-4
-PARAM_ATOL = 2e-5
+# assert_same_training: the tolerances and reasons of test_trainer_parity.py (seen here: loss <= 3e-7,
+# grad norm <= 2e-7 relative).
 
 SCHEDULE_RUNS: dict[str, tuple[str, ...]] = {
     # 8 microbatches of 1 per step.
@@ -46,28 +44,6 @@ SCHEDULE_RUNS: dict[str, tuple[str, ...]] = {
 CSV_RUN = "csv"  # GPipe written out as a CSV: 4 accumulation steps of 2 microbatches of 1
 
 
-def _series(history: list[dict], key: str) -> torch.Tensor:
-    return torch.tensor([h[key] for h in history], dtype=torch.float64)
-
-
-def assert_same_training(got: dict, ref: dict, what: str, *, params: dict | None = None) -> None:
-    assert [h["step"] for h in got["history"]] == [h["step"] for h in ref["history"]], what
-    assert [h["lr"] for h in got["history"]] == [h["lr"] for h in ref["history"]], what
-    torch.testing.assert_close(
-        _series(got["history"], "loss"), _series(ref["history"], "loss"), rtol=RTOL, atol=0,
-        msg=lambda m: f"{what}: loss: {m}",
-    )
-    torch.testing.assert_close(
-        _series(got["history"], "grad_norm"), _series(ref["history"], "grad_norm"), rtol=NORM_RTOL, atol=0,
-        msg=lambda m: f"{what}: grad norm: {m}",
-    )
-    if params is not None:
-        want = ref["params"]
-        assert params.keys() == want.keys(), f"{what}: parameter names differ"
-        for name, w in want.items():
-            torch.testing.assert_close(params[name], w, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{what}: {name}: {m}")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("reference")
@@ -82,11 +58,10 @@ def test_every_schedule_matches_one_process(reference: dict, tmp_path: Path) -> 
     runs = dict(SCHEDULE_RUNS)
     runs[CSV_RUN] = ("--parallelism.pipeline_parallel_schedule_csv", str(csv), "--training.local_batch_size", "2")
     names = list(runs)
-    argvs = [trainer_argv(tmp_path / name, "pp2", *runs[name], steps=STEPS) for name in names]
-    # One launch of 2 ranks runs them all in turn (a launch costs seconds; a run of 10 steps about as much).
-    ranks = run_on_ranks(train_runs, world_size=2, tmp_path=tmp_path, args=(argvs,), timeout_s=600)
-    for i, name in enumerate(names):
-        per_rank = [r[i] for r in ranks]
+    for name in names:
+        # One launch per run: a Trainer's process groups are only ever released by ending the process.
+        argv = trainer_argv(tmp_path / name, "pp2", *runs[name], steps=STEPS)
+        per_rank = run_on_ranks(train_run, world_size=2, tmp_path=tmp_path, args=(argv,), timeout_s=300)
         for r, out in enumerate(per_rank):
             # The loss is reported on every pp rank, not only where the last stage ran.
             assert_same_training(out, reference, f"{name} (rank {r})")
@@ -125,9 +100,9 @@ def test_pp_composes_with_ac_compile_and_float8(tmp_path: Path) -> None:
     )
     # float8 rounds each microbatch's activations with its own scale (amax over 1 sequence here, 8 in
     # the reference): the same training up to that rounding. Seen: loss <= 5e-6, grad norm <= 3e-4.
-    torch.testing.assert_close(_series(ranks[0]["history"], "loss"), _series(one["history"], "loss"), rtol=1e-4, atol=0)
+    torch.testing.assert_close(series(ranks[0]["history"], "loss"), series(one["history"], "loss"), rtol=1e-4, atol=0)
     torch.testing.assert_close(
-        _series(ranks[0]["history"], "grad_norm"), _series(one["history"], "grad_norm"), rtol=2e-3, atol=0
+        series(ranks[0]["history"], "grad_norm"), series(one["history"], "grad_norm"), rtol=2e-3, atol=0
     )
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from torchtitan_like.models.llama3.model import _WRAPPER_PARTS
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 
@@ -85,6 +87,49 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--training.local_batch_size", "8",
         ),
     ),
+    # Context parallel: the cp ranks of a data-parallel group share their batch.
+    "cp2": (
+        2,
+        (
+            "--parallelism.context_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--training.local_batch_size", "8",
+        ),
+    ),
+    "cp4": (
+        4,
+        (
+            "--parallelism.context_parallel_degree", "4",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--training.local_batch_size", "8",
+        ),
+    ),
+    "cp2xfsdp2": (
+        4,
+        (
+            "--parallelism.context_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--training.local_batch_size", "4",
+        ),
+    ),
+    "cp2xtp2": (
+        4,
+        (
+            "--parallelism.context_parallel_degree", "2",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--training.local_batch_size", "8",
+        ),
+    ),
+    "cp2xpp2": (
+        4,
+        (
+            "--parallelism.context_parallel_degree", "2",
+            "--parallelism.pipeline_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--training.local_batch_size", "8",
+        ),
+    ),
 }
 
 
@@ -104,17 +149,50 @@ def trainer_argv(dump_folder: Path, layout: str, *overrides: str, steps: int = S
     ]
 
 
+# Another layout of the same training: the same up to fp32 summation order (reasons and values seen:
+# test_trainer_parity.py).
+RTOL = 1e-4
+NORM_RTOL = 1e-4
+PARAM_ATOL = 2e-5
+
+
+def series(history: list[dict], key: str) -> torch.Tensor:
+    return torch.tensor([h[key] for h in history], dtype=torch.float64)
+
+
+def assert_same_training(got: dict, ref: dict, what: str, *, params: dict | None = None) -> None:
+    """Per-step loss and grad norm (and the final weights, if given) of `got` match `ref` (a run's result)."""
+    assert [h["step"] for h in got["history"]] == [h["step"] for h in ref["history"]], what
+    assert [h["lr"] for h in got["history"]] == [h["lr"] for h in ref["history"]], what
+    torch.testing.assert_close(
+        series(got["history"], "loss"), series(ref["history"], "loss"), rtol=RTOL, atol=0,
+        msg=lambda m: f"{what}: loss: {m}",
+    )
+    torch.testing.assert_close(
+        series(got["history"], "grad_norm"), series(ref["history"], "grad_norm"), rtol=NORM_RTOL, atol=0,
+        msg=lambda m: f"{what}: grad norm: {m}",
+    )
+    if params is not None:
+        want = ref["params"]
+        assert params.keys() == want.keys(), f"{what}: parameter names differ"
+        for name, w in want.items():
+            torch.testing.assert_close(params[name], w, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{what}: {name}: {m}")
+
+
+
 class SimulatedCrash(Exception):
     """Raised inside train_step at the step a run is told to die at."""
 
 
 def full_params(model_parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Every parameter as a whole plain tensor (a collective under DTensor: call it on every rank)."""
+    """Every parameter as a whole plain tensor (a collective under DTensor: call it on every rank),
+    named as in the plain model: the activation-checkpoint and compile wrappers' name parts are
+    dropped so runs with and without them compare name for name."""
     out = {}
     for part in model_parts:
         for name, p in part.named_parameters():
             t = p.full_tensor() if isinstance(p, DTensor) else p
-            out[name] = t.detach().clone()
+            out[_WRAPPER_PARTS.sub("", name)] = t.detach().clone()
     return out
 
 
@@ -154,12 +232,6 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
         if not dist.is_initialized() or dist.get_rank() == 0 or trainer.parallel_dims.pp_enabled:
             out["params"] = params
     return out
-
-
-def train_runs(argvs: list[list[str]]) -> list[dict]:
-    """Rank function: `train_run` for each command line in turn, in the same processes (one launch
-    for several short runs of one world size)."""
-    return [train_run(argv) for argv in argvs]
 
 
 def merged_params(ranks: list[dict]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""./run_train.sh with NGPU > 1 end to end, as a user runs it (torchrun, CPU, gloo): FSDP x TP and
-PP x DP train like one process, every rank exits 0, and an impossible layout is one error line."""
+"""./run_train.sh with NGPU > 1 end to end, as a user runs it (torchrun, CPU, gloo): FSDP x TP, PP x DP
+and CP train like one process, every rank exits 0, and an impossible layout is one error line."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def read_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fsdp2_tp2_and_pp2_dp2_on_4_ranks_train_like_one_process(tmp_path):
+def test_fsdp2_tp2_pp2_dp2_and_cp2_train_like_one_process(tmp_path):
     runs = {}
     for name, ngpu, layout, shape in [
         ("one", 1, (), "grad accumulation 2, world 1"),
@@ -53,6 +53,12 @@ def test_fsdp2_tp2_and_pp2_dp2_on_4_ranks_train_like_one_process(tmp_path):
             ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"),
             "pipeline: schedule 1F1B, p=2, v=1 stage(s) per rank, m=4 microbatches of 1",
         ),
+        (
+            # NGPU=2 ./run_train.sh --parallelism.context_parallel_degree 2: both ranks share one batch.
+            "cp2", 2,
+            ("--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"),
+            "device mesh {'cp': 2}",
+        ),
     ]:
         r = run_train(tmp_path / name, *SHORT_RUN, *layout, ngpu=ngpu)
         # 0, not merely "trained": a rank dying in teardown after a good run fails the job (CPU_NOTES).
@@ -63,7 +69,7 @@ def test_fsdp2_tp2_and_pp2_dp2_on_4_ranks_train_like_one_process(tmp_path):
         assert [row["step"] for row in rows] == list(range(1, STEPS + 1)), name
         runs[name] = rows
 
-    for layout in ("fsdp2xtp2", "pp2xdp2"):
+    for layout in ("fsdp2xtp2", "pp2xdp2", "cp2"):
         for key in ("loss", "grad_norm"):
             got = [row[key] for row in runs[layout]]
             want = [row[key] for row in runs["one"]]

@@ -95,10 +95,19 @@ def test_expert_parallel_is_reserved() -> None:
     assert "parallelism.expert_parallel_degree=2 is reserved until MoE models exist: set it to 1" in msg
 
 
-@pytest.mark.parametrize("key", ["context_parallel_degree"])
-def test_cp_is_not_supported_yet(key: str) -> None:
-    msg = _error(_dims, 2, **{key: 2})
-    assert f"parallelism.{key}=2" in msg and "not supported yet" in msg and "set it to 1" in msg
+def test_cp_needs_the_rope_table_to_be_one_sequence() -> None:
+    pd = _dims(2, context_parallel_degree=2)
+    assert pd.cp == 2 and pd.dp_shard == 1
+    msg = _error(pd.validate, model_args=DEBUG.with_seq_len(128), training=Training(seq_len=64))
+    assert "model.max_seq_len=128 must equal training.seq_len=64 with context_parallel_degree=2" in msg
+    assert "set model.max_seq_len=64" in msg
+    pd.validate(model_args=DEBUG.with_seq_len(64), training=Training(seq_len=64))
+
+
+def test_seq_len_must_divide_by_two_times_cp() -> None:
+    pd = _dims(4, context_parallel_degree=4)
+    msg = _error(pd.validate, model_args=DEBUG.with_seq_len(60), training=Training(seq_len=60))
+    assert "training.seq_len=60 must be divisible by tensor_parallel_degree(1) x 2 x context_parallel_degree(4) = 8" in msg
 
 
 def test_async_tp_needs_tensor_parallel() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -14,3 +16,34 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
     )
+
+
+def chunked_output_loss(
+    hidden: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
+) -> torch.Tensor:
+    """`loss_fn(output(hidden), labels)` computed `chunk_size` positions of the sequence at a time.
+
+    Each chunk's projection + loss runs under non-reentrant activation checkpointing, so only one
+    chunk's logits (bs, chunk_size, vocab) exist at any time, in forward and in backward (which
+    recomputes them): the full (bs, seqlen, vocab) logits of a long sequence are never materialized.
+    hidden: (bs, seqlen, dim) after the final norm; labels: (bs, seqlen). Same result as unchunked
+    (a token-sum loss is a sum over chunks), up to fp32 summation order.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(output(h), y)
+
+    total = None
+    for start in range(0, hidden.shape[1], chunk_size):
+        part = checkpoint(
+            chunk_loss, hidden[:, start : start + chunk_size], labels[:, start : start + chunk_size], use_reentrant=False
+        )
+        total = part if total is None else total + part
+    assert total is not None, "empty sequence"
+    return total

@@ -75,6 +75,8 @@ class Training:
     """Sequences per optimizer step over all ranks; -1 = local_batch_size x data-parallel degree (no accumulation)."""
     seq_len: int = 2048
     """Tokens per sequence."""
+    loss_chunk_size: int = 0
+    """Compute the output projection and loss this many positions at a time, so the full (batch, seq_len, vocab) logits never exist at once (for long sequences); 0 = all at once."""
     max_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still reported)."""
     steps: int = 10000
@@ -118,7 +120,9 @@ class Parallelism:
     tensor_parallel_degree: int = 1
     """Tensor parallel degree (with sequence parallel); must divide model n_heads."""
     context_parallel_degree: int = 1
-    """Context parallel degree (reserved: not yet supported, must be 1)."""
+    """Context parallel degree: ranks each sequence is split across (ring attention); needs model.max_seq_len = training.seq_len."""
+    context_parallel_rotate_method: Literal["allgather", "alltoall"] = "allgather"
+    """How context parallel's ring attention exchanges K/V: allgather (one all-gather) or alltoall (ring of point-to-point exchanges)."""
     pipeline_parallel_degree: int = 1
     """Pipeline parallel degree: ranks the layers are split across (1 disables it)."""
     pipeline_parallel_schedule: str = "1F1B"

@@ -27,6 +27,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "training.global_batch_size": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "training.seq_len": (">= 2", lambda v: v >= 2),
     "training.max_norm": (">= 0", lambda v: v >= 0),
+    "training.loss_chunk_size": (">= 0 (0 = no chunking)", lambda v: v >= 0),
     "training.steps": (">= 1", lambda v: v >= 1),
     "training.gc_freq": (">= 0", lambda v: v >= 0),
     "metrics.log_freq": (">= 1", lambda v: v >= 1),

@@ -87,11 +87,6 @@ class ParallelDims:
                 f"parallelism.expert_parallel_degree={p.expert_parallel_degree} is reserved until MoE models "
                 "exist: set it to 1"
             )
-        if p.context_parallel_degree != 1:
-            raise ConfigError(
-                f"parallelism.context_parallel_degree={p.context_parallel_degree}: context parallel is not "
-                "supported yet; set it to 1"
-            )
         if p.enable_async_tensor_parallel and p.tensor_parallel_degree <= 1:
             # The compile.enable part is checked by config/validate.py, the CUDA part by parallelize.
             raise ConfigError(
@@ -155,6 +150,23 @@ class ParallelDims:
                     f" x 2 x context_parallel_degree({self.cp}) = {unit} (sequence-parallel shards and "
                     f"context-parallel load balancing); try {_round_up(training.seq_len, unit)}"
                 )
+        if self.cp > 1 and model_args.max_seq_len != training.seq_len:
+            raise ConfigError(
+                f"model.max_seq_len={model_args.max_seq_len} must equal training.seq_len={training.seq_len} with "
+                f"context_parallel_degree={self.cp}: context parallel shards the RoPE table along the sequence "
+                f"with the batch, so it must cover exactly one sequence; set model.max_seq_len={training.seq_len} "
+                "(or leave it unset)"
+            )
+        if training.loss_chunk_size and (self.pp_enabled or self.loss_parallel_enabled):
+            why = (
+                "pipeline parallel computes the loss inside the schedule's last stage"
+                if self.pp_enabled
+                else "loss parallel already keeps the logits sharded on the vocabulary (or set "
+                "parallelism.disable_loss_parallel=true to chunk the gathered logits instead)"
+            )
+            raise ConfigError(
+                f"training.loss_chunk_size={training.loss_chunk_size} does not work with this layout: {why}; set it to 0"
+            )
         if training.local_batch_size < 1:
             raise ConfigError(f"training.local_batch_size={training.local_batch_size} must be >= 1")
         per_step = training.local_batch_size * self.dp_degree
@@ -228,10 +240,11 @@ class ParallelDims:
                 elif present:
                     self._slot.meshes[flat] = mesh[present]._flatten(flat)
             if self.dp_replicate > 1 and self.dp_shard * self.cp > 1:
-                # HSDP: fully_shard takes a 2D (replicate, shard) mesh.
-                if self.cp > 1:
-                    raise NotImplementedError("HSDP with context parallel")  # cp > 1 is rejected by from_config
-                self._slot.meshes["hsdp"] = mesh[("dp_replicate", "dp_shard")]
+                # HSDP: fully_shard takes a 2D (replicate, shard) mesh; with CP the shard dim is the
+                # flattened dp_shard x cp (sliced from the root by the name _flatten gave it).
+                shard_dims = [d for d in ("dp_shard", "cp") if d in names]
+                shard = "dp_shard_cp" if len(shard_dims) == 2 else shard_dims[0]
+                self._slot.meshes["hsdp"] = mesh[("dp_replicate", shard)]
             self._slot.root = mesh
             logger.info("device mesh %s", dict(zip(names, (self._degree(n) for n in names))))
         self._slot.built = True
@@ -269,6 +282,13 @@ class ParallelDims:
     def pp_group(self) -> dist.ProcessGroup | None:
         """Group of the pipeline ranks that hold the other stages of this rank's model replica."""
         m = self.get_mesh("pp")
+        return None if m is None else m.get_group()
+
+    @property
+    def batch_group(self) -> dist.ProcessGroup | None:
+        """Group over which the global batch is split (dp = dp_replicate x dp_shard): token counts are
+        summed over it. CP ranks share their batch, so it excludes cp; None if 1."""
+        m = self.get_mesh("dp")
         return None if m is None else m.get_group()
 
     @property

@@ -137,14 +137,17 @@ class Transformer(nn.Module):
         a = self.args
         return precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling).to(device)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, skip_output: bool = False) -> torch.Tensor:
         # tokens: (bs, seqlen) ids on the first pipeline stage, (bs, seqlen, dim) hidden states after it.
+        # skip_output: return the final-norm hidden states; the caller applies `output` (chunked loss).
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         freqs_cis = self.freqs_cis[: h.shape[1]]
         for layer in self.layers.values():
             h = layer(h, freqs_cis)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h  # (bs, seqlen, vocab) on the last stage
+        if skip_output or self.output is None:
+            return h
+        return self.output(h)  # (bs, seqlen, vocab) on the last stage
 
     @torch.no_grad()
     def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:

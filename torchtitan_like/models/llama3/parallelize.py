@@ -4,7 +4,10 @@
 1. tensor parallel (+ sequence parallel, loss parallel): it rewrites the Linear/Embedding/Norm
    parameters into DTensors on the "tp" mesh, which the later passes then wrap; float8 tensorwise
    linears get torchao's float8-aware styles;
-2. [later: context parallel];
+2. context parallel changes no module: the trainer runs forward and backward inside
+   `distributed/context_parallel.py`'s context, which shards the batch and the RoPE table along the
+   sequence and turns SDPA into ring attention over the "cp" mesh; FSDP below shards over
+   dp_shard x cp, so the cp ranks' partial gradients are summed by its reduce-scatter;
    (the pipeline split happens before this file: with PP it is called once per model part);
 3. activation checkpointing: wraps each block, so compile traces the recomputation too;
 4. torch.compile per block (fullgraph), on the (checkpoint-wrapped) TP block;
