@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from torchtitan_like.components.metrics import MetricsLogger
 from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
-from torchtitan_like.components.optimizer import build_optimizers
+from torchtitan_like.components.optimizer import build_optimizers, check_optimizer
 from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
 from torchtitan_like.components.validation import Validator, build_validation_dataset, check_layout
@@ -40,9 +41,11 @@ from torchtitan_like.distributed.health import check_collectives, log_ranks, nam
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.pipeline import Pipeline, PipelinePlan, log_plan, plan_pipeline, split_model
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from torchtitan_like.distributed.tensor_parallel import shard_replicated_grads
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
 from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
+from torchtitan_like.models.llama3.args import TransformerArgs
 from torchtitan_like.models.llama3.parallelize import parallelize_llama
 
 logger = logging.getLogger(__name__)
@@ -52,13 +55,65 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_CHECK_TIMEOUT_S = 60.0
 
 
+@dataclass(frozen=True)
+class CheckedJob:
+    """What `check_job` resolved: the model shape, the parallel degrees and the pipeline plan."""
+
+    model_args: TransformerArgs
+    parallel_dims: ParallelDims
+    pp_plan: PipelinePlan | None
+
+
+def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
+    """Every check of a job that needs neither a process group nor a model: raises ConfigError naming
+    the keys. The trainer runs it first; the planner runs it on each layout it considers."""
+    spec = MODELS[cfg.model.name]
+    model_args = spec.flavors[cfg.model.flavor].with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len)
+    if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
+        raise ConfigError(
+            f"checkpoint.create_seed_checkpoint=true runs on one process, not {world_size}: use NGPU=1 "
+            "(the seed checkpoint then loads under any layout)"
+        )
+    if cfg.debug.fail_at_step and cfg.debug.fail_rank >= world_size:
+        raise ConfigError(
+            f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this world of {world_size}: "
+            f"use -1 (every rank) or 0..{world_size - 1}"
+        )
+    parallel_dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    parallel_dims.validate(model_args=model_args, training=cfg.training)
+    if parallel_dims.cp_enabled:
+        rotate = cfg.parallelism.context_parallel_rotate_method
+        if rotate not in supported_rotate_methods():
+            raise ConfigError(
+                f"parallelism.context_parallel_rotate_method={rotate!r} is not offered by torch {torch.__version__}: "
+                f"use one of {', '.join(supported_rotate_methods())}"
+            )
+    if cfg.validation.enable:
+        check_layout(cfg.validation, tp=parallel_dims.tp, cp=parallel_dims.cp, pp=parallel_dims.pp)
+    pp_plan = None
+    if parallel_dims.pp_enabled:
+        pp_plan = plan_pipeline(
+            cfg.parallelism,
+            n_layers=model_args.n_layers,
+            local_batch_size=cfg.training.local_batch_size,
+            tie_word_embeddings=model_args.tie_word_embeddings,
+            compile_model=cfg.compile.enable and "model" in cfg.compile.components,
+        )
+    return CheckedJob(model_args=model_args, parallel_dims=parallel_dims, pp_plan=pp_plan)
+
+
 class Trainer:
     """One training job. `train()` runs it; `close()` releases files and the process group."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, *, dry_run_device: str | None = None):
+        """dry_run_device: build for a dry run (`torchtitan_like.dry_run`) on a fake process group that
+        the caller initialized, as a job on that device type would: every config check and every model
+        pass runs, on the meta device; nothing touches the hardware, data, or checkpoints, and the
+        trainer cannot train. `model_parts` then hold meta (D)Tensors with this rank's local shapes."""
         self.cfg = cfg
+        self.dry_run = dry_run_device is not None
         self.rank, self.world_size = init_distributed(timeout_s=cfg.comm.init_timeout_seconds)
-        self.device = local_device()
+        self.device = torch.device(dry_run_device) if dry_run_device is not None else local_device()
         self.train_state = TrainState()
         self.history: list[dict[str, float]] = []
         self.preemption = PreemptionWatcher()
@@ -68,51 +123,27 @@ class Trainer:
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         # 1. Everything that can be checked without building the model, before building it.
-        spec = MODELS[cfg.model.name]
-        self.model_args = spec.flavors[cfg.model.flavor].with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len)
-        if cfg.checkpoint.create_seed_checkpoint and self.world_size != 1:
-            raise ConfigError(
-                f"checkpoint.create_seed_checkpoint=true runs on one process, not {self.world_size}: use NGPU=1 "
-                "(the seed checkpoint then loads under any layout)"
-            )
-        if cfg.debug.fail_at_step and cfg.debug.fail_rank >= self.world_size:
-            raise ConfigError(
-                f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this world of {self.world_size}: "
-                f"use -1 (every rank) or 0..{self.world_size - 1}"
-            )
-        self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.world_size)
-        self.parallel_dims.validate(model_args=self.model_args, training=cfg.training)
-        if self.parallel_dims.cp_enabled:
-            rotate = cfg.parallelism.context_parallel_rotate_method
-            if rotate not in supported_rotate_methods():
-                raise ConfigError(
-                    f"parallelism.context_parallel_rotate_method={rotate!r} is not offered by torch {torch.__version__}: "
-                    f"use one of {', '.join(supported_rotate_methods())}"
-                )
+        checked = check_job(cfg, self.world_size)
+        self.model_args, self.parallel_dims, self.pp_plan = checked.model_args, checked.parallel_dims, checked.pp_plan
         validating = cfg.validation.enable
-        if validating:
-            check_layout(cfg.validation, tp=self.parallel_dims.tp, cp=self.parallel_dims.cp, pp=self.parallel_dims.pp)
-        compile_model = cfg.compile.enable and "model" in cfg.compile.components
-        self.pp_plan: PipelinePlan | None = None
-        if self.parallel_dims.pp_enabled:
-            self.pp_plan = plan_pipeline(
-                cfg.parallelism,
-                n_layers=self.model_args.n_layers,
-                local_batch_size=cfg.training.local_batch_size,
-                tie_word_embeddings=self.model_args.tie_word_embeddings,
-                compile_model=compile_model,
-            )
+        # A dry run for GPUs on a machine without one keeps its (fake) mesh on CPU: FSDP asks the mesh's
+        # device for the current device index; the shards' shapes do not depend on it.
+        mesh_device = "cpu" if self.dry_run and not torch.cuda.is_available() else self.device.type
+        self.parallel_dims.build_mesh(mesh_device)
+        self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
+        if self.dry_run:
+            check_optimizer(cfg.optimizer, device_type=self.device.type)
+            self._build_model_parts()
+            return
         tokenizer = None
         if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
-        self.parallel_dims.build_mesh(self.device.type)
         log_ranks(self.device)
         check_collectives(
             named_meshes(self.parallel_dims), self.device,
             timeout_s=min(cfg.comm.init_timeout_seconds, COLLECTIVE_CHECK_TIMEOUT_S),
         )
-        self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
         self.dataloader = build_dataloader(
             training=cfg.training,
             tokenizer=tokenizer,
@@ -138,45 +169,7 @@ class Trainer:
                 loss_context=self._loss_ctx, amp_context=self._amp,
             )
 
-        # 2. Model: meta -> converters (float8) -> parallelize -> materialize -> init.
-        self.float8 = build_float8_converter(
-            cfg.model.converters,
-            cfg.quantize.linear.float8,
-            parallel_dims=self.parallel_dims,
-            device=self.device,
-            param_dtype=param_dtype(cfg.training.mixed_precision_param, self.device.type),
-        )
-        compiling = cfg.compile.enable
-        # Created before anything compiles, so it sees every compile (and recompile) of the run.
-        self.compile_monitor = CompileMonitor() if compiling else None
-        with torch.device("meta"):
-            whole = spec.build(self.model_args)
-        if self.float8 is not None:
-            self.float8.convert(whole)
-        pp_rank = self.parallel_dims.pp_rank
-        if self.pp_plan is not None:
-            # One model part per stage this rank runs; every other module is deleted from it.
-            parts = [split_model(whole, self.pp_plan.fqns_per_stage[s]) for s in self.pp_plan.stage_ids(pp_rank)]
-            del whole
-        else:
-            parts = [whole]
-        self.model_parts: list[nn.Module] = []
-        for part in parts:
-            part = parallelize_llama(
-                part,
-                self.parallel_dims,
-                parallelism=cfg.parallelism,
-                training=cfg.training,
-                device_type=self.device.type,
-                activation_checkpoint=cfg.activation_checkpoint,
-                compile_config=cfg.compile,
-                float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
-            )
-            part.to_empty(device=self.device)
-            with torch.no_grad():
-                part.init_weights(cfg.debug.seed, buffer_device=self.device)
-            part.train()
-            self.model_parts.append(part)
+        self._build_model_parts()
         self._log_model()
 
         # 3. Optimizer, LR schedule, loss, pipeline schedule, metrics.
@@ -186,7 +179,7 @@ class Trainer:
         self.loss_parallel = self.parallel_dims.loss_parallel_enabled
         self.loss_fn = cross_entropy_sum
         self.loss_chunk_size = cfg.training.loss_chunk_size
-        if compiling and "loss" in cfg.compile.components:
+        if cfg.compile.enable and "loss" in cfg.compile.components:
             self.loss_fn = compile_loss(cross_entropy_sum, backend=cfg.compile.backend)
         self.pipeline: Pipeline | None = None
         self._pp_denominator = 1.0
@@ -195,10 +188,10 @@ class Trainer:
             pp_group = self.parallel_dims.pp_group
             assert pp_group is not None
             self.pipeline = Pipeline(
-                self.pp_plan, pp_rank=pp_rank, parts=self.model_parts, pp_group=pp_group, device=self.device,
-                loss_fn=self._pp_loss,
+                self.pp_plan, pp_rank=self.parallel_dims.pp_rank, parts=self.model_parts, pp_group=pp_group,
+                device=self.device, loss_fn=self._pp_loss,
             )
-            log_plan(self.pp_plan, pp_rank)
+            log_plan(self.pp_plan, self.parallel_dims.pp_rank)
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -236,6 +229,53 @@ class Trainer:
             tokens_per_step, cfg.training.local_batch_size, self.grad_accum, self.world_size, self.device,
             str(self.param_dtype).removeprefix("torch."),
         )
+
+    def _build_model_parts(self) -> None:
+        """2. Model: meta -> converters (float8) -> pipeline split -> parallelize -> materialize -> init
+        (a dry run stops before materializing: the parts stay on meta)."""
+        cfg, spec = self.cfg, MODELS[self.cfg.model.name]
+        self.float8 = build_float8_converter(
+            cfg.model.converters,
+            cfg.quantize.linear.float8,
+            parallel_dims=self.parallel_dims,
+            device=self.device,
+            param_dtype=param_dtype(cfg.training.mixed_precision_param, self.device.type),
+            check_device=not self.dry_run,
+        )
+        compiling = cfg.compile.enable
+        # Created before anything compiles, so it sees every compile (and recompile) of the run.
+        self.compile_monitor = CompileMonitor() if compiling and not self.dry_run else None
+        with torch.device("meta"):
+            whole = spec.build(self.model_args)
+        if self.float8 is not None:
+            self.float8.convert(whole)
+        pp_rank = self.parallel_dims.pp_rank
+        if self.pp_plan is not None:
+            # One model part per stage this rank runs; every other module is deleted from it.
+            parts = [split_model(whole, self.pp_plan.fqns_per_stage[s]) for s in self.pp_plan.stage_ids(pp_rank)]
+            del whole
+        else:
+            parts = [whole]
+        self.model_parts: list[nn.Module] = []
+        for part in parts:
+            part = parallelize_llama(
+                part,
+                self.parallel_dims,
+                parallelism=cfg.parallelism,
+                training=cfg.training,
+                device_type=self.device.type,
+                activation_checkpoint=cfg.activation_checkpoint,
+                compile_config=cfg.compile,
+                float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
+            )
+            if not self.dry_run:
+                part.to_empty(device=self.device)
+                with torch.no_grad():
+                    part.init_weights(cfg.debug.seed, buffer_device=self.device)
+                if self.parallel_dims.tp_enabled and not self.parallel_dims.fsdp_enabled:
+                    shard_replicated_grads(part)
+            part.train()
+            self.model_parts.append(part)
 
     @property
     def step(self) -> int:

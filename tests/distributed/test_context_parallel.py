@@ -20,7 +20,7 @@ import pytest
 from harness import run_on_ranks
 from torchtitan_like.components.manifest import complete_steps
 from torchtitan_like.distributed.context_parallel import supported_rotate_methods
-from trainer_runs import LAYOUTS, assert_same_training, merged_params, train_run, trainer_argv
+from trainer_runs import LAYOUTS, assert_same_training, assert_state_matches_dry_run, merged_params, train_run, trainer_argv
 
 STEPS = 10
 CKPT = ("--checkpoint.enable", "--checkpoint.interval", "5")
@@ -82,3 +82,4 @@ def test_cp_on_4_ranks_alone_and_with_fsdp_tp_pp(reference: dict, tmp_path: Path
         for r, out in enumerate(per_rank):
             assert_same_training(out, reference, f"{name} (rank {r})")
         assert_same_training(per_rank[0], reference, name, params=merged_params(per_rank))
+        assert_state_matches_dry_run(argv, 4, per_rank, check_ranks=[0, 3])

@@ -32,8 +32,12 @@ STEPS = 20
 SHORT = 5  # composition runs: the schedule is that of a 5-step run, so is its reference's
 REL_TOL = 0.015
 
+# Emulated matmuls (the casts, scales and float8 all-gathers are real): oneDNN has only a reference
+# float8 matmul on most CPUs, ~1000x slower than fp32 (CPU_NOTES); test_float8.py checks the real
+# kernel against emulation, linear by linear.
+EMULATE = ("--quantize.linear.float8.emulate",)
 F8_FSDP = (
-    "--model.converters", "float8",
+    "--model.converters", "float8", *EMULATE,
     "--quantize.linear.float8.enable_fsdp_float8_all_gather",
     "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp",
 )
@@ -47,7 +51,7 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     ),
     "tp2_f8": (
         "--parallelism.data_parallel_shard_degree", "1", "--parallelism.tensor_parallel_degree", "2",
-        "--training.local_batch_size", "2", "--model.converters", "float8",
+        "--training.local_batch_size", "2", "--model.converters", "float8", *EMULATE,
         "--compile.enable", "--compile.backend", "aot_eager", "--training.steps", str(SHORT),
     ),
 }

@@ -19,7 +19,7 @@ import torch
 from harness import run_on_ranks
 from torchtitan_like.components.manifest import complete_steps
 from torchtitan_like.distributed.pipeline import available_schedules
-from trainer_runs import LAYOUTS, assert_same_training, merged_params, series, train_run, trainer_argv
+from trainer_runs import LAYOUTS, assert_same_training, assert_state_matches_dry_run, merged_params, series, train_run, trainer_argv
 
 STEPS = 6  # the grad-norm clip (max_norm 1) is active from step 2
 # assert_same_training: the tolerances and reasons of test_trainer_parity.py (seen here: loss <= 3e-7,
@@ -80,12 +80,13 @@ def test_pp_composes_with_fsdp_and_tp(layout: str, reference: dict, tmp_path: Pa
     argv = trainer_argv(tmp_path / "run", layout, "--parallelism.pipeline_parallel_schedule", schedule, steps=STEPS)
     ranks = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
     assert_same_training(ranks[0], reference, layout, params=merged_params(ranks))
+    assert_state_matches_dry_run(argv, world, ranks, check_ranks=[0, world - 1])
 
 
 FEATURES = (
     "--activation_checkpoint.mode", "full",
     "--compile.enable", "--compile.backend", "aot_eager",  # AOT autograd: the joint graph PP runs backward on
-    "--model.converters", "float8",
+    "--model.converters", "float8", "--quantize.linear.float8.emulate",  # CPU float8 matmul: see test_float8_fsdp.py
 )
 
 

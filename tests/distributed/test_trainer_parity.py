@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness import run_on_ranks
-from trainer_runs import LAYOUTS, train_run, trainer_argv
+from trainer_runs import LAYOUTS, assert_state_matches_dry_run, train_run, trainer_argv
 
 STEPS = 10
 MAX_NORM = 1.0  # training.max_norm in debug_model.toml
@@ -78,3 +78,5 @@ def test_trainer_matches_one_process(layout: str, reference: dict, tmp_path) -> 
         torch.testing.assert_close(
             params[name], w, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{layout} final {name}: {m}"
         )
+    # The state memory each rank held is what the dry run and the planner say it holds.
+    assert_state_matches_dry_run(argv, world, ranks, check_ranks=sorted({0, world - 1}))

@@ -88,6 +88,17 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
         ),
     ),
     # Context parallel: the cp ranks of a data-parallel group share their batch.
+    # 3D: two pipeline stages, each FSDP(2) x TP(2).
+    "pp2xfsdp2xtp2": (
+        8,
+        (
+            "--parallelism.pipeline_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "4",
+            "--parallelism.pipeline_parallel_microbatch_size", "2",
+        ),
+    ),
     "cp2": (
         2,
         (
@@ -210,6 +221,7 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     from torchtitan_like.trainer import Trainer
 
     trainer = Trainer(load_config(argv))
+    grad_bytes = _record_grad_bytes(trainer.optimizers)
     if crash_at_step is not None:
         train_step = trainer.train_step
 
@@ -227,11 +239,58 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     finally:
         trainer.close()
     out: dict = {"history": trainer.history, "crashed": crashed}
+    out["state"] = {
+        "params": sum(_local_bytes(p) for part in trainer.model_parts for p in part.parameters()),
+        "grads": grad_bytes[0],
+        "optimizer": sum(_local_bytes(t) for o in trainer.optimizers for st in o.state.values() for t in st.values()),
+    }
     if not crashed:
         params = full_params(trainer.model_parts)
         if not dist.is_initialized() or dist.get_rank() == 0 or trainer.parallel_dims.pp_enabled:
             out["params"] = params
     return out
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def _record_grad_bytes(optimizers: list[torch.optim.Optimizer]) -> list[int]:
+    """Make each optimizer step first record the bytes of the gradients it is about to apply (the
+    moment they all exist); returns the one-element list the latest step's total lands in."""
+    total = [0]
+    for opt in optimizers:
+        step = opt.step
+
+        def recording_step(*args, _opt=opt, _step=step, **kwargs):
+            if _opt is optimizers[0]:
+                total[0] = 0
+            total[0] += sum(_local_bytes(p.grad) for g in _opt.param_groups for p in g["params"] if p.grad is not None)
+            return _step(*args, **kwargs)
+
+        opt.step = recording_step
+    return total
+
+
+def assert_state_matches_dry_run(argv: list[str], world: int, ranks: list[dict], *, check_ranks: list[int]) -> None:
+    """The parameter / gradient / optimizer bytes each rank in `check_ranks` held in the real run
+    equal what the dry run builds for that rank and what the planner predicts without building."""
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.dry_run import dry_run
+    from torchtitan_like.planner.state import predicted_state_bytes
+    from torchtitan_like.trainer import check_job
+
+    checked = check_job(load_config(argv), world)
+    for rank in check_ranks:
+        report = dry_run(argv, world_size=world, rank=rank, device="cpu")
+        dry = report["state_bytes"]
+        real = ranks[rank]["state"]
+        assert {k: dry[k] for k in real} == real, f"rank {rank}: dry run {dry} != real run {real}"
+        plan = checked.pp_plan
+        stages = None if plan is None else [plan.fqns_per_stage[s] for s in report["stages"]]
+        predicted = predicted_state_bytes(checked.model_args, report["layout"], rank=rank, stage_fqns=stages)
+        assert predicted.as_dict() == dry, f"rank {rank}: planner {predicted.as_dict()} != dry run {dry}"
 
 
 def merged_params(ranks: list[dict]) -> dict[str, torch.Tensor]:

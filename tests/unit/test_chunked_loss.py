@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
 from torchtitan_like.config.schema import Parallelism, Training

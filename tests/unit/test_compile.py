@@ -60,7 +60,7 @@ def test_compile_composes_with_selective_ac_and_float8(tmp_path):
         tmp_path,
         "--compile.enable", "--compile.backend", "aot_eager",
         "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
-        "--model.converters", "float8",
+        "--model.converters", "float8", "--quantize.linear.float8.emulate",  # CPU float8 matmul: see test_float8.py
     )
     got, want = torch.tensor(losses(trainer)), torch.tensor(baseline_losses())
     # float8's tolerance (see test_float8.py): 1.5% of the loss at every step.

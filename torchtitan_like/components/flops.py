@@ -38,6 +38,15 @@ def model_flops_per_token(args: TransformerArgs, seq_len: int, *, causal: bool =
     return float(attention + mlp + output)
 
 
+def peak_tflops_of(name: str, dtype: Literal["bf16", "fp8"] = "bf16") -> float | None:
+    """Peak dense TFLOPS of the GPU named `name` (e.g. "NVIDIA H100 80GB HBM3") from the table; None when
+    the table does not know it or it has no such tensor cores."""
+    for pattern, bf16, fp8 in _PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return bf16 if dtype == "bf16" else fp8
+    return None
+
+
 def peak_tflops(
     device: torch.device, dtype: Literal["bf16", "fp8"] = "bf16", override: float | None = None
 ) -> float | None:

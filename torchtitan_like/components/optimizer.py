@@ -16,17 +16,18 @@ def _fused_devices() -> set[str]:
     return set(_get_fused_kernels_supported_devices())
 
 
+def check_optimizer(cfg: Optimizer, *, device_type: str) -> None:
+    """Refuse what the optimizer cannot do on `device_type`, before anything is built."""
+    if cfg.implementation == "fused" and device_type not in _fused_devices():
+        raise ConfigError(
+            f"optimizer.implementation='fused' is not available on {device_type}: set it to 'foreach' or 'for-loop'"
+        )
+
+
 def build_optimizer(model_parts: list[nn.Module], cfg: Optimizer, *, device_type: str) -> torch.optim.Optimizer:
+    check_optimizer(cfg, device_type=device_type)
     params = [p for m in model_parts for p in m.parameters() if p.requires_grad]
-    impl = {"fused": False, "foreach": False}
-    if cfg.implementation == "fused":
-        if device_type not in _fused_devices():
-            raise ConfigError(
-                f"optimizer.implementation='fused' is not available on {device_type}: set it to 'foreach' or 'for-loop'"
-            )
-        impl["fused"] = True
-    elif cfg.implementation == "foreach":
-        impl["foreach"] = True
+    impl = {"fused": cfg.implementation == "fused", "foreach": cfg.implementation == "foreach"}
     cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
     return cls(
         params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, **impl

@@ -70,6 +70,13 @@ LLAMA3_FLAVORS: dict[str, TransformerArgs] = {
     "debugmodel": TransformerArgs(
         dim=256, n_layers=6, n_heads=16, n_kv_heads=8, vocab_size=2000, rope_theta=500000.0, max_seq_len=2048
     ),
+    # Wider debug models (the planner's CPU memory checks measure a few widths).
+    "debugmodel_w512": TransformerArgs(
+        dim=512, n_layers=4, n_heads=16, n_kv_heads=8, vocab_size=2000, rope_theta=500000.0, max_seq_len=2048
+    ),
+    "debugmodel_w1024": TransformerArgs(
+        dim=1024, n_layers=2, n_heads=16, n_kv_heads=8, vocab_size=2000, rope_theta=500000.0, max_seq_len=2048
+    ),
     # Llama 3.2 1B / 3B (tied embeddings, rope factor 32).
     "1B": TransformerArgs(
         dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, multiple_of=256,

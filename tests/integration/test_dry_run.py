@@ -1,0 +1,151 @@
+"""The dry run (COMM_MODE=fake_backend ./run_train.sh, torchtitan_like.dry_run): one process stands in
+for one rank of a job of any size, reports that rank's state bytes exactly, and fails a bad config the
+way the real run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG_CONFIG = "train_configs/debug_model.toml"
+
+# The 405B job of torchtitan's published runs: 512 GPUs as PP 8 x FSDP 8 x TP 8.
+ARGS_405B = [
+    "--model.flavor", "405B", "--training.seq_len", "8192", "--training.dataset", "synthetic",
+    "--parallelism.tensor_parallel_degree", "8", "--parallelism.pipeline_parallel_degree", "8",
+    "--training.local_batch_size", "16", "--activation_checkpoint.mode", "full",
+]
+
+
+def run_train(*args: str, env: dict[str, str], timeout: int = 60) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ, PYTHON=sys.executable, CONFIG_FILE=DEBUG_CONFIG, **env)
+    for key in ("COMM_MODE", "NNODES", "DRY_RUN_RANK", "DRY_RUN_DEVICE", "DRY_RUN_JSON"):
+        if key not in env:
+            full_env.pop(key, None)
+    return subprocess.run([str(ROOT / "run_train.sh"), *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def dry_405b(tmp_path: Path, rank: int) -> dict:
+    report = tmp_path / f"rank{rank}.json"
+    r = run_train(*ARGS_405B, env={"COMM_MODE": "fake_backend", "NGPU": "512", "DRY_RUN_RANK": str(rank),
+                                   "DRY_RUN_JSON": str(report)}, timeout=60)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "dry run OK" in r.stdout, r.stdout[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    return json.loads(report.read_text())
+
+
+def test_405b_on_512_ranks_reports_the_planners_state_bytes(tmp_path: Path) -> None:
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.planner.state import predicted_state_bytes, rank_coords
+    from torchtitan_like.trainer import check_job
+
+    cfg = load_config(["--job.config_file", str(ROOT / DEBUG_CONFIG), *ARGS_405B])
+    checked = check_job(cfg, 512)
+    plan = checked.pp_plan
+    assert plan is not None
+
+    stages = {}
+    for rank in (0, 511):
+        report = dry_405b(tmp_path, rank)
+        assert report["world_size"] == 512 and report["rank"] == rank
+        assert report["layout"] == {"dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 8, "pp": 8}
+        degrees = {k: report["layout"][k] for k in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
+        coords = rank_coords(rank, degrees)
+        # Rank 511 is the last of every mesh dim: pipeline rank 7, shard 7, TP rank 7.
+        assert report["coords"] == {k: coords[k] for k in ("pp", "dp_shard", "tp")}
+        assert report["stages"] == plan.stage_ids(coords["pp"])
+        stage_fqns = [plan.fqns_per_stage[s] for s in plan.stage_ids(coords["pp"])]
+        predicted = predicted_state_bytes(checked.model_args, degrees, rank=rank, stage_fqns=stage_fqns)
+        assert report["state_bytes"]["params"] == predicted.params, rank
+        assert report["state_bytes"] == predicted.as_dict(), rank
+        assert predicted.params > 0
+        stages[rank] = report["stages"]
+    assert report["coords"] == {"pp": 7, "dp_shard": 7, "tp": 7}
+    # The first and the last pipeline rank run different stages.
+    assert stages[0] != stages[511] and not set(stages[0]) & set(stages[511])
+
+
+def _error_line(output: str) -> str:
+    """The one `error:` line of a run, without torchrun's `[rankN]:` prefix."""
+    errors = [re.sub(r"^\[rank\d+\]:", "", line) for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1, output[-3000:]
+    return errors[0]
+
+
+def test_a_config_error_fails_the_same_way_in_the_dry_run_and_the_real_run(tmp_path: Path) -> None:
+    # seq_len 102 is not a multiple of tp x 2 = 4: the sequence-parallel check, which needs the world
+    # to be right (2 ranks for tp 2) to be reached.
+    args = ["--training.seq_len", "102", "--parallelism.tensor_parallel_degree", "2",
+            "--job.dump_folder", str(tmp_path / "out")]
+    dry = run_train(*args, env={"COMM_MODE": "fake_backend", "NGPU": "2"}, timeout=60)
+    real = run_train(*args, env={"NGPU": "2"}, timeout=60)
+    for name, r in (("dry", dry), ("real", real)):
+        assert r.returncode == 2, f"{name}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        assert "Traceback" not in r.stdout + r.stderr, name
+    dry_error, real_error = _error_line(dry.stderr), _error_line(real.stderr)
+    assert dry_error.startswith("error: training.seq_len=102 must be divisible by tensor_parallel_degree(2)"), dry_error
+    assert dry_error == real_error
+    assert "dry run OK" not in dry.stdout
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # the real run stopped before training
+
+
+def test_an_unknown_comm_mode_is_refused(tmp_path: Path) -> None:
+    r = run_train("--job.dump_folder", str(tmp_path / "out"), env={"COMM_MODE": "bogus", "NGPU": "1"}, timeout=60)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stderr.startswith("error: COMM_MODE=bogus is not a mode"), r.stderr
+    assert "fake_backend" in r.stderr
+    assert not (tmp_path / "out").exists()  # neither a real run nor a dry run started
+
+
+FSDP_ARGV = ["--job.config_file", str(ROOT / DEBUG_CONFIG), "--training.dataset", "synthetic"]
+
+
+@pytest.mark.parametrize("world", [4, 3])
+def test_fsdp_shards_of_every_rank_add_up_to_the_model(world: int) -> None:
+    import torch.distributed as dist
+
+    from torchtitan_like.dry_run import dry_run
+    from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS
+
+    # 6 layers x 786_944 + embedding and output 2 x 2000 x 256 + final norm 256 (tests/unit/test_planner.py).
+    n_params = 5_745_920
+    assert LLAMA3_FLAVORS["debugmodel"].num_params() == n_params
+    argv = [*FSDP_ARGV, "--parallelism.data_parallel_shard_degree", str(world)]
+    reports = []
+    for rank in range(world):
+        report = dry_run(argv, world_size=world, rank=rank, device="cpu")
+        assert not dist.is_initialized(), f"rank {rank}: the dry run left a process group behind"
+        assert report["rank"] == rank and report["layout"]["dp_shard"] == world
+        assert report["coords"] == {"dp_shard": rank}
+        reports.append(report["state_bytes"])
+    # FSDP shards partition every tensor: the local elements add up to the model, and every rank holds
+    # a shard of each of the 57 tensors.
+    assert sum(s["n_elements"] for s in reports) == n_params
+    assert all(s["n_tensors"] == 57 for s in reports)
+    assert sum(s["params"] for s in reports) == 4 * n_params  # fp32
+    if world == 3:
+        # Uneven chunks (2000 -> 667, 667, 666): the last rank holds less than the first.
+        assert reports[0]["n_elements"] > reports[2]["n_elements"]
+
+
+def test_a_failing_dry_run_leaves_no_process_group() -> None:
+    import torch.distributed as dist
+
+    from torchtitan_like.dry_run import dry_run
+    from torchtitan_like.errors import ConfigError, TrainerError
+
+    with pytest.raises(ConfigError, match=r"parallelism\.tensor_parallel_degree=3 must divide"):
+        dry_run([*FSDP_ARGV, "--parallelism.tensor_parallel_degree", "3"], world_size=3, rank=0, device="cpu")
+    assert not dist.is_initialized()
+    with pytest.raises(TrainerError, match="--rank 4 must be in 0..3"):
+        dry_run(FSDP_ARGV, world_size=4, rank=4, device="cpu")
+    assert not dist.is_initialized()

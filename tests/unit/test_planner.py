@@ -1,0 +1,438 @@
+"""The planner's cost components (torchtitan_like/planner/), each against a value worked out by hand.
+
+Every expected number here is written out as arithmetic from the formula in the component's docstring,
+with small shapes (the debug model, or tiny TransformerArgs) and a hardware profile of round numbers,
+never by calling the component a second time. No process group, no model on a real device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtitan_like.components.flops import model_flops_per_token
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS, TransformerArgs
+from torchtitan_like.planner.hardware import BUILTIN_PROFILES, HardwareProfile, load_profile
+from torchtitan_like.planner.layout import FEATURES, Layout, PlanInputs, check
+from torchtitan_like.planner.memory import (
+    MemoryEstimate,
+    activation_bytes_per_block,
+    block_params,
+    estimate_memory,
+    in_flight_chunks,
+    peak_memory,
+)
+from torchtitan_like.planner.plan import GIB, make_plan
+from torchtitan_like.planner.state import (
+    StateBytes,
+    chunk_size,
+    predicted_state_bytes,
+    rank_coords,
+    state_from_local,
+)
+from torchtitan_like.planner.step_time import StepTime, _collective_s, estimate_step_time, link_gbps, throughput
+
+DEBUG = LLAMA3_FLAVORS["debugmodel"]
+DEBUG_ARGV = ("--model.name", "llama3", "--model.flavor", "debugmodel")
+
+# ---- the debug model counted by hand ------------------------------------------------------------
+# dim 256, 16 heads -> head_dim 16; 8 kv heads -> kv dim 8 x 16 = 128.
+# ffn_hidden_dim: int(2 x 4 x 256 / 3) = int(682.67) = 682, rounded up to multiple_of 256 -> 768.
+H, KVD, FFN, VOCAB, LAYERS = 256, 128, 768, 2000, 6
+WQ = WO = H * H  # 65_536 each
+WK = WV = KVD * H  # 32_768 each
+W1 = W2 = W3 = FFN * H  # 196_608 each
+NORMS = 2 * H  # attention_norm + ffn_norm
+PER_LAYER = WQ + WK + WV + WO + W1 + W2 + W3 + NORMS  # 786_944
+EMBEDDING = OUTPUT = VOCAB * H  # 512_000 each (not tied)
+FINAL_NORM = H
+DEBUG_PARAMS = LAYERS * PER_LAYER + EMBEDDING + OUTPUT + FINAL_NORM  # 5_745_920
+DEBUG_TENSORS = LAYERS * 9 + 3  # 9 per layer; embedding, final norm, output
+
+
+# A profile of round numbers, so the step-time arithmetic below stays readable.
+ROUND_HW = HardwareProfile(
+    name="round", peak_bf16_tflops=100.0, peak_fp8_tflops=200.0, hbm_gib=80.0, hbm_gbps=1000.0,
+    intra_node_gbps=100.0, inter_node_gbps=10.0, gpus_per_node=8, gemm_efficiency=0.5, fp8_gemm_efficiency=0.25,
+    attention_efficiency=0.25, link_efficiency=0.5, reserved_gib=2.0,
+)
+
+
+def one_gpu_candidate(*, ac: str = "none", seq_len: int = 64, batch: int = 2):
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=1, hardware=ROUND_HW, seq_len=seq_len,
+                        global_batch_size=batch, compile=True)
+    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=batch, microbatch_size=batch, ac=ac)
+    return check(inputs, layout)
+
+
+def test_hand_count_of_the_debug_model_matches_its_own_args():
+    # Guards the constants above (a flavor change would otherwise make every test below vacuous).
+    assert DEBUG.ffn_hidden_dim == FFN and DEBUG.kv_heads * DEBUG.head_dim == KVD
+    assert DEBUG_PARAMS == 5_745_920
+    assert DEBUG.num_params() == DEBUG_PARAMS
+
+
+# ---- state.py -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, parts, sizes",
+    [
+        (8, 4, [2, 2, 2, 2]),  # even
+        (10, 4, [3, 3, 3, 1]),  # ceil(10/4) = 3: 3 + 3 + 3, the last gets what is left
+        (5, 4, [2, 2, 1, 0]),  # ceil(5/4) = 2: 2 + 2 + 1, then an empty chunk
+        (2, 4, [1, 1, 0, 0]),  # two empty trailing chunks
+        (2000, 3, [667, 667, 666]),  # the debug model's vocabulary over 3 FSDP ranks
+    ],
+)
+def test_chunk_size_splits_like_torch_chunk(n, parts, sizes):
+    assert [chunk_size(n, parts, i) for i in range(parts)] == sizes
+    assert sum(sizes) == n
+
+
+def test_rank_coords_follow_the_mesh_order_last_dim_fastest():
+    degrees = {"pp": 2, "dp_replicate": 3, "dp_shard": 2, "cp": 2, "tp": 2}  # 48 ranks
+    # Mesh order pp, dp_replicate, dp_shard, cp, tp, tp fastest:
+    # rank = (((pp x 3 + dp_replicate) x 2 + dp_shard) x 2 + cp) x 2 + tp
+    # (1, 2, 0, 1, 1) -> (((1 x 3 + 2) x 2 + 0) x 2 + 1) x 2 + 1 = ((10 x 2 + 1) x 2) + 1 = 43.
+    assert rank_coords(43, degrees) == {"pp": 1, "dp_replicate": 2, "dp_shard": 0, "cp": 1, "tp": 1}
+    assert rank_coords(0, degrees) == {"pp": 0, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}
+    assert rank_coords(1, degrees)["tp"] == 1 and rank_coords(1, degrees)["cp"] == 0
+    assert rank_coords(24, degrees) == {"pp": 1, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}
+    # The same as the position of the rank in arange(world).reshape(degrees in mesh order), which is
+    # how init_device_mesh lays ranks out.
+    mesh = torch.arange(48).reshape(2, 3, 2, 2, 2)
+    for r in range(48):
+        pos = [int(i) for i in (mesh == r).nonzero()[0]]
+        assert rank_coords(r, degrees) == dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), pos)), r
+    # Missing dims have degree 1.
+    assert rank_coords(3, {"tp": 2, "dp_shard": 2}) == {"pp": 0, "dp_replicate": 0, "dp_shard": 1, "cp": 0, "tp": 1}
+
+
+def test_state_from_local_adam_bytes():
+    s = state_from_local([((3, 4), 4), ((5,), 2)])
+    # params: 12 x 4 + 5 x 2 = 58 bytes; grads the same; Adam: exp_avg + exp_avg_sq + a 4-byte step per tensor.
+    assert (s.params, s.grads, s.optimizer, s.n_tensors, s.n_elements) == (58, 58, 2 * 58 + 4 * 2, 2, 17)
+    assert s.total == 58 + 58 + 124
+
+
+def test_predicted_state_bytes_of_the_debug_model_on_one_rank():
+    s = predicted_state_bytes(DEBUG, {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1})
+    assert s.n_elements == DEBUG_PARAMS
+    assert s.n_tensors == DEBUG_TENSORS
+    assert s.params == 4 * DEBUG_PARAMS  # fp32
+    assert s.grads == s.params
+    assert s.optimizer == 2 * s.params + 4 * DEBUG_TENSORS
+    assert s.total == 4 * DEBUG_PARAMS * 4 + 4 * DEBUG_TENSORS
+
+
+def test_predicted_state_bytes_under_tp2_splits_the_linears_and_embeddings_not_the_norms():
+    # TP 2 halves wq, wk, wv, w1, w3 (output dim), wo, w2 (input dim), the embedding and output tables
+    # (vocabulary); the norms stay whole on each rank.
+    per_layer = (WQ + WK + WV + WO + W1 + W2 + W3) // 2 + NORMS  # 393_728
+    expected = LAYERS * per_layer + EMBEDDING // 2 + OUTPUT // 2 + FINAL_NORM  # 2_874_624
+    assert expected == 2_874_624
+    for rank in (0, 1):
+        s = predicted_state_bytes(DEBUG, {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 2}, rank=rank)
+        assert s.n_elements == expected, rank
+        assert s.n_tensors == DEBUG_TENSORS  # every tensor still exists on each rank, only smaller
+        assert s.params == 4 * expected and s.grads == s.params
+        assert s.optimizer == 2 * s.params + 4 * DEBUG_TENSORS
+
+
+def test_predicted_state_bytes_under_uneven_fsdp_shards_partition_every_tensor():
+    # FSDP 3: dim 0 in ceil-chunks. rank 0: 256 -> 86, 128 -> 43, 768 -> 256, 2000 -> 667, norms 256 -> 86.
+    # rank 2: 256 -> 84, 128 -> 42, 768 -> 256, 2000 -> 666.
+    degrees = {"pp": 1, "dp_replicate": 1, "dp_shard": 3, "cp": 1, "tp": 1}
+    r0 = LAYERS * (86 * H + 43 * H + 43 * H + 86 * H + 256 * H + 86 * FFN + 256 * H + 2 * 86) + 2 * 667 * H + 86
+    r2 = LAYERS * (84 * H + 42 * H + 42 * H + 84 * H + 256 * H + 84 * FFN + 256 * H + 2 * 84) + 2 * 666 * H + 84
+    got = [predicted_state_bytes(DEBUG, degrees, rank=r).n_elements for r in range(3)]
+    assert got[0] == r0 and got[2] == r2
+    assert sum(got) == DEBUG_PARAMS
+
+
+# ---- memory.py ----------------------------------------------------------------------------------
+
+TINY = TransformerArgs(dim=12, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+# head_dim 3, kv dim 2 x 3 = 6; ffn: int(2 x 48 / 3) = 32, a multiple of 16 -> 32.
+
+
+def test_tiny_args_shapes():
+    assert (TINY.head_dim, TINY.kv_heads * TINY.head_dim, TINY.ffn_hidden_dim) == (3, 6, 32)
+    # Per block: wq, wo 12 x 12; wk, wv 12 x 6; w1, w2, w3 12 x 32; two norms of 12.
+    assert block_params(TINY) == 2 * 144 + 2 * 72 + 3 * 384 + 24
+
+
+@pytest.mark.parametrize(
+    "ac, per_token",
+    [
+        # none, per token with tp 2 (h 12, kvd 6, ffn 32): attention_norm in 6, its gathered out 12, q 6,
+        # k 3, v 3, attention out 6, wo in 6, ffn_norm in 6, gathered out 12, w1, w3, silu, product 16 each.
+        ("none", 6 + 12 + 6 + 3 + 3 + 6 + 6 + 6 + 12 + 4 * 16),  # 124
+        # selective op: q 6, k 3, v 3, attention out 6, wo out 6, w2 out 6, w1 16, w3 16, block input 6.
+        ("selective_op", 6 + 3 + 3 + 6 + 6 + 6 + 16 + 16 + 6),  # 68
+        # full: the block input only, h / tp.
+        ("full", 6),
+    ],
+)
+def test_activation_bytes_per_block(ac, per_token):
+    tokens, itemsize = 10, 2
+    got = activation_bytes_per_block(TINY, tokens=tokens, tp=2, ac=ac, itemsize=itemsize)
+    assert got == tokens * per_token * itemsize
+
+
+def test_activation_bytes_per_block_without_tp_and_unknown_mode():
+    # none, tp 1: 2 x 12 + 5 x 12 + 2 x 6 + 4 x 32 = 224 per token, fp32.
+    assert activation_bytes_per_block(TINY, tokens=3, tp=1, ac="none", itemsize=4) == 3 * 224 * 4
+    with pytest.raises(ValueError, match="selective"):
+        activation_bytes_per_block(TINY, tokens=3, tp=1, ac="selective", itemsize=4)
+
+
+def _pp_layout(schedule: str, pp: int = 4) -> Layout:
+    return Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=pp, local_batch_size=8, microbatch_size=1,
+                  pp_schedule=schedule)
+
+
+def test_in_flight_chunks():
+    # No PP: one microbatch.
+    one = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=8, microbatch_size=8)
+    assert in_flight_chunks(one, n_microbatches=1, stages_per_rank=1, pp_rank=0) == 1
+    # GPipe: every forward first: m x v = 8 x 1, on every rank.
+    for r in range(4):
+        assert in_flight_chunks(_pp_layout("GPipe"), n_microbatches=8, stages_per_rank=1, pp_rank=r) == 8
+    # 1F1B: pp - rank (4, 3, 2, 1), capped at m.
+    assert [in_flight_chunks(_pp_layout("1F1B"), n_microbatches=8, stages_per_rank=1, pp_rank=r)
+            for r in range(4)] == [4, 3, 2, 1]
+    assert in_flight_chunks(_pp_layout("1F1B"), n_microbatches=2, stages_per_rank=1, pp_rank=0) == 2
+    # Interleaved, v = 2, p = 4, m = 8: (v - 1) p + 2 (p - rank - 1) + 1 -> rank 0: 4 + 6 + 1 = 11,
+    # rank 3: 4 + 0 + 1 = 5; capped at m v = 16.
+    inter = _pp_layout("Interleaved1F1B")
+    assert in_flight_chunks(inter, n_microbatches=8, stages_per_rank=2, pp_rank=0) == 11
+    assert in_flight_chunks(inter, n_microbatches=8, stages_per_rank=2, pp_rank=3) == 5
+    # m = 4: m v = 8 < 11.
+    assert in_flight_chunks(inter, n_microbatches=4, stages_per_rank=2, pp_rank=0) == 8
+
+
+def _state(params: int) -> StateBytes:
+    return StateBytes(params=params, grads=params, optimizer=2 * params + 4, n_tensors=1, n_elements=params // 4)
+
+
+def test_memory_total_adds_the_larger_of_logits_and_recompute():
+    m = MemoryEstimate(pp_rank=0, state=_state(10), activations=100, logits=30, gathered=7, recompute=50, float8=3,
+                       margin=11)
+    # state 10 + 10 + 24 = 44; + activations 100 + gathered 7 + float8 3 + max(30, 50) + margin 11.
+    assert m.total == 44 + 100 + 7 + 3 + 50 + 11
+    m2 = dataclasses.replace(m, logits=80)
+    assert m2.total == 44 + 100 + 7 + 3 + 80 + 11
+    assert m2.items()["total"] == m2.total and m2.items()["optimizer"] == 24
+
+
+def test_estimate_memory_of_one_gpu_debug_model_by_hand():
+    c = one_gpu_candidate(seq_len=64, batch=2)
+    m = estimate_memory(c, pp_rank=0)
+    tokens = 2 * 64
+    bf16 = 2  # mixed_precision_param auto: bf16 activations
+    # One block without AC, tp 1: 2h + 5h + 2 kvd + 4 ffn = 512 + 1280 + 256 + 3072 = 5120 elements per token.
+    per_block = tokens * 5120 * bf16
+    activations = LAYERS * per_block + tokens * H * bf16  # + the embedding output
+    logits = tokens * VOCAB * (bf16 + 4 + 4)  # logits + fp32 log-softmax + its gradient
+    assert m.state.n_elements == DEBUG_PARAMS and m.state.params == 4 * DEBUG_PARAMS
+    assert m.activations == activations == 7_929_856
+    assert m.logits == logits == 2_560_000
+    assert (m.gathered, m.recompute, m.float8) == (0, 0, 0)  # no FSDP, no AC, no float8
+    assert m.margin == int(0.10 * (activations + logits))
+    state_total = 4 * DEBUG_PARAMS * 4 + 4 * DEBUG_TENSORS
+    assert m.total == state_total + activations + logits + int(0.10 * (activations + logits))
+    assert peak_memory(c).total == m.total
+
+
+def test_estimate_memory_full_ac_takes_recompute_when_larger_than_logits():
+    c = one_gpu_candidate(ac="full", seq_len=64, batch=2)
+    m = estimate_memory(c, pp_rank=0)
+    tokens = 2 * 64
+    # Full AC saves only the block input (h per token); recomputing one block needs its whole
+    # no-AC activations (5120 per token).
+    assert m.activations == LAYERS * tokens * H * 2 + tokens * H * 2
+    assert m.recompute == tokens * 5120 * 2 == 1_310_720
+    assert m.logits == 2_560_000
+    assert m.total == (m.state.total + m.activations + m.gathered + m.float8 + max(m.logits, m.recompute)
+                       + m.margin)
+    assert m.margin == int(0.10 * (m.activations + max(m.logits, m.recompute)))
+
+
+# ---- step_time.py -------------------------------------------------------------------------------
+
+
+def test_link_gbps_picks_nvlink_inside_a_node_and_the_nic_across():
+    hw = ROUND_HW  # intra 100, inter 10 GB/s, link efficiency 0.5, 8 GPUs per node
+    deg = {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2}  # 8 ranks: one node
+    assert link_gbps(hw, deg, ("tp",)) == 100 * 0.5
+    assert link_gbps(hw, deg, ("dp_shard",)) == 100 * 0.5  # stride 2 x 4 ranks = 8: still one node
+    deg16 = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 8}  # 16 ranks: tp fills a node
+    assert link_gbps(hw, deg16, ("tp",)) == 100 * 0.5
+    assert link_gbps(hw, deg16, ("dp_shard",)) == 10 * 0.5  # stride 8 x 2 = 16 ranks: two nodes
+    # dp_shard x cp flattened: stride 1 (tp 1), span 4 x 4 = 16 > 8.
+    deg_cp = {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "cp": 4, "tp": 1}
+    assert link_gbps(hw, deg_cp, ("dp_shard", "cp")) == 10 * 0.5
+    assert link_gbps(hw, deg_cp, ("cp",)) == 100 * 0.5
+    # pp outermost: its neighbours are world / pp apart.
+    deg_pp = {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 1}
+    assert link_gbps(hw, deg_pp, ("pp",)) == 100 * 0.5  # 2 x 4 = 8
+    assert link_gbps(dataclasses.replace(hw, gpus_per_node=4), deg_pp, ("pp",)) == 10 * 0.5
+
+
+def test_collective_s_ring_bus_bandwidth():
+    # 8 GB over 4 ranks at 50 GB/s: 8e9 x 3/4 / 50e9 = 0.12 s.
+    assert _collective_s(8e9, 4, 50.0) == pytest.approx(0.12)
+    # 2 ranks: half the bytes move.
+    assert _collective_s(1e9, 2, 10.0) == pytest.approx(0.05)
+    assert _collective_s(8e9, 1, 50.0) == 0.0
+
+
+def test_compute_term_of_one_gpu_step_by_hand():
+    c = one_gpu_candidate(seq_len=64, batch=2)
+    st = estimate_step_time(c, ROUND_HW, compile=True)
+    tokens = 2 * 64  # global batch x seq, all on this one GPU
+    gemm_rate = 100e12 * 0.5  # peak x gemm_efficiency
+    attn_rate = 100e12 * 0.25  # peak x attention_efficiency
+    block_gemm = 6 * (WQ + WK + WV + WO + W1 + W2 + W3)  # 6 FLOPs per param per token: 4_718_592
+    attention = 6 * H * 64  # 6 h s per token per block (causal half of 12 h s): 98_304
+    elementwise = 40 * H / (1000 * 1e9)  # compiled: 40 bytes per element of h, at 1000 GB/s
+    output_gemm = 6 * VOCAB * H  # 3_072_000
+    per_token = LAYERS * (block_gemm / gemm_rate + attention / attn_rate + elementwise) + output_gemm / gemm_rate
+    assert st.compute == pytest.approx(tokens * per_token, rel=1e-12)
+    assert st.compute == pytest.approx(9.1226112e-05, rel=1e-9)
+    # One GPU: no communication, no bubble, no recompute.
+    assert (st.recompute, st.fsdp_exposed, st.fsdp_total, st.tp, st.cp, st.pp_p2p, st.bubble) == (0, 0, 0, 0, 0, 0, 0)
+    assert st.total == pytest.approx(st.compute + st.optimizer)
+
+    # Eager: 120 bytes per element instead of 40.
+    eager = estimate_step_time(c, ROUND_HW, compile=False)
+    assert eager.compute - st.compute == pytest.approx(tokens * LAYERS * (120 - 40) * H / 1e12, rel=1e-9)
+
+    # Full AC recomputes the blocks' forward: a third of their forward + backward.
+    full = estimate_step_time(one_gpu_candidate(ac="full", seq_len=64, batch=2), ROUND_HW, compile=True)
+    block_s = tokens * LAYERS * (block_gemm / gemm_rate + attention / attn_rate + elementwise)
+    assert full.recompute == pytest.approx(block_s / 3, rel=1e-12)
+    assert full.compute == pytest.approx(st.compute, rel=1e-12)
+
+
+def test_throughput_is_global_tokens_per_step_per_gpu():
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=ROUND_HW, seq_len=64, global_batch_size=4)
+    c = check(inputs, Layout(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2))
+    step = StepTime(compute=0.25, recompute=0.0, fsdp_exposed=0.125, tp=0.0, cp=0.0, pp_p2p=0.0, bubble=0.0,
+                    optimizer=0.125, fsdp_total=1.0)
+    assert step.total == 0.5  # fsdp_total is not added: only its exposed part is
+    t = throughput(c, step, ROUND_HW)
+    # 4 sequences x 64 tokens per step, 0.5 s per step, 2 GPUs: 256 tokens/s per GPU.
+    assert t.tokens_per_s_per_gpu == 4 * 64 / 0.5 / 2 == 256
+    assert t.tflops_per_gpu == pytest.approx(256 * model_flops_per_token(c.model_args, 64) / 1e12)
+    assert t.mfu == pytest.approx(t.tflops_per_gpu / 100.0)
+
+
+# ---- hardware.py --------------------------------------------------------------------------------
+
+
+def test_load_builtin_profile_by_name_case_insensitive():
+    assert load_profile("H100") is BUILTIN_PROFILES["H100"]
+    assert load_profile("h100") is BUILTIN_PROFILES["H100"]
+    assert load_profile("h100-gt") is BUILTIN_PROFILES["H100-GT"]
+    assert load_profile("b200").hbm_gib == pytest.approx(178.4)
+
+
+def test_profile_json_round_trip(tmp_path: Path):
+    path = tmp_path / "gpu.json"
+    path.write_text(ROUND_HW.to_json())
+    assert load_profile(str(path)) == ROUND_HW
+    # A file that leaves out the defaulted fields gets the defaults.
+    minimal = {k: v for k, v in json.loads(ROUND_HW.to_json()).items() if k not in ("gemm_efficiency", "reserved_gib")}
+    path.write_text(json.dumps(minimal))
+    loaded = load_profile(str(path))
+    defaults = {f.name: f.default for f in dataclasses.fields(HardwareProfile)}
+    assert loaded.gemm_efficiency == defaults["gemm_efficiency"] != ROUND_HW.gemm_efficiency
+    assert loaded.reserved_gib == defaults["reserved_gib"]
+    assert loaded == dataclasses.replace(ROUND_HW, gemm_efficiency=defaults["gemm_efficiency"])
+
+
+def test_profile_errors_name_the_problem(tmp_path: Path):
+    path = tmp_path / "gpu.json"
+    data = json.loads(ROUND_HW.to_json())
+    path.write_text(json.dumps({**data, "tensor_cores": 4}))
+    with pytest.raises(ConfigError, match=r"unknown fields \['tensor_cores'\]"):
+        load_profile(str(path))
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match="neither a built-in") as e:
+        load_profile(str(missing))
+    assert "nope.json" in str(e.value) and "H100" in str(e.value)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_profile(str(path))
+    del data["hbm_gib"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="hbm_gib"):
+        load_profile(str(path))
+
+
+# ---- layout.py and plan.py ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout, mode, option, converters",
+    [
+        (Layout(dp_replicate=2, dp_shard=2, cp=1, tp=2, pp=2, local_batch_size=4, microbatch_size=2,
+                pp_schedule="Interleaved1F1B", ac="selective_op"), "selective", "op", []),
+        (Layout(dp_replicate=1, dp_shard=4, cp=2, tp=1, pp=1, local_batch_size=3, microbatch_size=3, ac="full",
+                float8=True), "full", None, ["float8"]),
+    ],
+)
+def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, converters):
+    cfg = load_config([*DEBUG_ARGV, *layout.overrides()])
+    p = cfg.parallelism
+    got = {"dp_replicate": p.data_parallel_replicate_degree, "dp_shard": p.data_parallel_shard_degree,
+           "cp": p.context_parallel_degree, "tp": p.tensor_parallel_degree, "pp": p.pipeline_parallel_degree}
+    assert got == layout.degrees
+    assert cfg.training.local_batch_size == layout.local_batch_size
+    assert cfg.activation_checkpoint.mode == mode
+    if option is not None:
+        assert cfg.activation_checkpoint.selective_ac_option == option
+    assert cfg.model.converters == converters
+    if layout.pp > 1:
+        assert p.pipeline_parallel_schedule == layout.pp_schedule
+        assert p.pipeline_parallel_microbatch_size == layout.microbatch_size
+
+
+def test_check_refuses_tp3_on_the_debug_model_with_the_trainers_message():
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=3, hardware=ROUND_HW, seq_len=64, global_batch_size=1)
+    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=3, pp=1, local_batch_size=1, microbatch_size=1)
+    with pytest.raises(ConfigError, match=r"parallelism\.tensor_parallel_degree=3 must divide model n_heads=16"):
+        check(inputs, layout)
+    # The same job with tp 2 on 2 GPUs passes the same checks.
+    ok = check(dataclasses.replace(inputs, world_size=2), dataclasses.replace(layout, tp=2))
+    assert ok.cfg.parallelism.tensor_parallel_degree == 2 and ok.model_args.n_heads == 16
+
+
+def test_plan_for_the_debug_model_on_8_gpus_ranks_only_layouts_that_fit_fastest_first():
+    # 2.3 GiB with 2 GiB reserved leaves 0.3 GiB: some layouts of this job fit, some do not.
+    hw = dataclasses.replace(ROUND_HW, hbm_gib=2.3)
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=8, hardware=hw, seq_len=2048, global_batch_size=16,
+                        allow=frozenset(FEATURES) - {"float8"})
+    plan = make_plan(inputs, DEBUG.n_layers)
+    assert plan.ranked, "no layout ranked"
+    assert plan.too_big, "the memory limit did not exclude anything: the fit test is not exercised"
+    usable = (2.3 - 2.0) * GIB
+    for p in plan.ranked:
+        assert p.fits and p.memory.total <= usable, p.layout.describe()
+        assert p.layout.world_size == 8
+    for p in plan.too_big:
+        assert not p.fits and p.memory.total > usable, p.layout.describe()
+    speeds = [p.speed.tokens_per_s_per_gpu for p in plan.ranked]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(s > 0 for s in speeds)
+    # More than one kind of layout is on offer (the search is not one point).
+    assert len({(p.layout.dp_shard, p.layout.tp, p.layout.pp, p.layout.cp) for p in plan.ranked}) > 3

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Plan a training job's parallel layout before spending a GPU on it.
+
+    tools/plan.py --model llama3:8B --ngpu 8 --hardware H100 --seq-len 8192 --global-batch 64 --out plan.toml
+    tools/plan.py --config train_configs/debug_model.toml --ngpu 16 --gpus-per-node 8 --explain 1
+
+It enumerates every layout (data parallel replicate/shard, TP, CP, PP with schedule and
+microbatch, AC mode, float8) that the trainer's own config checks accept, predicts each one's
+peak memory per GPU (itemized) and step time (compute, exposed communication, pipeline bubble),
+ranks the ones that fit by tokens/s per GPU, prints the top of the table, and writes the winner as
+a TOML that run_train.sh accepts. Unless --no-verify, the winner then goes through the dry run at
+the planned world size (every model pass on the meta device), so the TOML is known to build.
+
+Exit status: 0 planned; 2 bad input or no layout fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+from torchtitan_like.errors import ConfigError, TrainerError  # noqa: E402
+
+FEATURE_HELP = "comma-separated: fsdp, hsdp, ddp, tp, pp, cp, float8, ac (default: all but float8 unless --precision fp8)"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="name:flavor, e.g. llama3:8B")
+    src.add_argument("--config", type=Path, help="a job TOML (its model, optimizer, ... are kept)")
+    ap.add_argument("--ngpu", type=int, required=True, help="GPUs in the job (all nodes)")
+    ap.add_argument("--gpus-per-node", type=int, default=None, help="default: the hardware profile's (8)")
+    ap.add_argument("--hardware", default="H100", help="H100, H200, B200, A100, H100-GT, or a profile JSON")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the config's training.seq_len")
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's)")
+    ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="fp8 lets layouts use float8")
+    ap.add_argument("--allow", default=None, help=FEATURE_HELP)
+    ap.add_argument("--no-compile", action="store_true", help="plan for eager mode (compile.enable=false)")
+    ap.add_argument("--max-local-batch", type=int, default=8)
+    ap.add_argument("--top", type=int, default=10, help="rows of the table")
+    ap.add_argument("--explain", type=int, default=None, metavar="N", help="print the full breakdown of row N")
+    ap.add_argument("--out", type=Path, default=None, help="write the winning layout's TOML here")
+    ap.add_argument("--json", type=Path, default=None, help="write the ranked predictions as JSON")
+    ap.add_argument("--no-verify", action="store_true", help="skip the dry run of the winner")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.models import MODELS
+    from torchtitan_like.planner.hardware import load_profile
+    from torchtitan_like.planner.layout import FEATURES, PlanInputs
+    from torchtitan_like.planner.plan import GIB, explain, make_plan, table, winner_toml
+
+    if args.ngpu < 1:
+        raise ConfigError(f"--ngpu {args.ngpu} must be >= 1")
+    if args.model:
+        name, _, flavor = args.model.partition(":")
+        if name not in MODELS or flavor not in MODELS[name].flavors:
+            known = ", ".join(f"{n}:{f}" for n, spec in MODELS.items() for f in spec.flavors)
+            raise ConfigError(f"--model {args.model!r} is not a known model: use one of {known}")
+        base = ["--model.name", name, "--model.flavor", flavor]
+    else:
+        if not args.config.is_file():
+            raise ConfigError(f"--config {args.config}: no such file")
+        base = ["--job.config_file", str(args.config)]
+    cfg = load_config(base)
+    hw = load_profile(args.hardware)
+    if args.gpus_per_node is not None:
+        hw = dataclasses.replace(hw, gpus_per_node=args.gpus_per_node)
+    allow = set(FEATURES) - ({"float8"} if args.precision == "bf16" else set())
+    if args.allow:
+        allow = {f.strip() for f in args.allow.split(",") if f.strip()}
+        unknown = sorted(allow - set(FEATURES))
+        if unknown:
+            raise ConfigError(f"--allow: unknown features {unknown}; choose from {', '.join(FEATURES)}")
+        if "float8" in allow and args.precision != "fp8":
+            raise ConfigError("--allow float8 needs --precision fp8")
+    for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch),
+                        ("--gpus-per-node", args.gpus_per_node), ("--max-local-batch", args.max_local_batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    seq = args.seq_len if args.seq_len is not None else cfg.training.seq_len
+    if args.global_batch is not None:
+        gbs = args.global_batch
+    elif cfg.training.global_batch_size > 0:
+        gbs = cfg.training.global_batch_size
+    else:
+        raise ConfigError("--global-batch is needed: the config's training.global_batch_size is -1 (derived from the layout)")
+    inputs = PlanInputs(
+        base_argv=tuple(base), world_size=args.ngpu, hardware=hw, seq_len=seq, global_batch_size=gbs,
+        compile=not args.no_compile, allow=frozenset(allow), max_local_batch_size=args.max_local_batch,
+    )
+    model_args = MODELS[cfg.model.name].flavors[cfg.model.flavor]
+    print(f"planning {cfg.model.name} {cfg.model.flavor} on {args.ngpu} x {hw.name} ({hw.gpus_per_node} per node), "
+          f"seq {seq}, global batch {gbs} sequences, {'compiled' if inputs.compile else 'eager'}, "
+          f"features: {', '.join(sorted(allow))}")
+    plan = make_plan(inputs, model_args.n_layers)
+    print(table(plan, args.top))
+    if plan.refused:
+        print("refused by the trainer's checks (count, reason):")
+        for reason, n in plan.refused.most_common(5):
+            print(f"  {n:5d}  {reason}")
+    if args.json:
+        rows = [{"rank": i, "layout": p.layout.describe(), "overrides": p.layout.overrides(),
+                 "tokens_per_s_per_gpu": p.speed.tokens_per_s_per_gpu, "tflops_per_gpu": p.speed.tflops_per_gpu,
+                 "mfu": p.speed.mfu, "memory_bytes": p.memory.items(), "step_s": p.step.items()}
+                for i, p in enumerate(plan.ranked, 1)]
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if not plan.ranked:
+        smallest = plan.too_big[0] if plan.too_big else None
+        hint = (f"; the smallest valid layout needs {smallest.memory.total / GIB:.1f} GiB ({smallest.layout.describe()})"
+                if smallest else "")
+        raise ConfigError(f"no layout fits in {hw.hbm_gib:.0f} GiB per GPU{hint}: add GPUs, allow more features, "
+                          "or lower --seq-len / --global-batch")
+    if args.explain is not None:
+        if not 1 <= args.explain <= len(plan.ranked):
+            raise ConfigError(f"--explain {args.explain}: the table has rows 1..{len(plan.ranked)}")
+        print(explain(plan.ranked[args.explain - 1], hw))
+    best = plan.ranked[0]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(winner_toml(best))
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}: {best.layout.describe()}")
+        if not args.no_verify:
+            from torchtitan_like.dry_run import dry_run
+
+            # The rank whose memory the plan reports: the first of the pipeline rank that peaks.
+            rank = best.memory.pp_rank * (args.ngpu // best.layout.pp)
+            report = dry_run(["--job.config_file", str(args.out)], world_size=args.ngpu, rank=rank)
+            got, predicted = report["state_bytes"], best.memory.state.as_dict()
+            if got != predicted:
+                raise RuntimeError(f"planner state bytes {predicted} != dry run {got} for rank {rank}: a planner bug")
+            print(f"dry run of {args.out} on {args.ngpu} ranks: OK; rank {rank} state {got['total'] / GIB:.2f} GiB, "
+                  "exactly as planned")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Dry run: one process stands in for any world size and builds what one rank of the job would build.
+
+    COMM_MODE=fake_backend NGPU=512 CONFIG_FILE=train_configs/llama3_405b.toml ./run_train.sh
+    python -m torchtitan_like.dry_run --world-size 512 [--rank R] [--device cuda] [--json FILE] \
+        --job.config_file FILE [--section.key value ...]
+
+It joins a fake process group of `--world-size` ranks as rank `--rank` (collectives return at once,
+nothing is sent), then runs the trainer's own construction: every config check, the device mesh, the
+float8 conversion, the pipeline split, TP / CP / AC / compile / FSDP on the meta device. It does not
+touch the GPU, load data or checkpoints, or train. A config that would fail on the cluster for a
+config reason fails here with the same error (exit 2). Hardware checks (float8 capability, fused
+optimizer kernels present) are assumed to pass for `--device`.
+
+It reports the bytes of parameters, gradients and optimizer states this rank would hold, from the
+local shapes of its (DTensor) parameters, and writes them as JSON with `--json`.
+
+The fake process group is torch's own (`torch.testing._internal.distributed.fake_pg`, the one torch's
+tests and torchtitan's dry run use): a private module, present in torch 2.4 through 2.13.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from torchtitan_like.errors import TrainerError
+from torchtitan_like.train import EXIT_CONFIG_OR_DATA, _setup_logging
+
+logger = logging.getLogger("torchtitan_like")
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m torchtitan_like.dry_run", add_help=True)
+    parser.add_argument("--world-size", type=int, required=True, help="ranks the job would have (NGPU x NNODES)")
+    parser.add_argument("--rank", type=int, default=0, help="the rank to stand in for (default 0)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device type of the job's ranks")
+    parser.add_argument("--json", type=Path, default=None, help="write the report to this JSON file")
+    return parser.parse_known_args(argv)
+
+
+def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "cuda") -> dict:
+    """Build rank `rank` of a `world_size` job from config `argv` on a fake process group; return the
+    report ({"world_size", "rank", "layout", "coords", "state_bytes"}). Leaves no process group behind."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.planner.state import measured_state_bytes
+    from torchtitan_like.trainer import Trainer
+
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise TrainerError(f"dry run: --rank {rank} must be in 0..{world_size - 1} (--world-size {world_size})")
+    cfg = load_config(argv)
+    if dist.is_initialized():
+        raise RuntimeError("dry_run() needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        trainer = Trainer(cfg, dry_run_device=device)
+        pd = trainer.parallel_dims
+        coords = {}
+        if pd.mesh is not None:
+            for name in pd.mesh.mesh_dim_names or ():
+                coords[name] = pd.get_mesh(name).get_local_rank()
+        state = measured_state_bytes(trainer.model_parts)
+        report = {
+            "world_size": world_size,
+            "rank": rank,
+            "device": device,
+            "model": f"{cfg.model.name} {cfg.model.flavor}",
+            "layout": {"dp_replicate": pd.dp_replicate, "dp_shard": pd.dp_shard, "cp": pd.cp, "tp": pd.tp,
+                       "pp": pd.pp},
+            "coords": coords,
+            "stages": list(trainer.pp_plan.stage_ids(pd.pp_rank)) if trainer.pp_plan is not None else [0],
+            "state_bytes": state.as_dict(),
+        }
+    finally:
+        dist.destroy_process_group()
+    return report
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parse(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    try:
+        report = dry_run(rest, world_size=args.world_size, rank=args.rank, device=args.device)
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_OR_DATA
+    s = report["state_bytes"]
+    logger.info(
+        "dry run OK: %s, rank %d of %d %s, stages %s: parameters %s, gradients %s, optimizer states %s, "
+        "total state %s (%d tensors, %d local elements)",
+        report["model"], args.rank, args.world_size, report["coords"] or "(no mesh)", report["stages"],
+        _gib(s["params"]), _gib(s["grads"]), _gib(s["optimizer"]), _gib(s["total"]), s["n_tensors"], s["n_elements"],
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""A candidate layout of one job, the inputs of a plan, and the enumeration of the valid layouts.
+
+Every candidate is turned into the trainer's own config (`load_config` with the layout's overrides)
+and checked with the trainer's own `check_job` (degrees, divisibility, batch, pipeline plan) and
+float8 converter: a layout the planner offers is one the trainer accepts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.config.schema import JobConfig
+from torchtitan_like.distributed.pipeline import PipelinePlan, available_schedules
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.models.llama3.args import TransformerArgs
+from torchtitan_like.planner.hardware import HardwareProfile
+
+logger = logging.getLogger(__name__)
+
+AC_MODES = ("none", "selective_op", "full")
+"""Activation checkpointing choices: activation_checkpoint.mode none / selective with "op" / full."""
+FEATURES = ("fsdp", "hsdp", "ddp", "tp", "pp", "cp", "float8", "ac")
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    local_batch_size: int
+    """Sequences one data-parallel rank runs per forward/backward (or per pipeline step)."""
+    microbatch_size: int
+    """Pipeline microbatch (sequences); equals local_batch_size without PP."""
+    pp_schedule: str = "1F1B"
+    ac: str = "none"
+    float8: bool = False
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "cp": self.cp,
+                "tp": self.tp}
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def overrides(self) -> list[str]:
+        """The config overrides (`--section.key value`) that select this layout."""
+        out = [
+            "--parallelism.data_parallel_replicate_degree", str(self.dp_replicate),
+            "--parallelism.data_parallel_shard_degree", str(self.dp_shard),
+            "--parallelism.context_parallel_degree", str(self.cp),
+            "--parallelism.tensor_parallel_degree", str(self.tp),
+            "--parallelism.pipeline_parallel_degree", str(self.pp),
+            "--training.local_batch_size", str(self.local_batch_size),
+        ]
+        if self.pp > 1:
+            out += ["--parallelism.pipeline_parallel_schedule", self.pp_schedule,
+                    "--parallelism.pipeline_parallel_microbatch_size", str(self.microbatch_size)]
+        mode = {"none": "none", "full": "full", "selective_op": "selective"}[self.ac]
+        out += ["--activation_checkpoint.mode", mode]
+        if self.ac == "selective_op":
+            out += ["--activation_checkpoint.selective_ac_option", "op"]
+        out += ["--model.converters", "float8" if self.float8 else ""]
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        for name, d in (("pp", self.pp), ("hsdp" if self.dp_shard > 1 else "ddp", self.dp_replicate),
+                        ("fsdp", self.dp_shard), ("cp", self.cp), ("tp", self.tp)):
+            if d > 1:
+                parts.append(f"{name}{d}")
+        text = "x".join(parts) or "single"
+        if self.pp > 1:
+            text += f" {self.pp_schedule} mb{self.microbatch_size}"
+        text += f" lbs{self.local_batch_size} ac={self.ac}"
+        if self.float8:
+            text += " fp8"
+        return text
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the user asks to plan: the job (a base config) on a number of GPUs of one kind."""
+
+    base_argv: tuple[str, ...]
+    """Config arguments of the job (a TOML and/or overrides); the layout's overrides go after them."""
+    world_size: int
+    hardware: HardwareProfile
+    seq_len: int
+    global_batch_size: int
+    """Sequences per optimizer step."""
+    compile: bool = True
+    allow: frozenset[str] = field(default_factory=lambda: frozenset(FEATURES))
+    """Features the planner may use (FEATURES); fsdp is always allowed when data parallel is."""
+    max_local_batch_size: int = 8
+
+    def argv(self, layout: Layout) -> list[str]:
+        return [
+            *self.base_argv,
+            "--training.seq_len", str(self.seq_len),
+            "--training.global_batch_size", str(self.global_batch_size),
+            *layout.overrides(),
+            "--compile.enable" if self.compile else "--compile.no_enable",
+        ]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layout the trainer's checks accept, with what they resolved."""
+
+    layout: Layout
+    cfg: JobConfig
+    model_args: TransformerArgs
+    pp_plan: PipelinePlan | None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _powers_of_two_up_to(n: int) -> list[int]:
+    return [2**i for i in range(n.bit_length()) if 2**i <= n]
+
+
+def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
+    """Every layout in the search space (not yet checked): TP inside a node, CP and PP over powers
+    of two and divisors, HSDP with one replica per node group, the batch split into microbatches."""
+    world, allow, gpn = inputs.world_size, inputs.allow, inputs.hardware.gpus_per_node
+    tps = [t for t in _divisors(min(world, gpn)) if t == 1 or "tp" in allow]
+    cps = [c for c in _powers_of_two_up_to(world) if c == 1 or "cp" in allow]
+    ac_modes = [a for a in AC_MODES if a == "none" or "ac" in allow]
+    f8s = [False, True] if "float8" in allow else [False]
+    schedules = [s for s in ("1F1B", "Interleaved1F1B") if s in available_schedules()]
+    for tp, cp in itertools.product(tps, cps):
+        if world % (tp * cp):
+            continue
+        for pp in _divisors(world // (tp * cp)):
+            if pp > 1 and ("pp" not in allow or pp > n_layers // 2):
+                continue
+            dp_total = world // (tp * cp * pp)
+            for dp_replicate in _divisors(dp_total):
+                dp_shard = dp_total // dp_replicate
+                if dp_replicate > 1 and dp_shard * cp > 1 and "hsdp" not in allow:
+                    continue
+                if dp_replicate > 1 and dp_shard * cp == 1 and "ddp" not in allow:
+                    continue
+                if dp_shard * cp > 1 and "fsdp" not in allow:
+                    continue
+                dp = dp_replicate * dp_shard
+                if inputs.global_batch_size % dp:
+                    continue
+                per_rank = inputs.global_batch_size // dp
+                if pp == 1:
+                    batch_options = [(lb, lb, "1F1B") for lb in _divisors(per_rank) if lb <= inputs.max_local_batch_size]
+                else:
+                    # The whole per-rank batch goes through the schedule; microbatches of 1, 2, 4 ...
+                    batch_options = [
+                        (per_rank, mb, sched) for mb in _divisors(per_rank) if per_rank // mb >= pp
+                        for sched in schedules
+                    ]
+                for (lb, mb, sched), ac, f8 in itertools.product(batch_options, ac_modes, f8s):
+                    yield Layout(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp,
+                                 local_batch_size=lb, microbatch_size=mb, pp_schedule=sched, ac=ac, float8=f8)
+
+
+def check(inputs: PlanInputs, layout: Layout) -> Candidate:
+    """The layout as the trainer's config, through the trainer's checks; ConfigError if refused."""
+    from torchtitan_like.components.float8 import build_float8_converter
+    from torchtitan_like.distributed.utils import param_dtype
+    from torchtitan_like.trainer import check_job
+
+    cfg = load_config(inputs.argv(layout))
+    checked = check_job(cfg, layout.world_size)
+    build_float8_converter(
+        cfg.model.converters, cfg.quantize.linear.float8, parallel_dims=checked.parallel_dims,
+        device=torch.device("cuda"), param_dtype=param_dtype(cfg.training.mixed_precision_param, "cuda"), check_device=False,
+    )
+    return Candidate(layout=layout, cfg=cfg, model_args=checked.model_args, pp_plan=checked.pp_plan)
+
+
+def valid_candidates(inputs: PlanInputs, n_layers: int) -> tuple[list[Candidate], Counter[str]]:
+    """The layouts the trainer accepts, and how many were refused for each reason (first words)."""
+    ok: list[Candidate] = []
+    refused: Counter[str] = Counter()
+    for layout in layouts(inputs, n_layers):
+        try:
+            ok.append(check(inputs, layout))
+        except ConfigError as e:
+            refused[str(e).split(":")[0][:90]] += 1
+    return ok, refused

@@ -1,0 +1,176 @@
+"""Peak memory of one GPU under a layout, itemized.
+
+Items (bytes, for the pipeline rank that peaks: the first holds the most microbatches in flight,
+the last holds the logits):
+- state: parameters, gradients, optimizer states: exact (planner/state.py), fp32;
+- activations: what autograd saves per transformer block for one microbatch, under the AC mode,
+  times the blocks and microbatches in flight (`activation_bytes_per_block`, `in_flight_chunks`);
+- logits: the output projection's logits and the loss's fp32 log-softmax and gradient for one
+  microbatch, on the last stage (vocab sharded under loss parallel);
+- gathered: FSDP's gathered parameters (the current and the prefetched block in bf16, or the
+  whole stage when it never reshards) and one block's unsharded fp32 gradients before the
+  reduce-scatter (the whole stage's under PP);
+- recompute: a checkpointed block's recomputed activations during its backward (never at the same
+  time as the logits, so the peak takes the larger of the two);
+- float8: the float8 weight copies (and their transposes) of the gathered block;
+- margin: FRAGMENTATION of everything but the state, for the caching allocator's fragmentation.
+The hardware profile's `reserved_gib` (CUDA context, NCCL) is added when checking the fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchtitan_like.models.llama3.args import TransformerArgs
+from torchtitan_like.planner.layout import Candidate, Layout
+from torchtitan_like.planner.state import StateBytes, predicted_state_bytes
+
+BF16 = 2
+FP32 = 4
+FRAGMENTATION = 0.10
+"""Stated allowance for allocator fragmentation, as a fraction of the non-state memory."""
+LOSS_FP32_BYTES = FP32 + FP32
+"""Per logit element at the loss, besides the logits themselves: the fp32 log-softmax and its gradient."""
+
+
+def compute_itemsize(c: Candidate) -> int:
+    """Bytes per activation element: bf16 unless the job asks for float32 parameters (the planner plans
+    GPU jobs, where mixed_precision_param="auto" is bfloat16)."""
+    return FP32 if c.cfg.training.mixed_precision_param == "float32" else BF16
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    pp_rank: int
+    state: StateBytes
+    activations: int
+    logits: int
+    gathered: int
+    recompute: int
+    float8: int
+    margin: int
+
+    @property
+    def total(self) -> int:
+        # The logits and loss buffers are freed before the first block's backward, which is where an
+        # AC recomputation happens: the two never coexist.
+        return (self.state.total + self.activations + self.gathered + self.float8 + max(self.logits, self.recompute)
+                + self.margin)
+
+    def items(self) -> dict[str, int]:
+        return {
+            "params": self.state.params, "grads": self.state.grads, "optimizer": self.state.optimizer,
+            "activations": self.activations, "logits": self.logits, "gathered": self.gathered,
+            "recompute": self.recompute, "float8": self.float8, "margin": self.margin, "total": self.total,
+        }
+
+
+def block_params(a: TransformerArgs) -> int:
+    kvd = a.kv_heads * a.head_dim
+    return 2 * a.dim * a.dim + 2 * a.dim * kvd + 3 * a.dim * a.ffn_hidden_dim + 2 * a.dim
+
+
+def activation_bytes_per_block(a: TransformerArgs, *, tokens: int, tp: int, ac: str, itemsize: int = BF16) -> int:
+    """Bytes autograd keeps for one block's backward over `tokens` local tokens (bs x seq / cp).
+
+    Without AC, per token (sequence parallel: the residual stream is sharded over TP, the inputs of
+    the column-parallel linears are gathered whole):
+      attention_norm input h/tp, its gathered output h (the input of wq/wk/wv), q h/tp, k and v
+      kvd/tp each, the attention output h/tp, wo's input h/tp, ffn_norm input h/tp, its gathered
+      output h (input of w1/w3), w1 and w3 outputs, SiLU output and their product ffn/tp each;
+    plus fp32 per-row statistics (norms' rstd, attention logsumexp), negligible next to these.
+    selective_op: the matmul and attention outputs (q, k, v, attention output, wo and w2 outputs,
+    w1, w3) and the block input; the elementwise ops are recomputed.
+    full: only the block input (the rest is recomputed during backward: see `recompute`).
+    """
+    h, ffn = a.dim, a.ffn_hidden_dim
+    kvd = a.kv_heads * a.head_dim
+    if ac == "full":
+        per_token = h / tp
+    elif ac == "selective_op":
+        per_token = (h + h + 2 * kvd + h + h + 2 * ffn + h) / tp
+    elif ac == "none":
+        per_token = 2 * h + (5 * h + 2 * kvd + 4 * ffn) / tp
+    else:
+        raise ValueError(f"unknown AC mode {ac!r}")
+    return int(tokens * per_token * itemsize)
+
+
+def in_flight_chunks(layout: Layout, *, n_microbatches: int, stages_per_rank: int, pp_rank: int) -> int:
+    """Microbatch x stage activations that pipeline rank `pp_rank` holds at its peak.
+
+    GPipe and LoopedBFS run every forward first (all of them); 1F1B keeps pp - rank (its warm-up
+    plus one); the interleaved and zero-bubble schedules warm up (v - 1) x pp + 2 x (pp - rank - 1)
+    stage forwards, plus one (Megatron's interleaved warm-up, which torch's schedules follow).
+    """
+    p, m, v = layout.pp, n_microbatches, stages_per_rank
+    if p == 1:
+        return 1
+    if layout.pp_schedule in ("GPipe", "LoopedBFS"):
+        return m * v
+    if layout.pp_schedule == "1F1B":
+        return min(m, p - pp_rank)
+    return min(m * v, (v - 1) * p + 2 * (p - pp_rank - 1) + 1)
+
+
+def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
+    """The itemized peak of pipeline rank `pp_rank` (data/tensor/context rank 0: the largest shards)."""
+    L, a = c.layout, c.model_args
+    stage_fqns = None
+    layers = a.n_layers
+    has_output = has_embedding = True
+    n_mb, v = 1, 1
+    if c.pp_plan is not None:
+        plan = c.pp_plan
+        stages = plan.stage_ids(pp_rank)
+        stage_fqns = [plan.fqns_per_stage[s] for s in stages]
+        names = [f for fqns in stage_fqns for f in fqns]
+        layers = sum(f.startswith("layers.") for f in names) // len(stages)  # per stage chunk
+        has_output, has_embedding = "output" in names, "tok_embeddings" in names
+        n_mb, v = plan.n_microbatches, plan.stages_per_rank
+    # Global rank of (pp_rank, 0, 0, 0, 0): pp is the outermost mesh dim.
+    rank = pp_rank * (L.world_size // L.pp)
+    state = predicted_state_bytes(a, L.degrees, rank=rank, stage_fqns=stage_fqns)
+
+    tokens = L.microbatch_size * c.cfg.training.seq_len // L.cp
+    act = compute_itemsize(c)
+    per_block = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac=L.ac, itemsize=act)
+    chunks = in_flight_chunks(L, n_microbatches=n_mb, stages_per_rank=v, pp_rank=pp_rank)
+    activations = per_block * layers * chunks
+    if has_embedding:
+        activations += chunks * tokens * a.dim * act // L.tp  # the embedding output (the first residual)
+
+    logits = 0
+    if has_output:
+        vocab_shard = a.vocab_size // L.tp if L.tp > 1 else a.vocab_size
+        logits = tokens * vocab_shard * (act + LOSS_FP32_BYTES)
+
+    unsharded_block = block_params(a) // L.tp
+    gathered = recompute = 0
+    fsdp = L.dp_shard * L.cp > 1
+    if fsdp and L.pp > 1:
+        # Under PP the gathered parameters are kept for the whole step (reshard never), and torch's
+        # pipeline stages defer FSDP's reduce-scatter to the last microbatch: the whole stage's
+        # unsharded fp32 gradients accumulate until then.
+        stage_params = state.n_elements * L.dp_shard * L.cp
+        gathered += stage_params * (act + FP32)
+    elif fsdp:
+        gathered += 2 * unsharded_block * act  # the current block and the prefetched next one
+        # The root (embedding) and [norm, output] stay gathered from their forward to their backward.
+        tables = (1 if a.tie_word_embeddings else 2) * a.vocab_size * a.dim // L.tp
+        gathered += tables * act
+        gathered += unsharded_block * FP32  # one block's whole gradients before the reduce-scatter
+    if L.ac == "full":
+        recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act)
+    elif L.ac == "selective_op":
+        recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act) - per_block
+    float8 = 2 * unsharded_block if L.float8 else 0
+    margin = int(FRAGMENTATION * (activations + max(logits, recompute) + gathered + float8))
+    return MemoryEstimate(pp_rank=pp_rank, state=state, activations=activations, logits=logits,
+                          gathered=gathered, recompute=recompute, float8=float8, margin=margin)
+
+
+def peak_memory(c: Candidate) -> MemoryEstimate:
+    """The estimate of the pipeline rank with the highest peak."""
+    ranks = [0] if c.layout.pp == 1 else sorted({0, c.layout.pp - 1})
+    return max((estimate_memory(c, pp_rank=r) for r in ranks), key=lambda m: m.total)
