@@ -272,7 +272,9 @@ class Trainer:
                 part.to_empty(device=self.device)
                 with torch.no_grad():
                     part.init_weights(cfg.debug.seed, buffer_device=self.device)
-                if self.parallel_dims.tp_enabled and not self.parallel_dims.fsdp_enabled:
+                if self.parallel_dims.tp_enabled and not (
+                    self.parallel_dims.fsdp_enabled or self.parallel_dims.dp_replicate_enabled
+                ):
                     shard_replicated_grads(part)
             part.train()
             self.model_parts.append(part)

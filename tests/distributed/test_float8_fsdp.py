@@ -33,7 +33,7 @@ SHORT = 5  # composition runs: the schedule is that of a 5-step run, so is its r
 REL_TOL = 0.015
 
 # Emulated matmuls (the casts, scales and float8 all-gathers are real): oneDNN has only a reference
-# float8 matmul on most CPUs, ~1000x slower than fp32 (CPU_NOTES); test_float8.py checks the real
+# float8 matmul on most CPUs, ~1000x slower than fp32 (README, float8); test_float8.py checks the real
 # kernel against emulation, linear by linear.
 EMULATE = ("--quantize.linear.float8.emulate",)
 F8_FSDP = (

@@ -22,8 +22,10 @@ RTOL = 1e-4  # relative, on the loss of every step (fp32; seen ~1e-7)
 NORM_RTOL = 2e-4
 # Weights after AdamW: Adam divides by sqrt(v), so where a gradient is ~0 the fp32 noise of a
 # different summation order (~1e-7) becomes a visible step difference. The whole update is at most
-# lr x steps = 1e-2 per element; 2e-5 absolute is 0.2% of that (seen: <= 1e-5, a few elements).
-PARAM_ATOL = 2e-5
+# lr x steps = 1e-2 per element; 5e-5 absolute is 0.5% of that. Seen: <= 1e-5 on one machine; on
+# another (Xeon with AMX, other fp32 kernels) one element of 196608 at 2.6e-5, the same every run
+# (fsdp2xtp2_tied, layers.0.feed_forward.w1). A wrong reduction moves every element by far more.
+PARAM_ATOL = 5e-5
 
 # Global batch 8, one microbatch per step on every rank (the reference takes 4 of 2: the split never
 # changes the math). The plain FSDP(2), DDP(2), TP(2) and FSDP(2) x TP(2) layouts are covered by the

@@ -87,7 +87,6 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--training.local_batch_size", "8",
         ),
     ),
-    # Context parallel: the cp ranks of a data-parallel group share their batch.
     # 3D: two pipeline stages, each FSDP(2) x TP(2).
     "pp2xfsdp2xtp2": (
         8,
@@ -99,6 +98,7 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--parallelism.pipeline_parallel_microbatch_size", "2",
         ),
     ),
+    # Context parallel: the cp ranks of a data-parallel group share their batch.
     "cp2": (
         2,
         (

@@ -68,7 +68,7 @@ def test_real_float8_matmul_matches_emulation(recipe):
 
 
 # Training runs emulate the matmuls: oneDNN has only a reference float8 matmul kernel on most CPUs
-# (~0.2 s for one 64x256x768 product, about 1000x fp32; see CPU_NOTES), which would make a 20-step
+# (~0.2 s for one 64x256x768 product, about 1000x fp32; README, float8), which would make a 20-step
 # run take minutes per recipe. The real kernel is checked against emulation above.
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
 def test_float8_trains_like_fp32(tmp_path, recipe):

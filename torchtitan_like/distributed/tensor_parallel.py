@@ -165,7 +165,6 @@ def _block_plan(block: TransformerBlock, *, float8: bool) -> dict[str, ParallelS
     }
 
 
-
 def shard_replicated_grads(model: nn.Module) -> int:
     """Keep the gradients of TP-sharded parameters in their parameter's layout; returns how many
     parameters got the hook.
@@ -173,8 +172,8 @@ def shard_replicated_grads(model: nn.Module) -> int:
     torch (2.13) returns the vocab-sharded embedding's gradient as a Replicate DTensor: the whole
     vocab x dim table on every TP rank, held until the optimizer step (2 GiB in fp32 for Llama 3 8B).
     Slicing it to the parameter's Shard placement is local (no communication), so each parameter's
-    gradient is cut down as soon as it is accumulated. Without FSDP only: FSDP reduce-scatters the
-    gradients into its own sharded layout. Call after the model is materialized (`to_empty` swaps
+    gradient is cut down as soon as it is accumulated. For TP without data parallelism only: FSDP
+    and replicate (DDP) manage the gradients of the parameters they wrap themselves. Call after the model is materialized (`to_empty` swaps
     the parameter tensors and drops their hooks).
     """
     count = 0
