@@ -18,7 +18,8 @@
 #                    job of NGPU x NNODES ranks on a fake process group: every config check and model pass
 #                    runs on the meta device, it reports the rank's parameter/gradient/optimizer bytes and
 #                    exits without training (DRY_RUN_DEVICE: cuda (default) or cpu; DRY_RUN_JSON: write
-#                    the report there). Unset: a real run.
+#                    the report there; DRY_RUN_SKIP_FILES=1: do not check the tokenizer, dataset and
+#                    initial checkpoint files, when this machine lacks them). Unset: a real run.
 # Extra arguments are config overrides: --section.key value.
 # Exit status: 0 done; 2 config or data error; 3 diverged; 75 pre-empted (SIGTERM/SIGUSR1: rerun to resume);
 # 1 (or the worker's status) any other failure.
@@ -41,11 +42,12 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
 case "${COMM_MODE:-}" in
   "") ;;
   fake_backend)
-    json=()
-    if [[ -n "${DRY_RUN_JSON:-}" ]]; then json=(--json "$DRY_RUN_JSON"); fi
+    extra=()
+    if [[ -n "${DRY_RUN_JSON:-}" ]]; then extra=(--json "$DRY_RUN_JSON"); fi
+    if [[ "${DRY_RUN_SKIP_FILES:-0}" == 1 ]]; then extra+=(--skip-files); fi
     export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=${TORCHAO_FORCE_SKIP_LOADING_SO_FILES:-1}
     exec "$PYTHON" -m torchtitan_like.dry_run --world-size "$((NGPU * NNODES))" --rank "${DRY_RUN_RANK:-0}" \
-      --device "${DRY_RUN_DEVICE:-cuda}" ${json[@]+"${json[@]}"} --job.config_file "$CONFIG_FILE" "$@"
+      --device "${DRY_RUN_DEVICE:-cuda}" ${extra[@]+"${extra[@]}"} --job.config_file "$CONFIG_FILE" "$@"
     ;;
   *)
     echo "error: COMM_MODE=$COMM_MODE is not a mode: use COMM_MODE=fake_backend for a dry run, or unset it" >&2

@@ -7,9 +7,14 @@
 It joins a fake process group of `--world-size` ranks as rank `--rank` (collectives return at once,
 nothing is sent), then runs the trainer's own construction: every config check, the device mesh, the
 float8 conversion, the pipeline split, TP / CP / AC / compile / FSDP on the meta device. It does not
-touch the GPU, load data or checkpoints, or train. A config that would fail on the cluster for a
-config reason fails here with the same error (exit 2). Hardware checks (float8 capability, fused
-optimizer kernels present) are assumed to pass for `--device`.
+touch the GPU, read weights or training data, or train. A config that would fail on the cluster for a
+config reason fails here with the same error (exit 2). That includes the files the job opens first,
+checked as the real run checks them: the tokenizer (and its vocab against the model), the dataset and
+validation sources (paths, formats; an `hf` dataset is looked up on the hub), and
+checkpoint.initial_load_path (a DCP folder, or HF safetensors whose config.json must match the
+flavor). `--skip-files` (DRY_RUN_SKIP_FILES=1) skips those when this machine does not have the
+cluster's files. Hardware checks (float8 capability, fused optimizer kernels present) are assumed to
+pass for `--device`.
 
 It reports the bytes of parameters, gradients and optimizer states this rank would hold, from the
 local shapes of its (DTensor) parameters, and writes them as JSON with `--json`.
@@ -39,12 +44,15 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--rank", type=int, default=0, help="the rank to stand in for (default 0)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device type of the job's ranks")
     parser.add_argument("--json", type=Path, default=None, help="write the report to this JSON file")
+    parser.add_argument("--skip-files", action="store_true",
+                        help="do not check the tokenizer, dataset and initial checkpoint files (not on this machine)")
     return parser.parse_known_args(argv)
 
 
-def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "cuda") -> dict:
+def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "cuda", files: bool = True) -> dict:
     """Build rank `rank` of a `world_size` job from config `argv` on a fake process group; return the
-    report ({"world_size", "rank", "layout", "coords", "state_bytes"}). Leaves no process group behind."""
+    report ({"world_size", "rank", "layout", "coords", "state_bytes", "files_checked"}). `files`: also
+    check the tokenizer, dataset and initial checkpoint files. Leaves no process group behind."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -59,7 +67,7 @@ def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "c
         raise RuntimeError("dry_run() needs a process without a process group")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        trainer = Trainer(cfg, dry_run_device=device)
+        trainer = Trainer(cfg, dry_run_device=device, dry_run_files=files)
         pd = trainer.parallel_dims
         coords = {}
         if pd.mesh is not None:
@@ -76,6 +84,7 @@ def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "c
             "coords": coords,
             "stages": list(trainer.pp_plan.stage_ids(pd.pp_rank)) if trainer.pp_plan is not None else [0],
             "state_bytes": state.as_dict(),
+            "files_checked": files,
         }
     finally:
         dist.destroy_process_group()
@@ -90,16 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = _parse(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     try:
-        report = dry_run(rest, world_size=args.world_size, rank=args.rank, device=args.device)
+        report = dry_run(rest, world_size=args.world_size, rank=args.rank, device=args.device,
+                         files=not args.skip_files)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_OR_DATA
     s = report["state_bytes"]
     logger.info(
         "dry run OK: %s, rank %d of %d %s, stages %s: parameters %s, gradients %s, optimizer states %s, "
-        "total state %s (%d tensors, %d local elements)",
+        "total state %s (%d tensors, %d local elements); %s",
         report["model"], args.rank, args.world_size, report["coords"] or "(no mesh)", report["stages"],
         _gib(s["params"]), _gib(s["grads"]), _gib(s["optimizer"]), _gib(s["total"]), s["n_tensors"], s["n_elements"],
+        "tokenizer, data and initial checkpoint files checked" if report["files_checked"]
+        else "files not checked (--skip-files)",
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,13 +11,18 @@
   which checkpoint and stop at the next step boundary, and then raises SignalException. The status
   is 75 (EXIT_PREEMPTED: run the same command again to resume from the latest complete checkpoint).
   Other signals give 128 + the signal number, as a shell reports them.
+
+torchrun of torch 2.11 (the oldest torch supported) has no `--shutdown-timeout`: there the option is
+accepted and dropped with a warning naming the fixed grace period the workers get instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 
+import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
@@ -30,8 +35,36 @@ def _first_line(message: object) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
+# torchrun's fixed grace period where it has no --shutdown-timeout (torch.distributed.elastic's
+# PContext.close default, torch 2.11).
+FIXED_SHUTDOWN_TIMEOUT_S = 30
+
+
+def torchrun_parser() -> argparse.ArgumentParser:
+    """torchrun's own argument parser, plus `--shutdown-timeout` where this torch's torchrun lacks it
+    (it is newer than torch 2.11): there the option is accepted, and `warn_fixed_shutdown_timeout` says
+    that it cannot be applied."""
+    parser = get_args_parser()
+    if "--shutdown-timeout" not in {opt for action in parser._actions for opt in action.option_strings}:
+        parser.add_argument("--shutdown-timeout", "--shutdown_timeout", type=int, default=None,
+                            dest="unsupported_shutdown_timeout")
+    return parser
+
+
+def warn_fixed_shutdown_timeout(args: argparse.Namespace) -> None:
+    value = getattr(args, "unsupported_shutdown_timeout", None)
+    if value is not None and value != FIXED_SHUTDOWN_TIMEOUT_S:
+        print(
+            f"run_train: warning: torch {torch.__version__}'s torchrun has no --shutdown-timeout: after SIGTERM/SIGUSR1 "
+            f"the workers get its fixed {FIXED_SHUTDOWN_TIMEOUT_S} s to checkpoint and stop, not SHUTDOWN_TIMEOUT={value} "
+            f"(a newer torch honours it)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = torchrun_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    warn_fixed_shutdown_timeout(args)
     try:
         run(args)
     except ChildFailedError as e:

@@ -25,7 +25,12 @@ from torch.distributed.tensor import DTensor
 from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.metrics import MetricsLogger
-from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
+from torchtitan_like.components.checkpoint import (
+    CheckpointManager,
+    TrainState,
+    check_checkpoint_config,
+    check_initial_load,
+)
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
 from torchtitan_like.components.optimizer import build_optimizers, check_optimizer
@@ -39,9 +44,16 @@ from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
 from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
 from torchtitan_like.distributed.parallel_dims import ParallelDims
-from torchtitan_like.distributed.pipeline import Pipeline, PipelinePlan, log_plan, plan_pipeline, split_model
+from torchtitan_like.distributed.pipeline import (
+    Pipeline,
+    PipelinePlan,
+    check_schedule_backend,
+    log_plan,
+    plan_pipeline,
+    split_model,
+)
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from torchtitan_like.distributed.tensor_parallel import shard_replicated_grads
+from torchtitan_like.distributed.tensor_parallel import match_grad_placements
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
 from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
@@ -81,6 +93,7 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
         )
     parallel_dims = ParallelDims.from_config(cfg.parallelism, world_size)
     parallel_dims.validate(model_args=model_args, training=cfg.training)
+    check_checkpoint_config(cfg.checkpoint, pp=parallel_dims.pp)
     if parallel_dims.cp_enabled:
         rotate = cfg.parallelism.context_parallel_rotate_method
         if rotate not in supported_rotate_methods():
@@ -105,11 +118,13 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
 class Trainer:
     """One training job. `train()` runs it; `close()` releases files and the process group."""
 
-    def __init__(self, cfg: JobConfig, *, dry_run_device: str | None = None):
+    def __init__(self, cfg: JobConfig, *, dry_run_device: str | None = None, dry_run_files: bool = True):
         """dry_run_device: build for a dry run (`torchtitan_like.dry_run`) on a fake process group that
         the caller initialized, as a job on that device type would: every config check and every model
-        pass runs, on the meta device; nothing touches the hardware, data, or checkpoints, and the
-        trainer cannot train. `model_parts` then hold meta (D)Tensors with this rank's local shapes."""
+        pass runs, on the meta device; nothing touches the hardware, and the trainer cannot train.
+        `model_parts` then hold meta (D)Tensors with this rank's local shapes. dry_run_files: also open
+        what the job would read first (the tokenizer, the dataset sources, checkpoint.initial_load_path's
+        layout and HF config), as the real run does, without reading any weights or training data."""
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
         self.rank, self.world_size = init_distributed(timeout_s=cfg.comm.init_timeout_seconds)
@@ -125,7 +140,8 @@ class Trainer:
         # 1. Everything that can be checked without building the model, before building it.
         checked = check_job(cfg, self.world_size)
         self.model_args, self.parallel_dims, self.pp_plan = checked.model_args, checked.parallel_dims, checked.pp_plan
-        validating = cfg.validation.enable
+        if self.pp_plan is not None:
+            check_schedule_backend(self.pp_plan, self.device.type)
         # A dry run for GPUs on a machine without one keeps its (fake) mesh on CPU: FSDP asks the mesh's
         # device for the current device index; the shards' shapes do not depend on it.
         mesh_device = "cpu" if self.dry_run and not torch.cuda.is_available() else self.device.type
@@ -133,41 +149,17 @@ class Trainer:
         self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
         if self.dry_run:
             check_optimizer(cfg.optimizer, device_type=self.device.type)
+            if dry_run_files:
+                self._build_data()
+                check_initial_load(cfg.checkpoint, self.model_args)
             self._build_model_parts()
             return
-        tokenizer = None
-        if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
-            tokenizer = build_tokenizer(cfg.model.tokenizer_path)
-            check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
+        self._build_data()
         log_ranks(self.device)
         check_collectives(
             named_meshes(self.parallel_dims), self.device,
             timeout_s=min(cfg.comm.init_timeout_seconds, COLLECTIVE_CHECK_TIMEOUT_S),
         )
-        self.dataloader = build_dataloader(
-            training=cfg.training,
-            tokenizer=tokenizer,
-            vocab_size=self.model_args.vocab_size,
-            dp_rank=self.parallel_dims.dp_rank,
-            dp_degree=self.parallel_dims.dp_degree,
-            seed=cfg.debug.seed,
-        )
-        self.validator: Validator | None = None
-        if validating:
-            # Its own dataset and iterator: validating never moves the training stream.
-            val_data = build_validation_dataset(
-                cfg.validation,
-                tokenizer=tokenizer,
-                vocab_size=self.model_args.vocab_size,
-                text_field=cfg.training.dataset_text_field,
-                dp_rank=self.parallel_dims.dp_rank,
-                dp_degree=self.parallel_dims.dp_degree,
-                seed=cfg.debug.seed,
-            )
-            self.validator = Validator(
-                cfg.validation, val_data, device=self.device, loss_group=self.parallel_dims.loss_group,
-                loss_context=self._loss_ctx, amp_context=self._amp,
-            )
 
         self._build_model_parts()
         self._log_model()
@@ -230,6 +222,39 @@ class Trainer:
             str(self.param_dtype).removeprefix("torch."),
         )
 
+    def _build_data(self) -> None:
+        """The tokenizer (when a dataset needs one), the training loader and the validation data. Every
+        path, format and vocab problem raises here, before any model is built."""
+        cfg, validating = self.cfg, self.cfg.validation.enable
+        tokenizer = None
+        if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
+            tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+            check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
+        self.dataloader = build_dataloader(
+            training=cfg.training,
+            tokenizer=tokenizer,
+            vocab_size=self.model_args.vocab_size,
+            dp_rank=self.parallel_dims.dp_rank,
+            dp_degree=self.parallel_dims.dp_degree,
+            seed=cfg.debug.seed,
+        )
+        self.validator: Validator | None = None
+        if validating:
+            # Its own dataset and iterator: validating never moves the training stream.
+            val_data = build_validation_dataset(
+                cfg.validation,
+                tokenizer=tokenizer,
+                vocab_size=self.model_args.vocab_size,
+                text_field=cfg.training.dataset_text_field,
+                dp_rank=self.parallel_dims.dp_rank,
+                dp_degree=self.parallel_dims.dp_degree,
+                seed=cfg.debug.seed,
+            )
+            self.validator = Validator(
+                cfg.validation, val_data, device=self.device, loss_group=self.parallel_dims.loss_group,
+                loss_context=self._loss_ctx, amp_context=self._amp,
+            )
+
     def _build_model_parts(self) -> None:
         """2. Model: meta -> converters (float8) -> pipeline split -> parallelize -> materialize -> init
         (a dry run stops before materializing: the parts stay on meta)."""
@@ -275,7 +300,7 @@ class Trainer:
                 if self.parallel_dims.tp_enabled and not (
                     self.parallel_dims.fsdp_enabled or self.parallel_dims.dp_replicate_enabled
                 ):
-                    shard_replicated_grads(part)
+                    match_grad_placements(part)
             part.train()
             self.model_parts.append(part)
 

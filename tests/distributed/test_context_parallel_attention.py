@@ -220,7 +220,7 @@ def _long_rope_rank() -> dict:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
     a = LLAMA3_FLAVORS["1B"].with_seq_len(LONG_SEQ)  # Llama 3.2 RoPE scaling (factor 32)
-    freqs = precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling)  # (seq, head_dim // 2)
+    freqs = precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling)  # (seq, head_dim // 2, 2)
     full = freqs.clone()
     positions = torch.arange(LONG_SEQ).unsqueeze(0)  # (1, seq): the token positions, sharded alongside
     with context_parallel_ctx(

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.pipelining.stage import _PipelineStageBase
 
 from harness import run_on_ranks
 from torchtitan_like.components.manifest import complete_steps
-from torchtitan_like.distributed.pipeline import available_schedules
+from torchtitan_like.distributed.pipeline import V_SCHEDULES, available_schedules
 from trainer_runs import LAYOUTS, assert_same_training, assert_state_matches_dry_run, merged_params, series, train_run, trainer_argv
 
 STEPS = 6  # the grad-norm clip (max_norm 1) is active from step 2
@@ -58,6 +59,9 @@ def test_every_schedule_matches_one_process(reference: dict, tmp_path: Path) -> 
     runs = dict(SCHEDULE_RUNS)
     runs[CSV_RUN] = ("--parallelism.pipeline_parallel_schedule_csv", str(csv), "--training.local_batch_size", "2")
     names = list(runs)
+    if not hasattr(_PipelineStageBase, "_is_same_rank"):
+        # torch 2.11 on gloo: V schedules are refused (tests/unit/test_pipeline_plan.py checks the error).
+        names = [n for n in names if n not in V_SCHEDULES]
     for name in names:
         # One launch per run: a Trainer's process groups are only ever released by ending the process.
         argv = trainer_argv(tmp_path / name, "pp2", *runs[name], steps=STEPS)

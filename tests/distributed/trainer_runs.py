@@ -172,7 +172,9 @@ def series(history: list[dict], key: str) -> torch.Tensor:
 
 
 def assert_same_training(got: dict, ref: dict, what: str, *, params: dict | None = None) -> None:
-    """Per-step loss and grad norm (and the final weights, if given) of `got` match `ref` (a run's result)."""
+    """Per-step loss and grad norm (and the final weights, if given) of `got` match `ref` (a run's result),
+    and the optimizer saw every gradient in its parameter's layout."""
+    assert got.get("misplaced_grads", []) == [], f"{what}: gradient layouts {got['misplaced_grads']}"
     assert [h["step"] for h in got["history"]] == [h["step"] for h in ref["history"]], what
     assert [h["lr"] for h in got["history"]] == [h["lr"] for h in ref["history"]], what
     torch.testing.assert_close(
@@ -188,7 +190,6 @@ def assert_same_training(got: dict, ref: dict, what: str, *, params: dict | None
         assert params.keys() == want.keys(), f"{what}: parameter names differ"
         for name, w in want.items():
             torch.testing.assert_close(params[name], w, rtol=0, atol=PARAM_ATOL, msg=lambda m: f"{what}: {name}: {m}")
-
 
 
 class SimulatedCrash(Exception):
@@ -221,7 +222,7 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     from torchtitan_like.trainer import Trainer
 
     trainer = Trainer(load_config(argv))
-    grad_bytes = _record_grad_bytes(trainer.optimizers)
+    grad_bytes, misplaced_grads = _record_grad_bytes(trainer.optimizers)
     if crash_at_step is not None:
         train_step = trainer.train_step
 
@@ -238,7 +239,7 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
         crashed = True
     finally:
         trainer.close()
-    out: dict = {"history": trainer.history, "crashed": crashed}
+    out: dict = {"history": trainer.history, "crashed": crashed, "misplaced_grads": sorted(misplaced_grads)}
     out["state"] = {
         "params": sum(_local_bytes(p) for part in trainer.model_parts for p in part.parameters()),
         "grads": grad_bytes[0],
@@ -256,21 +257,28 @@ def _local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def _record_grad_bytes(optimizers: list[torch.optim.Optimizer]) -> list[int]:
+def _record_grad_bytes(optimizers: list[torch.optim.Optimizer]) -> tuple[list[int], set[str]]:
     """Make each optimizer step first record the bytes of the gradients it is about to apply (the
-    moment they all exist); returns the one-element list the latest step's total lands in."""
+    moment they all exist) and any gradient whose DTensor layout is not its parameter's; returns the
+    one-element list the latest step's total lands in, and the set of "param -> grad" layouts seen."""
     total = [0]
+    misplaced: set[str] = set()
     for opt in optimizers:
         step = opt.step
 
         def recording_step(*args, _opt=opt, _step=step, **kwargs):
             if _opt is optimizers[0]:
                 total[0] = 0
-            total[0] += sum(_local_bytes(p.grad) for g in _opt.param_groups for p in g["params"] if p.grad is not None)
+            grads = [(p, p.grad) for g in _opt.param_groups for p in g["params"] if p.grad is not None]
+            total[0] += sum(_local_bytes(grad) for _, grad in grads)
+            misplaced.update(
+                f"{p.placements} -> {grad.placements}" for p, grad in grads
+                if isinstance(grad, DTensor) and grad.placements != p.placements
+            )
             return _step(*args, **kwargs)
 
         opt.step = recording_step
-    return total
+    return total, misplaced
 
 
 def assert_state_matches_dry_run(argv: list[str], world: int, ranks: list[dict], *, check_ranks: list[int]) -> None:

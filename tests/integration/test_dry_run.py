@@ -149,3 +149,51 @@ def test_a_failing_dry_run_leaves_no_process_group() -> None:
     with pytest.raises(TrainerError, match="--rank 4 must be in 0..3"):
         dry_run(FSDP_ARGV, world_size=4, rank=4, device="cpu")
     assert not dist.is_initialized()
+
+
+def test_the_dry_run_checks_the_files_the_job_opens_first(tmp_path: Path) -> None:
+    from torchtitan_like.components.manifest import CheckpointError
+    from torchtitan_like.dry_run import dry_run
+    from torchtitan_like.errors import DataError
+
+    base = ["--job.config_file", str(ROOT / DEBUG_CONFIG)]
+    missing = str(tmp_path / "nowhere")
+    cases = [
+        (["--model.tokenizer_path", missing], DataError, r"model\.tokenizer_path: tokenizer file .*nowhere.* not found"),
+        (["--training.dataset", "local", "--training.dataset_path", missing], DataError,
+         r"training\.dataset_path=.*nowhere.*: no such file or directory"),
+        (["--validation.enable", "--validation.seq_len", "64", "--validation.dataset", "local",
+          "--validation.dataset_path", missing], DataError,
+         r"validation\.dataset_path=.*nowhere.*: no such file or directory"),
+        (["--checkpoint.initial_load_path", missing], CheckpointError,
+         r"checkpoint\.initial_load_path=.*nowhere is not a DCP checkpoint"),
+        (["--checkpoint.enable", "--checkpoint.initial_load_path", missing, "--checkpoint.initial_load_in_hf"],
+         CheckpointError, r"nowhere does not exist \(expected a Hugging Face folder"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            dry_run([*base, *args], world_size=2, rank=1, device="cpu")
+        # A planning machine without the cluster's files skips them, and says so in the report.
+        report = dry_run([*base, *args], world_size=2, rank=1, device="cpu", files=False)
+        assert report["files_checked"] is False
+
+    # An HF checkpoint whose config.json describes another model is refused before anything is built.
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")  # only its presence is checked: no weights are read
+    (hf / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 32}))
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        dry_run([*base, "--checkpoint.enable", "--checkpoint.initial_load_path", str(hf),
+                 "--checkpoint.initial_load_in_hf"], world_size=1, rank=0, device="cpu")
+    assert dry_run(base, world_size=2, rank=0, device="cpu")["files_checked"] is True
+
+
+def test_skip_files_through_run_train(tmp_path: Path) -> None:
+    args = ["--model.tokenizer_path", str(tmp_path / "missing.model"), "--job.dump_folder", str(tmp_path / "out")]
+    checked = run_train(*args, env={"COMM_MODE": "fake_backend", "NGPU": "2", "DRY_RUN_DEVICE": "cpu"})
+    assert checked.returncode == 2, checked.stdout[-3000:] + checked.stderr[-3000:]
+    assert _error_line(checked.stderr).startswith("error: model.tokenizer_path: tokenizer file"), checked.stderr
+    skipped = run_train(*args, env={"COMM_MODE": "fake_backend", "NGPU": "2", "DRY_RUN_DEVICE": "cpu",
+                                    "DRY_RUN_SKIP_FILES": "1"})
+    assert skipped.returncode == 0, skipped.stdout[-3000:] + skipped.stderr[-3000:]
+    assert "files not checked (--skip-files)" in skipped.stdout

@@ -471,7 +471,7 @@ def test_staged_async_path_waits_for_staging_before_the_next_optimizer_step(tmp_
     minus pinned memory and CUDA streams (which need a GPU)."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    monkeypatch.setattr(ckpt_mod, "_validate", lambda cfg: None)  # skip only the "needs CUDA" check
+    monkeypatch.setattr(ckpt_mod, "_check_async_device", lambda cfg: None)  # skip only the "needs CUDA" check
     staged = threading.Event()
 
     class SlowStager(DefaultStager):
@@ -527,6 +527,24 @@ def test_exclude_from_loading_skips_those_states(tmp_path):
 def test_exclude_from_loading_rejects_unknown_names(tmp_path):
     with pytest.raises(ConfigError, match=r"exclude_from_loading=\['optimiser'\]: \['optimiser'\] not among model"):
         manager(make_run(), tmp_path, exclude_from_loading=["optimiser"])
+
+
+@pytest.mark.parametrize("key", ["last_save_in_hf", "initial_load_in_hf"])
+def test_hf_import_export_under_pipeline_parallel_is_refused_before_any_build(key):
+    # check_job (the trainer's first step, and the dry run's) refuses it: not the final save of a long run.
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import check_job
+
+    cfg = load_config([
+        "--job.config_file", str(Path(__file__).resolve().parents[2] / "train_configs/debug_model.toml"),
+        "--parallelism.pipeline_parallel_degree", "2", "--checkpoint.enable", f"--checkpoint.{key}",
+        "--checkpoint.initial_load_path", "/hf/llama",
+    ])
+    with pytest.raises(ConfigError, match=rf"checkpoint\.{key}=true with parallelism\.pipeline_parallel_degree=2: "
+                                          r"Hugging Face import/export is not supported.*tools/checkpoint\.py convert"):
+        check_job(cfg, world_size=2)
+    cfg.checkpoint.initial_load_in_hf = cfg.checkpoint.last_save_in_hf = False
+    assert check_job(cfg, world_size=2).pp_plan is not None
 
 
 def test_last_save_is_model_only_in_the_export_dtype(tmp_path, caplog):

@@ -84,7 +84,8 @@ def test_tied_embeddings_share_one_parameter():
 def test_rope_llama31_scaling_matches_the_published_rule():
     scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
     head_dim, theta = 128, 500000.0
-    freqs = precompute_freqs_cis(head_dim, 2, theta, scaling)[1].angle().double()  # position 1: the frequencies
+    cos_sin = precompute_freqs_cis(head_dim, 2, theta, scaling)[1].double()  # position 1: angles = the frequencies
+    freqs = torch.atan2(cos_sin[:, 1], cos_sin[:, 0])
     base = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     for f_scaled, f in zip(freqs.tolist(), base.tolist()):
         wavelen = 2 * math.pi / f
@@ -95,7 +96,7 @@ def test_rope_llama31_scaling_matches_the_published_rule():
         else:
             smooth = (8192 / wavelen - 1) / (4 - 1)
             want = (1 - smooth) * f / 8 + smooth * f
-        # angle() wraps to (-pi, pi]; all frequencies are < pi here
+        # atan2 wraps to (-pi, pi]; all frequencies are < pi here
         assert f_scaled == pytest.approx(want, rel=1e-5, abs=1e-9)
 
 
@@ -106,3 +107,31 @@ def test_rope_long_context_positions_are_exact():
     for pos in (0, 1, 8191, 65537, 131071):
         direct = precompute_freqs_cis(128, pos + 1, 500000.0, scaling)[pos]
         torch.testing.assert_close(table[pos], direct)
+
+
+def test_rope_rotation_is_the_complex_product_in_real_ops():
+    # The rotation Meta's layout defines: each interleaved pair (x0, x1) times e^{i m w_k}, here with
+    # torch's complex arithmetic as the reference; ours must equal it and use no complex op (inductor
+    # cannot fuse those: it would call each as a separate eager kernel).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchtitan_like.models.llama3.model import apply_rotary_emb
+
+    scaling = LLAMA3_FLAVORS["8B"].rope_scaling
+    table = precompute_freqs_cis(64, 96, 500000.0, scaling)
+    assert table.shape == (96, 32, 2) and table.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    xq, xk = torch.randn(2, 96, 4, 64, generator=g), torch.randn(2, 96, 2, 64, generator=g)
+    rot = torch.polar(torch.ones(96, 32, dtype=torch.float64), torch.atan2(table[..., 1], table[..., 0]).double())
+    rot = rot.to(torch.complex64).view(1, 96, 1, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = xq.to(dtype), xk.to(dtype)
+        got_q, got_k = apply_rotary_emb(q, k, table)
+        for got, x in ((got_q, q), (got_k, k)):
+            want = torch.view_as_real(torch.view_as_complex(x.float().reshape(*x.shape[:-1], 32, 2)) * rot).flatten(3)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want.to(dtype), rtol=1e-6, atol=1e-6)
+    graph = make_fx(apply_rotary_emb)(xq, xk, table).graph
+    ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert not any("complex" in op or "view_as_real" in op for op in ops), sorted(ops)
+    assert not any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_complex() for n in graph.nodes)

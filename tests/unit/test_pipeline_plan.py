@@ -14,6 +14,7 @@ from torchtitan_like.config.schema import Parallelism, Validation
 from torchtitan_like.distributed.pipeline import (
     KNOWN_SCHEDULES,
     available_schedules,
+    check_schedule_backend,
     plan_pipeline,
     resolve_schedule_name,
     split_fqns,
@@ -78,6 +79,20 @@ def test_v_schedules_put_first_and_last_stage_on_rank_zero(schedule: str) -> Non
     plan = _plan(pipeline_parallel_schedule=schedule)
     assert plan.stage_ranks == (0, 1, 1, 0)
     assert plan.stage_ids(0) == [0, 3]
+
+
+def test_v_schedules_on_gloo_need_stages_that_hand_over_in_memory(monkeypatch) -> None:
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+    plan = _plan(pipeline_parallel_schedule="ZBVZeroBubble")
+    check_schedule_backend(plan, "cuda")  # NCCL sends to its own rank
+    check_schedule_backend(_plan(pipeline_parallel_schedule="Interleaved1F1B"), "cpu")  # looped: no same-rank pair
+    if hasattr(_PipelineStageBase, "_is_same_rank"):  # torch >= 2.13
+        check_schedule_backend(plan, "cpu")
+        monkeypatch.delattr(_PipelineStageBase, "_is_same_rank")  # as torch 2.11
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_schedule='ZBVZeroBubble' on CPU \(gloo\) needs torch "
+                                          r">= 2\.13: .* use a looped schedule"):
+        check_schedule_backend(plan, "cpu")
 
 
 def test_layers_per_stage_sets_the_stage_count() -> None:

@@ -72,7 +72,10 @@ from torchtitan_like.components.manifest import (
 from torchtitan_like.config.schema import Checkpoint
 from torchtitan_like.errors import ConfigError
 
-__all__ = ["COMPONENTS", "CheckpointError", "CheckpointManager", "TrainState", "verify"]
+__all__ = [
+    "COMPONENTS", "CheckpointError", "CheckpointManager", "TrainState", "check_checkpoint_config", "check_initial_load",
+    "verify",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +160,8 @@ class CheckpointManager:
         model_args: Any = None,
     ):
         self.cfg = cfg
-        _validate(cfg)
+        check_checkpoint_config(cfg, pp=int(fingerprint.get("layout", {}).get("pp", 1)))
+        _check_async_device(cfg)
         self.folder = Path(dump_folder) / cfg.folder
         self.model_parts = list(model_parts)
         self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -244,9 +248,17 @@ class CheckpointManager:
         model_only = last and self.cfg.last_save_model_only
         self._saves += 1
         tmp = self.folder / f"step-{step}.tmp-{self._nonce}-{self._saves}"
+        error = None
         if self.rank == 0:
-            self._remove_partials()
-            tmp.mkdir(parents=True, exist_ok=False)
+            try:
+                self._remove_partials()
+                tmp.mkdir(parents=True, exist_ok=False)
+            except OSError as e:
+                error = f"cannot create the checkpoint folder {tmp}: {e}"
+        # Every rank waits for rank 0 here: rank 0 deletes partial folders (step-N.tmp-*) first, and
+        # each rank's DCP writer also creates `tmp` (FileSystemWriter.prepare_local_plan). Without the
+        # wait a fast rank created it first and rank 0's mkdir failed (seen on a loaded machine).
+        self._agree(error)
 
         state, fresh_optimizers = self._state_for_save(model_only=model_only)
         if last and self.cfg.last_save_in_hf:
@@ -577,15 +589,11 @@ class CheckpointManager:
         if self.cfg.initial_load_in_hf:
             self._load_hf(path)
             return None
+        check_initial_load(self.cfg, self.model_args)
         if (path / MANIFEST).is_file():
             _, error = self._verify_everywhere(path)
             if error:
                 raise CheckpointError(f"checkpoint.initial_load_path: {error}")
-        elif not (path / ".metadata").is_file():
-            raise CheckpointError(
-                f"checkpoint.initial_load_path={path} is not a DCP checkpoint ({path / '.metadata'} is missing); "
-                f"for Hugging Face safetensors set checkpoint.initial_load_in_hf=true"
-            )
         else:
             logger.warning("%s has no %s: loading it without an integrity check", path, MANIFEST)
         wanted = {"model"} if self.cfg.initial_load_model_only else set(COMPONENTS)
@@ -688,7 +696,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _validate(cfg: Checkpoint) -> None:
+def check_checkpoint_config(cfg: Checkpoint, *, pp: int = 1) -> None:
+    """The [checkpoint] rules that need no device and no file (check_job runs them before any build;
+    `pp`: parallelism.pipeline_parallel_degree)."""
     bad = [c for c in cfg.exclude_from_loading if c not in COMPONENTS]
     if bad:
         raise ConfigError(
@@ -698,6 +708,40 @@ def _validate(cfg: Checkpoint) -> None:
         raise ConfigError(f"checkpoint.export_dtype={cfg.export_dtype!r} must be one of {', '.join(EXPORT_DTYPES)}")
     if cfg.keep_latest_k < 0:
         raise ConfigError(f"checkpoint.keep_latest_k={cfg.keep_latest_k} must be >= 0 (0 keeps every checkpoint)")
+    hf = [k for k in ("initial_load_in_hf", "last_save_in_hf") if getattr(cfg, k)]
+    if pp > 1 and hf:
+        # Refused at start, not when the last save of a long run reaches the export.
+        raise ConfigError(
+            f"checkpoint.{hf[0]}=true with parallelism.pipeline_parallel_degree={pp}: Hugging Face import/export "
+            f"is not supported under pipeline parallel; set checkpoint.{hf[0]}=false and convert the DCP checkpoint "
+            f"offline with tools/checkpoint.py convert"
+        )
+
+
+def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
+    """What can be checked of checkpoint.initial_load_path without reading weights (the dry run runs
+    it; loading runs the same checks): the folder is a DCP checkpoint, or with initial_load_in_hf the
+    safetensors files are there and config.json, if any, describes `model_args`."""
+    if not cfg.initial_load_path:
+        return
+    path = Path(cfg.initial_load_path)
+    if cfg.initial_load_in_hf:
+        from torchtitan_like.models.llama3.state_dict_adapter import HF_CONFIG, check_hf_config, hf_files, read_hf_config
+
+        hf_files(path)
+        config = read_hf_config(path)
+        if config is not None:
+            where = path / HF_CONFIG if path.is_dir() else path.parent / HF_CONFIG
+            check_hf_config(config, model_args, where=str(where))
+        return
+    if not (path / MANIFEST).is_file() and not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint.initial_load_path={path} is not a DCP checkpoint ({path / '.metadata'} is missing); "
+            f"for Hugging Face safetensors set checkpoint.initial_load_in_hf=true"
+        )
+
+
+def _check_async_device(cfg: Checkpoint) -> None:
     if cfg.enable and cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
         raise ConfigError(
             "checkpoint.async_mode='async_with_pinned_mem' needs CUDA: it stages GPU tensors into pinned host memory "

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -69,6 +69,19 @@ def check_float8_device(device: torch.device, *, emulate: bool) -> None:
         )
 
 
+@cache
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU torch._scaled_mm takes per-row scales (the rowwise recipes' kernel):
+    torch 2.13 does, 2.11 asserts "only supports per-tensor scaling for CPU backend". Probed once."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    b = torch.ones(16, 16).to(torch.float8_e4m3fn).t()
+    try:
+        torch._scaled_mm(a, b, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _name_filter(module: nn.Module, fqn: str, *, filter_fqns: list[str]) -> bool:
     """Convert every nn.Linear whose name contains none of filter_fqns."""
     return isinstance(module, nn.Linear) and not any(f in fqn for f in filter_fqns)
@@ -91,6 +104,12 @@ class Float8Converter:
 
         if check_device:
             check_float8_device(device, emulate=cfg.emulate)
+            if device.type == "cpu" and not cfg.emulate and cfg.recipe_name != "tensorwise" and not _cpu_rowwise_scaled_mm():
+                raise ConfigError(
+                    f'quantize.linear.float8.recipe_name="{cfg.recipe_name}" on CPU needs torch._scaled_mm with per-row '
+                    f"scales, which torch {torch.__version__}'s CPU build lacks (per-tensor only; torch 2.13 has it): set "
+                    'quantize.linear.float8.emulate=true, use recipe_name="tensorwise", or run on CUDA'
+                )
         if device.type == "cpu" and not cfg.emulate:
             logger.warning(
                 "float8 on CPU runs torch._scaled_mm through oneDNN, which on most CPUs has only a reference "

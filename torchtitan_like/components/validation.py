@@ -76,9 +76,9 @@ def build_validation_source(cfg: Validation, *, text_field: str, seed: int) -> D
     if not cfg.dataset_path:
         raise ConfigError(f"validation.dataset = {cfg.dataset!r} needs validation.dataset_path")
     if cfg.dataset == "local":
-        return LocalSource(cfg.dataset_path, text_field)
+        return LocalSource(cfg.dataset_path, text_field, section="validation")
     if cfg.dataset == "hf":
-        return HFSource(cfg.dataset_path, cfg.dataset_split, text_field)
+        return HFSource(cfg.dataset_path, cfg.dataset_split, text_field, section="validation")
     raise ConfigError(f"validation.dataset = {cfg.dataset!r} has no document source")
 
 

@@ -68,9 +68,10 @@ def _stdlib_py_files(root: Path) -> list[str]:
 class LocalSource:
     """.txt (whole file = 1 document), .jsonl (1 record per line), .json (a list of records or one record)."""
 
-    def __init__(self, dataset_path: str, text_field: str) -> None:
+    def __init__(self, dataset_path: str, text_field: str, *, section: str = "training") -> None:
+        """section: the config section whose dataset_path this is, named in errors."""
         self.text_field = text_field
-        self.files = _resolve_local_files(dataset_path)
+        self.files = _resolve_local_files(dataset_path, key=f"{section}.dataset_path")
 
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         skip = start
@@ -111,25 +112,25 @@ class LocalSource:
         return text
 
 
-def _resolve_local_files(dataset_path: str) -> list[Path]:
+def _resolve_local_files(dataset_path: str, *, key: str) -> list[Path]:
     """The files `dataset_path` names (file, directory or glob), sorted; errors name the path."""
     if any(c in dataset_path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(dataset_path, recursive=True) if Path(p).is_file())
         files = [p for p in files if p.suffix in LOCAL_SUFFIXES]
         if not files:
-            raise DataError(f"training.dataset_path={dataset_path!r}: no .txt/.jsonl/.json files match this glob")
+            raise DataError(f"{key}={dataset_path!r}: no .txt/.jsonl/.json files match this glob")
         return files
     path = Path(dataset_path)
     if not path.exists():
-        raise DataError(f"training.dataset_path={dataset_path!r}: no such file or directory")
+        raise DataError(f"{key}={dataset_path!r}: no such file or directory")
     if path.is_dir():
         files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise DataError(f"training.dataset_path={dataset_path!r}: directory holds no .txt/.jsonl/.json files")
+            raise DataError(f"{key}={dataset_path!r}: directory holds no .txt/.jsonl/.json files")
         return files
     if path.suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"training.dataset_path={dataset_path!r}: unsupported file type (use .txt, .jsonl or .json)")
+        raise DataError(f"{key}={dataset_path!r}: unsupported file type (use .txt, .jsonl or .json)")
     return [path]
 
 
@@ -160,16 +161,16 @@ def _load_json_file(path: Path) -> list[Any]:
 class HFSource:
     """A streaming split of an HF hub dataset (needs the optional `datasets` package)."""
 
-    def __init__(self, dataset_path: str, split: str, text_field: str) -> None:
+    def __init__(self, dataset_path: str, split: str, text_field: str, *, section: str = "training") -> None:
         try:
             import datasets
         except ImportError:
-            raise DataError("training.dataset = 'hf' needs the `datasets` package: pip install datasets") from None
+            raise DataError(f"{section}.dataset = 'hf' needs the `datasets` package: pip install datasets") from None
         self.text_field = text_field
         try:
             self._ds = datasets.load_dataset(dataset_path, split=split, streaming=True)
         except Exception as e:  # the hub raises many types; the user needs the name and the cause
-            raise DataError(f"training.dataset_path={dataset_path!r} split {split!r}: cannot load ({e})") from e
+            raise DataError(f"{section}.dataset_path={dataset_path!r} split {split!r}: cannot load ({e})") from e
 
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         ds = self._ds.skip(start) if start else self._ds

@@ -37,11 +37,10 @@ reported by name with the torch version if missing (`_torch_cp_internals`):
 `_templated_ring_attention`, `_templated_ring_attention_backward`, `_cp_options` (the rotate method
 and load-balance flag the ring reads, forward and backward), `_RotateMethod`, `set_rotate_method`;
 plus `DTensor._local_tensor` and `OpOverload._schema` in the handler (stable for years).
-Seen with the same names and signatures in torch 2.13.0 (installed; what the tests run) and 2.14.1
-(wheel source read), and in an older revision of the `_context_parallel` package in the
-pytorch/pytorch sources (before 2.13; which release it shipped in could not be pinned, so torch
-2.11 is expected, not verified, to match). Rotate methods: "allgather" (torch's default) and
-"alltoall", in every one of these; `supported_rotate_methods()` reads them from the installed torch.
+Seen with the same names and signatures in torch 2.13.0 (installed; what CI runs), 2.11.0 (the CP
+tests pass on it, CPU, both rotate methods) and 2.14.1 (wheel source read). Rotate methods:
+"allgather" (torch's default) and "alltoall", in every one of these; `supported_rotate_methods()`
+reads them from the installed torch.
 
 Rules the caller must follow:
 - the forward AND the backward must run inside the context: the ring backward is dispatched through

@@ -43,22 +43,22 @@ def apply_fsdp(
     keeps [norm, output] and the root gathered (backward needs them first, so freeing them would
     only mean gathering them again at once); "always" / "never" apply to every group.
     """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    mp, mp_inner = _mixed_precision(param_dtype, reduce_dtype)
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     blocks_reshard = reshard_after_forward != "never"
     last_reshard = reshard_after_forward == "always"
     # None lets FSDP decide for the root: it never reshards the root after forward.
     root_reshard = {"default": None, "always": True, "never": False}[reshard_after_forward]
 
-    def shard(module: nn.Module | list[nn.Module], reshard: bool | None) -> None:
-        fully_shard(module, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard)
+    def shard(module: nn.Module | list[nn.Module], reshard: bool | None, policy: MixedPrecisionPolicy) -> None:
+        fully_shard(module, mesh=dp_mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
 
     for block in model.layers.values():
-        shard(block, blocks_reshard)
+        shard(block, blocks_reshard, mp_inner)
     last = [m for m in _last_group(model) if m is not None]
     if last:
-        shard(last, last_reshard)
-    shard(model, root_reshard)
+        shard(last, last_reshard, mp_inner)
+    shard(model, root_reshard, mp)
     _sum_gradients(model)
     logger.info(
         "applied %s over %s (param %s, reduce %s, reshard_after_forward=%s%s)",
@@ -81,12 +81,12 @@ def apply_ddp(model: Transformer, dp_mesh: DeviceMesh, *, param_dtype: torch.dty
     """
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    mp, mp_inner = _mixed_precision(param_dtype, reduce_dtype)
     for block in model.layers.values():
-        replicate(block, mesh=dp_mesh, mp_policy=mp)
+        replicate(block, mesh=dp_mesh, mp_policy=mp_inner)
     last = [m for m in _last_group(model) if m is not None]
     if last:
-        replicate(last, mesh=dp_mesh, mp_policy=mp)
+        replicate(last, mesh=dp_mesh, mp_policy=mp_inner)
     replicate(model, mesh=dp_mesh, mp_policy=mp)
     _sum_gradients(model)
     logger.info(
@@ -95,6 +95,15 @@ def apply_ddp(model: Transformer, dp_mesh: DeviceMesh, *, param_dtype: torch.dty
         str(param_dtype).removeprefix("torch."),
         str(reduce_dtype).removeprefix("torch."),
     )
+
+
+def _mixed_precision(param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+    """(root policy, blocks and [norm, output] policy). Only the root casts its floating-point forward
+    inputs: a block's inputs are the hidden states, already in `param_dtype` (they come from the
+    gathered parameters), and the float32 RoPE table, which casting would round to bf16."""
+    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    inner = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    return root, inner
 
 
 def _last_group(model: Transformer) -> list[nn.Module | None]:

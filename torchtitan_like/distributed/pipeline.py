@@ -71,6 +71,23 @@ def available_schedules() -> list[str]:
     return out
 
 
+def check_schedule_backend(plan: PipelinePlan, device_type: str) -> None:
+    """Refuse a V schedule on CPU (gloo) where torch's stages send to their own rank: a V schedule puts
+    stages p-1 and p on the same rank, and torch 2.11 passes activations between them by send/recv (its
+    shape inference does at the first step); gloo cannot send to the sending rank ("Pair is not
+    connected"), NCCL can. torch 2.13's stages hand them over in memory (`_is_same_rank`)."""
+    if plan.schedule not in V_SCHEDULES or device_type != "cpu":
+        return
+    from torch.distributed.pipelining.stage import _PipelineStageBase
+
+    if not hasattr(_PipelineStageBase, "_is_same_rank"):
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule={plan.schedule!r} on CPU (gloo) needs torch >= 2.13: torch "
+            f"{torch.__version__} sends between the two stages a rank holds, which gloo cannot; use a looped schedule "
+            f"(e.g. InterleavedZeroBubble or Interleaved1F1B) here, or run on CUDA (NCCL)"
+        )
+
+
 def resolve_schedule_name(name: str) -> str:
     """The canonical spelling of a schedule name (case-insensitive), or a ConfigError listing the valid ones."""
     available = available_schedules()

@@ -165,26 +165,33 @@ def _block_plan(block: TransformerBlock, *, float8: bool) -> dict[str, ParallelS
     }
 
 
-def shard_replicated_grads(model: nn.Module) -> int:
-    """Keep the gradients of TP-sharded parameters in their parameter's layout; returns how many
-    parameters got the hook.
+def match_grad_placements(model: nn.Module) -> int:
+    """Keep every TP parameter's gradient in its parameter's layout; returns how many parameters got
+    the hook. For TP without data parallelism only: FSDP and replicate (DDP) manage the gradients of
+    the parameters they wrap themselves. Call after the model is materialized (`to_empty` swaps the
+    parameter tensors and drops their hooks).
 
-    torch (2.13) returns the vocab-sharded embedding's gradient as a Replicate DTensor: the whole
-    vocab x dim table on every TP rank, held until the optimizer step (2 GiB in fp32 for Llama 3 8B).
-    Slicing it to the parameter's Shard placement is local (no communication), so each parameter's
-    gradient is cut down as soon as it is accumulated. For TP without data parallelism only: FSDP
-    and replicate (DDP) manage the gradients of the parameters they wrap themselves. Call after the model is materialized (`to_empty` swaps
-    the parameter tensors and drops their hooks).
+    Two gradients come back from backward in another layout than their parameter's:
+    - the vocab-sharded embedding's is a Replicate DTensor (torch 2.13): the whole vocab x dim table on
+      every TP rank until the optimizer step (2 GiB in fp32 for Llama 3 8B). Slicing it to the Shard
+      placement is local, no communication.
+    - the replicated norm weights' (sequence parallel) are Partial(sum): each TP rank holds its share
+      of the sum. The optimizer and the clip then work on an unreduced gradient. torch 2.13 reduces
+      it inside each op; torch 2.11 scales a reduced temporary in `clip_grads_with_norm_` and leaves
+      the Partial gradient unclipped (the norm weights then train ~10% off from the second clipped
+      step). One all-reduce per norm weight here gives every later op a plain Replicate gradient.
+    The hook runs after each accumulation, so with gradient accumulation a later microbatch's Partial
+    gradient is summed into an already Replicate one (DTensor reduces it) and stays Replicate.
     """
     count = 0
     for p in model.parameters():
-        if isinstance(p, DTensor) and any(isinstance(pl, Shard) for pl in p.placements):
-            p.register_post_accumulate_grad_hook(_reshard_grad)
+        if isinstance(p, DTensor):
+            p.register_post_accumulate_grad_hook(_match_grad_placements)
             count += 1
     return count
 
 
-def _reshard_grad(p: torch.Tensor) -> None:
+def _match_grad_placements(p: torch.Tensor) -> None:
     g = p.grad
-    if isinstance(g, DTensor) and g.placements != p.placements and all(isinstance(pl, Replicate) for pl in g.placements):
+    if isinstance(g, DTensor) and g.placements != p.placements:
         p.grad = g.redistribute(p.device_mesh, p.placements)

@@ -23,13 +23,19 @@ from torchtitan_like.models.llama3.args import RopeScaling, TransformerArgs
 
 
 def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """Complex rotations e^{i m w_k} for positions m < end; (end, head_dim // 2), complex64."""
+    """The rotations e^{i m w_k} for positions m < end, as (end, head_dim // 2, 2) float32 holding
+    (cos, sin) of the angle m * w_k (computed in float64, then rounded).
+
+    Real, not complex64: inductor generates no code for complex ops (it calls view_as_complex, the
+    complex mul and view_as_real as separate eager kernels, each a pass over q and k in fp32), while the
+    same rotation in real arithmetic compiles into one fused kernel. The table is still a single
+    buffer indexed by position on dim 0, which is what context parallel shards."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
     if scaling is not None:
         freqs = _apply_llama31_scaling(freqs, scaling)
     t = torch.arange(end, dtype=torch.float64)
     angles = torch.outer(t, freqs)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).to(torch.float32)
 
 
 def _apply_llama31_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -47,13 +53,17 @@ def _apply_llama31_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # x: (bs, seqlen, n_local_heads, head_dim), rotated as interleaved (real, imag) pairs (Meta layout).
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # (1, seqlen, 1, head_dim // 2)
-    xq_out = torch.view_as_real(xq_ * freqs).flatten(3)
-    xk_out = torch.view_as_real(xk_ * freqs).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    # x: (bs, seqlen, n_local_heads, head_dim), rotated as interleaved (real, imag) pairs (Meta layout),
+    # in fp32: (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x0 sin + x1 cos).
+    cos = freqs_cis[..., 0].view(1, xq.shape[1], 1, -1)  # (1, seqlen, 1, head_dim // 2)
+    sin = freqs_cis[..., 1].view(1, xq.shape[1], 1, -1)
+    return _rotate(xq, cos, sin), _rotate(xk, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
