@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
+from torchtitan_like.components.manifest import step_folders
 from torchtitan_like.components.metrics import MetricsLogger
 from torchtitan_like.components.checkpoint import (
     CheckpointManager,
@@ -151,7 +152,9 @@ class Trainer:
             check_optimizer(cfg.optimizer, device_type=self.device.type)
             if dry_run_files:
                 self._build_data()
-                check_initial_load(cfg.checkpoint, self.model_args)
+                own = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+                if not (cfg.checkpoint.enable and step_folders(own)):  # a resuming job never reads it
+                    check_initial_load(cfg.checkpoint, self.model_args)
             self._build_model_parts()
             return
         self._build_data()

@@ -187,6 +187,12 @@ def test_the_dry_run_checks_the_files_the_job_opens_first(tmp_path: Path) -> Non
                  "--checkpoint.initial_load_in_hf"], world_size=1, rank=0, device="cpu")
     assert dry_run(base, world_size=2, rank=0, device="cpu")["files_checked"] is True
 
+    # A job whose own folder holds checkpoints resumes from them and never reads initial_load_path.
+    dump = tmp_path / "resuming"
+    (dump / "checkpoint" / "step-10").mkdir(parents=True)
+    dry_run([*base, "--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.initial_load_path", missing],
+            world_size=1, rank=0, device="cpu")
+
 
 def test_skip_files_through_run_train(tmp_path: Path) -> None:
     args = ["--model.tokenizer_path", str(tmp_path / "missing.model"), "--job.dump_folder", str(tmp_path / "out")]

@@ -504,8 +504,12 @@ def test_staged_async_path_waits_for_staging_before_the_next_optimizer_step(tmp_
 def test_a_dataloader_state_that_differs_across_ranks_is_refused(tmp_path, monkeypatch):
     run = make_run()
     mgr = manager(run, tmp_path)
-    # Pretend a second rank reported a different dataloader state (DCP would keep only one copy).
-    monkeypatch.setattr(mgr, "_all_gather", lambda obj: [obj, (obj[0], "another state")])
+    # Pretend a second rank reported a different dataloader state (DCP would keep only one copy); it
+    # agrees with everything else (the start-of-save check that rank 0 created the folder).
+    def all_gather(obj):
+        return [obj, (obj[0], "another state")] if isinstance(obj, tuple) else [obj, obj]
+
+    monkeypatch.setattr(mgr, "_all_gather", all_gather)
     with pytest.raises(CheckpointError, match="dataloader state differs across ranks"):
         mgr.maybe_save(2)
 

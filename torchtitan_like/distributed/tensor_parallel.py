@@ -177,9 +177,10 @@ def match_grad_placements(model: nn.Module) -> int:
       placement is local, no communication.
     - the replicated norm weights' (sequence parallel) are Partial(sum): each TP rank holds its share
       of the sum. The optimizer and the clip then work on an unreduced gradient. torch 2.13 reduces
-      it inside each op; torch 2.11 scales a reduced temporary in `clip_grads_with_norm_` and leaves
-      the Partial gradient unclipped (the norm weights then train ~10% off from the second clipped
-      step). One all-reduce per norm weight here gives every later op a plain Replicate gradient.
+      it inside each op; torch 2.11's `clip_grads_with_norm_` leaves a Partial gradient unscaled
+      (checked: a Partial gradient of norm 6 still has norm 6 after clipping to 1), so the debug
+      model's tp2 norm weights trained with 11% too large gradients from the first clipped step.
+      One all-reduce per norm weight here gives every later op a plain Replicate gradient.
     The hook runs after each accumulation, so with gradient accumulation a later microbatch's Partial
     gradient is summed into an already Replicate one (DTensor reduces it) and stays Replicate.
     """
