@@ -45,6 +45,16 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--training.local_batch_size", "2",
         ),
     ),
+    # DDP(2) x TP(2): replicated across the data-parallel pair, sharded inside each TP pair.
+    "ddp2xtp2": (
+        4,
+        (
+            "--parallelism.data_parallel_replicate_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "4",
+        ),
+    ),
     "tp2": (
         2,
         (
