@@ -3,8 +3,8 @@ RoPE table they receive stays float32.
 
 The table is a forward argument of every block. FSDP's default policy casts every floating-point
 forward input to the parameter dtype, which would round cos/sin to bf16 (8 bits of mantissa: up to
-4e-3 off at every position), while one process under autocast keeps them in float32. The blocks are sharded with input casting off; their activations are bf16 anyway,
-coming from bf16 parameters.
+4e-3 off at every position), while one process under autocast keeps them in float32. The blocks
+are sharded with input casting off; their activations are bf16 anyway, coming from bf16 parameters.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ class Float8Converter:
 
         if check_device:
             check_float8_device(device, emulate=cfg.emulate)
-            if device.type == "cpu" and not cfg.emulate and cfg.recipe_name != "tensorwise" and not _cpu_rowwise_scaled_mm():
+            rowwise = cfg.recipe_name != "tensorwise"
+            if device.type == "cpu" and not cfg.emulate and rowwise and not _cpu_rowwise_scaled_mm():
                 raise ConfigError(
                     f'quantize.linear.float8.recipe_name="{cfg.recipe_name}" on CPU needs torch._scaled_mm with per-row '
                     f"scales, which torch {torch.__version__}'s CPU build lacks (per-tensor only; torch 2.13 has it): set "

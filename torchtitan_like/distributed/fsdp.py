@@ -97,7 +97,9 @@ def apply_ddp(model: Transformer, dp_mesh: DeviceMesh, *, param_dtype: torch.dty
     )
 
 
-def _mixed_precision(param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
+def _mixed_precision(
+    param_dtype: torch.dtype, reduce_dtype: torch.dtype
+) -> tuple[MixedPrecisionPolicy, MixedPrecisionPolicy]:
     """(root policy, blocks and [norm, output] policy). Only the root casts its floating-point forward
     inputs: a block's inputs are the hidden states, already in `param_dtype` (they come from the
     gathered parameters), and the float32 RoPE table, which casting would round to bf16."""

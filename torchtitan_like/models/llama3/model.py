@@ -29,7 +29,8 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: RopeSca
     Real, not complex64: inductor generates no code for complex ops (it calls view_as_complex, the
     complex mul and view_as_real as separate eager kernels, each a pass over q and k in fp32), while the
     same rotation in real arithmetic compiles into one fused kernel. The table is still a single
-    buffer indexed by position on dim 0, which is what context parallel shards."""
+    buffer indexed by position on dim 0, which is what context parallel shards. Every block takes it
+    as a forward input, which FSDP must not cast to bf16 (fsdp.py shards the blocks accordingly)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
     if scaling is not None:
         freqs = _apply_llama31_scaling(freqs, scaling)
