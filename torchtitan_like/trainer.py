@@ -41,6 +41,7 @@ from torchtitan_like.components.validation import Validator, build_validation_da
 from torchtitan_like.config.loader import to_toml
 from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
+from torchtitan_like.data.prefetch import PrefetchingLoader
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
 from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
@@ -233,7 +234,7 @@ class Trainer:
         if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
-        self.dataloader = build_dataloader(
+        loader = build_dataloader(
             training=cfg.training,
             tokenizer=tokenizer,
             vocab_size=self.model_args.vocab_size,
@@ -241,6 +242,8 @@ class Trainer:
             dp_degree=self.parallel_dims.dp_degree,
             seed=cfg.debug.seed,
         )
+        depth = cfg.training.prefetch_batches
+        self.dataloader = PrefetchingLoader(loader, depth) if depth > 0 else loader
         self.validator: Validator | None = None
         if validating:
             # Its own dataset and iterator: validating never moves the training stream.
@@ -629,6 +632,8 @@ class Trainer:
             self.metrics.close()
             if self.compile_monitor is not None:
                 self.compile_monitor.close()
+            if isinstance(self.dataloader, PrefetchingLoader):
+                self.dataloader.close()
 
 
 class InjectedFault(RuntimeError):

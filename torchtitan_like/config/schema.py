@@ -89,6 +89,8 @@ class Training:
     """Field holding the document text in .jsonl/.json records and HF datasets."""
     dataset_split: str = "train"
     """Split to read from an HF hub dataset."""
+    prefetch_batches: int = 4
+    """Microbatches tokenized ahead on a background thread (checkpoints stay exact); 0 = on the main thread."""
     mixed_precision_param: Literal["auto", "bfloat16", "float32"] = "auto"
     """Compute dtype for parameters: auto = bfloat16 on CUDA, float32 on CPU."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"

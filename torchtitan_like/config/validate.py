@@ -30,6 +30,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "training.loss_chunk_size": (">= 0 (0 = no chunking)", lambda v: v >= 0),
     "training.steps": (">= 1", lambda v: v >= 1),
     "training.gc_freq": (">= 0", lambda v: v >= 0),
+    "training.prefetch_batches": (">= 0", lambda v: v >= 0),
     "metrics.log_freq": (">= 1", lambda v: v >= 1),
     "metrics.peak_tflops": ("> 0", lambda v: v > 0),
     "model.max_seq_len": (">= 2", lambda v: v >= 2),
