@@ -77,6 +77,8 @@ def test_a_loader_error_is_raised_in_order(tmp_path):
     with pytest.raises(DataError, match=r"data.jsonl:7: invalid JSON"):
         next(it)
     assert pre._thread is None  # the thread ended with the error
+    with pytest.raises(DataError, match=r"data.jsonl:7: invalid JSON"):  # and says so again, never hangs
+        next(it)
 
 
 def test_depth_and_prefetch_key_are_checked():

@@ -40,9 +40,11 @@ class PrefetchingLoader(Stateful):
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        self._error: BaseException | None = None  # what ended the stream, raised again by later calls
 
     def __iter__(self) -> PrefetchingLoader:
         self._halt()
+        self._error = None
         self.loader.load_state_dict(self._state)  # rewind past what was prefetched and not handed out
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
@@ -53,11 +55,14 @@ class PrefetchingLoader(Stateful):
         return self
 
     def __next__(self) -> Any:
+        if self._error is not None:
+            raise self._error
         if self._queue is None:
             raise TypeError("call iter() on the PrefetchingLoader first")
         item = self._queue.get()
         if isinstance(item, _Raised):
             self._halt()
+            self._error = item.error
             raise item.error
         batch, self._state = item
         return batch
@@ -70,6 +75,7 @@ class PrefetchingLoader(Stateful):
         self.loader.load_state_dict(state_dict)
         self._state = state_dict
         self._queue = None
+        self._error = None
 
     def close(self) -> None:
         """Stop the background thread (also safe when it never started)."""
