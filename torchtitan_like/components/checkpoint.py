@@ -654,13 +654,7 @@ class CheckpointManager:
         return comps
 
     def _load_hf(self, path: Path) -> None:
-        from torchtitan_like.models.llama3.state_dict_adapter import (
-            HF_CONFIG,
-            check_hf_config,
-            from_hf,
-            load_hf_safetensors,
-            read_hf_config,
-        )
+        from torchtitan_like.models.llama3.state_dict_adapter import from_hf, load_hf_safetensors
 
         t0 = time.perf_counter()
         self._agree(self._check_hf_supported())
@@ -671,10 +665,7 @@ class CheckpointManager:
         targets = [get_model_state_dict(part) for part in self.model_parts]
         if self.rank == 0 or not broadcast:
             try:
-                config = read_hf_config(path)
-                if config is not None:
-                    where = path / HF_CONFIG if path.is_dir() else path.parent / HF_CONFIG
-                    check_hf_config(config, self.model_args, where=str(where))
+                check_initial_load(self.cfg, self.model_args)  # the files and config.json, as the dry run checks
                 full = from_hf(load_hf_safetensors(path), self.model_args)
                 wanted = {k for t in targets for k in t}
                 if wanted - set(full):
