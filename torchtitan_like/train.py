@@ -88,8 +88,14 @@ def _fail_fast(e: Exception) -> NoReturn:
     a barrier, a checkpoint or the process group's destructor, is what turns one rank's error into a
     job that hangs until the collective timeout.
     """
+    import signal
+
     import torch.distributed as dist
 
+    from torchtitan_like.distributed.preemption import PREEMPTION_SIGNALS
+
+    for sig in PREEMPTION_SIGNALS:  # torchrun's SIGTERM to the survivors must not cut the report short
+        signal.signal(sig, signal.SIG_IGN)
     logger.error(
         "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", dist.get_rank(), type(e).__name__, e,
         exc_info=True,

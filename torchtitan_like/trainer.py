@@ -525,6 +525,7 @@ class Trainer:
         first_step = self.step + 1
         prof_kwargs = {"dump_folder": cfg.job.dump_folder, "rank": self.rank, "device": self.device, "global_step": self.step}
         self.preemption.install()
+        finished = False
         try:
             with contextlib.ExitStack() as stack:
                 profiler = stack.enter_context(maybe_enable_profiling(cfg.profiling, **prof_kwargs))
@@ -582,8 +583,12 @@ class Trainer:
                     if self._stop_if_preempted():
                         break
             self.metrics.summary(self.tokens_seen - tokens_at_start, time.perf_counter() - train_start)
+            finished = True
         finally:
-            self.preemption.restore()
+            # After an error the handlers stay until close(): torchrun SIGTERMs this rank as soon as a
+            # peer dies, and the default handler would kill it before it reports its own error.
+            if finished:
+                self.preemption.restore()
             if gc_freq > 0:
                 gc.enable()
 
@@ -629,6 +634,7 @@ class Trainer:
         try:
             self.checkpointer.close()
         finally:
+            self.preemption.restore()
             self.metrics.close()
             if self.compile_monitor is not None:
                 self.compile_monitor.close()

@@ -107,8 +107,14 @@ def test_fail_at_step_raises_on_the_named_rank(tmp_path):
     try:
         with pytest.raises(InjectedFault, match="debug.fail_at_step=3: injected failure on rank 0"):
             trainer.train()
+        # Until close(), a SIGTERM (torchrun's, once a peer has died) is recorded, not fatal: the
+        # failing rank still gets to report its own error.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.preemption.received == signal.SIGTERM
     finally:
         trainer.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert [h["step"] for h in trainer.history] == [1, 2]
 
 
