@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,35 @@ def test_depth_and_prefetch_key_are_checked():
 
     with pytest.raises(ConfigError, match=r"training\.prefetch_batches"):
         load_config(["--training.prefetch_batches", "-1"])
+
+
+class _StuckLoader:
+    """A loader whose second read never returns (a streaming source that stopped answering)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __iter__(self):
+        yield torch.zeros(1)
+        self.release.wait()
+
+
+def test_close_leaves_a_stuck_read_behind_with_a_warning(caplog):
+    stuck = _StuckLoader()
+    pre = PrefetchingLoader(stuck, depth=2)
+    it = iter(pre)
+    assert torch.equal(next(it), torch.zeros(1))
+    thread = pre._thread
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.data.prefetch"):
+        pre.close(timeout_s=0.2)  # returns instead of waiting on the read
+    assert thread is not None and thread.is_alive() and thread.daemon
+    assert "still inside the data loader after 0.2 s" in caplog.text
+    stuck.release.set()
+    thread.join(5)
+    assert not thread.is_alive()

@@ -15,12 +15,19 @@ order it happened.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+logger = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 30.0
+"""How long close() waits for the background thread to leave the loader."""
 
 
 class _Raised:
@@ -77,15 +84,24 @@ class PrefetchingLoader(Stateful):
         self._queue = None
         self._error = None
 
-    def close(self) -> None:
-        """Stop the background thread (also safe when it never started)."""
-        self._halt()
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the background thread (also safe when it never started).
 
-    def _halt(self) -> None:
+        A thread stuck inside the loader (a streaming read that never returns) is left behind after
+        `timeout_s`, with a warning: it is a daemon, so it cannot keep the finished process alive.
+        """
+        self._halt(timeout_s)
+
+    def _halt(self, timeout_s: float | None = None) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join()
+            thread.join(timeout_s)
+            if thread.is_alive():
+                logger.warning(
+                    "the data-prefetch thread is still inside the data loader after %g s (a read that does not "
+                    "return?); leaving it behind", timeout_s,
+                )
 
     def _produce(self, it: Any, q: queue.Queue, stop: threading.Event) -> None:
         while not stop.is_set():
