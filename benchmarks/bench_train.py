@@ -68,6 +68,8 @@ class BenchConfig:
             parts.append(f"float8 {self.float8}")
         if self.ac != "none":
             parts.append(f"AC {self.ac}")
+        if self.extra:
+            parts.append(" ".join(self.extra))
         return ", ".join(parts)
 
     def _ac_args(self) -> list[str]:
@@ -134,13 +136,24 @@ CONFIGS: dict[str, BenchConfig] = {
     "8B_slice8_compile_bf16": replace(_8B, compile=True),
     "8B_slice8_compile_f8_rowwise": replace(_8B, compile=True, float8="rowwise"),
     "8B_slice8_compile_f8_tensorwise": replace(_8B, compile=True, float8="tensorwise"),
+    # Issue 7's long-sequence baseline on one GPU (context_parallel_degree 1): full AC, and the loss
+    # computed 8192 positions at a time (the 128K logits alone would take 63 GiB in float32).
+    **{
+        f"1B_long{seq // 1024}k_fullac": replace(
+            _1B, seq_len=seq, compile=True, ac="full", extra=("--training.loss_chunk_size", "8192")
+        )
+        for seq in (8192, 32768, 131072)
+    },
     # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
     "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
+    # CPU float8 matmuls are emulated: oneDNN's reference fp8 kernel takes minutes per step.
     "debug_cpu_compile_f8": BenchConfig(
-        flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32", compile=True, float8="tensorwise"
+        flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32", compile=True, float8="tensorwise",
+        extra=("--quantize.linear.float8.emulate",),
     ),
 }
-MATRIX = [name for name in CONFIGS if not name.startswith("debug_")]
+MATRIX = [name for name in CONFIGS if not name.startswith(("debug_", "1B_long"))]
+LONG_SEQUENCE = [name for name in CONFIGS if name.startswith("1B_long")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", help="a named config (see --list)")
     p.add_argument("--matrix", action="store_true", help="run every GPU config: " + ", ".join(MATRIX))
+    p.add_argument("--long", action="store_true",
+                   help="run the one-GPU long-sequence baseline (no peer): " + ", ".join(LONG_SEQUENCE))
     p.add_argument("--list", action="store_true", help="list the named configs")
     p.add_argument("--steps", type=int, default=20, help="timed steps after warm-up (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first: compile, allocator (default 5)")
@@ -413,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, cfg in CONFIGS.items():
             print(f"{name:34s} {cfg.flavor:10s} seq {cfg.seq_len:5d} batch {cfg.local_batch_size}  {cfg.features()}")
         return 0
-    names = MATRIX if a.matrix else [a.name] if a.name else []
+    names = MATRIX if a.matrix else LONG_SEQUENCE if a.long else [a.name] if a.name else []
     if not names:
-        p.error("give --name NAME, --matrix or --list")
+        p.error("give --name NAME, --matrix, --long or --list")
+    if a.peer_site and any(CONFIGS[n].extra for n in names if n in CONFIGS):
+        p.error("--peer-site: these configs use options torchtitan is not given the same way (CONFIGS extra); run them "
+                "without it")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown config {unknown[0]!r}; see --list")

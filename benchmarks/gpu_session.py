@@ -1,0 +1,311 @@
+"""One device call that measures what only a GPU shows, most wanted first, inside a time budget.
+
+    python3 benchmarks/gpu_session.py --list
+    python3 benchmarks/gpu_session.py --budget 500 --peer-site /tmp/site --out $OUT     # on the lent GPU
+    python3 benchmarks/gpu_session.py --budget 500 --only calibrate,long_sequence --out $OUT
+    python benchmarks/gpu_session.py --smoke --out /tmp/gs       # on CPU: the same steps at debug size
+
+A lent GPU comes with minutes, not hours, so the steps are ordered by what the open issues still
+need, and each runs as a child process under a timeout: the smaller of its own cap and what is
+left of `--budget` (seconds). A step that does not fit in what is left is skipped and says so; a
+step that fails or times out does not stop the next. `session.json` in `--out` is rewritten after
+every step (name, issue, command, exit status, seconds, output folder), so a session cut short
+still leaves the steps that finished. Each step's output goes to `<out>/<step>.log`.
+
+`--smoke` runs the same steps on CPU with the debug model and a few steps each: it checks the
+plumbing (arguments, output files), never the numbers. Steps that need CUDA are skipped there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Context:
+    out: Path
+    peer_site: str | None
+    smoke: bool
+
+    def folder(self, step: str) -> Path:
+        return self.out / step
+
+
+def _peer(ctx: Context) -> list[str]:
+    return ["--peer-site", ctx.peer_site] if ctx.peer_site and not ctx.smoke else []
+
+
+def _env(ctx: Context) -> list[list[str]]:
+    probe = (
+        "import json, torch; from importlib.metadata import version as v\n"
+        "def ver(p):\n"
+        "    try: return v(p)\n"
+        "    except Exception: return None\n"
+        "info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'devices': "
+        "[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "
+        "'torchao': ver('torchao'), 'torchdata': ver('torchdata'), 'torchtitan': ver('torchtitan')}\n"
+        "print(json.dumps(info))"
+    )
+    commands = [[PY, "-c", probe]]
+    if shutil.which("nvidia-smi"):
+        commands.insert(0, ["nvidia-smi"])
+    return commands
+
+
+def train_args(ctx: Context, *, snapshot: bool = False) -> list[str]:
+    """`./run_train.sh` arguments of the issue 3 run (and, with `snapshot`, the issue 8 one)."""
+    if ctx.smoke:
+        shape = ["--model.flavor", "debugmodel", "--training.seq_len", "64", "--training.local_batch_size", "2",
+                 "--training.steps", "4", "--metrics.log_freq", "2"]
+    else:
+        shape = ["--model.flavor", "1B", "--training.seq_len", "8192", "--training.local_batch_size", "1",
+                 "--training.steps", "6" if snapshot else "30", "--metrics.log_freq", "2" if snapshot else "10",
+                 "--training.mixed_precision_param", "bfloat16"]
+    args = [*shape, "--training.dataset", "synthetic", "--lr_scheduler.warmup_steps", "2",
+            "--job.dump_folder", str(ctx.folder("memory_snapshot" if snapshot else "train_1B"))]
+    if snapshot:
+        args += ["--profiling.enable_memory_snapshot", "--profiling.profile_freq", "3"]
+    return args
+
+
+def _train(ctx: Context) -> list[list[str]]:
+    return [["env", "NGPU=1", "./run_train.sh", *train_args(ctx)]]
+
+
+def _memory_snapshot(ctx: Context) -> list[list[str]]:
+    folder = ctx.folder("memory_snapshot")
+    return [["env", "NGPU=1", "./run_train.sh", *train_args(ctx, snapshot=True)],
+            [PY, str(Path(__file__).resolve()), "--check-snapshots", str(folder / "memory_snapshot")]]
+
+
+def check_snapshots(folder: Path) -> int:
+    """Parse each snapshot pickle, print its size, segments and reserved GiB, then delete it (they hold
+    full stack traces, tens of MB each: too much to bring back from the device machine)."""
+    import pickle
+
+    files = sorted(folder.rglob("*.pickle"))
+    if not files:
+        print(f"no memory snapshot under {folder}", file=sys.stderr)
+        return 1
+    for f in files:
+        segments = pickle.loads(f.read_bytes()).get("segments", [])
+        reserved = sum(s.get("total_size", 0) for s in segments) / 2**30
+        print(f"{f.relative_to(folder)}: {f.stat().st_size} bytes, {len(segments)} segments, "
+              f"{reserved:.2f} GiB reserved")
+        f.unlink()
+    return 0
+
+
+def _bench(name: str, smoke_name: str = "debug_cpu") -> Callable[[Context], list[list[str]]]:
+    def commands(ctx: Context) -> list[list[str]]:
+        if ctx.smoke:
+            return [[PY, str(BENCH / "bench_train.py"), "--name", smoke_name, "--steps", "2", "--warmup", "1",
+                     "--out", str(ctx.folder(f"bench_{name}"))]]
+        return [[PY, str(BENCH / "bench_train.py"), "--name", name, "--steps", "10", "--warmup", "3",
+                 *_peer(ctx), "--out", str(ctx.folder(f"bench_{name}"))]]
+
+    return commands
+
+
+def _long_sequence(ctx: Context) -> list[list[str]]:
+    if ctx.smoke:
+        which = ["--name", "debug_cpu", "--steps", "2", "--warmup", "1"]
+    else:
+        which = ["--long", "--steps", "4", "--warmup", "2"]
+    return [[PY, str(BENCH / "bench_train.py"), *which, "--out", str(ctx.folder("long_sequence"))]]
+
+
+def _checkpoint(ctx: Context) -> list[list[str]]:
+    size = (["--flavor", "debugmodel", "--seq-len", "64", "--saves", "2", "--interval", "2", "--modes", "async"]
+            if ctx.smoke else ["--modes", "async_with_pinned_mem,async,disabled"])
+    return [[PY, str(BENCH / "bench_checkpoint.py"), *size, "--out", str(ctx.folder("checkpoint_1B"))]]
+
+
+def _calibrate(ctx: Context) -> list[list[str]]:
+    folder = ctx.folder("calibrate")
+    return [[PY, str(BENCH / "calibrate.py"), *(["--quick"] if ctx.smoke else []),
+             "--out", str(folder / "profile.json"), "--json", str(folder / "measurements.json")]]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    issue: str
+    what: str
+    commands: Callable[[Context], list[list[str]]]
+    cap_s: int
+    """The most this step may take (seconds); less when less of the budget is left."""
+    min_s: int = 60
+    """Not started with less than this left of the budget."""
+    needs_cuda: bool = False
+
+
+STEPS: list[Step] = [
+    Step("env", "all", "nvidia-smi; torch, CUDA, torchao, torchdata, torchtitan versions", _env, cap_s=60, min_s=5),
+    Step("train_1B", "3", "NGPU=1 ./run_train.sh, 1B at seq 8192, bf16, 30 steps: metrics.jsonl (tps, MFU, memory)",
+         _train, cap_s=240),
+    Step("bench_8B_slice8_compile_bf16", "5", "the headline matrix row, beside torchtitan with --peer-site",
+         _bench("8B_slice8_compile_bf16"), cap_s=330, min_s=180),
+    Step("checkpoint_1B", "4", "blocking and total time per save, 1B, each checkpoint.async_mode", _checkpoint,
+         cap_s=300, min_s=120),
+    Step("bench_1B_compile_f8_rowwise", "5", "float8 rowwise on the 1B, beside torchtitan",
+         _bench("1B_compile_f8_rowwise", "debug_cpu_compile_f8"), cap_s=240, min_s=150),
+    Step("long_sequence", "7", "1B at 8K/32K/128K on one GPU, full AC: tokens/s and peak memory", _long_sequence,
+         cap_s=360, min_s=180),
+    Step("calibrate", "9", "planner hardware profile of this GPU (GEMM, attention, bandwidths)", _calibrate,
+         cap_s=240, min_s=90),
+    Step("memory_snapshot", "8", "CUDA memory snapshots written by profiling.enable_memory_snapshot", _memory_snapshot,
+         cap_s=180, needs_cuda=True),
+    *[
+        Step(f"bench_{name}", "5", "the rest of the matrix, beside torchtitan", _bench(name), cap_s=240,
+             min_s=150)
+        for name in ("1B_compile_bf16", "1B_eager_bf16", "1B_compile_f8_tensorwise", "8B_slice8_compile_f8_rowwise",
+                     "8B_slice8_compile_f8_tensorwise", "8B_slice8_eager_bf16")
+    ],
+]
+STEP_NAMES = [s.name for s in STEPS]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    return parents
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it. torchrun starts each worker in a session of its own,
+    so killing torchrun's process group would leave the workers running (and holding the GPU)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            os.kill(p, signal.SIGSTOP)  # frozen, so it starts no new child while the tree is walked
+        except ProcessLookupError:
+            continue
+        tree.append(p)
+        todo.extend(child for child, parent in _parents().items() if parent == p)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_step(step: Step, ctx: Context, timeout_s: float, log: Path) -> dict[str, Any]:
+    """Run the step's commands one after another (stopping at the first failure) under one timeout."""
+    commands = step.commands(ctx)
+    record: dict[str, Any] = {"name": step.name, "issue": step.issue, "what": step.what,
+                              "commands": [" ".join(c) for c in commands], "timeout_s": round(timeout_s)}
+    ctx.folder(step.name).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    t0 = time.monotonic()
+    rc = 0
+    with open(log, "w") as f:
+        for cmd in commands:
+            left = timeout_s - (time.monotonic() - t0)
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=max(left, 1))
+            except subprocess.TimeoutExpired:
+                kill_tree(proc.pid)
+                proc.wait()
+                record["timed_out"] = True
+                rc = 124
+            if rc != 0:
+                break
+    record.update(rc=rc, seconds=round(time.monotonic() - t0, 1), output=str(ctx.folder(step.name)), log=str(log))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=500, help="seconds for the whole session (default 500)")
+    p.add_argument("--only", help="comma-separated steps to run, in the listed order (see --list)")
+    p.add_argument("--peer-site",
+                   help="folder holding torchtitan 0.2.2 (fetch_wheels.sh --peer): benchmark rows run beside it")
+    p.add_argument("--out", default=str(ROOT / "outputs" / "gpu_session"),
+                   help="folder for session.json, logs and results")
+    p.add_argument("--smoke", action="store_true", help="CPU: the same steps at debug size (checks the plumbing only)")
+    p.add_argument("--list", action="store_true", help="list the steps in the order they run")
+    p.add_argument("--check-snapshots", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.check_snapshots:
+        return check_snapshots(Path(a.check_snapshots))
+    if a.list:
+        for s in STEPS:
+            print(f"{s.name:34s} issue {s.issue:3s} cap {s.cap_s:3d} s  {s.what}")
+        return 0
+    steps = STEPS
+    if a.only:
+        wanted = [n.strip() for n in a.only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in STEP_NAMES]
+        if unknown or not wanted:
+            p.error(f"--only: {unknown[0] if unknown else '(empty)'!r} is not a step; see --list")
+        steps = [s for s in STEPS if s.name in wanted]
+    if a.budget <= 0:
+        p.error("--budget must be > 0 seconds")
+    if a.peer_site and not Path(a.peer_site, "torchtitan").is_dir():
+        p.error(f"--peer-site {a.peer_site}: no torchtitan package there (run ../shared/gpu/fetch_wheels.sh --peer and "
+                f"install the wheels into it)")
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(out=out, peer_site=a.peer_site, smoke=a.smoke)
+    cuda = _cuda_available()
+    if not cuda and not a.smoke:
+        print("gpu_session: no CUDA device here; the numbers will not mean anything (use --smoke for a CPU plumbing "
+              "check)", file=sys.stderr)
+    deadline = time.monotonic() + a.budget
+    session: dict[str, Any] = {"budget_s": a.budget, "smoke": a.smoke, "cuda": cuda, "steps": []}
+    for step in steps:
+        left = deadline - time.monotonic()
+        if step.needs_cuda and not cuda:
+            record = {"name": step.name, "issue": step.issue, "skipped": "needs a CUDA device"}
+        elif left < step.min_s:
+            record = {"name": step.name, "issue": step.issue,
+                      "skipped": f"budget: {left:.0f} s left, the step needs at least {step.min_s} s"}
+        else:
+            print(f"== {step.name} (issue {step.issue}, up to {min(step.cap_s, left):.0f} s): {step.what}", flush=True)
+            record = run_step(step, ctx, min(step.cap_s, left), out / f"{step.name}.log")
+        session["steps"].append(record)
+        (out / "session.json").write_text(json.dumps(session, indent=1))
+        status = record.get("skipped") or ("ok" if record["rc"] == 0 else f"exit {record['rc']}, see {record['log']}")
+        print(f"   {step.name}: {status}" + (f" ({record['seconds']} s)" if "seconds" in record else ""), flush=True)
+    failed = [r["name"] for r in session["steps"] if r.get("rc", 0) != 0]
+    print(f"\n{len(session['steps'])} steps, failed: {', '.join(failed) or 'none'}; {out / 'session.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

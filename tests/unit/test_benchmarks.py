@@ -1,0 +1,154 @@
+"""The GPU session script and the checkpoint benchmark: their CPU smoke runs, and the GPU runs' arguments.
+
+A lent GPU comes for minutes, so what can be checked here is checked here: every trainer argument the
+GPU steps pass is accepted (the run_train.sh steps through the dry run, which builds the 1B as the real
+job would), the smoke runs write the files the session reports, a step over its time is killed with all
+its processes, and the budget skips what does not fit. Speeds are never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from torchtitan_like.config.loader import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_checkpoint  # noqa: E402
+import bench_train  # noqa: E402
+import gpu_session  # noqa: E402
+
+CPU_ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+
+
+def run_script(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=CPU_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["train_1B", "memory_snapshot"])
+def test_the_gpu_run_train_steps_build_in_the_dry_run(tmp_path, snapshot):
+    ctx = gpu_session.Context(out=tmp_path, peer_site=None, smoke=False)
+    args = gpu_session.train_args(ctx, snapshot=snapshot)
+    r = subprocess.run(["./run_train.sh", *args], cwd=ROOT, env=dict(CPU_ENV, COMM_MODE="fake_backend", NGPU="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "dry run OK: llama3 1B" in r.stdout + r.stderr
+
+
+def test_every_benchmark_config_and_the_checkpoint_benchmark_args_load(tmp_path):
+    for name, cfg in bench_train.CONFIGS.items():
+        job = load_config(cfg.ours_args(steps=3, dump=str(tmp_path)))
+        assert job.model.flavor == cfg.flavor and job.training.seq_len == cfg.seq_len, name
+    assert bench_train.LONG_SEQUENCE == ["1B_long8k_fullac", "1B_long32k_fullac", "1B_long128k_fullac"]
+    assert not set(bench_train.LONG_SEQUENCE) & set(bench_train.MATRIX)
+    a = bench_checkpoint.parser().parse_args([])  # the GPU defaults: 1B
+    for mode in bench_checkpoint.MODES:
+        job = load_config(bench_checkpoint.trainer_args(a, mode, dump=str(tmp_path)))
+        assert job.model.flavor == "1B"
+        assert job.checkpoint.async_mode == mode and job.checkpoint.keep_latest_k == 1
+        assert job.training.steps == 12 and job.checkpoint.interval == 4
+
+
+def test_peer_runs_refuse_configs_with_options_torchtitan_is_not_given():
+    r = run_script("bench_train.py", "--long", "--peer-site", "/nonexistent")
+    assert r.returncode == 2 and "--peer-site: these configs use options torchtitan is not given" in r.stderr
+
+
+def test_checkpoint_benchmark_cpu_smoke(tmp_path):
+    r = run_script("bench_checkpoint.py", "--flavor", "debugmodel", "--seq-len", "64", "--saves", "2", "--interval",
+                   "2", "--modes", "disabled,async", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "checkpoint_summary.json").read_text())
+    assert [run["mode"] for run in summary["runs"]] == ["disabled", "async"]
+    for run in summary["runs"]:
+        assert [s["step"] for s in run["saves"]] == [2, 4]
+        assert run["checkpoint_folders"] == ["step-4"]  # keep_latest_k=1 purged step-2
+        for s in run["saves"]:
+            assert s["blocking_s"] == pytest.approx(s["call_s"] + s["staging_wait_s"])
+            assert s["total_s"] > 0 and s["call_s"] > 0 and s["staging_wait_s"] == 0  # no staging on CPU
+            if run["mode"] == "disabled":  # the whole save is inside the call
+                assert s["total_s"] <= s["call_s"]
+    assert "| async | cpu x 1 |" in r.stdout
+
+
+def test_checkpoint_benchmark_rejects_bad_arguments():
+    r = run_script("bench_checkpoint.py", "--modes", "async,sometimes")
+    assert r.returncode == 2 and "--modes: 'sometimes' is not one of disabled, async, async_with_pinned_mem" in r.stderr
+    r = run_script("bench_checkpoint.py", "--saves", "1")
+    assert r.returncode == 2 and "--saves and --interval must be >= 2" in r.stderr
+
+
+def test_smoke_session_records_each_step(tmp_path):
+    r = run_script("gpu_session.py", "--smoke", "--only", "env,train_1B,memory_snapshot", "--budget", "200",
+                   "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = {s["name"]: s for s in json.loads((tmp_path / "session.json").read_text())["steps"]}
+    assert list(steps) == ["env", "train_1B", "memory_snapshot"]
+    assert steps["env"]["rc"] == 0 and '"torch": ' in (tmp_path / "env.log").read_text()
+    assert steps["train_1B"]["rc"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "train_1B" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert steps["memory_snapshot"] == {"name": "memory_snapshot", "issue": "8", "skipped": "needs a CUDA device"}
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    r = run_script("gpu_session.py", "--smoke", "--only", "train_1B,calibrate", "--budget", "30",
+                   "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = json.loads((tmp_path / "session.json").read_text())["steps"]
+    assert [s["skipped"].split(":")[0] for s in steps] == ["budget", "budget"]
+    assert "the step needs at least 60 s" in steps[0]["skipped"]
+    r = run_script("gpu_session.py", "--only", "train_1B,nope", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--only: 'nope' is not a step; see --list" in r.stderr
+
+
+def test_a_step_over_its_time_is_killed_with_every_process_under_it(tmp_path):
+    # The grandchild starts a session of its own, as torchrun's workers do.
+    pid_file = tmp_path / "grandchild.pid"
+    spawn = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(120)\n"
+    )
+    step = gpu_session.Step("hang", "-", "sleeps", lambda ctx: [[sys.executable, "-c", spawn]], cap_s=60)
+    ctx = gpu_session.Context(out=tmp_path, peer_site=None, smoke=True)
+    t0 = time.monotonic()
+    record = gpu_session.run_step(step, ctx, timeout_s=3, log=tmp_path / "hang.log")
+    assert record["rc"] == 124 and record["timed_out"] is True
+    assert time.monotonic() - t0 < 30
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the grandchild outlived the step's timeout"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed process can linger a moment as a zombie until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_snapshot_check_reports_and_deletes_the_pickles(tmp_path, capsys):
+    assert gpu_session.check_snapshots(tmp_path) == 1
+    assert "no memory snapshot under" in capsys.readouterr().err
+    snap = tmp_path / "iteration_3" / "rank0_memory_snapshot.pickle"
+    snap.parent.mkdir()
+    snap.write_bytes(pickle.dumps({"segments": [{"total_size": 2**30}, {"total_size": 2**29}], "device_traces": []}))
+    assert gpu_session.check_snapshots(tmp_path) == 0
+    assert "iteration_3/rank0_memory_snapshot.pickle: " in (out := capsys.readouterr().out)
+    assert "2 segments, 1.50 GiB reserved" in out
+    assert not snap.exists()
