@@ -104,7 +104,7 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
                 f"use one of {', '.join(supported_rotate_methods())}"
             )
     if cfg.validation.enable:
-        check_layout(cfg.validation, tp=parallel_dims.tp, cp=parallel_dims.cp, pp=parallel_dims.pp)
+        check_layout(cfg.validation, tp=parallel_dims.tp, cp=parallel_dims.cp, pp=parallel_dims.pp, training=cfg.training)
     pp_plan = None
     if parallel_dims.pp_enabled:
         pp_plan = plan_pipeline(
@@ -178,16 +178,19 @@ class Trainer:
         if cfg.compile.enable and "loss" in cfg.compile.components:
             self.loss_fn = compile_loss(cross_entropy_sum, backend=cfg.compile.backend)
         self.pipeline: Pipeline | None = None
-        self._pp_denominator = 1.0
         self._pp_time_s = self._pp_compute_s = 0.0
         if self.pp_plan is not None:
             pp_group = self.parallel_dims.pp_group
             assert pp_group is not None
             self.pipeline = Pipeline(
                 self.pp_plan, pp_rank=self.parallel_dims.pp_rank, parts=self.model_parts, pp_group=pp_group,
-                device=self.device, loss_fn=self._pp_loss,
+                # The same global token denominator as without PP (step(denominator=...)), so the
+                # summed gradients are the same.
+                device=self.device, loss_fn=self.loss_fn,
             )
             log_plan(self.pp_plan, self.parallel_dims.pp_rank)
+            if self.validator is not None:  # held-out batches go through the schedule, forward only
+                self.validator.pipeline, self.validator.pp_group = self.pipeline, pp_group
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,
@@ -452,17 +455,11 @@ class Trainer:
             rotate_method=self.cfg.parallelism.context_parallel_rotate_method,
         )
 
-    def _pp_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Called by the schedule on the last stage, once per pipeline microbatch: the same global
-        # token denominator as without PP, so the summed gradients are the same.
-        return self.loss_fn(logits, labels) / self._pp_denominator
-
     def _pipeline_forward_backward(
         self, batches: list[tuple[torch.Tensor, torch.Tensor]], total_tokens: float
     ) -> torch.Tensor:
         """One schedule step per accumulation batch; returns the loss sum, whole on every pp rank."""
         assert self.pipeline is not None
-        self._pp_denominator = total_tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         t0 = time.perf_counter()
         for inputs, labels in batches:
@@ -470,7 +467,7 @@ class Trainer:
             losses: list[torch.Tensor] = []
             # loss parallel must cover the last stage's loss and its backward, both inside the schedule.
             with self._cp_ctx(inputs, labels), self._loss_ctx(), self._amp():
-                self.pipeline.step(inputs, labels, losses)
+                self.pipeline.step(inputs, labels, losses, denominator=total_tokens)
             for loss in losses:
                 loss_sum += _plain(loss.detach()).to(torch.float64)
         if self.device.type == "cuda":

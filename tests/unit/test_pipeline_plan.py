@@ -10,7 +10,7 @@ import torch
 
 from torchtitan_like.components.validation import check_layout
 from torchtitan_like.config.loader import load_config
-from torchtitan_like.config.schema import Parallelism, Validation
+from torchtitan_like.config.schema import Parallelism, Training, Validation
 from torchtitan_like.distributed.pipeline import (
     KNOWN_SCHEDULES,
     available_schedules,
@@ -232,9 +232,22 @@ def test_tied_embeddings_are_refused() -> None:
     assert "ties tok_embeddings and output" in _error(tied=True)
 
 
-def test_validation_is_refused_with_pp() -> None:
-    with pytest.raises(ConfigError, match="validation.enable=true is not supported with parallelism.pipeline_parallel_degree=2"):
-        check_layout(Validation(enable=True), tp=1, cp=1, pp=2)
+def test_validation_under_pp_needs_the_training_shape_and_no_cp(monkeypatch) -> None:
+    switches = "torchtitan_like.components.validation.schedule_switches_modes"
+    monkeypatch.setattr(switches, lambda: True)  # the torch 2.13 behaviour, whatever torch runs this
+    training = Training(seq_len=64, local_batch_size=4)
+    check_layout(Validation(enable=True, seq_len=64, local_batch_size=4), tp=1, cp=1, pp=2, training=training)
+    with pytest.raises(ConfigError, match=r"validation.seq_len=128 and validation.local_batch_size=4 must equal "
+                                          r"training.seq_len=64 and training.local_batch_size=4"):
+        check_layout(Validation(enable=True, seq_len=128, local_batch_size=4), tp=1, cp=1, pp=2, training=training)
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_degree=2 and parallelism.context_parallel_degree=2 is "
+                                          r"not supported"):
+        check_layout(Validation(enable=True, seq_len=64, local_batch_size=4), tp=1, cp=2, pp=2, training=training)
+    # A torch whose schedules cannot switch between training and eval (2.11) is refused by name.
+    monkeypatch.setattr(switches, lambda: False)
+    with pytest.raises(ConfigError, match=r"needs pipeline schedules that switch between training and forward-only "
+                                          r"steps, which torch .* lacks"):
+        check_layout(Validation(enable=True, seq_len=64, local_batch_size=4), tp=1, cp=1, pp=2, training=training)
 
 
 # ---- custom CSV schedule ---------------------------------------------------------------------------

@@ -6,6 +6,8 @@ batches are dealt out to data-parallel ranks exactly as in training (layout-inde
 sums the token losses of its slice, and the sum and the token count are all-reduced over the loss
 group (dp x cp): val_loss = total token loss / total tokens, the same number as one process gets.
 The model runs under `torch.no_grad()` in eval mode, and each model part gets its mode back after.
+Under pipeline parallel the batches go through the training schedule forward only (`eval()`), the
+last stage's rank sums the token losses and the sums are all-reduced over the pp group first.
 
 Held-out sources: `embedded` reads the standard library's own tests and tools (test/, idlelib/,
 lib2to3/, turtledemo/, whichever this Python has), which the training corpus leaves out;
@@ -31,9 +33,10 @@ from torch.utils.data import IterableDataset
 
 from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
 from torchtitan_like.components.tokenizer import Tokenizer
-from torchtitan_like.config.schema import Validation
+from torchtitan_like.config.schema import Training, Validation
 from torchtitan_like.data.dataset import BatchLayout, PackedDataset, SyntheticDataset
 from torchtitan_like.data.sources import EMBEDDED_EXCLUDED_DIRS, DocumentSource, HFSource, LocalSource
+from torchtitan_like.distributed.pipeline import Pipeline, schedule_switches_modes
 from torchtitan_like.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -107,15 +110,29 @@ def build_validation_dataset(
     return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)
 
 
-def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1) -> None:
-    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel; no
-    pipeline parallel (validation runs the whole model forward on each rank)."""
+def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Training | None = None) -> None:
+    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel. Under
+    pipeline parallel the held-out batches go through the training schedule, forward only: they
+    must have the training batches' shape, and torch's schedules must be able to switch modes."""
     if pp > 1:
-        raise ConfigError(
-            f"validation.enable=true is not supported with parallelism.pipeline_parallel_degree={pp} yet (validation "
-            "runs the whole model on each rank): set validation.enable=false, or validate the checkpoints in a "
-            "separate run without pipeline parallel"
-        )
+        where = f"validation.enable=true with parallelism.pipeline_parallel_degree={pp}"
+        if not schedule_switches_modes():
+            raise ConfigError(
+                f"{where} needs pipeline schedules that switch between training and forward-only steps, which torch "
+                f"{torch.__version__} lacks (torch 2.13 has them): set validation.enable=false, or validate the "
+                f"checkpoints in a separate run without pipeline parallel"
+            )
+        if cp > 1:
+            raise ConfigError(
+                f"{where} and parallelism.context_parallel_degree={cp} is not supported: set validation.enable=false "
+                f"or use one of the two"
+            )
+        if training is not None and (cfg.seq_len, cfg.local_batch_size) != (training.seq_len, training.local_batch_size):
+            raise ConfigError(
+                f"{where}: validation.seq_len={cfg.seq_len} and validation.local_batch_size={cfg.local_batch_size} "
+                f"must equal training.seq_len={training.seq_len} and training.local_batch_size="
+                f"{training.local_batch_size} (the pipeline stages exchange activations of one microbatch shape)"
+            )
     unit = tp * 2 * cp
     if (tp > 1 or cp > 1) and cfg.seq_len % unit:
         raise ConfigError(
@@ -136,6 +153,8 @@ class Validator:
         loss_group: dist.ProcessGroup | None,
         loss_context: Callable[[], contextlib.AbstractContextManager],
         amp_context: Callable[[], contextlib.AbstractContextManager],
+        pipeline: Pipeline | None = None,
+        pp_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.cfg = cfg
         self.dataset = dataset
@@ -143,6 +162,8 @@ class Validator:
         self.loss_group = loss_group
         self.loss_context = loss_context
         self.amp_context = amp_context
+        self.pipeline = pipeline
+        self.pp_group = pp_group
 
     def should_run(self, step: int) -> bool:
         return step % self.cfg.freq == 0
@@ -182,18 +203,37 @@ class Validator:
         for inputs, labels in self.dataset:  # a fresh iterator: every validation starts at the beginning
             inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
             labels = labels.to(self.device, non_blocking=True)
-            with self.loss_context():
-                with self.amp_context():
-                    logits = model(inputs)  # (local_bs, seq_len, vocab), vocab-sharded under loss parallel
-                loss = cross_entropy_sum(logits, labels)
+            if self.pipeline is not None:
+                loss, counted = self._pipeline_loss_sum(inputs, labels), self.pipeline.has_last
+            else:
+                with self.loss_context():
+                    with self.amp_context():
+                        logits = model(inputs)  # (local_bs, seq_len, vocab), vocab-sharded under loss parallel
+                    loss = cross_entropy_sum(logits, labels)
+                del logits
+                counted = True
             if isinstance(loss, DTensor):
                 loss = loss.to_local()  # replicated over the TP ranks
             totals[0] += loss.to(torch.float64)
-            totals[1] += (labels != IGNORE_INDEX).sum().to(torch.float64)
+            if counted:
+                totals[1] += (labels != IGNORE_INDEX).sum().to(torch.float64)
             batches += 1
-            del logits, loss
+            del loss
             if batches == self.cfg.steps:
                 break
+        if self.pp_group is not None:
+            dist.all_reduce(totals, group=self.pp_group)  # only the last stage's rank holds the sums
         if self.loss_group is not None:
             dist.all_reduce(totals, group=self.loss_group)
         return totals, batches
+
+    def _pipeline_loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training schedule, forward only; the token-loss sum on the last stage's rank, else 0."""
+        assert self.pipeline is not None
+        losses: list[torch.Tensor] = []
+        with self.loss_context(), self.amp_context():
+            self.pipeline.eval(inputs, labels, losses)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for loss in losses:
+            total += (loss.to_local() if isinstance(loss, DTensor) else loss).to(torch.float64)
+        return total

@@ -518,11 +518,27 @@ def _pipeline_stage_class() -> type:
     return TimedPipelineStage
 
 
+def schedule_switches_modes() -> bool:
+    """Whether this torch's schedules can run forward-only (`eval()`) between training steps.
+
+    torch 2.13's schedules notice a switch between `step()` and `eval()` and rebuild the stages'
+    receive buffers and metadata for it (`_PipelineSchedule._initialize_pp_stages`). torch 2.11's
+    build them once, for whichever came first: an eval before the first training step would leave
+    training with receive buffers that do not require grad, and shapes cannot change. Private
+    attribute, feature-detected; without it validation under PP is refused at start.
+    """
+    from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+    return hasattr(_PipelineSchedule, "_initialize_pp_stages")
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them.
 
-    `step(inputs, labels, losses)` runs one schedule step over a local batch (split into the plan's
-    microbatches); `losses` receives the last stage's per-microbatch losses on the rank that owns it.
+    `step(inputs, labels, losses, denominator=...)` runs one schedule step (forward and backward)
+    over a local batch, split into the plan's microbatches; `losses` receives the last stage's
+    per-microbatch losses, `loss_fn(logits, labels) / denominator`, on the rank that owns it.
+    `eval(inputs, labels, losses)` runs the same forward only, with the token-sum losses (validation).
     `compute_s()` returns this rank's compute seconds since the last call.
     """
 
@@ -548,16 +564,35 @@ class Pipeline:
         ]
         self.has_first = 0 in self.stage_ids
         self.has_last = plan.num_stages - 1 in self.stage_ids
-        self.schedule = build_schedule(plan, self.stages, loss_fn=loss_fn)
+        self._loss_fn = loss_fn
+        self._denominator = 1.0
+        self.schedule = build_schedule(plan, self.stages, loss_fn=self._scaled_loss)
         # return_outputs=False (torch >= 2.12): do not keep the last stage's logits of every microbatch.
         self._step_kwargs = (
             {"return_outputs": False} if "return_outputs" in inspect.signature(self.schedule.step).parameters else {}
         )
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor]) -> None:
-        args = (inputs,) if self.has_first else ()
-        kwargs: dict[str, Any] = {"target": labels, "losses": losses} if self.has_last else {}
-        self.schedule.step(*args, **kwargs, **self._step_kwargs)
+    def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Called by the schedule on the last stage, once per microbatch.
+        return self._loss_fn(logits, labels) / self._denominator
+
+    def step(
+        self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor], *, denominator: float
+    ) -> None:
+        self._denominator = denominator
+        self.schedule.step(*self._args(inputs), **self._kwargs(labels, losses), **self._step_kwargs)
+
+    def eval(self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor]) -> None:
+        """Forward only (call under torch.no_grad()); `losses` gets the token-sum loss of each microbatch."""
+        self._denominator = 1.0
+        self.schedule.eval(*self._args(inputs), **self._kwargs(labels, losses), **self._step_kwargs)
+        self.clock.take()  # forward-only compute is not training time: keep it out of compute_s()
+
+    def _args(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (inputs,) if self.has_first else ()
+
+    def _kwargs(self, labels: torch.Tensor, losses: list[torch.Tensor]) -> dict[str, Any]:
+        return {"target": labels, "losses": losses} if self.has_last else {}
 
     def compute_s(self) -> float:
         return self.clock.take()
