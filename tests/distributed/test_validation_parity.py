@@ -24,6 +24,13 @@ LAYOUTS = {
     "ddp2": (2, 2, ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
     # The held-out batches go through the 1F1B / interleaved schedule forward only; 4 microbatches.
     "pp2xfsdp2": (4, 2, ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2")),
+    "pp2xtp2": (
+        4, 1,
+        (
+            "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+            "--parallelism.tensor_parallel_degree", "2",
+        ),
+    ),
     "pp2_interleaved": (
         2, 1,
         (
@@ -92,7 +99,7 @@ def one(tmp_path_factory, held_out) -> dict:
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "pp2xfsdp2", "pp2_interleaved"])
+@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved"])
 def test_val_loss_matches_one_process(tmp_path, layout, one, held_out):
     from torchtitan_like.distributed.pipeline import schedule_switches_modes
 
