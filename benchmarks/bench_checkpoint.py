@@ -9,11 +9,12 @@ synthetic tokens with `checkpoint.enable`, a save every `--interval` steps (`--s
 state: model, optimizer, data loader, scheduler), `keep_latest_k=1` so the disk holds one or two
 saves at a time. Measured on rank 0, around the trainer's own calls:
 
-- `call_s`: the time inside `Checkpointer.maybe_save` (for async modes this includes waiting for the
-  previous save, which the next save must do);
+- `call_s`: the time inside `Checkpointer.maybe_save`;
+- `previous_wait_s`: the part of it spent waiting for the previous save to finish (one save in
+  flight at a time): non-zero means `--interval` steps take less time than one save;
 - `staging_wait_s`: the time the next optimizer step waited for the save's device-to-host staging
   (async_with_pinned_mem stages in the background; the optimizer must not change the weights first);
-- `blocking_s` = call_s + staging_wait_s: the training time the save cost;
+- `blocking_s` = call_s - previous_wait_s + staging_wait_s: the training time the save itself cost;
 - `total_s`: from the start of the save until its manifest is written and the folder published.
 
 The first save pays one-time costs (process groups, pinned buffers), so the summary gives the first
@@ -79,10 +80,11 @@ def run_worker(a: argparse.Namespace) -> None:
     trainer = Trainer(load_config(trainer_args(a, a.mode, dump=a.dump)))
     ckpt = trainer.checkpointer
     timer = StepTimer(trainer.device)
-    train_step, maybe_save, wait_for_staging, finish = (
-        timer.wrap(trainer.train_step), ckpt.maybe_save, ckpt.wait_for_staging, ckpt._finish
+    train_step, maybe_save, wait, wait_for_staging, finish = (
+        timer.wrap(trainer.train_step), ckpt.maybe_save, ckpt.wait, ckpt.wait_for_staging, ckpt._finish
     )
     in_step = False
+    previous_wait_s = 0.0
 
     def step_with_staging_waits(*args: Any, **kwargs: Any) -> Any:
         nonlocal in_step
@@ -93,13 +95,22 @@ def run_worker(a: argparse.Namespace) -> None:
             in_step = False
 
     def timed_save(step: int, **kwargs: Any) -> None:
-        before = ckpt._saves
+        nonlocal previous_wait_s
+        before, previous_wait_s = ckpt._saves, 0.0
         timer._sync()
         t0 = time.perf_counter()
         maybe_save(step, **kwargs)
         timer._sync()
         if ckpt._saves != before:
-            saves.append({"step": step, "call_s": time.perf_counter() - t0, "staging_wait_s": 0.0})
+            saves.append({"step": step, "call_s": time.perf_counter() - t0, "previous_wait_s": previous_wait_s,
+                          "staging_wait_s": 0.0})
+
+    def timed_wait() -> None:
+        # maybe_save first waits for the save still in flight, if any: the interval was too short.
+        nonlocal previous_wait_s
+        t0 = time.perf_counter()
+        wait()
+        previous_wait_s += time.perf_counter() - t0
 
     def timed_staging_wait() -> None:
         # Counted only where training waits: the optimizer's pre-step hook (inside maybe_save the
@@ -116,6 +127,7 @@ def run_worker(a: argparse.Namespace) -> None:
 
     trainer.train_step = step_with_staging_waits  # type: ignore[method-assign]
     ckpt.maybe_save = timed_save  # type: ignore[method-assign]
+    ckpt.wait = timed_wait  # type: ignore[method-assign]
     ckpt.wait_for_staging = timed_staging_wait  # type: ignore[method-assign]
     ckpt._finish = timed_finish  # type: ignore[method-assign]
     try:
@@ -149,7 +161,7 @@ def run_worker(a: argparse.Namespace) -> None:
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     saves = raw["saves"]
     for s in saves:
-        s["blocking_s"] = s["call_s"] + s["staging_wait_s"]
+        s["blocking_s"] = s["call_s"] - s["previous_wait_s"] + s["staging_wait_s"]
     missing = [s["step"] for s in saves if "total_s" not in s]
     if missing:
         raise SystemExit(f"the saves of steps {missing} never finished (see the log)")
@@ -170,6 +182,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "blocking_s": stat("blocking_s"),
         "total_s": stat("total_s"),
         "staging_wait_s": stat("staging_wait_s"),
+        "previous_wait_s": stat("previous_wait_s"),
         "median_step_s": statistics.median(step_times),
         "checkpoint_gb_on_disk": raw["checkpoint_bytes_on_disk"] / 1e9,
         "checkpoint_folders": raw["checkpoint_folders"],
@@ -182,19 +195,20 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| mode | device x world | blocking s (first / median / max) | total s (first / median / max) | "
-        "staging wait s (median) | step s (median) | on disk GB |",
-        "|" + "---|" * 7,
+        "staging wait s (median) | waited for the previous save s (max) | step s (median) | on disk GB |",
+        "|" + "---|" * 8,
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['mode']} | {r['error']} | | | | | | |")
             continue
         b, t = r["blocking_s"], r["total_s"]
         lines.append(
             f"| {r['mode']} | {r['device']} x {r['world_size']} | {_fmt(b['first'], '.2f')} / "
             f"{_fmt(b['median_after_first'], '.2f')} / {_fmt(b['max'], '.2f')} | {_fmt(t['first'], '.2f')} / "
             f"{_fmt(t['median_after_first'], '.2f')} / {_fmt(t['max'], '.2f')} | "
-            f"{_fmt(r['staging_wait_s']['median_after_first'], '.3f')} | {_fmt(r['median_step_s'], '.3f')} | "
+            f"{_fmt(r['staging_wait_s']['median_after_first'], '.3f')} | {_fmt(r['previous_wait_s']['max'], '.2f')} | "
+            f"{_fmt(r['median_step_s'], '.3f')} | "
             f"{_fmt(r['checkpoint_gb_on_disk'], '.2f')} |"
         )
     return "\n".join(lines)
