@@ -24,6 +24,14 @@ LAYOUTS = {
     "ddp2": (2, 2, ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
     # The held-out batches go through the 1F1B / interleaved schedule forward only; 4 microbatches.
     "pp2xfsdp2": (4, 2, ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2")),
+    # Validation runs without CP (each cp rank's stages take whole sequences), as without PP.
+    "cp2xpp2": (
+        4, 1,
+        (
+            "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+            "--parallelism.context_parallel_degree", "2",
+        ),
+    ),
     "pp2xtp2": (
         4, 1,
         (
@@ -99,11 +107,11 @@ def one(tmp_path_factory, held_out) -> dict:
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved"])
+@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved", "cp2xpp2"])
 def test_val_loss_matches_one_process(tmp_path, layout, one, held_out):
     from torchtitan_like.distributed.pipeline import schedule_switches_modes
 
-    if layout.startswith("pp") and not schedule_switches_modes():
+    if "pp" in layout and not schedule_switches_modes():
         pytest.skip(f"torch {torch.__version__}'s pipeline schedules cannot switch to forward-only (refused at start)")
     world, _, _ = LAYOUTS[layout]
     ranks = run_on_ranks(validate_run, world_size=world, tmp_path=tmp_path, args=(argv(tmp_path / "out", layout, held_out),))

@@ -113,7 +113,8 @@ def build_validation_dataset(
 def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Training | None = None) -> None:
     """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel. Under
     pipeline parallel the held-out batches go through the training schedule, forward only: they
-    must have the training batches' shape, and torch's schedules must be able to switch modes."""
+    must have the training batches' shape, and torch's schedules must be able to switch modes (with
+    CP too: validation runs without CP, each cp rank's stages on whole sequences, as without PP)."""
     if pp > 1:
         where = f"validation.enable=true with parallelism.pipeline_parallel_degree={pp}"
         if not schedule_switches_modes():
@@ -121,11 +122,6 @@ def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Tr
                 f"{where} needs pipeline schedules that switch between training and forward-only steps, which torch "
                 f"{torch.__version__} lacks (torch 2.13 has them): set validation.enable=false, or validate the "
                 f"checkpoints in a separate run without pipeline parallel"
-            )
-        if cp > 1:
-            raise ConfigError(
-                f"{where} and parallelism.context_parallel_degree={cp} is not supported: set validation.enable=false "
-                f"or use one of the two"
             )
         if training is not None and (cfg.seq_len, cfg.local_batch_size) != (training.seq_len, training.local_batch_size):
             raise ConfigError(
