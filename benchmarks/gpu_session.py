@@ -76,7 +76,9 @@ def train_args(ctx: Context, *, snapshot: bool = False) -> list[str]:
         shape = ["--model.flavor", "1B", "--training.seq_len", "8192", "--training.local_batch_size", "1",
                  "--training.steps", "6" if snapshot else "30", "--metrics.log_freq", "2" if snapshot else "10",
                  "--training.mixed_precision_param", "bfloat16"]
-    args = [*shape, "--training.dataset", "synthetic", "--lr_scheduler.warmup_steps", "2",
+    # debug_model.toml's lr (3e-3) is for the tiny model; the GPU machine has no tensorboard package.
+    args = [*shape, "--training.dataset", "synthetic", "--optimizer.lr", "3e-4", "--lr_scheduler.warmup_steps", "2",
+            "--metrics.no_enable_tensorboard",
             "--job.dump_folder", str(ctx.folder("memory_snapshot" if snapshot else "train_1B"))]
     if snapshot:
         args += ["--profiling.enable_memory_snapshot", "--profiling.profile_freq", "3"]
@@ -109,6 +111,13 @@ def check_snapshots(folder: Path) -> int:
               f"{reserved:.2f} GiB reserved")
         f.unlink()
     return 0
+
+
+def _gpu_tests(ctx: Context) -> list[list[str]]:
+    # The suite's CUDA-only tests (fused AdamW, memory snapshots incl. on out-of-memory); pytest comes
+    # with tools/fetch_gpu_wheels.sh.
+    return [[PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "tests/unit/test_optimizer.py",
+             "tests/unit/test_profiling.py", "--junitxml", str(ctx.folder("gpu_tests") / "junit.xml")]]
 
 
 def _bench(name: str, smoke_name: str = "debug_cpu") -> Callable[[Context], list[list[str]]]:
@@ -157,6 +166,8 @@ class Step:
 
 STEPS: list[Step] = [
     Step("env", "all", "nvidia-smi; torch, CUDA, torchao, torchdata, torchtitan versions", _env, cap_s=60, min_s=5),
+    Step("gpu_tests", "8", "the suite's CUDA-only tests: fused AdamW, CUDA memory snapshots (also on OOM)", _gpu_tests,
+         cap_s=120, min_s=30),
     Step("train_1B", "3", "NGPU=1 ./run_train.sh, 1B at seq 8192, bf16, 30 steps: metrics.jsonl (tps, MFU, memory)",
          _train, cap_s=240),
     Step("bench_8B_slice8_compile_bf16", "5", "the headline matrix row, beside torchtitan with --peer-site",
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=500, help="seconds for the whole session (default 500)")
     p.add_argument("--only", help="comma-separated steps to run, in the listed order (see --list)")
     p.add_argument("--peer-site",
-                   help="folder holding torchtitan 0.2.2 (fetch_wheels.sh --peer): benchmark rows run beside it")
+                   help="folder holding torchtitan 0.2.2 (tools/fetch_gpu_wheels.sh --peer): benchmarks run beside it")
     p.add_argument("--out", default=str(ROOT / "outputs" / "gpu_session"),
                    help="folder for session.json, logs and results")
     p.add_argument("--smoke", action="store_true", help="CPU: the same steps at debug size (checks the plumbing only)")
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.budget <= 0:
         p.error("--budget must be > 0 seconds")
     if a.peer_site and not Path(a.peer_site, "torchtitan").is_dir():
-        p.error(f"--peer-site {a.peer_site}: no torchtitan package there (run ../shared/gpu/fetch_wheels.sh --peer and "
+        p.error(f"--peer-site {a.peer_site}: no torchtitan package there (run tools/fetch_gpu_wheels.sh --peer and "
                 f"install the wheels into it)")
 
     out = Path(a.out).resolve()
