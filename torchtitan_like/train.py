@@ -8,6 +8,7 @@ once with status 1, without waiting on the other ranks (torchrun then stops them
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     _setup_logging()
+    _enable_faulthandler()
     trainer = None
     try:
         from torchtitan_like.config.loader import load_config
@@ -71,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     logger.info("training finished")
     return 0
+
+
+def _enable_faulthandler() -> None:
+    """A native crash (segfault, abort) prints every thread's Python stack to stderr."""
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (captured by a test)
+        pass
 
 
 def _distributed() -> bool:

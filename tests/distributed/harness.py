@@ -19,6 +19,7 @@ skipping the interpreter's teardown is what made that go away (see /work/shared/
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import pickle
@@ -91,6 +92,10 @@ def run_on_ranks(
             f"--- rank {r} ---\n{(run_dir / f'rank{r}.err').read_text()}"
             for r in range(world_size)
             if (run_dir / f"rank{r}.err").exists()
+        ] + [
+            f"--- rank {r}: native crash ---\n{fault.read_text()}"
+            for r in range(world_size)
+            if (fault := run_dir / f"rank{r}.fault").exists() and fault.stat().st_size
         ]
         pytest.fail(
             f"{getattr(fn, '__name__', fn)} on {world_size} ranks failed: {failure}\n" + "\n".join(errors),
@@ -120,6 +125,8 @@ def _rank_main(
     )
     torch.set_num_threads(1)
     out = Path(run_dir)
+    # A native crash (SIGSEGV, SIGABRT) leaves no Python traceback: write every thread's stack.
+    faulthandler.enable(file=open(out / f"rank{rank}.fault", "w"), all_threads=True)
     status = 0
     try:
         if init_process_group:

@@ -36,6 +36,14 @@ def _hang() -> None:
     time.sleep(60)
 
 
+def _segfault_on_rank_1() -> None:
+    if dist.get_rank() == 1:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    dist.barrier()
+
+
 def test_results_per_rank(tmp_path) -> None:
     out = run_on_ranks(
         _describe, world_size=3, tmp_path=tmp_path, args=("x",), env={"HARNESS_TEST_VAR": "on"}
@@ -59,3 +67,11 @@ def test_a_hung_rank_fails_the_test_after_the_timeout(tmp_path) -> None:
     with pytest.raises(pytest.fail.Exception, match="timed out after 3 s"):
         run_on_ranks(_hang, world_size=2, tmp_path=tmp_path, timeout_s=3)
     assert time.monotonic() - start < 30
+
+
+def test_a_native_crash_reports_the_python_stack(tmp_path) -> None:
+    with pytest.raises(pytest.fail.Exception) as e:
+        run_on_ranks(_segfault_on_rank_1, world_size=2, tmp_path=tmp_path, timeout_s=60)
+    report = str(e.value)
+    assert "signal SIGSEGV" in report and "--- rank 1: native crash ---" in report
+    assert "Fatal Python error: Segmentation fault" in report and "in _segfault_on_rank_1" in report
