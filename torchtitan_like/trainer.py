@@ -189,8 +189,8 @@ class Trainer:
                 device=self.device, loss_fn=self.loss_fn,
             )
             log_plan(self.pp_plan, self.parallel_dims.pp_rank)
-            if self.validator is not None:  # held-out batches go through the schedule, forward only
-                self.validator.pipeline, self.validator.pp_group = self.pipeline, pp_group
+            if self.validator is not None:
+                self.validator.use_pipeline(self.pipeline, pp_group)
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,

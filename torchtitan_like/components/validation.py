@@ -149,8 +149,6 @@ class Validator:
         loss_group: dist.ProcessGroup | None,
         loss_context: Callable[[], contextlib.AbstractContextManager],
         amp_context: Callable[[], contextlib.AbstractContextManager],
-        pipeline: Pipeline | None = None,
-        pp_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.cfg = cfg
         self.dataset = dataset
@@ -158,8 +156,12 @@ class Validator:
         self.loss_group = loss_group
         self.loss_context = loss_context
         self.amp_context = amp_context
-        self.pipeline = pipeline
-        self.pp_group = pp_group
+        self.pipeline: Pipeline | None = None
+        self.pp_group: dist.ProcessGroup | None = None
+
+    def use_pipeline(self, pipeline: Pipeline, pp_group: dist.ProcessGroup) -> None:
+        """Validate through the training schedule, forward only (the pipeline is built after the data)."""
+        self.pipeline, self.pp_group = pipeline, pp_group
 
     def should_run(self, step: int) -> bool:
         return step % self.cfg.freq == 0
