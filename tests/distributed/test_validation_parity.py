@@ -24,7 +24,8 @@ LAYOUTS = {
     "ddp2": (2, 2, ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
     # The held-out batches go through the 1F1B / interleaved schedule forward only; 4 microbatches.
     "pp2xfsdp2": (4, 2, ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2")),
-    # Validation runs without CP (each cp rank's stages take whole sequences), as without PP.
+    # Validation runs under CP as training does: each cp rank takes its shards of the sequences.
+    "cp2": (2, 1, ("--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
     "cp2xpp2": (
         4, 1,
         (
@@ -78,14 +79,25 @@ def validate_run(args: list[str]) -> dict:
     from torchtitan_like.trainer import Trainer
 
     trainer = Trainer(load_config(args))
+    # The sequence length each model part is called with while validating (this rank's shard under CP).
+    seq_lens: set[int] = set()
+    hooks = [
+        part.register_forward_pre_hook(lambda _, inputs: seq_lens.add(inputs[0].shape[1]) if not torch.is_grad_enabled() else None)
+        for part in trainer.model_parts
+    ]
     try:
         before = trainer.validator.validate(trainer.model_parts)
         trainer.train()  # validates after the last step on the way
         after = trainer.validator.validate(trainer.model_parts)
         modes = [m.training for m in trainer.model_parts]
     finally:
+        for h in hooks:
+            h.remove()
         trainer.close()
-    return {"before": before, "after": after, "losses": [h["loss"] for h in trainer.history], "training": modes}
+    return {
+        "before": before, "after": after, "losses": [h["loss"] for h in trainer.history], "training": modes,
+        "val_seq_lens": sorted(seq_lens),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +119,7 @@ def one(tmp_path_factory, held_out) -> dict:
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved", "cp2xpp2"])
+@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "cp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved", "cp2xpp2"])
 def test_val_loss_matches_one_process(tmp_path, layout, one, held_out):
     from torchtitan_like.distributed.pipeline import schedule_switches_modes
 
@@ -121,5 +133,7 @@ def test_val_loss_matches_one_process(tmp_path, layout, one, held_out):
             assert r[when]["val_ppl"] == pytest.approx(one[when]["val_ppl"], rel=1e-5)
         assert r["losses"] == pytest.approx(one["losses"], rel=1e-6, abs=1e-6)
         assert all(r["training"])
+        # Under CP each rank validates on its shards of the sequences, as it trains.
+        assert r["val_seq_lens"] == [64 // 2 if "cp2" in layout else 64], layout
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and [("val_loss" in row) for row in rows] == [False, True]

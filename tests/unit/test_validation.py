@@ -122,6 +122,19 @@ def test_validation_seq_len_follows_the_sequence_parallel_rule():
         check_layout(Validation(seq_len=30), tp=2, cp=1)
 
 
+def test_validation_under_context_parallel_takes_training_sequences():
+    from torchtitan_like.components.validation import check_layout
+    from torchtitan_like.config.schema import Training, Validation
+
+    check_layout(Validation(seq_len=64), tp=1, cp=2, training=Training(seq_len=64))
+    # 32 would split into 2 x cp chunks, but the RoPE table CP shards with it is 64 positions long.
+    with pytest.raises(ConfigError, match=re.escape(
+        "validation.seq_len=32 must equal training.seq_len=64 with parallelism.context_parallel_degree=2"
+    )) as e:
+        check_layout(Validation(seq_len=32), tp=1, cp=2, training=Training(seq_len=64))
+    assert "set validation.seq_len=64" in str(e.value)
+
+
 def test_a_validation_set_smaller_than_one_batch_is_a_data_error(tmp_path):
     from torchtitan_like.errors import DataError
 

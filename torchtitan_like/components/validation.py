@@ -6,6 +6,8 @@ batches are dealt out to data-parallel ranks exactly as in training (layout-inde
 sums the token losses of its slice, and the sum and the token count are all-reduced over the loss
 group (dp x cp): val_loss = total token loss / total tokens, the same number as one process gets.
 The model runs under `torch.no_grad()` in eval mode, and each model part gets its mode back after.
+Under context parallel each cp rank takes its shards of the sequences, as in training (ring
+attention), so a sequence length that needs CP to fit in training fits in validation too.
 Under pipeline parallel the batches go through the training schedule forward only (`eval()`), the
 last stage's rank sums the token losses and the sums are all-reduced over the pp group first.
 
@@ -111,10 +113,18 @@ def build_validation_dataset(
 
 
 def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Training | None = None) -> None:
-    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel. Under
-    pipeline parallel the held-out batches go through the training schedule, forward only: they
-    must have the training batches' shape, and torch's schedules must be able to switch modes (with
-    CP too: validation runs without CP, each cp rank's stages on whole sequences, as without PP)."""
+    """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel, and
+    under CP equals it (CP shards the RoPE table, which covers exactly one training sequence, along
+    with each sequence). Under pipeline parallel the held-out batches go through the training
+    schedule, forward only: they must have the training batches' shape, and torch's schedules must be
+    able to switch modes."""
+    if cp > 1 and training is not None and cfg.seq_len != training.seq_len:
+        raise ConfigError(
+            f"validation.seq_len={cfg.seq_len} must equal training.seq_len={training.seq_len} with "
+            f"parallelism.context_parallel_degree={cp}: validation runs under CP as training does, and CP "
+            f"shards the RoPE table (one training sequence long) with each sequence; set validation.seq_len="
+            f"{training.seq_len}"
+        )
     if pp > 1:
         where = f"validation.enable=true with parallelism.pipeline_parallel_degree={pp}"
         if not schedule_switches_modes():
@@ -149,13 +159,17 @@ class Validator:
         loss_group: dist.ProcessGroup | None,
         loss_context: Callable[[], contextlib.AbstractContextManager],
         amp_context: Callable[[], contextlib.AbstractContextManager],
+        cp_context: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager] | None = None,
     ) -> None:
+        """cp_context(inputs, labels): the training step's context parallel context, which leaves both
+        tensors as this rank's sequence shards; None without CP."""
         self.cfg = cfg
         self.dataset = dataset
         self.device = device
         self.loss_group = loss_group
         self.loss_context = loss_context
         self.amp_context = amp_context
+        self.cp_context = cp_context or (lambda inputs, labels: contextlib.nullcontext())
         self.pipeline: Pipeline | None = None
         self.pp_group: dist.ProcessGroup | None = None
 
@@ -201,15 +215,18 @@ class Validator:
         for inputs, labels in self.dataset:  # a fresh iterator: every validation starts at the beginning
             inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
             labels = labels.to(self.device, non_blocking=True)
-            if self.pipeline is not None:
-                loss, counted = self._pipeline_loss_sum(inputs, labels), self.pipeline.has_last
-            else:
-                with self.loss_context():
-                    with self.amp_context():
-                        logits = model(inputs)  # (local_bs, seq_len, vocab), vocab-sharded under loss parallel
-                    loss = cross_entropy_sum(logits, labels)
-                del logits
-                counted = True
+            # Under CP, inputs and labels are this rank's sequence shards from here on (labels are counted
+            # below as shards: the loss group's all-reduce adds the cp ranks' counts up).
+            with self.cp_context(inputs, labels):
+                if self.pipeline is not None:
+                    loss, counted = self._pipeline_loss_sum(inputs, labels), self.pipeline.has_last
+                else:
+                    with self.loss_context():
+                        with self.amp_context():
+                            logits = model(inputs)  # (local_bs, seq_len, vocab), vocab-sharded under loss parallel
+                        loss = cross_entropy_sum(logits, labels)
+                    del logits
+                    counted = True
             if isinstance(loss, DTensor):
                 loss = loss.to_local()  # replicated over the TP ranks
             totals[0] += loss.to(torch.float64)

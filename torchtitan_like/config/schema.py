@@ -270,7 +270,8 @@ class Validation:
     local_batch_size: int = 8
     """Sequences per validation batch on each data-parallel rank."""
     seq_len: int = 2048
-    """Tokens per validation sequence (at most the model's RoPE length: model.max_seq_len or training.seq_len)."""
+    """Tokens per validation sequence (at most the model's RoPE length: model.max_seq_len or training.seq_len;
+    equal to training.seq_len under context or pipeline parallel)."""
 
 
 @dataclass
