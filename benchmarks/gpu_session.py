@@ -76,7 +76,8 @@ def train_args(ctx: Context, *, snapshot: bool = False) -> list[str]:
         shape = ["--model.flavor", "1B", "--training.seq_len", "8192", "--training.local_batch_size", "1",
                  "--training.steps", "6" if snapshot else "30", "--metrics.log_freq", "2" if snapshot else "10",
                  "--training.mixed_precision_param", "bfloat16"]
-    # debug_model.toml's lr (3e-3) is for the tiny model; the GPU machine has no tensorboard package.
+    # debug_model.toml's lr (3e-3) is for the tiny model. No TensorBoard: metrics.jsonl comes back in $OUT,
+    # and the run then needs no package beyond what fetch_gpu_wheels.sh makes sure of.
     args = [*shape, "--training.dataset", "synthetic", "--optimizer.lr", "3e-4", "--lr_scheduler.warmup_steps", "2",
             "--metrics.no_enable_tensorboard",
             "--job.dump_folder", str(ctx.folder("memory_snapshot" if snapshot else "train_1B"))]
@@ -114,8 +115,8 @@ def check_snapshots(folder: Path) -> int:
 
 
 def _gpu_tests(ctx: Context) -> list[list[str]]:
-    # The suite's CUDA-only tests (fused AdamW, memory snapshots incl. on out-of-memory); pytest comes
-    # with tools/fetch_gpu_wheels.sh.
+    # The suite's CUDA-only tests (fused AdamW, memory snapshots incl. on out-of-memory); the GPU image has
+    # pytest (tools/fetch_gpu_wheels.sh's install line adds one only where it is missing).
     return [[PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "tests/unit/test_optimizer.py",
              "tests/unit/test_profiling.py", "--junitxml", str(ctx.folder("gpu_tests") / "junit.xml")]]
 
