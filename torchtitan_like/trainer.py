@@ -262,6 +262,7 @@ class Trainer:
             self.validator = Validator(
                 cfg.validation, val_data, device=self.device, loss_group=self.parallel_dims.loss_group,
                 loss_context=self._loss_ctx, amp_context=self._amp, cp_context=self._cp_ctx,
+                loss_chunk_size=cfg.training.loss_chunk_size,
             )
 
     def _build_model_parts(self) -> None:

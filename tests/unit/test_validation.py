@@ -113,6 +113,28 @@ def test_validation_config_errors(tmp_path, overrides, message):
         load_config(argv(tmp_path, *base, *overrides))
 
 
+def test_with_a_loss_chunk_size_validation_never_builds_whole_logits(tmp_path):
+    trainer = Trainer(load_config(argv(tmp_path, *VALIDATION, "--training.loss_chunk_size", "8")))
+    model = trainer.model_parts[0]
+    projected: list[int] = []  # positions per call of the output projection
+    hook = model.output.register_forward_hook(lambda _, inputs, out: projected.append(out.shape[1]))
+    try:
+        got = trainer.validator.validate(trainer.model_parts)
+        hook.remove()
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for i, (inputs, labels) in enumerate(trainer.validator.dataset):
+                if i == 2:
+                    break
+                total += float(cross_entropy_sum(model(inputs), labels))  # whole logits: the reference
+                tokens += labels.numel()
+    finally:
+        trainer.close()
+    # 2 batches of 32 positions, 8 at a time, as training.loss_chunk_size asks of training.
+    assert projected == [8] * 8
+    assert got["val_loss"] == pytest.approx(total / tokens, rel=1e-6)
+
+
 def test_validation_seq_len_follows_the_sequence_parallel_rule():
     from torchtitan_like.components.validation import check_layout
     from torchtitan_like.config.schema import Validation

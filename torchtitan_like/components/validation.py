@@ -7,7 +7,9 @@ sums the token losses of its slice, and the sum and the token count are all-redu
 group (dp x cp): val_loss = total token loss / total tokens, the same number as one process gets.
 The model runs under `torch.no_grad()` in eval mode, and each model part gets its mode back after.
 Under context parallel each cp rank takes its shards of the sequences, as in training (ring
-attention), so a sequence length that needs CP to fit in training fits in validation too.
+attention), so a sequence length that needs CP to fit in training fits in validation too; with
+`training.loss_chunk_size` the loss is chunked over the sequence as in training, so the full logits
+of a long sequence never exist at once.
 Under pipeline parallel the batches go through the training schedule forward only (`eval()`), the
 last stage's rank sums the token losses and the sums are all-reduced over the pp group first.
 
@@ -33,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import IterableDataset
 
-from torchtitan_like.components.loss import IGNORE_INDEX, cross_entropy_sum
+from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
 from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training, Validation
 from torchtitan_like.data.dataset import BatchLayout, PackedDataset, SyntheticDataset
@@ -160,9 +162,10 @@ class Validator:
         loss_context: Callable[[], contextlib.AbstractContextManager],
         amp_context: Callable[[], contextlib.AbstractContextManager],
         cp_context: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager] | None = None,
+        loss_chunk_size: int = 0,
     ) -> None:
         """cp_context(inputs, labels): the training step's context parallel context, which leaves both
-        tensors as this rank's sequence shards; None without CP."""
+        tensors as this rank's sequence shards; None without CP. loss_chunk_size: training's (0 = off)."""
         self.cfg = cfg
         self.dataset = dataset
         self.device = device
@@ -170,6 +173,7 @@ class Validator:
         self.loss_context = loss_context
         self.amp_context = amp_context
         self.cp_context = cp_context or (lambda inputs, labels: contextlib.nullcontext())
+        self.loss_chunk_size = loss_chunk_size
         self.pipeline: Pipeline | None = None
         self.pp_group: dist.ProcessGroup | None = None
 
@@ -220,6 +224,12 @@ class Validator:
             with self.cp_context(inputs, labels):
                 if self.pipeline is not None:
                     loss, counted = self._pipeline_loss_sum(inputs, labels), self.pipeline.has_last
+                elif self.loss_chunk_size:
+                    with self.amp_context():  # (no loss parallel: chunking is refused with it)
+                        hidden = model(inputs, skip_output=True)  # (local_bs, seq_len, dim)
+                        loss = chunked_output_loss(hidden, model.output, labels, chunk_size=self.loss_chunk_size)
+                    del hidden
+                    counted = True
                 else:
                     with self.loss_context():
                         with self.amp_context():
