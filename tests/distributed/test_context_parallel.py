@@ -1,6 +1,6 @@
 """Context parallel trains exactly like one process: CP(2) with both rotate methods and with activation
-checkpointing + compile, CP(4), CP with FSDP, TP and PP, and checkpoints moving between CP(2) and one
-process in both directions.
+checkpointing + compile, CP(4), CP with FSDP (and the loss chunked over the sequence), TP and PP, and
+checkpoints moving between CP(2) and one process in both directions.
 
 Every run is the real Trainer (trainer_runs.py): debug model in fp32, deterministic, seq 64 (= the
 RoPE length, as CP requires), global batch 8, 10 steps, compared per step (loss, grad norm) and on
@@ -76,8 +76,11 @@ def test_cp2_rotate_methods_ac_compile_and_resume_both_ways(reference: dict, tmp
 def test_cp_on_4_ranks_alone_and_with_fsdp_tp_pp(reference: dict, tmp_path: Path) -> None:
     layouts = ["cp4", "cp2xfsdp2", "cp2xtp2", "cp2xpp2"]
     assert all(LAYOUTS[name][0] == 4 for name in layouts)
+    # The long-context combination: CP x FSDP with the loss chunked over each rank's sequence shard
+    # (the output projection runs once per chunk, and again in backward, under FSDP's hooks).
+    extra = {"cp2xfsdp2": ("--training.loss_chunk_size", "16")}
     for name in layouts:
-        argv = trainer_argv(tmp_path / name, name, steps=STEPS)
+        argv = trainer_argv(tmp_path / name, name, *extra.get(name, ()), steps=STEPS)
         per_rank = run_on_ranks(train_run, world_size=4, tmp_path=tmp_path, args=(argv,), timeout_s=300)
         for r, out in enumerate(per_rank):
             assert_same_training(out, reference, f"{name} (rank {r})")
