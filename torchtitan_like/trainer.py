@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ class Trainer:
                 self.pp_plan, pp_rank=self.parallel_dims.pp_rank, parts=self.model_parts, pp_group=pp_group,
                 # The same global token denominator as without PP (step(denominator=...)), so the
                 # summed gradients are the same.
-                device=self.device, loss_fn=self.loss_fn,
+                device=self.device, loss_fn=self._pipeline_loss_fn(),
             )
             log_plan(self.pp_plan, self.parallel_dims.pp_rank)
             if self.validator is not None:
@@ -455,6 +456,20 @@ class Trainer:
             no_restore_buffers={inputs, labels},
             rotate_method=self.cfg.parallelism.context_parallel_rotate_method,
         )
+
+    def _pipeline_loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The last stage's loss: on its logits, or with training.loss_chunk_size on its final-norm hidden
+        states, through its `output` chunk by chunk (the stage's forward then stops before `output`)."""
+        last = [part for part in self.model_parts if part.output is not None]
+        if not self.loss_chunk_size or not last:  # no chunking, or not the last stage's rank
+            return self.loss_fn
+        (part,) = last
+        part.output_in_loss = True
+
+        def chunked(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return chunked_output_loss(hidden, part.output, labels, chunk_size=self.loss_chunk_size, loss_fn=self.loss_fn)
+
+        return chunked
 
     def _pipeline_forward_backward(
         self, batches: list[tuple[torch.Tensor, torch.Tensor]], total_tokens: float

@@ -85,4 +85,6 @@ def test_cp_on_4_ranks_alone_and_with_fsdp_tp_pp(reference: dict, tmp_path: Path
         for r, out in enumerate(per_rank):
             assert_same_training(out, reference, f"{name} (rank {r})")
         assert_same_training(per_rank[0], reference, name, params=merged_params(per_rank))
+        if name in extra:  # each cp rank's 32 positions, projected 16 at a time
+            assert all(out["output_positions"] == [16] for out in per_rank), [o["output_positions"] for o in per_rank]
         assert_state_matches_dry_run(argv, 4, per_rank, check_ranks=[0, 3])

@@ -79,12 +79,18 @@ def test_every_schedule_matches_one_process(reference: dict, tmp_path: Path) -> 
 @pytest.mark.parametrize("layout", ["pp2xfsdp2", "pp2xtp2"])
 def test_pp_composes_with_fsdp_and_tp(layout: str, reference: dict, tmp_path: Path) -> None:
     world, _ = LAYOUTS[layout]
-    # pp2 x fsdp2 runs the interleaved schedule (2 stages per rank, each its own FSDP root).
-    schedule = "Interleaved1F1B" if layout == "pp2xfsdp2" else "1F1B"
-    argv = trainer_argv(tmp_path / "run", layout, "--parallelism.pipeline_parallel_schedule", schedule, steps=STEPS)
+    # pp2 x fsdp2 runs the interleaved schedule (2 stages per rank, each its own FSDP root), with the
+    # last stage's loss chunked over the sequence (its forward stops before `output`, the loss applies it).
+    schedule, chunk = ("Interleaved1F1B", ("--training.loss_chunk_size", "16")) if layout == "pp2xfsdp2" else ("1F1B", ())
+    argv = trainer_argv(
+        tmp_path / "run", layout, "--parallelism.pipeline_parallel_schedule", schedule, *chunk, steps=STEPS
+    )
     ranks = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
     assert_same_training(ranks[0], reference, layout, params=merged_params(ranks))
     assert_state_matches_dry_run(argv, world, ranks, check_ranks=[0, world - 1])
+    # The output projection runs on the last stage's ranks only, on chunks of 16 positions where asked.
+    assert sorted({p for r in ranks for p in r["output_positions"]}) == [16 if chunk else 64]
+    assert [bool(r["output_positions"]) for r in ranks] == [False] * (world // 2) + [True] * (world // 2)
 
 
 FEATURES = (

@@ -23,7 +23,14 @@ LAYOUTS = {
     "fsdp2xtp2": (4, 2, ("--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2")),
     "ddp2": (2, 2, ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
     # The held-out batches go through the 1F1B / interleaved schedule forward only; 4 microbatches.
-    "pp2xfsdp2": (4, 2, ("--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2")),
+    # The last stage's loss is chunked over the sequence, in training and in validation.
+    "pp2xfsdp2": (
+        4, 2,
+        (
+            "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2",
+            "--training.loss_chunk_size", "16",
+        ),
+    ),
     # Validation runs under CP as training does: each cp rank takes its shards of the sequences.
     "cp2": (2, 1, ("--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
     "cp2xpp2": (
@@ -81,9 +88,13 @@ def validate_run(args: list[str]) -> dict:
     trainer = Trainer(load_config(args))
     # The sequence length each model part is called with while validating (this rank's shard under CP).
     seq_lens: set[int] = set()
+    projected: set[int] = set()  # positions per call of the output projection while validating
     hooks = [
         part.register_forward_pre_hook(lambda _, inputs: seq_lens.add(inputs[0].shape[1]) if not torch.is_grad_enabled() else None)
         for part in trainer.model_parts
+    ] + [
+        part.output.register_forward_hook(lambda _m, _i, out: projected.add(out.shape[1]) if not torch.is_grad_enabled() else None)
+        for part in trainer.model_parts if part.output is not None
     ]
     try:
         before = trainer.validator.validate(trainer.model_parts)
@@ -96,7 +107,7 @@ def validate_run(args: list[str]) -> dict:
         trainer.close()
     return {
         "before": before, "after": after, "losses": [h["loss"] for h in trainer.history], "training": modes,
-        "val_seq_lens": sorted(seq_lens),
+        "val_seq_lens": sorted(seq_lens), "val_output_positions": sorted(projected),
     }
 
 
@@ -135,5 +146,7 @@ def test_val_loss_matches_one_process(tmp_path, layout, one, held_out):
         assert all(r["training"])
         # Under CP each rank validates on its shards of the sequences, as it trains.
         assert r["val_seq_lens"] == [64 // 2 if "cp2" in layout else 64], layout
+    if layout == "pp2xfsdp2":  # the last stage's ranks project 16 positions at a time, in validation too
+        assert [r["val_output_positions"] for r in ranks] == [[], [], [16], [16]]
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and [("val_loss" in row) for row in rows] == [False, True]

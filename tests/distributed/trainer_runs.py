@@ -224,7 +224,8 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     weight or collective, on every rank: the process then ends as after a crash (close() runs, as in
     train.main's `finally`), with the checkpoints written before it.
 
-    Returns {"history", "crashed"} on every rank, plus "params" (full, after the run) on rank 0 when
+    Returns {"history", "crashed", "output_positions"} on every rank (the sequence lengths the output
+    projection ran on: [] where no stage of this rank has it), plus "params" (full, after the run) on rank 0 when
     the run did not crash; with pipeline parallel on every rank (each holds only its stages' names:
     merge them with `merged_params`).
     """
@@ -233,6 +234,10 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
 
     trainer = Trainer(load_config(argv))
     grad_bytes, misplaced_grads = _record_grad_bytes(trainer.optimizers)
+    projected: set[int] = set()  # positions per call of the output projection (a chunk with loss_chunk_size)
+    for part in trainer.model_parts:
+        if part.output is not None:
+            part.output.register_forward_hook(lambda _module, _inputs, logits: projected.add(logits.shape[1]))
     if crash_at_step is not None:
         train_step = trainer.train_step
 
@@ -249,7 +254,10 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
         crashed = True
     finally:
         trainer.close()
-    out: dict = {"history": trainer.history, "crashed": crashed, "misplaced_grads": sorted(misplaced_grads)}
+    out: dict = {
+        "history": trainer.history, "crashed": crashed, "misplaced_grads": sorted(misplaced_grads),
+        "output_positions": sorted(projected),
+    }
     out["state"] = {
         "params": sum(_local_bytes(p) for part in trainer.model_parts for p in part.parameters()),
         "grads": grad_bytes[0],

@@ -73,20 +73,17 @@ def test_full_logits_never_exist() -> None:
     assert produced == [(BS, SEQ, vocab)]
 
 
-@pytest.mark.parametrize(
-    "parallelism, why",
-    [
-        (Parallelism(tensor_parallel_degree=2, data_parallel_shard_degree=1), "loss parallel already keeps the logits"),
-        (Parallelism(pipeline_parallel_degree=2, data_parallel_shard_degree=1), "pipeline parallel computes the loss"),
-    ],
-)
-def test_chunking_is_refused_where_it_cannot_apply(parallelism: Parallelism, why: str) -> None:
-    pd = ParallelDims.from_config(parallelism, 2)
+def test_chunking_is_refused_with_loss_parallel_only() -> None:
+    chunked = Training(seq_len=64, loss_chunk_size=16)
+    pd = ParallelDims.from_config(Parallelism(tensor_parallel_degree=2, data_parallel_shard_degree=1), 2)
     with pytest.raises(ConfigError) as e:
-        pd.validate(model_args=LLAMA3_FLAVORS["debugmodel"], training=Training(seq_len=64, loss_chunk_size=16))
-    assert "training.loss_chunk_size=16 does not work with this layout" in str(e.value) and why in str(e.value)
-    # Without loss parallel, TP gathers the logits and chunking applies.
-    if parallelism.tensor_parallel_degree > 1:
-        ParallelDims.from_config(
-            Parallelism(tensor_parallel_degree=2, data_parallel_shard_degree=1, disable_loss_parallel=True), 2
-        ).validate(model_args=LLAMA3_FLAVORS["debugmodel"], training=Training(seq_len=64, loss_chunk_size=16))
+        pd.validate(model_args=LLAMA3_FLAVORS["debugmodel"], training=chunked)
+    assert "training.loss_chunk_size=16 does not work with this layout" in str(e.value)
+    assert "loss parallel already keeps the logits" in str(e.value)
+    # Without loss parallel, TP gathers the logits and chunking applies; under PP the last stage chunks
+    # (tests/distributed/test_pipeline.py trains it).
+    for ok in (
+        Parallelism(tensor_parallel_degree=2, data_parallel_shard_degree=1, disable_loss_parallel=True),
+        Parallelism(pipeline_parallel_degree=2, data_parallel_shard_degree=1),
+    ):
+        ParallelDims.from_config(ok, 2).validate(model_args=LLAMA3_FLAVORS["debugmodel"], training=chunked)

@@ -157,15 +157,11 @@ class ParallelDims:
                 f"with the batch, so it must cover exactly one sequence; set model.max_seq_len={training.seq_len} "
                 "(or leave it unset)"
             )
-        if training.loss_chunk_size and (self.pp_enabled or self.loss_parallel_enabled):
-            why = (
-                "pipeline parallel computes the loss inside the schedule's last stage"
-                if self.pp_enabled
-                else "loss parallel already keeps the logits sharded on the vocabulary (or set "
-                "parallelism.disable_loss_parallel=true to chunk the gathered logits instead)"
-            )
+        if training.loss_chunk_size and self.loss_parallel_enabled:
             raise ConfigError(
-                f"training.loss_chunk_size={training.loss_chunk_size} does not work with this layout: {why}; set it to 0"
+                f"training.loss_chunk_size={training.loss_chunk_size} does not work with this layout: loss parallel "
+                "already keeps the logits sharded on the vocabulary (or set parallelism.disable_loss_parallel=true "
+                "to chunk the gathered logits instead); set it to 0"
             )
         if training.local_batch_size < 1:
             raise ConfigError(f"training.local_batch_size={training.local_batch_size} must be >= 1")

@@ -143,6 +143,9 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: recomputed by init_weights, never loaded from a checkpoint.
         self.register_buffer("freqs_cis", self._freqs_cis(device=None), persistent=False)
+        # True: forward always skips `output` (as skip_output=True does). For a pipeline's last stage with a
+        # chunked loss: the schedule calls forward itself, and its loss function applies `output` by chunks.
+        self.output_in_loss = False
 
     def _freqs_cis(self, device: torch.device | None) -> torch.Tensor:
         a = self.args
@@ -156,7 +159,7 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, freqs_cis)
         h = self.norm(h) if self.norm is not None else h
-        if skip_output or self.output is None:
+        if skip_output or self.output_in_loss or self.output is None:
             return h
         return self.output(h)  # (bs, seqlen, vocab) on the last stage
 
