@@ -252,6 +252,17 @@ def test_estimate_memory_of_one_gpu_debug_model_by_hand():
     assert peak_memory(c).total == m.total
 
 
+def test_a_chunked_loss_holds_one_chunk_of_logits():
+    inputs = PlanInputs(base_argv=[*DEBUG_ARGV, "--training.loss_chunk_size", "16"], world_size=1, hardware=ROUND_HW,
+                        seq_len=64, global_batch_size=2, compile=True)
+    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2)
+    m = estimate_memory(check(inputs, layout), pp_rank=0)
+    # 2 sequences x 16 positions of logits (+ fp32 log-softmax and gradient), and the final-norm hidden
+    # states (2 x 64 x dim, bf16) the chunks are recomputed from.
+    assert m.logits == 2 * 16 * VOCAB * (2 + 4 + 4) + 2 * 64 * H * 2 == 705_536
+    assert m.activations == estimate_memory(one_gpu_candidate(seq_len=64, batch=2), pp_rank=0).activations
+
+
 def test_estimate_memory_full_ac_takes_recompute_when_larger_than_logits():
     c = one_gpu_candidate(ac="full", seq_len=64, batch=2)
     m = estimate_memory(c, pp_rank=0)

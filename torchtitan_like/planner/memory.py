@@ -6,7 +6,8 @@ the last holds the logits):
 - activations: what autograd saves per transformer block for one microbatch, under the AC mode,
   times the blocks and microbatches in flight (`activation_bytes_per_block`, `in_flight_chunks`);
 - logits: the output projection's logits and the loss's fp32 log-softmax and gradient for one
-  microbatch, on the last stage (vocab sharded under loss parallel);
+  microbatch, on the last stage (vocab sharded under loss parallel); with training.loss_chunk_size
+  for one chunk of positions only, plus the final-norm hidden states the chunks are recomputed from;
 - gathered: FSDP's gathered parameters (the current and the prefetched block in bf16, or the
   whole stage when it never reshards) and one block's unsharded fp32 gradients before the
   reduce-scatter (the whole stage's under PP);
@@ -143,7 +144,12 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
     logits = 0
     if has_output:
         vocab_shard = a.vocab_size // L.tp if L.tp > 1 else a.vocab_size
-        logits = tokens * vocab_shard * (act + LOSS_FP32_BYTES)
+        chunk = c.cfg.training.loss_chunk_size
+        positions = c.cfg.training.seq_len // L.cp
+        if chunk and chunk < positions:  # (chunking is refused with loss parallel: the vocab is whole)
+            logits = L.microbatch_size * chunk * vocab_shard * (act + LOSS_FP32_BYTES) + tokens * a.dim * act
+        else:
+            logits = tokens * vocab_shard * (act + LOSS_FP32_BYTES)
 
     unsharded_block = block_params(a) // L.tp
     gathered = recompute = 0
