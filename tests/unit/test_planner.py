@@ -64,10 +64,11 @@ ROUND_HW = HardwareProfile(
 )
 
 
-def one_gpu_candidate(*, ac: str = "none", seq_len: int = 64, batch: int = 2):
+def one_gpu_candidate(*, ac: str = "none", seq_len: int = 64, batch: int = 2, loss_chunk_size: int = 0):
     inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=1, hardware=ROUND_HW, seq_len=seq_len,
                         global_batch_size=batch, compile=True)
-    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=batch, microbatch_size=batch, ac=ac)
+    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=batch, microbatch_size=batch, ac=ac,
+                    loss_chunk_size=loss_chunk_size)
     return check(inputs, layout)
 
 
@@ -253,10 +254,7 @@ def test_estimate_memory_of_one_gpu_debug_model_by_hand():
 
 
 def test_a_chunked_loss_holds_one_chunk_of_logits():
-    inputs = PlanInputs(base_argv=[*DEBUG_ARGV, "--training.loss_chunk_size", "16"], world_size=1, hardware=ROUND_HW,
-                        seq_len=64, global_batch_size=2, compile=True)
-    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2)
-    m = estimate_memory(check(inputs, layout), pp_rank=0)
+    m = estimate_memory(one_gpu_candidate(seq_len=64, batch=2, loss_chunk_size=16), pp_rank=0)
     # 2 sequences x 16 positions of logits (+ fp32 log-softmax and gradient), and the final-norm hidden
     # states (2 x 64 x dim, bf16) the chunks are recomputed from.
     assert m.logits == 2 * 16 * VOCAB * (2 + 4 + 4) + 2 * 64 * H * 2 == 705_536
@@ -334,6 +332,43 @@ def test_compute_term_of_one_gpu_step_by_hand():
     assert full.compute == pytest.approx(st.compute, rel=1e-12)
 
 
+def test_a_chunked_loss_recomputes_the_output_projection_forward():
+    whole = estimate_step_time(one_gpu_candidate(seq_len=64, batch=2), ROUND_HW, compile=True)
+    chunked = estimate_step_time(one_gpu_candidate(seq_len=64, batch=2, loss_chunk_size=16), ROUND_HW, compile=True)
+    # Each chunk's projection runs again in backward: 2 FLOPs per output weight per token, at the GEMM rate.
+    assert chunked.recompute - whole.recompute == pytest.approx(2 * 64 * 2 * VOCAB * H / (100e12 * 0.5), rel=1e-12)
+    assert chunked.compute == whole.compute
+
+
+def test_the_search_tries_a_chunked_loss_only_where_the_vocabulary_is_whole():
+    from torchtitan_like.planner.layout import LOSS_CHUNK, layouts
+
+    def tp_and_chunk(seq_len: int) -> set[tuple[int, int]]:
+        inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=ROUND_HW, seq_len=seq_len, global_batch_size=2)
+        return {(layout.tp, layout.loss_chunk_size) for layout in layouts(inputs, LAYERS)}
+
+    # TP 2 keeps the logits vocab-sharded (loss parallel, which refuses chunking): never chunked.
+    assert tp_and_chunk(4 * LOSS_CHUNK) == {(1, 0), (1, LOSS_CHUNK), (2, 0)}
+    assert tp_and_chunk(LOSS_CHUNK) == {(1, 0), (2, 0)}  # one chunk would be the whole sequence
+
+
+def test_the_plan_chunks_the_loss_where_only_that_fits():
+    # Debug model, one GPU, 16k positions, full AC: the whole logits (16384 x 2000 x 10 bytes) are the
+    # biggest item; memory set between the chunked and the whole-logits totals.
+    def candidate(chunk: int):
+        return one_gpu_candidate(ac="full", seq_len=16384, batch=1, loss_chunk_size=chunk)
+
+    chunked, whole = (peak_memory(candidate(c)).total for c in (2048, 0))
+    assert chunked < whole
+    hbm = 2.0 + (chunked + whole) / 2 / GIB  # + the profile's reserved 2 GiB
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=1, hardware=dataclasses.replace(ROUND_HW, hbm_gib=hbm),
+                        seq_len=16384, global_batch_size=1, allow=frozenset({"ac"}))
+    plan = make_plan(inputs, LAYERS)
+    assert plan.ranked and {p.layout.loss_chunk_size for p in plan.ranked} == {2048}
+    assert any(p.layout.loss_chunk_size == 0 and p.layout.ac == "full" for p in plan.too_big)
+    assert "--training.loss_chunk_size" in plan.ranked[0].layout.overrides()
+
+
 def test_throughput_is_global_tokens_per_step_per_gpu():
     inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=ROUND_HW, seq_len=64, global_batch_size=4)
     c = check(inputs, Layout(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2))
@@ -399,7 +434,7 @@ def test_profile_errors_name_the_problem(tmp_path: Path):
         (Layout(dp_replicate=2, dp_shard=2, cp=1, tp=2, pp=2, local_batch_size=4, microbatch_size=2,
                 pp_schedule="Interleaved1F1B", ac="selective_op"), "selective", "op", []),
         (Layout(dp_replicate=1, dp_shard=4, cp=2, tp=1, pp=1, local_batch_size=3, microbatch_size=3, ac="full",
-                float8=True), "full", None, ["float8"]),
+                float8=True, loss_chunk_size=2048), "full", None, ["float8"]),
     ],
 )
 def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, converters):
@@ -413,6 +448,7 @@ def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, co
     if option is not None:
         assert cfg.activation_checkpoint.selective_ac_option == option
     assert cfg.model.converters == converters
+    assert cfg.training.loss_chunk_size == layout.loss_chunk_size
     if layout.pp > 1:
         assert p.pipeline_parallel_schedule == layout.pp_schedule
         assert p.pipeline_parallel_microbatch_size == layout.microbatch_size

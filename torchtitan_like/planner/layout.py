@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 AC_MODES = ("none", "selective_op", "full")
 """Activation checkpointing choices: activation_checkpoint.mode none / selective with "op" / full."""
 FEATURES = ("fsdp", "hsdp", "ddp", "tp", "pp", "cp", "float8", "ac")
+LOSS_CHUNK = 2048
+"""training.loss_chunk_size the planner tries on layouts without loss parallel (tp 1) whose sequence
+shard is longer: one chunk's logits instead of the whole sequence's, for a recompute of the output
+projection in backward."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class Layout:
     pp_schedule: str = "1F1B"
     ac: str = "none"
     float8: bool = False
+    loss_chunk_size: int = 0
+    """training.loss_chunk_size (0: whole logits); always written, so a base config's value never
+    reaches a layout with loss parallel, which refuses it."""
 
     @property
     def degrees(self) -> dict[str, int]:
@@ -75,6 +82,7 @@ class Layout:
         if self.ac == "selective_op":
             out += ["--activation_checkpoint.selective_ac_option", "op"]
         out += ["--model.converters", "float8" if self.float8 else ""]
+        out += ["--training.loss_chunk_size", str(self.loss_chunk_size)]
         return out
 
     def describe(self) -> str:
@@ -89,6 +97,8 @@ class Layout:
         text += f" lbs{self.local_batch_size} ac={self.ac}"
         if self.float8:
             text += " fp8"
+        if self.loss_chunk_size:
+            text += f" loss_chunk{self.loss_chunk_size}"
         return text
 
 
@@ -172,9 +182,12 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
                         (per_rank, mb, sched) for mb in _divisors(per_rank) if per_rank // mb >= pp
                         for sched in schedules
                     ]
-                for (lb, mb, sched), ac, f8 in itertools.product(batch_options, ac_modes, f8s):
+                # Chunking the loss only where the logits are whole on the vocabulary (no loss parallel).
+                chunks = [0, LOSS_CHUNK] if tp == 1 and inputs.seq_len // cp > LOSS_CHUNK else [0]
+                for (lb, mb, sched), ac, f8, chunk in itertools.product(batch_options, ac_modes, f8s, chunks):
                     yield Layout(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp,
-                                 local_batch_size=lb, microbatch_size=mb, pp_schedule=sched, ac=ac, float8=f8)
+                                 local_batch_size=lb, microbatch_size=mb, pp_schedule=sched, ac=ac, float8=f8,
+                                 loss_chunk_size=chunk)
 
 
 def check(inputs: PlanInputs, layout: Layout) -> Candidate:

@@ -1,7 +1,7 @@
 """Step time of one layout, itemized, and the throughput it implies.
 
 Compute: the FLOPs of this rank's share of the step (the trainer's FLOPs formula, with the causal
-half of the attention scores, plus the recomputation its AC mode adds), at the profile's
+half of the attention scores, plus the recomputation its AC mode and a chunked loss add), at the profile's
 achievable GEMM rate (fp8 for the float8 linears) and attention rate, plus the elementwise traffic
 at HBM bandwidth (eager moves ~3x the bytes a compiled block does).
 
@@ -121,6 +121,9 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     recompute = work_tokens * layers * per_token_block_s * recompute_share
     if L.ac == "selective_op":
         recompute = work_tokens * layers * elementwise / 3
+    chunk = cfg.training.loss_chunk_size
+    if output_gemm and chunk and chunk < s // L.cp:
+        recompute += work_tokens * (output_gemm / 3) / gemm_rate  # each chunk's projection again in backward
 
     # FSDP / HSDP / DDP traffic of this rank's stage parameters.
     stage_params = layers * block_params(a) / L.tp
