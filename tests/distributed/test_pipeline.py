@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.pipelining.stage import _PipelineStageBase
+from torch.distributed.pipelining import PipelineStage
 
 from harness import run_on_ranks
 from torchtitan_like.components.manifest import complete_steps
@@ -59,7 +59,7 @@ def test_every_schedule_matches_one_process(reference: dict, tmp_path: Path) -> 
     runs = dict(SCHEDULE_RUNS)
     runs[CSV_RUN] = ("--parallelism.pipeline_parallel_schedule_csv", str(csv), "--training.local_batch_size", "2")
     names = list(runs)
-    if not hasattr(_PipelineStageBase, "_is_same_rank"):
+    if not hasattr(PipelineStage, "_is_same_rank"):
         # torch 2.11 on gloo: V schedules are refused (tests/unit/test_pipeline_plan.py checks the error).
         names = [n for n in names if n not in V_SCHEDULES]
     for name in names:

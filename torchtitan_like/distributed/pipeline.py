@@ -75,14 +75,15 @@ def check_schedule_backend(plan: PipelinePlan, device_type: str) -> None:
     """Refuse a V schedule on CPU (gloo) where torch's stages send to their own rank: a V schedule puts
     stages p-1 and p on the same rank, and torch 2.11 passes activations between them by send/recv (its
     shape inference does at the first step); gloo cannot send to the sending rank ("Pair is not
-    connected"), NCCL can. torch 2.13's stages hand them over in memory (`_is_same_rank`)."""
+    connected"), NCCL can. From torch 2.12 the stages hand them over in memory
+    (`PipelineStage._is_same_rank`; not on `_PipelineStageBase`)."""
     if plan.schedule not in V_SCHEDULES or device_type != "cpu":
         return
-    from torch.distributed.pipelining.stage import _PipelineStageBase
+    from torch.distributed.pipelining import PipelineStage
 
-    if not hasattr(_PipelineStageBase, "_is_same_rank"):
+    if not hasattr(PipelineStage, "_is_same_rank"):
         raise ConfigError(
-            f"parallelism.pipeline_parallel_schedule={plan.schedule!r} on CPU (gloo) needs torch >= 2.13: torch "
+            f"parallelism.pipeline_parallel_schedule={plan.schedule!r} on CPU (gloo) needs torch >= 2.12: torch "
             f"{torch.__version__} sends between the two stages a rank holds, which gloo cannot; use a looped schedule "
             f"(e.g. InterleavedZeroBubble or Interleaved1F1B) here, or run on CUDA (NCCL)"
         )
