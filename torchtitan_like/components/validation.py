@@ -132,8 +132,8 @@ def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Tr
         if not schedule_switches_modes():
             raise ConfigError(
                 f"{where} needs pipeline schedules that switch between training and forward-only steps, which torch "
-                f"{torch.__version__} lacks (torch 2.13 has them): set validation.enable=false, or validate the "
-                f"checkpoints in a separate run without pipeline parallel"
+                f"{torch.__version__} lacks (torch 2.12 and later have them): set validation.enable=false, or "
+                f"validate the checkpoints in a separate run without pipeline parallel"
             )
         if training is not None and (cfg.seq_len, cfg.local_batch_size) != (training.seq_len, training.local_batch_size):
             raise ConfigError(
