@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
+from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum, model_token_loss
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.manifest import step_folders
 from torchtitan_like.components.metrics import MetricsLogger
@@ -429,13 +429,7 @@ class Trainer:
             # Under CP, inputs and labels become this rank's sequence shards inside the context.
             with self._cp_ctx(inputs, labels), self._loss_ctx():
                 with self._amp():
-                    if self.loss_chunk_size:
-                        hidden = model(inputs, skip_output=True)  # (bs, seqlen, dim)
-                        loss = chunked_output_loss(
-                            hidden, model.output, labels, chunk_size=self.loss_chunk_size, loss_fn=self.loss_fn
-                        )
-                    else:
-                        loss = self.loss_fn(model(inputs), labels)
+                    loss = model_token_loss(model, inputs, labels, loss_fn=self.loss_fn, chunk_size=self.loss_chunk_size)
                 loss = loss / total_tokens
                 loss.backward()
             loss_sum += _plain(loss.detach()).to(torch.float64)

@@ -47,3 +47,19 @@ def chunked_output_loss(
         total = part if total is None else total + part
     assert total is not None, "empty sequence"
     return total
+
+
+def model_token_loss(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_sum,
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """`model`'s token-sum loss on one batch: from its whole logits, or with `chunk_size` > 0 from its
+    final-norm hidden states through `model.output`, chunk by chunk (chunked_output_loss)."""
+    if chunk_size:
+        hidden = model(inputs, skip_output=True)  # (bs, seqlen, dim)
+        return chunked_output_loss(hidden, model.output, labels, chunk_size=chunk_size, loss_fn=loss_fn)
+    return loss_fn(model(inputs), labels)

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import IterableDataset
 
-from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum
+from torchtitan_like.components.loss import IGNORE_INDEX, model_token_loss
 from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training, Validation
 from torchtitan_like.data.dataset import BatchLayout, PackedDataset, SyntheticDataset
@@ -224,18 +224,9 @@ class Validator:
             with self.cp_context(inputs, labels):
                 if self.pipeline is not None:
                     loss, counted = self._pipeline_loss_sum(inputs, labels), self.pipeline.has_last
-                elif self.loss_chunk_size:
-                    with self.amp_context():  # (no loss parallel: chunking is refused with it)
-                        hidden = model(inputs, skip_output=True)  # (local_bs, seq_len, dim)
-                        loss = chunked_output_loss(hidden, model.output, labels, chunk_size=self.loss_chunk_size)
-                    del hidden
-                    counted = True
                 else:
-                    with self.loss_context():
-                        with self.amp_context():
-                            logits = model(inputs)  # (local_bs, seq_len, vocab), vocab-sharded under loss parallel
-                        loss = cross_entropy_sum(logits, labels)
-                    del logits
+                    with self.loss_context(), self.amp_context():  # as the training step computes it
+                        loss = model_token_loss(model, inputs, labels, chunk_size=self.loss_chunk_size)
                     counted = True
             if isinstance(loss, DTensor):
                 loss = loss.to_local()  # replicated over the TP ranks

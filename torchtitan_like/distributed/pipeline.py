@@ -522,8 +522,8 @@ def _pipeline_stage_class() -> type:
 def schedule_switches_modes() -> bool:
     """Whether this torch's schedules can run forward-only (`eval()`) between training steps.
 
-    torch 2.13's schedules notice a switch between `step()` and `eval()` and rebuild the stages'
-    receive buffers and metadata for it (`_PipelineSchedule._initialize_pp_stages`). torch 2.11's
+    torch 2.12's and 2.13's schedules notice a switch between `step()` and `eval()` and rebuild the
+    stages' receive buffers and metadata for it (`_PipelineSchedule._initialize_pp_stages`). torch 2.11's
     build them once, for whichever came first: an eval before the first training step would leave
     training with receive buffers that do not require grad, and shapes cannot change. Private
     attribute, feature-detected; without it validation under PP is refused at start.
