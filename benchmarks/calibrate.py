@@ -595,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_efficiency=_sig(attn_eff),
         link_efficiency=1.0,  # the bandwidths above are achieved values already
         reserved_gib=_sig(reserved, 3),
+        device="cuda" if cuda else "cpu",
         **extra,
     )
     _say("efficiency: gemm / attention / fp8 gemm",

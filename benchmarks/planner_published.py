@@ -5,8 +5,9 @@
 Rows: torchtitan's Llama 3.1 tables (pytorch/torchtitan, benchmarks/llama3_h100_202412_torchtitan.md,
 Dec 2024; the same tables are in its docs/performance.md), and torchao's float8 README table for
 Llama 3 8B. Their H100s are 96 GB HBM2e parts at 500 W: the "H100-GT" built-in profile. Where a
-source leaves a setting unstated, the row says what we assumed (`assumed`). The planner does not
-model async TP; rows that used it are predicted without it (the prediction is then expected low).
+source leaves a setting unstated, the row says what we assumed (`assumed`). torchtitan's June 2025
+async TP tables (vanilla vs async TP on the same layouts) test the async TP term on its own; their
+float8 rowwise rows are left out (the planner's float8 is the tensorwise recipe).
 
 Each row is predicted by the same code path as tools/plan.py: the layout goes through the
 trainer's own config checks, then the memory and step-time models. Nothing here is fitted to these
@@ -31,6 +32,7 @@ from torchtitan_like.planner.layout import Layout, PlanInputs  # noqa: E402
 from torchtitan_like.planner.plan import GIB, predict_layout  # noqa: E402
 
 TT = "torchtitan benchmarks/llama3_h100_202412_torchtitan.md"
+TT_ASYNC = "torchtitan benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md"
 TAO = "torchao torchao/float8/README.md (Llama 3 8B, 8x H100)"
 
 
@@ -66,16 +68,26 @@ ROWS = [
     Row(TT, "8B FSDP + compile, 128 GPUs", "8B", 128, 8192, 256, _l(dp_shard=128, local_batch_size=2, ac="selective_op"), True, 6514, 62.0, SEQ_ASSUMED),
     Row(TT, "8B FSDP + compile + float8, 128 GPUs", "8B", 128, 8192, 256, _l(dp_shard=128, local_batch_size=2, ac="selective_op", float8=True), True, 8380, 61.8, SEQ_ASSUMED + "; float8 tensorwise"),
     Row(TT, "70B FSDP32 x TP8 + compile + float8, 256 GPUs", "70B", 256, 8192, 512, _l(dp_shard=32, tp=8, local_batch_size=16, ac="full", float8=True), True, 829, 71.9, SEQ_ASSUMED),
-    Row(TT, "405B FSDP8 x TP8 x PP8 1F1B (+async TP)", "405B", 512, 8192, 256, _l(dp_shard=8, tp=8, pp=8, local_batch_size=32, microbatch_size=1, pp_schedule="1F1B", ac="full", float8=True), True, 100, 82.5, SEQ_ASSUMED + "; microbatch 1 (32 microbatches); async TP not modelled"),
-    Row(TT, "405B FSDP8 x TP8 x PP8 Interleaved1F1B (+async TP)", "405B", 512, 8192, 256, _l(dp_shard=8, tp=8, pp=8, local_batch_size=32, microbatch_size=1, pp_schedule="Interleaved1F1B", ac="full", float8=True), True, 128, 72.7, SEQ_ASSUMED + "; microbatch 1, 2 stages per rank; async TP not modelled"),
+    Row(TT, "70B FSDP32 x TP8 + compile + float8 + async TP, 256 GPUs", "70B", 256, 8192, 512, _l(dp_shard=32, tp=8, local_batch_size=16, ac="full", float8=True, async_tp=True), True, 876, 67.6, SEQ_ASSUMED),
+    Row(TT, "405B FSDP8 x TP8 x PP8 1F1B + async TP", "405B", 512, 8192, 256, _l(dp_shard=8, tp=8, pp=8, local_batch_size=32, microbatch_size=1, pp_schedule="1F1B", ac="full", float8=True, async_tp=True), True, 100, 82.5, SEQ_ASSUMED + "; microbatch 1 (32 microbatches)"),
+    Row(TT, "405B FSDP8 x TP8 x PP8 Interleaved1F1B + async TP", "405B", 512, 8192, 256, _l(dp_shard=8, tp=8, pp=8, local_batch_size=32, microbatch_size=1, pp_schedule="Interleaved1F1B", ac="full", float8=True, async_tp=True), True, 128, 72.7, SEQ_ASSUMED + "; microbatch 1, 2 stages per rank"),
     Row(TT, "8B FSDP8 CP1 seq 32K", "8B", 8, 32768, 8, _l(dp_shard=8, local_batch_size=1, ac="full", float8=True), True, 3890, 83.9, "float8 tensorwise"),
     Row(TT, "8B FSDP4 CP2 seq 64K", "8B", 8, 65536, 4, _l(dp_shard=4, cp=2, local_batch_size=1, ac="full", float8=True), True, 2540, 84.2, "float8 tensorwise; CP rotation all-gather"),
     Row(TT, "8B FSDP2 CP4 seq 128K", "8B", 8, 131072, 2, _l(dp_shard=2, cp=4, local_batch_size=1, ac="full", float8=True), True, 1071, 84.0, "float8 tensorwise; CP rotation all-gather"),
     Row(TT, "8B FSDP1 CP8 seq 256K", "8B", 8, 262144, 1, _l(cp=8, local_batch_size=1, ac="full", float8=True), True, 548, 84.5, "float8 tensorwise; CP rotation all-gather"),
-    Row(TT, "405B FSDP8 TP8 PP8 CP1 seq 32K (+async TP)", "405B", 512, 32768, 64, _l(dp_shard=8, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True), True, 76, 75.3, "microbatch 1; async TP not modelled"),
-    Row(TT, "405B FSDP4 TP8 PP8 CP2 seq 64K (+async TP)", "405B", 512, 65536, 32, _l(dp_shard=4, cp=2, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True), True, 47, 75.9, "microbatch 1; async TP not modelled"),
-    Row(TT, "405B FSDP2 TP8 PP8 CP4 seq 128K (+async TP)", "405B", 512, 131072, 16, _l(dp_shard=2, cp=4, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True), True, 31, 77.1, "microbatch 1; async TP not modelled"),
-    Row(TT, "405B FSDP1 TP8 PP8 CP8 seq 256K (+async TP)", "405B", 512, 262144, 8, _l(cp=8, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True), True, 16, 84.9, "microbatch 1; async TP not modelled"),
+    Row(TT, "405B FSDP8 TP8 PP8 CP1 seq 32K + async TP", "405B", 512, 32768, 64, _l(dp_shard=8, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True, async_tp=True), True, 76, 75.3, "microbatch 1"),
+    Row(TT, "405B FSDP4 TP8 PP8 CP2 seq 64K + async TP", "405B", 512, 65536, 32, _l(dp_shard=4, cp=2, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True, async_tp=True), True, 47, 75.9, "microbatch 1"),
+    Row(TT, "405B FSDP2 TP8 PP8 CP4 seq 128K + async TP", "405B", 512, 131072, 16, _l(dp_shard=2, cp=4, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True, async_tp=True), True, 31, 77.1, "microbatch 1"),
+    Row(TT, "405B FSDP1 TP8 PP8 CP8 seq 256K + async TP", "405B", 512, 262144, 8, _l(cp=8, tp=8, pp=8, local_batch_size=8, microbatch_size=1, ac="full", float8=True, async_tp=True), True, 16, 84.9, "microbatch 1"),
+    # torchtitan's async TP tables (June 2025): the same layouts with vanilla and async TP.
+    Row(TT_ASYNC, "70B FSDP32 x TP8 bf16, 256 GPUs", "70B", 256, 8192, 512, _l(dp_shard=32, tp=8, local_batch_size=16, ac="full"), True, 597.3, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "70B FSDP32 x TP8 bf16 + async TP, 256 GPUs", "70B", 256, 8192, 512, _l(dp_shard=32, tp=8, local_batch_size=16, ac="full", async_tp=True), True, 652.4, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "70B FSDP32 x TP8 float8, 256 GPUs", "70B", 256, 8192, 512, _l(dp_shard=32, tp=8, local_batch_size=16, ac="full", float8=True), True, 809.8, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "70B FSDP32 x TP8 float8 + async TP, 256 GPUs", "70B", 256, 8192, 512, _l(dp_shard=32, tp=8, local_batch_size=16, ac="full", float8=True, async_tp=True), True, 942.4, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "8B FSDP8 x TP8 bf16, 64 GPUs", "8B", 64, 8192, 96, _l(dp_shard=8, tp=8, local_batch_size=12, ac="selective_op"), True, 4378, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "8B FSDP8 x TP8 bf16 + async TP, 64 GPUs", "8B", 64, 8192, 96, _l(dp_shard=8, tp=8, local_batch_size=12, ac="selective_op", async_tp=True), True, 4809.4, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "8B FSDP8 x TP8 float8, 64 GPUs", "8B", 64, 8192, 96, _l(dp_shard=8, tp=8, local_batch_size=12, ac="selective_op", float8=True), True, 5078.1, None, SEQ_ASSUMED),
+    Row(TT_ASYNC, "8B FSDP8 x TP8 float8 + async TP, 64 GPUs", "8B", 64, 8192, 96, _l(dp_shard=8, tp=8, local_batch_size=12, ac="selective_op", float8=True, async_tp=True), True, 5570.1, None, SEQ_ASSUMED),
     Row(TAO, "8B bf16 (torchao baseline)", "8B", 8, 8192, 8, _l(dp_shard=8, local_batch_size=1, ac="selective_op"), True, 6150, None, "their H100s taken as the same 500 W parts (the README does not say)"),
     Row(TAO, "8B float8 tensorwise (torchao)", "8B", 8, 8192, 8, _l(dp_shard=8, local_batch_size=1, ac="selective_op", float8=True), True, 7689.5, None, "their H100s taken as the same 500 W parts (the README does not say)"),
 ]
@@ -108,7 +120,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         mem = "n/a" if r["memory_error"] is None else f"{r['memory_error']:+.0%}"
         pub_mem = "n/a" if r["published_peak_gib"] is None else f"{r['published_peak_gib']:.1f}"
-        src = "torchtitan" if r["source"] == TT else "torchao"
+        src = {TT: "torchtitan", TT_ASYNC: "torchtitan async TP"}.get(r["source"], "torchao")
         lines.append(
             f"| {src} | {r['row']} | {r['published_tokens_per_s_per_gpu']:,.0f} | {r['predicted_tokens_per_s_per_gpu']:,.0f} "
             f"| {r['throughput_error']:+.0%} | {pub_mem} | {r['predicted_peak_gib']:.1f} | {mem} |"

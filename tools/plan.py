@@ -4,9 +4,10 @@
     tools/plan.py --model llama3:8B --ngpu 8 --hardware H100 --seq-len 8192 --global-batch 64 --out plan.toml
     tools/plan.py --config train_configs/debug_model.toml --ngpu 16 --gpus-per-node 8 --explain 1
 
-It enumerates every layout (data parallel replicate/shard, TP, CP, PP with schedule and
-microbatch, AC mode, float8) that the trainer's own config checks accept, predicts each one's
-peak memory per GPU (itemized) and step time (compute, exposed communication, pipeline bubble),
+It enumerates every layout (data parallel replicate/shard, TP with or without async TP, CP, PP
+with schedule and microbatch, AC mode, float8 with or without FSDP float8 all-gather) that the
+trainer's own config checks accept, predicts each one's peak memory per GPU (itemized) and step
+time (compute, exposed communication, pipeline bubble),
 ranks the ones that fit by tokens/s per GPU, prints the top of the table, and writes the winner as
 a TOML that run_train.sh accepts. Unless --no-verify, the winner then goes through the dry run at
 the planned world size (every model pass on the meta device), so the TOML is known to build.
@@ -29,7 +30,8 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 from torchtitan_like.errors import ConfigError, TrainerError  # noqa: E402
 
-FEATURE_HELP = "comma-separated: fsdp, hsdp, ddp, tp, pp, cp, float8, ac (default: all but float8 unless --precision fp8)"
+FEATURE_HELP = ("comma-separated: fsdp, hsdp, ddp, tp, async_tp, pp, cp, float8, ac (default: all but float8 unless "
+                "--precision fp8; async_tp only for compiled jobs on a CUDA profile)")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

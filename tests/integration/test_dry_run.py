@@ -137,6 +137,28 @@ def test_fsdp_shards_of_every_rank_add_up_to_the_model(world: int) -> None:
         assert reports[0]["n_elements"] > reports[2]["n_elements"]
 
 
+def test_async_tp_registers_the_tp_group_for_symmetric_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch (2.11-2.13) marks enable_symm_mem_for_group deprecated, but inductor's micro-pipeline TP pass
+    still skips a group unless that call registered it: async TP must make it, without the warning."""
+    import warnings
+
+    import torch._inductor.config as inductor_config
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from torchtitan_like.dry_run import dry_run
+
+    # Both are process-wide: keep them from reaching the tests that run after this one.
+    monkeypatch.setattr(inductor_config, "_micro_pipeline_tp", False)
+    monkeypatch.setattr(symm_mem, "_group_name_to_store", {})
+    argv = [*FSDP_ARGV, "--parallelism.tensor_parallel_degree", "2", "--compile.enable",
+            "--parallelism.enable_async_tensor_parallel"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        dry_run(argv, world_size=4, rank=0, device="cuda")
+    assert inductor_config._micro_pipeline_tp is True
+    assert len(symm_mem._group_name_to_store) == 1  # the TP group, and only it
+
+
 def test_a_failing_dry_run_leaves_no_process_group() -> None:
     import torch.distributed as dist
 

@@ -332,6 +332,98 @@ def test_compute_term_of_one_gpu_step_by_hand():
     assert full.compute == pytest.approx(st.compute, rel=1e-12)
 
 
+def tp2_candidate(*, ac: str = "none", float8: bool = False, async_tp: bool = False, hw: HardwareProfile = ROUND_HW):
+    """The debug model on 2 GPUs as TP 2: 2 sequences of 64 in one microbatch."""
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=hw, seq_len=64, global_batch_size=2)
+    return check(inputs, Layout(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, local_batch_size=2, microbatch_size=2,
+                                ac=ac, float8=float8, async_tp=async_tp))
+
+
+# TP 2 inside one node of ROUND_HW: 100 GB/s x 0.5. One collective over 2 ranks moves half of the
+# gathered tensor: 128 tokens x 256 x 2 bytes / 2 / 50e9 = 6.5536e-7 s in bf16, half that in float8.
+TP_BF16_S = 128 * H * 2 / 2 / 50e9
+TP_FP8_S = 128 * H * 1 / 2 / 50e9
+# The matmul each TP collective feeds or follows, on one rank (2 x tokens x in x out / tp FLOPs), at
+# ROUND_HW's 50 TFLOPS (bf16 100 x 0.5; fp8 200 x 0.25, the same rate).
+MM_S = {"wqkv": 2 * 128 * H * (H + 2 * KVD) / 2 / 50e12, "wo": 2 * 128 * H * H / 2 / 50e12,
+        "w13": 2 * 128 * H * 2 * FFN / 2 / 50e12, "w2": 2 * 128 * H * FFN / 2 / 50e12}
+
+
+def test_tp_collectives_by_hand():
+    st = estimate_step_time(tp2_candidate(), ROUND_HW, compile=True)
+    # 2 all-gathers + 2 reduce-scatters forward, as many backward, per block, one microbatch, 6 blocks.
+    assert st.tp == pytest.approx(8 * TP_BF16_S * LAYERS, rel=1e-12)
+    assert st.tp == pytest.approx(3.145728e-05, rel=1e-9)
+    # Full AC gathers and scatters again in the recompute (the forward's 4).
+    full = estimate_step_time(tp2_candidate(ac="full"), ROUND_HW, compile=True)
+    assert full.tp == pytest.approx(12 * TP_BF16_S * LAYERS, rel=1e-12)
+
+
+def test_tp_gathers_float8_on_cuda_only():
+    # torchao's float8 TP styles gather float8 activations (forward) and gradients (backward): the 4
+    # all-gathers move 1 byte per element, the 4 reduce-scatters stay bf16.
+    st = estimate_step_time(tp2_candidate(float8=True), ROUND_HW, compile=True)
+    assert st.tp == pytest.approx((4 * TP_FP8_S + 4 * TP_BF16_S) * LAYERS, rel=1e-12)
+    assert st.tp == pytest.approx(2.359296e-05, rel=1e-9)
+    # On CPU (gloo cannot gather float8) the trainer uses the plain styles: bf16 throughout.
+    cpu = dataclasses.replace(ROUND_HW, device="cpu")
+    st_cpu = estimate_step_time(tp2_candidate(float8=True, hw=cpu), cpu, compile=True)
+    assert st_cpu.tp == pytest.approx(8 * TP_BF16_S * LAYERS, rel=1e-12)
+
+
+def test_async_tp_hides_each_collective_under_its_matmul():
+    st = estimate_step_time(tp2_candidate(async_tp=True), ROUND_HW, compile=True)
+    # tp 2: each collective is split in 2; the local half of the matmul cannot overlap, the other
+    # half (tp - 1) / tp = 1/2 of it does. Forward: gather->wqkv, wo->scatter, gather->w1/w3,
+    # w2->scatter; backward: wqkv's input gradient->scatter, gather->wo's, and so on: the same pairs.
+    per_pass = sum(TP_BF16_S - MM_S[name] / 2 for name in ("wqkv", "wo", "w13", "w2"))
+    assert per_pass == pytest.approx(1.61480704e-06, rel=1e-9)  # every collective longer than half its matmul
+    assert st.tp == pytest.approx(2 * per_pass * LAYERS, rel=1e-12)
+    assert st.tp < estimate_step_time(tp2_candidate(), ROUND_HW, compile=True).tp
+    # A link 100x faster: every collective fits under its matmul; nothing is exposed.
+    fast = dataclasses.replace(ROUND_HW, intra_node_gbps=10_000.0)
+    assert estimate_step_time(tp2_candidate(async_tp=True, hw=fast), fast, compile=True).tp == 0.0
+    # Compute is not changed by async TP.
+    assert st.compute == estimate_step_time(tp2_candidate(), ROUND_HW, compile=True).compute
+
+
+def test_fsdp_float8_all_gather_gathers_the_block_linears_in_float8():
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=ROUND_HW, seq_len=64, global_batch_size=2)
+    base = Layout(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, local_batch_size=1, microbatch_size=1, float8=True)
+    plain, f8ag = (check(inputs, dataclasses.replace(base, float8_all_gather=ag)) for ag in (False, True))
+    linears = PER_LAYER - NORMS  # 786_432 per block: everything but the two norms
+    # Time: 2 gathers per microbatch (forward, and again in backward), 1 microbatch; one byte less per
+    # linear weight element, over 2 ranks (half moves) at 50 GB/s.
+    saved = 2 * LAYERS * linears * 1 / 2 / 50e9
+    t_plain, t_f8ag = (estimate_step_time(c, ROUND_HW, compile=True) for c in (plain, f8ag))
+    assert t_plain.fsdp_total - t_f8ag.fsdp_total == pytest.approx(saved, rel=1e-9)
+    assert saved == pytest.approx(9.437184e-05, rel=1e-9)
+    # Memory: the two gathered blocks hold their linear weights in float8 (1 byte, not 2), and there
+    # is no separate float8 copy of them, only the transposes: one byte per block element.
+    m_plain, m_f8ag = (estimate_memory(c, pp_rank=0) for c in (plain, f8ag))
+    assert m_plain.gathered - m_f8ag.gathered == 2 * linears == 1_572_864
+    assert m_plain.float8 == 2 * PER_LAYER and m_f8ag.float8 == PER_LAYER == 786_944
+
+
+def test_the_search_offers_async_tp_and_float8_all_gather_only_where_the_trainer_can_run_them():
+    from torchtitan_like.planner.layout import layouts
+
+    def options(**kw) -> set[tuple[int, int, bool, bool, bool]]:
+        """(tp, FSDP degree dp_shard x cp, float8, float8 all-gather, async TP) of every layout searched."""
+        inputs = PlanInputs(**{"base_argv": DEBUG_ARGV, "world_size": 2, "hardware": ROUND_HW, "seq_len": 64,
+                               "global_batch_size": 2, **kw})
+        return {(L.tp, L.dp_shard * L.cp, L.float8, L.float8_all_gather, L.async_tp) for L in layouts(inputs, LAYERS)}
+
+    got = options()
+    assert (2, 1, False, False, True) in got and (2, 1, True, False, True) in got  # async TP with TP only
+    assert not any(atp for tp, _, _, _, atp in got if tp == 1)
+    assert (1, 2, True, True, False) in got  # float8 all-gather with FSDP only, and with float8 only
+    assert not any(ag for tp, fsdp, f8, ag, _ in got if fsdp == 1 or not f8)
+    assert not any(L[4] for L in options(compile=False))  # async TP is an inductor pass
+    assert not any(L[4] for L in options(hardware=dataclasses.replace(ROUND_HW, device="cpu")))  # and CUDA-only
+    assert not any(L[4] for L in options(allow=frozenset(FEATURES) - {"async_tp"}))
+
+
 def test_a_chunked_loss_recomputes_the_output_projection_forward():
     whole = estimate_step_time(one_gpu_candidate(seq_len=64, batch=2), ROUND_HW, compile=True)
     chunked = estimate_step_time(one_gpu_candidate(seq_len=64, batch=2, loss_chunk_size=16), ROUND_HW, compile=True)
@@ -419,6 +511,9 @@ def test_profile_errors_name_the_problem(tmp_path: Path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_profile(str(path))
+    path.write_text(json.dumps({**data, "device": "tpu"}))
+    with pytest.raises(ConfigError, match=r"field device='tpu' must be \"cuda\" or \"cpu\""):
+        load_profile(str(path))
     del data["hbm_gib"]
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="hbm_gib"):
@@ -434,11 +529,13 @@ def test_profile_errors_name_the_problem(tmp_path: Path):
         (Layout(dp_replicate=2, dp_shard=2, cp=1, tp=2, pp=2, local_batch_size=4, microbatch_size=2,
                 pp_schedule="Interleaved1F1B", ac="selective_op"), "selective", "op", []),
         (Layout(dp_replicate=1, dp_shard=4, cp=2, tp=1, pp=1, local_batch_size=3, microbatch_size=3, ac="full",
-                float8=True, loss_chunk_size=2048), "full", None, ["float8"]),
+                float8=True, loss_chunk_size=2048, float8_all_gather=True), "full", None, ["float8"]),
+        (Layout(dp_replicate=1, dp_shard=2, cp=1, tp=2, pp=1, local_batch_size=1, microbatch_size=1, async_tp=True),
+         "none", None, []),
     ],
 )
 def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, converters):
-    cfg = load_config([*DEBUG_ARGV, *layout.overrides()])
+    cfg = load_config([*DEBUG_ARGV, *layout.overrides(), "--compile.enable"])  # async TP needs compile
     p = cfg.parallelism
     got = {"dp_replicate": p.data_parallel_replicate_degree, "dp_shard": p.data_parallel_shard_degree,
            "cp": p.context_parallel_degree, "tp": p.tensor_parallel_degree, "pp": p.pipeline_parallel_degree}
@@ -449,6 +546,9 @@ def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, co
         assert cfg.activation_checkpoint.selective_ac_option == option
     assert cfg.model.converters == converters
     assert cfg.training.loss_chunk_size == layout.loss_chunk_size
+    assert p.enable_async_tensor_parallel == layout.async_tp
+    f8 = cfg.quantize.linear.float8
+    assert f8.enable_fsdp_float8_all_gather == f8.precompute_float8_dynamic_scale_for_fsdp == layout.float8_all_gather
     if layout.pp > 1:
         assert p.pipeline_parallel_schedule == layout.pp_schedule
         assert p.pipeline_parallel_microbatch_size == layout.microbatch_size

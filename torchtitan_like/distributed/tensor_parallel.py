@@ -19,6 +19,7 @@ every linear on CPU (gloo cannot all-gather float8) use the plain styles.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -106,7 +107,12 @@ def apply_tp(
         # Inductor's micro-pipeline TP pass rewrites all-gather + matmul (and matmul + reduce-scatter)
         # in the compiled blocks into overlapped symmetric-memory ops over this group.
         inductor_config._micro_pipeline_tp = True
-        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+        # torch 2.11-2.13 mark this call deprecated ("no need to call this function anymore"), yet
+        # the pass still skips every group for which is_symm_mem_enabled_for_group() is false, and
+        # only this call makes it true: without it async TP would silently do nothing.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*enable_symm_mem_for_group.*deprecated", category=FutureWarning)
+            enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
     logger.info(
         "applied tensor parallel (degree %d, sequence parallel, loss parallel %s%s%s%s%s)",

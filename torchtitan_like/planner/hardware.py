@@ -56,6 +56,9 @@ class HardwareProfile:
     """Fraction of the link bandwidths above that collectives reach."""
     reserved_gib: float = 2.0
     """Memory that is not the allocator's to hand out: CUDA context, NCCL and kernel workspaces."""
+    device: str = "cuda"
+    """"cuda" or "cpu": what the trainer will run on. Async TP needs CUDA, and on CPU (gloo) the
+    float8 TP styles gather in high precision; the planner offers and prices layouts accordingly."""
 
     @property
     def hbm_bytes(self) -> float:
@@ -114,6 +117,10 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             ok = isinstance(value, str)
         elif name == "peak_fp8_tflops":
             ok = value is None or _is_number(value)
+        elif name == "device":
+            if value not in ("cuda", "cpu"):
+                raise ConfigError(f'hardware profile {path}: field device={value!r} must be "cuda" or "cpu"')
+            ok = True
         elif name == "gpus_per_node":
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         else:

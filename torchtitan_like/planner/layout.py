@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 AC_MODES = ("none", "selective_op", "full")
 """Activation checkpointing choices: activation_checkpoint.mode none / selective with "op" / full."""
-FEATURES = ("fsdp", "hsdp", "ddp", "tp", "pp", "cp", "float8", "ac")
+FEATURES = ("fsdp", "hsdp", "ddp", "tp", "async_tp", "pp", "cp", "float8", "ac")
 LOSS_CHUNK = 2048
 """training.loss_chunk_size the planner tries on layouts without loss parallel (tp 1) whose sequence
 shard is longer: one chunk's logits instead of the whole sequence's, for a recompute of the output
@@ -50,6 +50,12 @@ class Layout:
     loss_chunk_size: int = 0
     """training.loss_chunk_size (0: whole logits); always written, so a base config's value never
     reaches a layout with loss parallel, which refuses it."""
+    async_tp: bool = False
+    """parallelism.enable_async_tensor_parallel: the TP collectives overlap the matmuls they feed
+    (CUDA and compile only); always written."""
+    float8_all_gather: bool = False
+    """quantize.linear.float8.enable_fsdp_float8_all_gather with precompute_float8_dynamic_scale_for_fsdp:
+    FSDP gathers the float8 linears' weights in float8 (tensorwise, float8 and FSDP only); always written."""
 
     @property
     def degrees(self) -> dict[str, int]:
@@ -83,6 +89,9 @@ class Layout:
             out += ["--activation_checkpoint.selective_ac_option", "op"]
         out += ["--model.converters", "float8" if self.float8 else ""]
         out += ["--training.loss_chunk_size", str(self.loss_chunk_size)]
+        out += [_flag("parallelism.enable_async_tensor_parallel", self.async_tp)]
+        out += [_flag(f"quantize.linear.float8.{key}", self.float8_all_gather)
+                for key in ("enable_fsdp_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp")]
         return out
 
     def describe(self) -> str:
@@ -95,11 +104,19 @@ class Layout:
         if self.pp > 1:
             text += f" {self.pp_schedule} mb{self.microbatch_size}"
         text += f" lbs{self.local_batch_size} ac={self.ac}"
+        if self.async_tp:
+            text += " asyncTP"
         if self.float8:
-            text += " fp8"
+            text += " fp8" + ("+fp8AG" if self.float8_all_gather else "")
         if self.loss_chunk_size:
             text += f" loss_chunk{self.loss_chunk_size}"
         return text
+
+
+def _flag(key: str, on: bool) -> str:
+    """`--section.key` or `--section.no_key`: a bool key set either way."""
+    section, _, name = key.rpartition(".")
+    return f"--{key}" if on else f"--{section}.no_{name}"
 
 
 @dataclass(frozen=True)
@@ -153,7 +170,8 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
     tps = [t for t in _divisors(min(world, gpn)) if t == 1 or "tp" in allow]
     cps = [c for c in _powers_of_two_up_to(world) if c == 1 or "cp" in allow]
     ac_modes = [a for a in AC_MODES if a == "none" or "ac" in allow]
-    f8s = [False, True] if "float8" in allow else [False]
+    # Async TP is an inductor pass over symmetric memory: compiled CUDA jobs only.
+    async_ok = "async_tp" in allow and inputs.compile and inputs.hardware.device == "cuda"
     schedules = [s for s in ("1F1B", "Interleaved1F1B") if s in available_schedules()]
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
@@ -184,10 +202,18 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
                     ]
                 # Chunking the loss only where the logits are whole on the vocabulary (no loss parallel).
                 chunks = [0, LOSS_CHUNK] if tp == 1 and inputs.seq_len // cp > LOSS_CHUNK else [0]
-                for (lb, mb, sched), ac, f8, chunk in itertools.product(batch_options, ac_modes, f8s, chunks):
+                asyncs = [False, True] if tp > 1 and async_ok else [False]
+                # float8, and float8 with FSDP's float8 all-gather where parameters are sharded
+                # (refused by the trainer's checks unless the job's recipe is tensorwise).
+                f8s = [(False, False)]
+                if "float8" in allow:
+                    f8s += [(True, False)] + ([(True, True)] if dp_shard * cp > 1 else [])
+                for (lb, mb, sched), ac, (f8, f8ag), chunk, atp in itertools.product(
+                    batch_options, ac_modes, f8s, chunks, asyncs
+                ):
                     yield Layout(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp,
                                  local_batch_size=lb, microbatch_size=mb, pp_schedule=sched, ac=ac, float8=f8,
-                                 loss_chunk_size=chunk)
+                                 loss_chunk_size=chunk, async_tp=atp, float8_all_gather=f8ag)
 
 
 def check(inputs: PlanInputs, layout: Layout) -> Candidate:

@@ -13,7 +13,8 @@ the last holds the logits):
   reduce-scatter (the whole stage's under PP);
 - recompute: a checkpointed block's recomputed activations during its backward (never at the same
   time as the logits, so the peak takes the larger of the two);
-- float8: the float8 weight copies (and their transposes) of the gathered block;
+- float8: the float8 weight copies (and their transposes) of the gathered block; with FSDP float8
+  all-gather the gathered linear weights are float8 already (1 byte in `gathered`, no copy);
 - margin: FRAGMENTATION of everything but the state, for the caching allocator's fragmentation.
 The hardware profile's `reserved_gib` (CUDA context, NCCL) is added when checking the fit.
 """
@@ -26,6 +27,7 @@ from torchtitan_like.models.llama3.args import TransformerArgs
 from torchtitan_like.planner.layout import Candidate, Layout
 from torchtitan_like.planner.state import StateBytes, predicted_state_bytes
 
+FP8 = 1
 BF16 = 2
 FP32 = 4
 FRAGMENTATION = 0.10
@@ -118,16 +120,18 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
     """The itemized peak of pipeline rank `pp_rank` (data/tensor/context rank 0: the largest shards)."""
     L, a = c.layout, c.model_args
     stage_fqns = None
-    layers = a.n_layers
+    stage_layers = [a.n_layers]  # blocks of each of this rank's stages, in local order
     has_output = has_embedding = True
+    embedding_stage = 0
     n_mb, v = 1, 1
     if c.pp_plan is not None:
         plan = c.pp_plan
         stages = plan.stage_ids(pp_rank)
         stage_fqns = [plan.fqns_per_stage[s] for s in stages]
         names = [f for fqns in stage_fqns for f in fqns]
-        layers = sum(f.startswith("layers.") for f in names) // len(stages)  # per stage chunk
+        stage_layers = [sum(f.startswith("layers.") for f in fqns) for fqns in stage_fqns]
         has_output, has_embedding = "output" in names, "tok_embeddings" in names
+        embedding_stage = next((i for i, fqns in enumerate(stage_fqns) if "tok_embeddings" in fqns), 0)
         n_mb, v = plan.n_microbatches, plan.stages_per_rank
     # Global rank of (pp_rank, 0, 0, 0, 0): pp is the outermost mesh dim.
     rank = pp_rank * (L.world_size // L.pp)
@@ -137,9 +141,14 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
     act = compute_itemsize(c)
     per_block = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac=L.ac, itemsize=act)
     chunks = in_flight_chunks(L, n_microbatches=n_mb, stages_per_rank=v, pp_rank=pp_rank)
-    activations = per_block * layers * chunks
+    # Which local stage each of those forwards ran: the multi-stage schedules take the microbatches in
+    # rounds of pp per local stage (stage 0 for microbatches 0..pp-1, then stage 1, ...), so with
+    # uneven stages the blocks in flight are counted stage by stage.
+    ran = [(k // L.pp) % len(stage_layers) for k in range(chunks)]
+    activations = per_block * sum(stage_layers[i] for i in ran)
     if has_embedding:
-        activations += chunks * tokens * a.dim * act // L.tp  # the embedding output (the first residual)
+        # The embedding output (the first residual), kept by the first stage's forwards only.
+        activations += sum(i == embedding_stage for i in ran) * tokens * a.dim * act // L.tp
 
     logits = 0
     if has_output:
@@ -152,6 +161,9 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
             logits = tokens * vocab_shard * (act + LOSS_FP32_BYTES)
 
     unsharded_block = block_params(a) // L.tp
+    # With FSDP float8 all-gather a block's linear weights arrive (and stay gathered) in float8.
+    f8_gather = L.float8 and L.float8_all_gather
+    gathered_block = unsharded_block * act - (((block_params(a) - 2 * a.dim) // L.tp) * (act - FP8) if f8_gather else 0)
     gathered = recompute = 0
     fsdp = L.dp_shard * L.cp > 1
     if fsdp and L.pp > 1:
@@ -160,8 +172,10 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         # unsharded fp32 gradients accumulate until then.
         stage_params = state.n_elements * L.dp_shard * L.cp
         gathered += stage_params * (act + FP32)
+        if f8_gather:
+            gathered -= sum(stage_layers) * (unsharded_block * act - gathered_block)
     elif fsdp:
-        gathered += 2 * unsharded_block * act  # the current block and the prefetched next one
+        gathered += 2 * gathered_block  # the current block and the prefetched next one
         # The root (embedding) and [norm, output] stay gathered from their forward to their backward.
         tables = (1 if a.tie_word_embeddings else 2) * a.vocab_size * a.dim // L.tp
         gathered += tables * act
@@ -170,7 +184,9 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act)
     elif L.ac == "selective_op":
         recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act) - per_block
-    float8 = 2 * unsharded_block if L.float8 else 0
+    # float8 copies of the gathered block's weights and their transposes (the copies are what
+    # FSDP float8 all-gather gathers: only the transposes are extra).
+    float8 = (1 if f8_gather else 2) * unsharded_block if L.float8 else 0
     margin = int(FRAGMENTATION * (activations + max(logits, recompute) + gathered + float8))
     return MemoryEstimate(pp_rank=pp_rank, state=state, activations=activations, logits=logits,
                           gathered=gathered, recompute=recompute, float8=float8, margin=margin)

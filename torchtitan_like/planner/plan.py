@@ -64,14 +64,15 @@ def make_plan(inputs: PlanInputs, n_layers: int) -> Plan:
 
 def table(plan: Plan, top: int = 10) -> str:
     hw = plan.inputs.hardware
-    head = (f"{'#':>3}  {'layout':<52} {'tok/s/GPU':>10} {'TFLOPS':>7} {'MFU':>6} {'step s':>8} "
+    width = max([len(p.layout.describe()) for p in plan.ranked[:top]] + [40])
+    head = (f"{'#':>3}  {'layout':<{width}} {'tok/s/GPU':>10} {'TFLOPS':>7} {'MFU':>6} {'step s':>8} "
             f"{'peak GiB':>9} {'state':>7} {'act':>7} {'exposed comm s':>15}")
     lines = [head, "-" * len(head)]
     for i, p in enumerate(plan.ranked[:top], 1):
         m, s = p.memory, p.step
         comm = s.fsdp_exposed + s.tp + s.cp + s.pp_p2p
         lines.append(
-            f"{i:>3}  {p.layout.describe():<52} {p.speed.tokens_per_s_per_gpu:>10.0f} {p.speed.tflops_per_gpu:>7.1f} "
+            f"{i:>3}  {p.layout.describe():<{width}} {p.speed.tokens_per_s_per_gpu:>10.0f} {p.speed.tflops_per_gpu:>7.1f} "
             f"{p.speed.mfu:>6.1%} {s.total:>8.3f} {m.total / GIB:>9.1f} {m.state.total / GIB:>7.1f} "
             f"{m.activations / GIB:>7.1f} {comm:>15.3f}"
         )

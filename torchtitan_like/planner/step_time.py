@@ -7,14 +7,22 @@ at HBM bandwidth (eager moves ~3x the bytes a compiled block does).
 
 Communication, each over the link its mesh dim maps to (NVLink when the group fits in a node,
 else the NIC), bus-bandwidth convention (bytes x (n-1)/n per rank):
-- FSDP: all-gather of the bf16 parameters (twice per microbatch when blocks reshard after forward,
-  once per step under PP, which never reshards) and reduce-scatter of the fp32 gradients per
+- FSDP: all-gather of the bf16 parameters (the block linears' weights in float8 with FSDP float8
+  all-gather; twice per microbatch when blocks reshard after forward, once per step under PP, which
+  never reshards) and reduce-scatter of the fp32 gradients per
   microbatch; HSDP adds an all-reduce of the shard across replicas, DDP an all-reduce of all
   gradients. Overlap model: these run under the compute of the other blocks; what exceeds the
-  compute, plus one block's gather and one block's reduce-scatter at the ends, is exposed.
-- TP (sequence parallel): per block and microbatch, 2 all-gathers and 2 reduce-scatters of the
-  bf16 activations in forward, as many in backward, and again in a full-AC recompute; exposed
-  (async TP would hide part of it).
+  compute is exposed, plus one block's share of the traffic (the total over the blocks: the first
+  gather and the last reduce-scatter have no compute to hide under).
+- TP (sequence parallel): per block and microbatch, 2 all-gathers (the attention and feed-forward
+  inputs, before wq/wk/wv and w1/w3) and 2 reduce-scatters (after wo and w2) of the activations in
+  forward; in backward 2 all-gathers (the gradients of wo's and w2's outputs, before their input
+  gradient matmuls) and 2 reduce-scatters (the input gradients of wq/wk/wv and w1/w3, after their
+  matmuls); the forward's 4 again in a full-AC recompute. Reduce-scatters move bf16; all-gathers
+  move float8 under float8 tensorwise on CUDA (torchao's float8 TP styles cast before gathering, and
+  the gradients before their backward gather), bf16 otherwise. Exposed in full, unless async TP:
+  then each collective is split into tp chunks pipelined with the matmul it feeds or follows, and
+  only what exceeds that matmul's (tp - 1) / tp is exposed (one chunk's matmul cannot overlap).
 - CP: each rank's K and V go around the ring (cp - 1 hops) in forward, K, V and their gradients in
   backward; exposed with the all-gather rotation, hidden under the attention compute with
   all-to-all.
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 from torchtitan_like.components.flops import model_flops_per_token
 from torchtitan_like.planner.hardware import HardwareProfile
 from torchtitan_like.planner.layout import Candidate
-from torchtitan_like.planner.memory import BF16, FP32, block_params
+from torchtitan_like.planner.memory import BF16, FP8, FP32, block_params
 from torchtitan_like.planner.state import MESH_ORDER
 
 ELEMENTWISE_BYTES_EAGER = 120
@@ -127,15 +135,19 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
 
     # FSDP / HSDP / DDP traffic of this rank's stage parameters.
     stage_params = layers * block_params(a) / L.tp
+    block_linears = layers * (block_params(a) - 2 * a.dim) / L.tp  # all but the two norms
     tables = 1 if L.pp > 1 or a.tie_word_embeddings else 2  # a stage holds the embedding or the output
     stage_params += (a.vocab_size * a.dim / L.tp) * tables
+    gathered_bytes = stage_params * BF16
+    if L.float8 and L.float8_all_gather:
+        gathered_bytes -= block_linears * (BF16 - FP8)
     n_fsdp = L.dp_shard * L.cp
     fsdp_total = 0.0
     if n_fsdp > 1:
         bw = link_gbps(hw, deg, tuple(d for d in ("dp_shard", "cp") if deg[d] > 1))
         gathers = 1 if L.pp > 1 else 2 * microbatches
         scatters = 1 if L.pp > 1 else microbatches
-        fsdp_total += gathers * _collective_s(stage_params * BF16, n_fsdp, bw)
+        fsdp_total += gathers * _collective_s(gathered_bytes, n_fsdp, bw)
         fsdp_total += scatters * _collective_s(stage_params * FP32, n_fsdp, bw)
     if L.dp_replicate > 1:
         bw = link_gbps(hw, deg, ("dp_replicate",))
@@ -147,9 +159,18 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     tp_s = 0.0
     if L.tp > 1:
         bw = link_gbps(hw, deg, ("tp",))
-        per_collective = _collective_s(mb_tokens * a.dim * BF16, L.tp, bw)
-        passes = 8 + (4 if L.ac == "full" else 0)
-        tp_s = per_collective * passes * layers * microbatches
+        float8_styles = L.float8 and cfg.quantize.linear.float8.recipe_name == "tensorwise" and hw.device == "cuda"
+        gather = _collective_s(mb_tokens * a.dim * (FP8 if float8_styles else BF16), L.tp, bw)
+        scatter = _collective_s(mb_tokens * a.dim * BF16, L.tp, bw)
+        # The matmul each collective feeds or follows, on this rank's share (one microbatch).
+        mm = {name: 2 * mb_tokens * a.dim * width / L.tp / block_gemm_rate for name, width in
+              (("wqkv", a.dim + 2 * kvd), ("wo", a.dim), ("w13", 2 * a.ffn_hidden_dim), ("w2", a.ffn_hidden_dim))}
+        forward = [(gather, mm["wqkv"]), (scatter, mm["wo"]), (gather, mm["w13"]), (scatter, mm["w2"])]
+        backward = [(scatter, mm["wqkv"]), (gather, mm["wo"]), (scatter, mm["w13"]), (gather, mm["w2"])]
+        passes = forward + backward + (forward if L.ac == "full" else [])
+        hidden = (L.tp - 1) / L.tp if L.async_tp else 0.0
+        per_block = sum(max(0.0, comm - matmul * hidden) for comm, matmul in passes)
+        tp_s = per_block * layers * microbatches
     cp_s = 0.0
     if L.cp > 1:
         bw = link_gbps(hw, deg, ("cp",))
