@@ -405,6 +405,23 @@ def test_fsdp_float8_all_gather_gathers_the_block_linears_in_float8():
     assert m_plain.float8 == 2 * PER_LAYER and m_f8ag.float8 == PER_LAYER == 786_944
 
 
+def test_blocks_that_do_not_reshard_after_forward_gather_once_and_stay_gathered():
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=ROUND_HW, seq_len=64, global_batch_size=2)
+    base = Layout(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, local_batch_size=1, microbatch_size=1)
+    default, never = (check(inputs, dataclasses.replace(base, reshard_after_forward=r)) for r in (True, False))
+    assert never.cfg.parallelism.fsdp_reshard_after_forward == "never"
+    assert default.cfg.parallelism.fsdp_reshard_after_forward == "default"
+    # One all-gather per microbatch instead of two (forward and backward): the whole model's bf16
+    # parameters once less (6 blocks + embedding + output, 5_745_664), half of it moving over 2 ranks.
+    t_default, t_never = (estimate_step_time(c, ROUND_HW, compile=True) for c in (default, never))
+    saved = (LAYERS * PER_LAYER + 2 * EMBEDDING) * 2 / 2 / 50e9
+    assert t_default.fsdp_total - t_never.fsdp_total == pytest.approx(saved, rel=1e-9)
+    assert saved == pytest.approx(1.1491328e-04, rel=1e-9)
+    # Memory: all 6 blocks gathered in bf16 at the start of backward, not 2.
+    m_default, m_never = (estimate_memory(c, pp_rank=0) for c in (default, never))
+    assert m_never.gathered - m_default.gathered == (LAYERS - 2) * PER_LAYER * 2 == 6_295_552
+
+
 def test_the_search_offers_async_tp_and_float8_all_gather_only_where_the_trainer_can_run_them():
     from torchtitan_like.planner.layout import layouts
 
@@ -422,6 +439,10 @@ def test_the_search_offers_async_tp_and_float8_all_gather_only_where_the_trainer
     assert not any(L[4] for L in options(compile=False))  # async TP is an inductor pass
     assert not any(L[4] for L in options(hardware=dataclasses.replace(ROUND_HW, device="cpu")))  # and CUDA-only
     assert not any(L[4] for L in options(allow=frozenset(FEATURES) - {"async_tp"}))
+    # Not resharding after forward: FSDP without PP only (PP never reshards anyway).
+    inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=4, hardware=ROUND_HW, seq_len=64, global_batch_size=8)
+    kept = {(L.dp_shard * L.cp, L.pp) for L in layouts(inputs, LAYERS) if not L.reshard_after_forward}
+    assert kept and all(fsdp > 1 and pp == 1 for fsdp, pp in kept)
 
 
 def test_a_chunked_loss_recomputes_the_output_projection_forward():
@@ -530,8 +551,8 @@ def test_profile_errors_name_the_problem(tmp_path: Path):
                 pp_schedule="Interleaved1F1B", ac="selective_op"), "selective", "op", []),
         (Layout(dp_replicate=1, dp_shard=4, cp=2, tp=1, pp=1, local_batch_size=3, microbatch_size=3, ac="full",
                 float8=True, loss_chunk_size=2048, float8_all_gather=True), "full", None, ["float8"]),
-        (Layout(dp_replicate=1, dp_shard=2, cp=1, tp=2, pp=1, local_batch_size=1, microbatch_size=1, async_tp=True),
-         "none", None, []),
+        (Layout(dp_replicate=1, dp_shard=2, cp=1, tp=2, pp=1, local_batch_size=1, microbatch_size=1, async_tp=True,
+                reshard_after_forward=False), "none", None, []),
     ],
 )
 def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, converters):
@@ -547,6 +568,7 @@ def test_layout_overrides_load_back_to_the_same_degrees(layout, mode, option, co
     assert cfg.model.converters == converters
     assert cfg.training.loss_chunk_size == layout.loss_chunk_size
     assert p.enable_async_tensor_parallel == layout.async_tp
+    assert p.fsdp_reshard_after_forward == ("default" if layout.reshard_after_forward else "never")
     f8 = cfg.quantize.linear.float8
     assert f8.enable_fsdp_float8_all_gather == f8.precompute_float8_dynamic_scale_for_fsdp == layout.float8_all_gather
     if layout.pp > 1:

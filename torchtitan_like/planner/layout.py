@@ -53,6 +53,10 @@ class Layout:
     async_tp: bool = False
     """parallelism.enable_async_tensor_parallel: the TP collectives overlap the matmuls they feed
     (CUDA and compile only); always written."""
+    reshard_after_forward: bool = True
+    """parallelism.fsdp_reshard_after_forward "default" (blocks free their gathered parameters after
+    forward and gather them again in backward) or "never" (they stay gathered: one all-gather per
+    microbatch, the whole model's parameters in memory); always written. PP never reshards either way."""
     float8_all_gather: bool = False
     """quantize.linear.float8.enable_fsdp_float8_all_gather with precompute_float8_dynamic_scale_for_fsdp:
     FSDP gathers the float8 linears' weights in float8 (tensorwise, float8 and FSDP only); always written."""
@@ -90,6 +94,7 @@ class Layout:
         out += ["--model.converters", "float8" if self.float8 else ""]
         out += ["--training.loss_chunk_size", str(self.loss_chunk_size)]
         out += [_flag("parallelism.enable_async_tensor_parallel", self.async_tp)]
+        out += ["--parallelism.fsdp_reshard_after_forward", "default" if self.reshard_after_forward else "never"]
         out += [_flag(f"quantize.linear.float8.{key}", self.float8_all_gather)
                 for key in ("enable_fsdp_float8_all_gather", "precompute_float8_dynamic_scale_for_fsdp")]
         return out
@@ -104,6 +109,8 @@ class Layout:
         if self.pp > 1:
             text += f" {self.pp_schedule} mb{self.microbatch_size}"
         text += f" lbs{self.local_batch_size} ac={self.ac}"
+        if not self.reshard_after_forward:
+            text += " no-reshard"
         if self.async_tp:
             text += " asyncTP"
         if self.float8:
@@ -203,17 +210,20 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
                 # Chunking the loss only where the logits are whole on the vocabulary (no loss parallel).
                 chunks = [0, LOSS_CHUNK] if tp == 1 and inputs.seq_len // cp > LOSS_CHUNK else [0]
                 asyncs = [False, True] if tp > 1 and async_ok else [False]
+                # Keeping the blocks gathered from forward to backward: FSDP without PP (PP never reshards).
+                reshards = [True, False] if pp == 1 and dp_shard * cp > 1 else [True]
                 # float8, and float8 with FSDP's float8 all-gather where parameters are sharded
                 # (refused by the trainer's checks unless the job's recipe is tensorwise).
                 f8s = [(False, False)]
                 if "float8" in allow:
                     f8s += [(True, False)] + ([(True, True)] if dp_shard * cp > 1 else [])
-                for (lb, mb, sched), ac, (f8, f8ag), chunk, atp in itertools.product(
-                    batch_options, ac_modes, f8s, chunks, asyncs
+                for (lb, mb, sched), ac, (f8, f8ag), chunk, atp, reshard in itertools.product(
+                    batch_options, ac_modes, f8s, chunks, asyncs, reshards
                 ):
                     yield Layout(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, pp=pp,
                                  local_batch_size=lb, microbatch_size=mb, pp_schedule=sched, ac=ac, float8=f8,
-                                 loss_chunk_size=chunk, async_tp=atp, float8_all_gather=f8ag)
+                                 loss_chunk_size=chunk, async_tp=atp, float8_all_gather=f8ag,
+                                 reshard_after_forward=reshard)
 
 
 def check(inputs: PlanInputs, layout: Layout) -> Candidate:

@@ -8,9 +8,10 @@ the last holds the logits):
 - logits: the output projection's logits and the loss's fp32 log-softmax and gradient for one
   microbatch, on the last stage (vocab sharded under loss parallel); with training.loss_chunk_size
   for one chunk of positions only, plus the final-norm hidden states the chunks are recomputed from;
-- gathered: FSDP's gathered parameters (the current and the prefetched block in bf16, or the
-  whole stage when it never reshards) and one block's unsharded fp32 gradients before the
-  reduce-scatter (the whole stage's under PP);
+- gathered: FSDP's gathered parameters (the current and the prefetched block in bf16, or every
+  block when they do not reshard after forward: fsdp_reshard_after_forward="never", and always
+  under PP) and one block's unsharded fp32 gradients before the reduce-scatter (the whole stage's
+  under PP);
 - recompute: a checkpointed block's recomputed activations during its backward (never at the same
   time as the logits, so the peak takes the larger of the two);
 - float8: the float8 weight copies (and their transposes) of the gathered block; with FSDP float8
@@ -175,7 +176,10 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         if f8_gather:
             gathered -= sum(stage_layers) * (unsharded_block * act - gathered_block)
     elif fsdp:
-        gathered += 2 * gathered_block  # the current block and the prefetched next one
+        if L.reshard_after_forward:
+            gathered += 2 * gathered_block  # the current block and the prefetched next one
+        else:
+            gathered += a.n_layers * gathered_block  # every block stays gathered from its forward to its backward
         # The root (embedding) and [norm, output] stay gathered from their forward to their backward.
         tables = (1 if a.tie_word_embeddings else 2) * a.vocab_size * a.dim // L.tp
         gathered += tables * act

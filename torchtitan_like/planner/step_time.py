@@ -8,8 +8,8 @@ at HBM bandwidth (eager moves ~3x the bytes a compiled block does).
 Communication, each over the link its mesh dim maps to (NVLink when the group fits in a node,
 else the NIC), bus-bandwidth convention (bytes x (n-1)/n per rank):
 - FSDP: all-gather of the bf16 parameters (the block linears' weights in float8 with FSDP float8
-  all-gather; twice per microbatch when blocks reshard after forward, once per step under PP, which
-  never reshards) and reduce-scatter of the fp32 gradients per
+  all-gather; twice per microbatch when blocks reshard after forward, once per microbatch when they
+  do not, once per step under PP, which never reshards) and reduce-scatter of the fp32 gradients per
   microbatch; HSDP adds an all-reduce of the shard across replicas, DDP an all-reduce of all
   gradients. Overlap model: these run under the compute of the other blocks; what exceeds the
   compute is exposed, plus one block's share of the traffic (the total over the blocks: the first
@@ -145,7 +145,8 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     fsdp_total = 0.0
     if n_fsdp > 1:
         bw = link_gbps(hw, deg, tuple(d for d in ("dp_shard", "cp") if deg[d] > 1))
-        gathers = 1 if L.pp > 1 else 2 * microbatches
+        # Blocks that reshard after forward gather again in backward; PP never reshards (one gather per step).
+        gathers = 1 if L.pp > 1 else (2 if L.reshard_after_forward else 1) * microbatches
         scatters = 1 if L.pp > 1 else microbatches
         fsdp_total += gathers * _collective_s(gathered_bytes, n_fsdp, bw)
         fsdp_total += scatters * _collective_s(stage_params * FP32, n_fsdp, bw)
