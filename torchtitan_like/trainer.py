@@ -517,7 +517,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.create_seed_checkpoint:
             # The initialized weights as step-0, for a later run to start from (initial_load_path).
-            self.checkpointer.maybe_save(0, last=True)
+            self.checkpointer.maybe_save(0, seed=True)
             logger.info("seed checkpoint written; exiting without training")
             return
         gc_freq = cfg.training.gc_freq

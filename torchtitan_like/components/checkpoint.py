@@ -16,6 +16,10 @@ the leftover partial folder is removed by rank 0 at the next save. Loading verif
 auto-resume skips a damaged latest step (with a warning) and takes the one before; an explicit
 `load_step` that is damaged raises `CheckpointError` naming the file.
 
+Going back with `load_step=K`: the run records K as its "branch" in every manifest it writes, so the
+same command, restarted, resumes from the newest of those (not K again, nor the newer checkpoints of
+the trajectory it left); the purge never deletes step K.
+
 Async (`async_mode`): `dcp.async_save` on a gloo process group of our own (async saves on the default
 group while training goes on crash gloo; see CPU_NOTES.md); the manifest and rename happen in a
 background thread when the upload completes. The next save, `wait()` and `close()` wait for it.
@@ -185,6 +189,10 @@ class CheckpointManager:
         self._pg = dist.new_group(backend="gloo") if self._dist else None
         self._nonce = self._broadcast(secrets.token_hex(4))  # names this run's partial folders
         self._saves = 0
+        self._branch: int | None = None
+        """The checkpoint.load_step this run's trajectory started from (inherited when resuming a
+        checkpoint that records one), written into every manifest: a restart of the same command finds
+        the checkpoints that continue it, and does not go back to load_step every time."""
 
         self._async = cfg.enable and cfg.async_mode != "disabled"
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-finish") if self._async else None
@@ -233,19 +241,22 @@ class CheckpointManager:
 
     # --- saving -----------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, *, last: bool = False, force: bool = False) -> None:
+    def maybe_save(self, step: int, *, last: bool = False, force: bool = False, seed: bool = False) -> None:
         """Save at every `interval`-th step and at the last one (model only if last_save_model_only).
 
         `force` saves the full state now, whatever the interval (a pre-empted run, to resume from).
+        `seed` saves the model's weights now as they are, in full precision (create_seed_checkpoint:
+        export_dtype and last_save_in_hf are for the final export, not for a run's starting point).
         """
         if not self.cfg.enable or self._closed:
             return
         interval = self.cfg.interval
-        if not (last or force) and (interval <= 0 or step % interval != 0):
+        if not (last or force or seed) and (interval <= 0 or step % interval != 0):
             return
         self.wait()  # one save in flight at a time
         t0 = time.perf_counter()
-        model_only = last and self.cfg.last_save_model_only
+        model_only = seed or (last and self.cfg.last_save_model_only)
+        export_dtype = None if seed else self.export_dtype
         self._saves += 1
         tmp = self.folder / f"step-{step}.tmp-{self._nonce}-{self._saves}"
         error = None
@@ -260,13 +271,14 @@ class CheckpointManager:
         # wait a fast rank created it first and rank 0's mkdir failed (seen on a loaded machine).
         self._agree(error)
 
-        state, fresh_optimizers = self._state_for_save(model_only=model_only)
-        if last and self.cfg.last_save_in_hf:
+        state, fresh_optimizers = self._state_for_save(model_only=model_only, dtype=export_dtype)
+        if last and not seed and self.cfg.last_save_in_hf:
             self._export_hf(tmp / HF_SUBFOLDER)
         contents = sorted(state)
         writer = self._make_writer(tmp)
         pg_kwargs = {"process_group": self._pg} if self._dist else {"no_dist": True}
-        finish = (step, tmp, contents, model_only, t0)
+        model_dtype = self.cfg.export_dtype if model_only and export_dtype is not None else None
+        finish = (step, tmp, contents, model_only, model_dtype, t0)
         if not self._async:
             try:
                 with self._quiet():
@@ -332,9 +344,11 @@ class CheckpointManager:
             merged.update(sd)
         return merged, keys
 
-    def _state_for_save(self, *, model_only: bool) -> tuple[dict[str, Any], list[torch.optim.Optimizer]]:
+    def _state_for_save(
+        self, *, model_only: bool, dtype: torch.dtype | None
+    ) -> tuple[dict[str, Any], list[torch.optim.Optimizer]]:
         if model_only:
-            return {"model": self._model_state(self.export_dtype)[0]}, []
+            return {"model": self._model_state(dtype)[0]}, []
         state: dict[str, Any] = {"model": self._model_state()[0]}
         fresh = [opt for opt in self.optimizers if not opt.state]
         if len(fresh) < len(self.optimizers):
@@ -372,7 +386,9 @@ class CheckpointManager:
             raise CheckpointError(f"async save of step {step} into {tmp} failed: {_describe(e)}") from e
         self._finish(*finish)
 
-    def _finish(self, step: int, tmp: Path, contents: list[str], model_only: bool, t0: float) -> None:
+    def _finish(
+        self, step: int, tmp: Path, contents: list[str], model_only: bool, model_dtype: str | None, t0: float
+    ) -> None:
         """After every rank wrote its files: hash them (split over ranks), manifest last, publish."""
         names = self._broadcast(list_files(tmp) if self.rank == 0 else None)
         hashes = self._all_gather(hash_files(tmp, names[self.rank :: self.world_size]))
@@ -380,7 +396,7 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 files = {k: v for part in hashes for k, v in part.items()}
-                extra = {"model_only": model_only, "model_dtype": self.cfg.export_dtype if model_only else None}
+                extra = {"model_only": model_only, "model_dtype": model_dtype, "branch": self._branch}
                 manifest = build_manifest(
                     step=step, files=files, fingerprint=self.fingerprint, contents=contents, extra=extra
                 )
@@ -424,9 +440,10 @@ class CheckpointManager:
                 self._purger.submit(_rmtree_quietly, p)
 
     def _purge(self, just_saved: int) -> None:
-        """Keep the newest keep_latest_k complete checkpoints (and the one just written)."""
+        """Keep the newest keep_latest_k complete checkpoints (and the one just written, and the one
+        checkpoint.load_step names: the same command needs it to start again)."""
         steps = sorted(complete_steps(self.folder))
-        keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved}
+        keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved, self.cfg.load_step}
         for s in steps:
             if s in keep:
                 continue
@@ -534,6 +551,9 @@ class CheckpointManager:
         folders = step_folders(self.folder)
         if self.cfg.load_step >= 0:
             step = self.cfg.load_step
+            resumed = self._continue_branch(folders, step)
+            if resumed is not None:
+                return resumed
             if step not in folders:
                 have = sorted(complete_steps(self.folder))
                 raise CheckpointError(
@@ -543,6 +563,15 @@ class CheckpointManager:
             manifest, error = self._verify_everywhere(folders[step])
             if error:
                 raise CheckpointError(f"checkpoint.load_step={step}: {error}")
+            newer = sorted(s for s in folders if s > step)
+            if newer:
+                logger.warning(
+                    "checkpoint.load_step=%d: going back from %s; the newer checkpoints %s belong to the "
+                    "trajectory left behind and are replaced as this run saves those steps (keep load_step in "
+                    "the command: a restart then continues this run, not the old one)",
+                    step, f"step-{newer[-1]}", newer,
+                )
+            self._branch = step
             return self._load_step(folders[step], manifest)
         skipped = []
         for step in sorted(folders, reverse=True):
@@ -559,8 +588,36 @@ class CheckpointManager:
             )
         return None
 
+    def _continue_branch(self, folders: dict[int, Path], load_step: int) -> int | None:
+        """A restart of a command with load_step=K: resume from the newest complete checkpoint that a run
+        started from K saved (its manifest's "branch"), if there is one; None to load K itself."""
+        candidates = None
+        if self.rank == 0:  # one reading of the manifests, so every rank takes the same path below
+            candidates = []
+            for step in sorted((s for s in folders if s > load_step), reverse=True):
+                try:
+                    if read_manifest(folders[step]).get("branch") == load_step:
+                        candidates.append(step)
+                except CheckpointError:
+                    continue
+        for step in self._broadcast(candidates):
+            manifest, error = self._verify_everywhere(folders[step])
+            if error:
+                logger.warning("skipping checkpoint step-%d: %s; falling back to the previous checkpoint", step, error)
+                continue
+            logger.info(
+                "checkpoint.load_step=%d: this command already trained on from it; resuming from step-%d, "
+                "the newest checkpoint of that run",
+                load_step, step,
+            )
+            self._branch = load_step
+            return self._load_step(folders[step], manifest)
+        return None
+
     def _load_step(self, path: Path, manifest: dict[str, Any]) -> int:
         step = int(manifest["step"])
+        if self._branch is None:
+            self._branch = manifest.get("branch")  # resuming a run that started from a load_step: still that run
         if manifest.get("config_hash") != self.fingerprint.get("config_hash"):
             logger.warning(
                 "%s was saved with a different config (hash %s, now %s): resuming anyway",
@@ -670,6 +727,15 @@ class CheckpointManager:
                 wanted = {k for t in targets for k in t}
                 if wanted - set(full):
                     raise CheckpointError(f"{path} lacks {sorted(wanted - set(full))[:5]} (model.flavor mismatch?)")
+                # (HF loading is refused under PP: these parts are the whole model.) Without a config.json to
+                # compare, extra tensors are the only sign of a bigger model: never drop them silently.
+                extra = sorted(set(full) - wanted)
+                if extra:
+                    raise CheckpointError(
+                        f"{path} holds tensors that this model.flavor does not have: {extra[:5]}"
+                        f"{' ...' if len(extra) > 5 else ''} (a deeper or different model? choose the matching "
+                        "model.flavor)"
+                    )
             except CheckpointError as e:
                 error = str(e)
         self._agree(error)

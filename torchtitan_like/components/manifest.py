@@ -127,6 +127,17 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable ({e}): the checkpoint in {folder} cannot be trusted") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
         raise CheckpointError(f"{path} is not a torchtitan_like manifest (no 'step' or 'files')")
+    if not isinstance(manifest["step"], int) or isinstance(manifest["step"], bool):
+        raise CheckpointError(f"{path} is damaged: its step is {manifest['step']!r}, not a number")
+    for name, entry in manifest["files"].items():
+        # Valid JSON can still be damaged (a flipped byte in a key): every entry needs its size and hash.
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and not isinstance(entry.get("size"), bool)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{path} is damaged: its entry for {name!r} has no size and sha256 ({entry!r})")
     return manifest
 
 

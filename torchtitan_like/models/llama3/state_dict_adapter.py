@@ -87,7 +87,15 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: TransformerArgs) -> di
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some old HF checkpoints saved; we recompute it
         if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue  # some tied checkpoints still store it: the embedding is the source of truth
+            # Some tied checkpoints still store it (a copy of the embedding): skip that copy, but an output
+            # head of its own would be lost by tying, so refuse it.
+            embedding = hf_state_dict.get("model.embed_tokens.weight")
+            if embedding is None or not torch.equal(w, embedding):
+                raise CheckpointError(
+                    "Hugging Face tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', but this "
+                    "model.flavor ties them (tie_word_embeddings): use a flavor with an output head of its own"
+                )
+            continue
         if name in _TOP_FROM_HF:
             out[_TOP_FROM_HF[name]] = w
             continue

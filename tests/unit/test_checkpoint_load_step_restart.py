@@ -1,0 +1,95 @@
+"""checkpoint.load_step combined with keep_latest_k and with restarts of the same command.
+
+README (Pre-emption, restarts): a pre-empted job "Running the same command again resumes from that
+checkpoint"; with MAX_RESTARTS "they resume from the latest complete checkpoint". A run that went
+back with load_step=K records K in its manifests ("branch"): the same command, restarted, resumes
+from that run's newest checkpoint instead of going back to K again, and keep_latest_k never purges
+step K, which the command names. (Both once failed: the restart repeated every step after K, and
+once K was purged the command could not start at all.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_checkpoint import ckpt_dir, make_run, manager  # the tiny run helpers of the existing suite
+from torchtitan_like.components.checkpoint import CheckpointError
+from torchtitan_like.components.manifest import read_manifest
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rewound_run_that_goes_on(tmp_path, keep_latest_k: int):
+    """A run saved steps 1..4; the user rewinds with load_step=3 and trains on to step 6."""
+    first = make_run(0)
+    mgr = manager(first, tmp_path, interval=1, keep_latest_k=keep_latest_k)
+    first.train(4, mgr)
+    mgr.close()
+
+    rewound = make_run(1)
+    mgr = manager(rewound, tmp_path, interval=1, keep_latest_k=keep_latest_k, load_step=3)
+    assert mgr.load() == 3
+    rewound.train(3, mgr)  # saves 4 (replacing the old one), 5, 6
+    mgr.close()
+
+
+def test_keep_latest_k_does_not_purge_the_load_step_that_the_same_command_needs(tmp_path):
+    _rewound_run_that_goes_on(tmp_path, keep_latest_k=2)
+    # The job is pre-empted / restarted by torchrun with the same config (load_step=3 still set).
+    again = make_run(2)
+    try:
+        step = manager(again, tmp_path, interval=1, keep_latest_k=2, load_step=3).load()
+    except CheckpointError as e:
+        pytest.fail(f"the same command can no longer start: {e}")
+    assert step == 6  # the rewound run's newest checkpoint
+    assert (ckpt_dir(tmp_path) / "step-3").is_dir()
+
+
+def test_restart_of_the_same_command_with_load_step_resumes_from_the_latest(tmp_path):
+    _rewound_run_that_goes_on(tmp_path, keep_latest_k=0)
+    assert sorted(p.name for p in ckpt_dir(tmp_path).iterdir()) == [f"step-{i}" for i in range(1, 7)]
+    again = make_run(2)
+    # README: a restarted / requeued job "resume[s] from the latest complete checkpoint" (step 6).
+    mgr = manager(again, tmp_path, interval=1, keep_latest_k=0, load_step=3)
+    assert mgr.load() == 6
+    # It is still that run: its next checkpoints record the branch too, so a second restart finds them.
+    again.train(1, mgr)
+    mgr.close()
+    assert read_manifest(ckpt_dir(tmp_path) / "step-7")["branch"] == 3
+    assert manager(make_run(3), tmp_path, interval=1, load_step=3).load() == 7
+    # Without load_step (auto-resume) the same run is found as well, and it keeps its branch.
+    mgr = manager(make_run(4), tmp_path, interval=1)
+    assert mgr.load() == 7 and mgr._branch == 3
+    mgr.close()
+
+
+def test_going_back_ignores_the_newer_checkpoints_of_the_trajectory_left_behind(tmp_path):
+    """A first run saved 1..8; going back to 3 must load 3, not the old run's 4..8, and a restart must
+    resume the new run's checkpoints even while old higher-numbered ones remain (keep_latest_k 2)."""
+    first = make_run(0)
+    mgr = manager(first, tmp_path, interval=1)
+    first.train(8, mgr)
+    mgr.close()
+    assert all(read_manifest(ckpt_dir(tmp_path) / f"step-{i}")["branch"] is None for i in range(1, 9))
+
+    rewound = make_run(1)
+    mgr = manager(rewound, tmp_path, interval=1, keep_latest_k=2, load_step=3)
+    assert mgr.load() == 3  # the old steps 4..8 were not saved from step 3: they are not continued
+    rewound.train(2, mgr)  # saves 4 and 5 over the old ones
+    mgr.close()
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpt_dir(tmp_path).iterdir())
+    assert steps == [3, 5, 7, 8]  # newest 2 (7, 8: the old run's), the one just saved, and load_step
+    assert read_manifest(ckpt_dir(tmp_path) / "step-5")["branch"] == 3
+    again = make_run(2)
+    mgr = manager(again, tmp_path, interval=1, keep_latest_k=2, load_step=3)
+    assert mgr.load() == 5
+    mgr.close()

@@ -1,0 +1,60 @@
+"""A manifest.json that is valid JSON but malformed (a damaged key) is damage like any other.
+
+README: "Loading verifies the manifest; a damaged latest checkpoint is skipped with a warning and the
+previous good one is used." manifest.py: `verify` "raise[s] a CheckpointError that names the first
+bad file"; tools/checkpoint.py: "Exit status: 0 ok, 2 a checkpoint problem (one line on stderr)".
+read_manifest checks every file entry's "size" and "sha256" (a flipped byte in a key once made
+verify_errors raise KeyError, stopping auto-resume and crashing the tool).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_checkpoint import ckpt_dir, make_run, manager  # the tiny run helpers of the existing suite
+from torchtitan_like.components.manifest import MANIFEST
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "checkpoint.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _two_saves_latest_manifest_damaged(tmp_path) -> Path:
+    run = make_run()
+    mgr = manager(run, tmp_path)
+    run.train(4, mgr)  # step-2 and step-4
+    mgr.close()
+    manifest = ckpt_dir(tmp_path) / "step-4" / MANIFEST
+    text = manifest.read_text()
+    assert '"sha256"' in text
+    manifest.write_text(text.replace('"sha256"', '"sha2V6"', 1))  # one damaged byte; still valid JSON
+    return ckpt_dir(tmp_path) / "step-4"
+
+
+def test_auto_resume_skips_a_checkpoint_whose_manifest_entries_are_malformed(tmp_path, caplog):
+    _two_saves_latest_manifest_damaged(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
+        assert manager(make_run(1), tmp_path).load() == 2
+    assert "skipping checkpoint step-4" in caplog.text
+
+
+def test_tool_verify_reports_a_malformed_manifest_with_exit_2(tmp_path, capsys):
+    step = _two_saves_latest_manifest_damaged(tmp_path)
+    spec = importlib.util.spec_from_file_location("checkpoint_tool_review", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["verify", str(step)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
