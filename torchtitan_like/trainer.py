@@ -234,6 +234,14 @@ class Trainer:
         """The tokenizer (when a dataset needs one), the training loader and the validation data. Every
         path, format and vocab problem raises here, before any model is built."""
         cfg, validating = self.cfg, self.cfg.validation.enable
+        for section in ("training", "validation"):
+            data = getattr(cfg, section)
+            if data.dataset_path and data.dataset in ("embedded", "synthetic") and (section == "training" or validating):
+                logger.warning(
+                    "%s.dataset_path=%r is not read: %s.dataset=%r has its own data (set %s.dataset to \"local\" "
+                    "or \"hf\" to train on that path)",
+                    section, data.dataset_path, section, data.dataset, section,
+                )
         tokenizer = None
         if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)

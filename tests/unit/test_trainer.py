@@ -82,3 +82,12 @@ def test_tokenizer_larger_than_model_vocab_is_an_error(tmp_path):
     path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens)))
     with pytest.raises(ConfigError, match=r"2256.*2000"):
         make_trainer(tmp_path, "--model.tokenizer_path", str(path))
+
+
+def test_a_dataset_path_that_the_dataset_does_not_read_is_named_in_a_warning(tmp_path, caplog):
+    # training.dataset is still the default "embedded": a path set next to it would be silently unused.
+    with caplog.at_level("WARNING", logger="torchtitan_like.trainer"):
+        trainer = make_trainer(tmp_path, "--training.dataset_path", str(tmp_path / "corpus.jsonl"))
+        trainer.close()
+    assert "training.dataset_path=" in caplog.text and "is not read" in caplog.text
+    assert "training.dataset='embedded'" in caplog.text

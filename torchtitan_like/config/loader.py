@@ -233,7 +233,17 @@ def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
     section, _, name = dotted.rpartition(".")
     if section and section not in sections():
         return ConfigError(f"{origin}: unknown section '{section}'{_closest(section, list(sections()))}")
-    return ConfigError(f"{origin}: unknown key '{dotted}'{_closest(dotted, list(keys()))}")
+    # The same key name in another section (torchtitan keeps some keys elsewhere, e.g. training.seed
+    # vs debug.seed) is the likeliest meaning; else the closest dotted name.
+    elsewhere = [k for k in keys() if k.rpartition(".")[2] == name]
+    if len(elsewhere) == 1:
+        hint = f" (did you mean '{elsewhere[0]}'?)"
+    elif elsewhere:
+        more = ", ..." if len(elsewhere) > 4 else ""
+        hint = f" (did you mean one of {', '.join(repr(k) for k in elsewhere[:4])}{more}?)"
+    else:
+        hint = _closest(dotted, list(keys()))
+    return ConfigError(f"{origin}: unknown key '{dotted}'{hint}")
 
 
 # ---------------------------------------------------------------------------------------------

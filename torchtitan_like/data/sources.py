@@ -113,8 +113,9 @@ class LocalSource:
 
 
 def _resolve_local_files(dataset_path: str, *, key: str) -> list[Path]:
-    """The files `dataset_path` names (file, directory or glob), sorted; errors name the path."""
-    if any(c in dataset_path for c in "*?["):
+    """The files `dataset_path` names (file, directory or glob), sorted; errors name the path. A path
+    that exists is that file or directory, even with glob characters in its name (`data[1].jsonl`)."""
+    if any(c in dataset_path for c in "*?[") and not Path(dataset_path).exists():
         files = sorted(Path(p) for p in glob.glob(dataset_path, recursive=True) if Path(p).is_file())
         files = [p for p in files if p.suffix in LOCAL_SUFFIXES]
         if not files:
