@@ -605,10 +605,11 @@ class CheckpointManager:
             if error:
                 logger.warning("skipping checkpoint step-%d: %s; falling back to the previous checkpoint", step, error)
                 continue
-            logger.info(
+            logger.warning(
                 "checkpoint.load_step=%d: this command already trained on from it; resuming from step-%d, "
-                "the newest checkpoint of that run",
-                load_step, step,
+                "the newest checkpoint of that run (to go back to step-%d once more, move the checkpoints "
+                "after it out of %s)",
+                load_step, step, load_step, self.folder,
             )
             self._branch = load_step
             return self._load_step(folders[step], manifest)
