@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _setup_logging()
     _enable_faulthandler()
-    trainer = None
+    trainer = finished = None
     try:
         from torchtitan_like.config.loader import load_config
 
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(cfg)
         trainer.train()
+        # Closing waits for the final (async) save: its errors go through the handlers below too, as a
+        # one-line error and exit 2 (or fail-fast), not a traceback out of `finally`.
+        finished, trainer = trainer, None
+        finished.close()
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_TRAINING if isinstance(e, TrainingError) else EXIT_CONFIG_OR_DATA
@@ -67,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             _fail_fast(e)  # no close(): it could wait on collectives that the other ranks never join
         raise
     finally:
-        if trainer is not None:
-            trainer.close()
-    if trainer is not None and trainer.stopped_by is not None:
+        if trainer is not None:  # after an error: release what it holds, without hiding that error
+            try:
+                trainer.close()
+            except Exception:
+                logger.exception("closing the trainer after the error above failed as well")
+    if finished is not None and finished.stopped_by is not None:
         return EXIT_PREEMPTED
     logger.info("training finished")
     return 0

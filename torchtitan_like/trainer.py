@@ -219,9 +219,13 @@ class Trainer:
         )
         if cfg.checkpoint.create_seed_checkpoint:
             return
+        configured = [[{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
+                      for opt in self.optimizers]
         self.checkpointer.load()
-        if cfg.checkpoint.enable:
-            self.metrics.drop_after(self.step)  # rows of an attempt that died after its last checkpoint
+        self._apply_optimizer_config(configured)
+        # Rows of an attempt that died after its last checkpoint; without checkpoints every start is
+        # step 0, so a rerun or a torchrun restart starts the file again instead of listing steps twice.
+        self.metrics.drop_after(self.step)
         logger.info(
             "training %s %s for %d steps: global batch %d x seq %d (%d tokens/step), local batch %d, "
             "grad accumulation %d, world %d, device %s, params %s",
@@ -520,6 +524,29 @@ class Trainer:
             "n/a for a CSV schedule" if theory is None else f"{theory / (1 + theory):.1%}",
         )
         return {"pp_wait_share_max": max(values), "pp_wait_share_mean": sum(values) / len(values)}
+
+    def _apply_optimizer_config(self, configured: list[list[dict[str, Any]]]) -> None:
+        """After a resume, train with this config's optimizer settings, not the checkpoint's: loading
+        restored the saved param groups (initial_lr, weight_decay, betas, eps, ...) and the schedule's
+        base lr, so `--optimizer.lr` lowered after a divergence would otherwise do nothing. The schedule
+        keeps its position; the lr of the next step is the configured lr times its factor there."""
+        changed: dict[str, tuple[Any, Any]] = {}
+        for opt, groups in zip(self.optimizers, configured):
+            for group, want in zip(opt.param_groups, groups):
+                for k, v in want.items():
+                    if group.get(k) != v:
+                        changed.setdefault("optimizer.lr" if k == "initial_lr" else k, (group.get(k), v))
+                        group[k] = v
+        for sched in self.lr_scheduler.schedulers:
+            sched.base_lrs = [g["initial_lr"] for g in sched.optimizer.param_groups]
+            for g, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                g["lr"] = base * factor(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        if changed:
+            logger.warning(
+                "resumed with this config's optimizer settings, not the checkpoint's: %s",
+                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(changed.items())),
+            )
 
     def train(self) -> None:
         cfg = self.cfg

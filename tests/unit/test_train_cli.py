@@ -108,3 +108,26 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader, "load_config", fail)
     with pytest.raises(RuntimeError, match="internal"):
         train.main([])
+
+
+def test_an_error_of_the_final_save_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Trainer.close() waits for the last (async) save and raises if it failed: that error takes the same
+    # path as any other (one line, exit 2), not a traceback out of main's `finally`.
+    from torchtitan_like.components.manifest import CheckpointError
+    from torchtitan_like.trainer import Trainer
+
+    real_close = Trainer.close
+    closed: list[bool] = []
+
+    def close(self: Trainer) -> None:
+        real_close(self)
+        closed.append(True)
+        raise CheckpointError("async save of step 1 into .../step-1.tmp failed: disk full")
+
+    monkeypatch.setattr(Trainer, "close", close)
+    argv = ["--job.config_file", "train_configs/debug_model.toml", "--job.dump_folder", str(tmp_path),
+            "--training.steps", "1", "--training.seq_len", "32", "--metrics.no_enable_tensorboard"]
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err == "error: async save of step 1 into .../step-1.tmp failed: disk full\n"
+    assert closed == [True]  # closed once, not again after the error

@@ -20,6 +20,7 @@ _PEAK_TFLOPS: tuple[tuple[str, float, float | None], ...] = (
     (r"\bH100\b.*\bNVL\b", 835.0, 1670.0),
     (r"\bGH200\b", 989.0, 1979.0),
     (r"\bH100\b", 989.0, 1979.0),  # SXM (reported as e.g. "NVIDIA H100 80GB HBM3")
+    (r"\bH200\b.*\bNVL\b", 835.0, 1670.0),  # the 600 W PCIe card (datasheet: 1,671 / 3,341 with sparsity)
     (r"\bH200\b", 989.0, 1979.0),
     (r"\bA100\b", 312.0, None),
     (r"\bB200\b", 2250.0, 4500.0),

@@ -239,7 +239,7 @@ class MetricsLogger:
             return 0
         with open(self.jsonl_path) as f:
             lines = [line for line in f.read().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if _step_of(line) <= step]
         dropped = len(lines) - len(kept)
         if dropped:
             tmp = self.jsonl_path + ".tmp"
@@ -269,3 +269,12 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl row; a row cut off by a crash (not JSON) counts as after any step."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return math.inf
+    return row.get("step", 0) if isinstance(row, dict) else math.inf

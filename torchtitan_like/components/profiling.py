@@ -50,12 +50,21 @@ def maybe_enable_profiling(
             f"profiler_active({cfg.profiler_active})"
         )
 
+    # Step numbers are absolute: the profiler counts its steps from 0 in this process, so a resumed run
+    # shifts the schedule (and the trace names) by the step it resumed from. (Setting prof.step_num
+    # once the profiler has started is too late: its first action was already taken for step 0.)
+    base_schedule = torch.profiler.schedule(wait=wait, warmup=cfg.profiler_warmup, active=cfg.profiler_active)
+
+    def schedule(step: int) -> torch.profiler.ProfilerAction:
+        return base_schedule(step + global_step)
+
     def on_trace_ready(prof: torch.profiler.profile) -> None:
-        path = trace_path(folder, prof.step_num, rank)
+        step = prof.step_num + global_step
+        path = trace_path(folder, step, rank)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         t0 = time.perf_counter()
         prof.export_chrome_trace(path)
-        logger.info("profiler trace of step %d written to %s in %.2f s", prof.step_num, path, time.perf_counter() - t0)
+        logger.info("profiler trace of step %d written to %s in %.2f s", step, path, time.perf_counter() - t0)
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -65,13 +74,8 @@ def maybe_enable_profiling(
         cfg.profile_freq, cfg.profiler_warmup, cfg.profiler_active, folder,
     )
     with torch.profiler.profile(
-        activities=activities,
-        schedule=torch.profiler.schedule(wait=wait, warmup=cfg.profiler_warmup, active=cfg.profiler_active),
-        on_trace_ready=on_trace_ready,
-        record_shapes=True,
+        activities=activities, schedule=schedule, on_trace_ready=on_trace_ready, record_shapes=True
     ) as prof:
-        # The schedule counts from step_num: starting at the resumed step keeps captures on the same steps.
-        prof.step_num = global_step
         yield prof
 
 
