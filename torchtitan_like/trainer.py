@@ -114,6 +114,7 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
             local_batch_size=cfg.training.local_batch_size,
             tie_word_embeddings=model_args.tie_word_embeddings,
             compile_model=cfg.compile.enable and "model" in cfg.compile.components,
+            compile_loss=cfg.compile.enable and "loss" in cfg.compile.components,
         )
     return CheckedJob(model_args=model_args, parallel_dims=parallel_dims, pp_plan=pp_plan)
 

@@ -137,7 +137,8 @@ class ParallelDims:
             n_heads, n_kv = model_args.n_heads, model_args.kv_heads
             if n_heads % self.tp or n_kv % self.tp:
                 g = math.gcd(n_heads, n_kv)
-                valid = [d for d in range(1, g + 1) if g % d == 0]
+                # Degrees that divide the heads and also fit the world size (the next check).
+                valid = [d for d in range(1, g + 1) if g % d == 0 and self.world_size % d == 0]
                 raise ConfigError(
                     f"parallelism.tensor_parallel_degree={self.tp} must divide model n_heads={n_heads} and "
                     f"n_kv_heads={n_kv} (KV heads are sharded, not replicated); try {_or_list(valid)}"

@@ -175,8 +175,11 @@ def plan_pipeline(
     local_batch_size: int,
     tie_word_embeddings: bool,
     compile_model: bool,
+    compile_loss: bool = False,
 ) -> PipelinePlan:
-    """Check the pipeline keys against the model and the batch; raise ConfigError or return the plan."""
+    """Check the pipeline keys against the model and the batch; raise ConfigError or return the plan.
+
+    compile_model / compile_loss: compile.enable with "model" / "loss" in compile.components."""
     pp = p.pipeline_parallel_degree
     if pp < 2:
         raise ValueError("plan_pipeline needs pipeline_parallel_degree >= 2")
@@ -187,25 +190,39 @@ def plan_pipeline(
             "flavor or pipeline_parallel_degree=1"
         )
     csv_ranks: list[set[int]] | None = None
+    csv_actions: dict[int, list[Any]] = {}
     csv_microbatches = 0
+    splits_backward = False
     if p.pipeline_parallel_schedule_csv:
         schedule = CSV_SCHEDULE
-        csv_ranks, csv_microbatches = _read_csv(p.pipeline_parallel_schedule_csv, pp)
+        csv_ranks, csv_microbatches, csv_actions = _read_csv(p.pipeline_parallel_schedule_csv, pp)
+        splits_backward = any(a.computation_type.name in ("BACKWARD_INPUT", "BACKWARD_WEIGHT")
+                              for row in csv_actions.values() for a in row)
+        key = f"parallelism.pipeline_parallel_schedule_csv={p.pipeline_parallel_schedule_csv!r}"
+        what = "its I/W actions split each backward"
     else:
         schedule = resolve_schedule_name(p.pipeline_parallel_schedule)
-    if compile_model and schedule in COMPILE_INCOMPATIBLE:
+        splits_backward = schedule in COMPILE_INCOMPATIBLE
+        key = f"parallelism.pipeline_parallel_schedule={schedule!r}"
+        what = "zero-bubble schedules split each backward"
+    compiled = [c for c, on in (("model", compile_model), ("loss", compile_loss)) if on]
+    if splits_backward and compiled:
+        # The compiled loss runs inside the last stage's backward as well (measured: "Failed to run stage
+        # backward input ... compiled with non-empty donated buffers").
         raise ConfigError(
-            f"parallelism.pipeline_parallel_schedule={schedule!r} cannot run compiled blocks (zero-bubble "
-            "schedules split each backward into input and weight parts, which compiled graphs do not support); "
-            "set compile.enable=false, drop \"model\" from compile.components, or use 1F1B / Interleaved1F1B"
+            f"{key} cannot run a compiled {' or '.join(compiled)} ({what} into input and weight parts, which "
+            "compiled graphs do not support): set compile.enable=false, drop "
+            f"{' and '.join(repr(c) for c in compiled)} from compile.components, or use a schedule without "
+            "split backward (1F1B, Interleaved1F1B)"
         )
 
     mbs = p.pipeline_parallel_microbatch_size
     if mbs < 1 or local_batch_size % mbs:
+        # Suggest sizes that also leave a microbatch per rank (what every schedule but GPipe needs).
+        sizes = [d for d in _divisors(local_batch_size) if local_batch_size // d >= pp] or [1]
         raise ConfigError(
             f"training.local_batch_size={local_batch_size} must be a multiple of "
-            f"parallelism.pipeline_parallel_microbatch_size={mbs}; try a microbatch size of "
-            f"{_or_list(_divisors(local_batch_size))}"
+            f"parallelism.pipeline_parallel_microbatch_size={mbs}; try a microbatch size of {_or_list(sizes)}"
         )
     n_mb = local_batch_size // mbs
 
@@ -271,6 +288,13 @@ def plan_pipeline(
                     "each stage must run on exactly one rank"
                 )
             stage_ranks.append(next(iter(ranks)))
+        idle = sorted(set(range(pp)) - set(stage_ranks))
+        if idle:
+            raise ConfigError(
+                f"parallelism.pipeline_parallel_schedule_csv={p.pipeline_parallel_schedule_csv!r} gives pipeline "
+                f"rank(s) {idle} no stage; every rank (row) must run at least one"
+            )
+        _check_csv_order(p.pipeline_parallel_schedule_csv, csv_actions, pp=pp, num_stages=num_stages, n_mb=n_mb)
     elif schedule in V_SCHEDULES:
         stage_ranks = [s if s < pp else 2 * pp - 1 - s for s in range(num_stages)]
     else:
@@ -298,11 +322,13 @@ def split_fqns(
 ) -> list[list[str]]:
     """Module names per stage. The embedding counts as `first_less` layers of work on the first stage,
     norm + output (+ loss) as `last_less` on the last; each stage then gets an equal share of the
-    work (or `layers_per_stage` of it, the last stage taking the rest)."""
-    if num_stages > n_layers:
+    work (or `layers_per_stage` of it, the last stage taking the rest). The first and the last stage
+    may hold no layer (the embedding, or norm + output, is their work); a middle stage may not."""
+    most = n_layers + (first_less > 0) + (last_less > 0)
+    if num_stages > most:
         raise ConfigError(
             f"a pipeline of {num_stages} stages over a model with {n_layers} layers leaves stages without a layer: "
-            f"use at most {n_layers} stages (lower pipeline_parallel_degree, or raise "
+            f"use at most {most} stages (lower pipeline_parallel_degree, or raise "
             "pipeline_parallel_layers_per_stage)"
         )
     total = n_layers + first_less + last_less
@@ -395,8 +421,21 @@ def _check_microbatches(schedule: str, *, n_mb: int, pp: int, num_stages: int, l
         )
 
 
-def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int]:
-    """For each stage index in the CSV, the ranks (rows) that compute it; and the microbatch count."""
+def _check_csv_order(path: str, actions: dict[int, list[Any]], *, pp: int, num_stages: int, n_mb: int) -> None:
+    """torch's own check of a loaded action list (a backward before its forward, a W before its I, ...),
+    run here so the dry run and the start of a job refuse what building the schedule would."""
+    from torch.distributed.pipelining.schedules import _validate_schedule  # private: torch 2.6 - 2.13
+
+    try:
+        _validate_schedule(actions, pp, num_stages, n_mb)
+    except (AssertionError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv={path!r}: torch refuses it: {first}") from None
+
+
+def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int, dict[int, list[Any]]]:
+    """For each stage index in the CSV, the ranks (rows) that compute it; the microbatch count; and
+    each rank's parsed actions."""
     from torch.distributed.pipelining.schedules import _Action  # private: the CSV action parser
 
     key = "parallelism.pipeline_parallel_schedule_csv"
@@ -409,7 +448,9 @@ def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int]:
         raise ConfigError(f"{key}={path!r} has {len(rows)} rows but pipeline_parallel_degree={pp}; one row per rank")
     stages: dict[int, set[int]] = {}
     microbatches: set[int] = set()
+    actions: dict[int, list[Any]] = {}
     for rank, row in enumerate(rows):
+        actions[rank] = []
         for cell in row:
             cell = cell.strip()
             if not cell:
@@ -418,6 +459,7 @@ def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int]:
                 action = _Action.from_str(cell)
             except Exception as e:  # torch raises RuntimeError / ValueError / AssertionError by version
                 raise ConfigError(f"{key}={path!r} row {rank + 1}: cannot parse action {cell!r} ({e})") from None
+            actions[rank].append(action)
             stages.setdefault(action.stage_index, set()).add(rank)
             if action.microbatch_index is not None:
                 microbatches.add(action.microbatch_index)
@@ -425,7 +467,7 @@ def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int]:
         raise ConfigError(f"{key}={path!r}: stage indices must be 0..N-1 with none missing, got {sorted(stages)}")
     if sorted(microbatches) != list(range(len(microbatches))):
         raise ConfigError(f"{key}={path!r}: microbatch indices must be 0..M-1 with none missing, got {sorted(microbatches)}")
-    return [stages[s] for s in range(len(stages))], len(microbatches)
+    return [stages[s] for s in range(len(stages))], len(microbatches), actions
 
 
 def _divisors(n: int) -> list[int]:
