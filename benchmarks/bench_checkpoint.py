@@ -120,10 +120,11 @@ def run_worker(a: argparse.Namespace) -> None:
         if in_step and saves:
             saves[-1]["staging_wait_s"] += time.perf_counter() - t0
 
-    def timed_finish(step: int, tmp: Path, contents: list[str], model_only: bool, t0: float) -> None:
-        # Inline in maybe_save (disabled) or on the checkpointer's finishing thread (async modes).
-        finish(step, tmp, contents, model_only, t0)
-        total_s[step] = time.perf_counter() - t0
+    def timed_finish(step: int, *rest: Any) -> None:
+        # Inline in maybe_save (disabled) or on the checkpointer's finishing thread (async modes);
+        # CheckpointManager._finish(step, tmp, contents, model_only, model_dtype, t0): t0 comes last.
+        finish(step, *rest)
+        total_s[step] = time.perf_counter() - rest[-1]
 
     trainer.train_step = step_with_staging_waits  # type: ignore[method-assign]
     ckpt.maybe_save = timed_save  # type: ignore[method-assign]

@@ -93,3 +93,14 @@ def test_going_back_ignores_the_newer_checkpoints_of_the_trajectory_left_behind(
     mgr = manager(again, tmp_path, interval=1, keep_latest_k=2, load_step=3)
     assert mgr.load() == 5
     mgr.close()
+
+
+def test_load_step_without_checkpointing_is_refused_not_ignored():
+    from torchtitan_like.components.checkpoint import check_checkpoint_config
+    from torchtitan_like.config.schema import Checkpoint
+    from torchtitan_like.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"checkpoint.load_step=3 needs checkpoint.enable=true .*initial_load_path"):
+        check_checkpoint_config(Checkpoint(enable=False, load_step=3))
+    check_checkpoint_config(Checkpoint(enable=True, load_step=3))
+    check_checkpoint_config(Checkpoint(enable=False))  # load_step -1: nothing asked

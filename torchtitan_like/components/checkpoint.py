@@ -766,6 +766,12 @@ def check_checkpoint_config(cfg: Checkpoint, *, pp: int = 1) -> None:
         raise ConfigError(f"checkpoint.export_dtype={cfg.export_dtype!r} must be one of {', '.join(EXPORT_DTYPES)}")
     if cfg.keep_latest_k < 0:
         raise ConfigError(f"checkpoint.keep_latest_k={cfg.keep_latest_k} must be >= 0 (0 keeps every checkpoint)")
+    if cfg.load_step >= 0 and not cfg.enable:
+        # It would be silently ignored: without checkpointing the run never reads its checkpoint folder.
+        raise ConfigError(
+            f"checkpoint.load_step={cfg.load_step} needs checkpoint.enable=true (it loads step-{cfg.load_step} of "
+            "this run's checkpoint folder); to start from another run's weights use checkpoint.initial_load_path"
+        )
     hf = [k for k in ("initial_load_in_hf", "last_save_in_hf") if getattr(cfg, k)]
     if pp > 1 and hf:
         # Refused at start, not when the last save of a long run reaches the export.
