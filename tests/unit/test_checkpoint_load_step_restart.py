@@ -104,3 +104,16 @@ def test_load_step_without_checkpointing_is_refused_not_ignored():
         check_checkpoint_config(Checkpoint(enable=False, load_step=3))
     check_checkpoint_config(Checkpoint(enable=True, load_step=3))
     check_checkpoint_config(Checkpoint(enable=False))  # load_step -1: nothing asked
+
+
+def test_resuming_a_model_only_export_names_the_full_checkpoint_before_it(tmp_path, caplog):
+    import logging
+
+    run = make_run()
+    mgr = manager(run, tmp_path, interval=2)
+    run.train(3, mgr)  # step-2: the full state
+    mgr.maybe_save(3, last=True)  # step-3: the final weights-only export (last_save_model_only)
+    mgr.close()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
+        assert manager(make_run(1), tmp_path).load() == 3
+    assert "step-2 holds the full state: set checkpoint.load_step=2 to continue from it exactly" in caplog.text

@@ -615,6 +615,16 @@ class CheckpointManager:
             return self._load_step(folders[step], manifest)
         return None
 
+    def _newest_full_state_before(self, step: int) -> int | None:
+        """The newest complete checkpoint before `step` that holds more than the model (for a hint only)."""
+        for s, path in sorted(complete_steps(self.folder).items(), reverse=True):
+            try:
+                if s < step and not read_manifest(path).get("model_only"):
+                    return s
+            except CheckpointError:
+                continue
+        return None
+
     def _load_step(self, path: Path, manifest: dict[str, Any]) -> int:
         step = int(manifest["step"])
         if self._branch is None:
@@ -638,7 +648,13 @@ class CheckpointManager:
         loaded = self._load_components(path, set(COMPONENTS))
         missing = [c for c in COMPONENTS if c not in loaded and c not in self.cfg.exclude_from_loading and self._has(c)]
         if missing and step > 0:
-            logger.warning("%s holds no %s (a model-only save): those start fresh", path, ", ".join(missing))
+            hint = ""
+            full = self._newest_full_state_before(step) if self.cfg.load_step < 0 else None
+            if full is not None:
+                # E.g. a finished run (model-only final export) continued with more training.steps: the
+                # data would start again from the beginning and the optimizer from scratch.
+                hint = f"; step-{full} holds the full state: set checkpoint.load_step={full} to continue from it exactly"
+            logger.warning("%s holds no %s (a model-only save): those start fresh%s", path, ", ".join(missing), hint)
         if "train_state" not in loaded:
             self.train_state.step = step
         return step
