@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_checkpoint import _one_thread  # noqa: F401 (autouse fixture: one thread, as the checkpoint tests run)
 
 from torchtitan_like.components.checkpoint import CheckpointError, CheckpointManager, TrainState
 from torchtitan_like.config.schema import Checkpoint
@@ -18,14 +19,6 @@ from torchtitan_like.models.llama3 import Transformer, TransformerArgs
 from torchtitan_like.models.llama3.state_dict_adapter import HF_CONFIG, save_hf_safetensors, to_hf
 
 ARGS = TransformerArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _hf_folder_without_config(tmp_path, args: TransformerArgs):

@@ -13,19 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_checkpoint import ckpt_dir, make_run, manager  # the tiny run helpers of the existing suite
+# The checkpoint suite's tiny run helpers, and its autouse fixture (one thread).
+from test_checkpoint import _one_thread, ckpt_dir, make_run, manager  # noqa: F401
 from torchtitan_like.components.checkpoint import CheckpointError
 from torchtitan_like.components.manifest import read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rewound_run_that_goes_on(tmp_path, keep_latest_k: int):

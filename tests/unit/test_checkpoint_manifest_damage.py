@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoint import ckpt_dir, make_run, manager  # the tiny run helpers of the existing suite
+# The checkpoint suite's tiny run helpers, and its autouse fixture (one thread).
+from test_checkpoint import _one_thread, ckpt_dir, make_run, manager  # noqa: F401
 from torchtitan_like.components.manifest import MANIFEST
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "checkpoint.py"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _two_saves_latest_manifest_damaged(tmp_path) -> Path:

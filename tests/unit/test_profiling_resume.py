@@ -2,9 +2,10 @@
 
 maybe_enable_profiling once set `prof.step_num = global_step` *after* torch.profiler.profile had
 entered, but the profiler computed the action of the first step (schedule(0)) on entry, so the first
-step of a resumed run ran under the action of step 1 of a fresh run; the schedule is now shifted. README / module docstring:
-"Step numbers are absolute, so a resumed run profiles the same steps". A run resumed from a
-pre-emption checkpoint at step 5 (profile_freq 3, warm-up 1, active 1) loses the step-6 trace.
+step of a resumed run ran under the action of step 1 of a fresh run: a run resumed from a pre-emption
+checkpoint at step 5 (profile_freq 3, warm-up 1, active 1) lost the step-6 trace. The schedule is now
+shifted by the resumed step. README / module docstring: "Step numbers are absolute, so a resumed run
+profiles the same steps".
 """
 
 from __future__ import annotations
