@@ -442,12 +442,13 @@ class CheckpointManager:
     def _purge(self, just_saved: int) -> None:
         """Keep the newest keep_latest_k complete checkpoints (and the one just written, and the one
         checkpoint.load_step names: the same command needs it to start again)."""
-        steps = sorted(complete_steps(self.folder))
+        folders = complete_steps(self.folder)
+        steps = sorted(folders)
         keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved, self.cfg.load_step}
         for s in steps:
             if s in keep:
                 continue
-            path = self.folder / f"step-{s}"
+            path = folders[s]  # its own name: step-005 is step 5 too
             # Rename first: a crash mid-delete leaves a partial folder, never a damaged step-N.
             doomed = self.folder / f"step-{s}.del-{self._nonce}-{self._saves}"
             try:
@@ -690,6 +691,7 @@ class CheckpointManager:
         state: dict[str, Any] = {}
         model_keys = optim_keys = []
         if "model" in comps:
+            self._check_no_foreign_weights(path)
             state["model"], model_keys = self._model_state()
         if "optimizer" in comps:
             state["optimizer"], optim_keys = self._optim_state()
@@ -726,6 +728,29 @@ class CheckpointManager:
             self.train_state.load_state_dict({"step": ts["step"], "tokens_seen": ts["tokens_seen"], "rng": rng})
         logger.info("loaded %s from %s in %.2f s", ", ".join(comps) or "nothing", path, time.perf_counter() - t0)
         return comps
+
+    def _check_no_foreign_weights(self, path: Path) -> None:
+        """Refuse a checkpoint with model tensors this model does not have (a deeper or different
+        flavor): DCP reads only the keys asked for, so they would be dropped without a word. The whole
+        model's names come from a meta-device build (a pipeline rank holds only its stages)."""
+        from torchtitan_like.models.llama3.args import TransformerArgs
+        from torchtitan_like.models.llama3.model import Transformer
+
+        if not isinstance(self.model_args, TransformerArgs):
+            return
+        with torch.device("meta"):
+            expected = set(Transformer(self.model_args).state_dict())
+        try:
+            keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{path / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
+        extra = sorted(k.split(".", 1)[1] for k in keys if k.startswith("model.") and k.split(".", 1)[1] not in expected)
+        if extra:
+            raise CheckpointError(
+                f"{path} holds model weights that this model.flavor does not have: {extra[:5]}"
+                f"{' ...' if len(extra) > 5 else ''} (saved from a deeper or different model? choose the matching "
+                "model.flavor)"
+            )
 
     def _load_hf(self, path: Path) -> None:
         from torchtitan_like.models.llama3.state_dict_adapter import from_hf, load_hf_safetensors

@@ -1,0 +1,52 @@
+"""A DCP checkpoint of a different model is refused, not silently truncated.
+
+DCP reads only the keys the state dict asks for, so resuming (or starting from initial_load_path) with
+a shallower flavor of the same width once loaded the first layers and dropped the rest without a word
+(only a config-hash warning on resume). Extra model tensors are now a CheckpointError naming them.
+Zero-padded step folders (step-005) are purged like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+# The checkpoint suite's tiny run helpers, and its autouse fixture (one thread).
+from test_checkpoint import ARGS, _one_thread, ckpt_dir, make_run, manager  # noqa: F401
+from torchtitan_like.components.checkpoint import CheckpointError
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+def test_resuming_with_fewer_layers_is_refused_naming_the_extra_weights(tmp_path):
+    deeper = make_run(0, dataclasses.replace(ARGS, n_layers=3))
+    mgr = manager(deeper, tmp_path, interval=1)
+    deeper.train(1, mgr)
+    mgr.close()
+    shallow = make_run(1)  # ARGS: 2 layers, the same width
+    with pytest.raises(CheckpointError, match=r"holds model weights that this model.flavor does not have: \['layers\.2\."):
+        manager(shallow, tmp_path).load()
+    # The same flavor loads.
+    assert manager(make_run(2, dataclasses.replace(ARGS, n_layers=3)), tmp_path).load() == 1
+
+
+def test_initial_load_of_a_deeper_model_is_refused(tmp_path):
+    deeper = make_run(0, dataclasses.replace(ARGS, n_layers=3))
+    mgr = manager(deeper, tmp_path / "src", interval=1)
+    deeper.train(1, mgr)
+    mgr.close()
+    with pytest.raises(CheckpointError, match="does not have"):
+        manager(make_run(1), tmp_path / "new", initial_load_path=str(ckpt_dir(tmp_path / "src") / "step-1"),
+                initial_load_model_only=True).load()
+
+
+def test_zero_padded_step_folders_are_purged(tmp_path):
+    run = make_run()
+    mgr = manager(run, tmp_path, interval=1, keep_latest_k=1)
+    run.train(1, mgr)
+    mgr.wait()
+    (ckpt_dir(tmp_path) / "step-1").rename(ckpt_dir(tmp_path) / "step-001")
+    run.train(2, mgr)
+    mgr.close()
+    assert sorted(p.name for p in ckpt_dir(tmp_path).iterdir()) == ["step-3"]
