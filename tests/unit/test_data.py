@@ -156,6 +156,15 @@ def test_mid_step_state_needs_the_same_layout(tok, corpus):
         iter(new)
 
 
+def test_a_synthetic_state_resumed_with_documents_is_a_clear_error(tok, corpus):
+    synthetic = make_loader(make_training(None, dataset="synthetic"), None)
+    next(iter(synthetic))
+    packed = make_loader(make_training(corpus), tok)
+    packed.load_state_dict(synthetic.state_dict())
+    with pytest.raises(DataError, match="holds no document position .*exclude_from_loading"):
+        next(iter(packed))  # once a KeyError: 'epoch'
+
+
 def test_epochs_infinite_and_finite(tok, docs, corpus, caplog):
     training = make_training(corpus)
     n_steps = len(stream_windows(tok, docs)) // GBS

@@ -182,6 +182,13 @@ class PackedIterator(_SliceIterator):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not {"epoch", "doc_index", "buffer"} <= set(state):
+            # E.g. a run that trained on training.dataset = "synthetic" resumed with documents.
+            raise DataError(
+                "the checkpoint's data loader state holds no document position (it was saved with synthetic "
+                "tokens): resume with the same training.dataset, or add \"dataloader\" to "
+                "checkpoint.exclude_from_loading to read this dataset from its beginning"
+            )
         self._load_cursor(state)
         self.epoch, self.doc_index, self.buffer = state["epoch"], state["doc_index"], list(state["buffer"])
         self._next_position = None
