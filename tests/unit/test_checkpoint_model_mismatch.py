@@ -50,3 +50,13 @@ def test_zero_padded_step_folders_are_purged(tmp_path):
     run.train(2, mgr)
     mgr.close()
     assert sorted(p.name for p in ckpt_dir(tmp_path).iterdir()) == ["step-3"]
+
+
+def test_initial_load_with_the_model_excluded_says_so(tmp_path):
+    run = make_run(0)
+    mgr = manager(run, tmp_path / "src", interval=1)
+    run.train(1, mgr)
+    mgr.close()
+    with pytest.raises(CheckpointError, match='exclude_from_loading lists "model"'):
+        manager(make_run(1), tmp_path / "new", initial_load_path=str(ckpt_dir(tmp_path / "src") / "step-1"),
+                exclude_from_loading=["model"]).load()

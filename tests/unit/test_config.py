@@ -497,3 +497,9 @@ def test_config_reference_check_command() -> None:
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_toml_file_with_a_utf8_bom_loads(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")  # some Windows editors start files with a BOM
+    assert load_config(["--job.config_file", str(path)]).training.steps == 7

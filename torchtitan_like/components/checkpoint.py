@@ -674,6 +674,12 @@ class CheckpointManager:
         wanted = {"model"} if self.cfg.initial_load_model_only else set(COMPONENTS)
         loaded = self._load_components(path, wanted)
         if "model" not in loaded:
+            if "model" in self.cfg.exclude_from_loading:
+                raise CheckpointError(
+                    f"checkpoint.initial_load_path={path}: checkpoint.exclude_from_loading lists \"model\", so "
+                    "its weights would not be loaded; remove \"model\" from exclude_from_loading or unset "
+                    "initial_load_path"
+                )
             raise CheckpointError(f"checkpoint.initial_load_path={path} holds no model weights")
         return self.train_state.step if "train_state" in loaded else None
 

@@ -50,7 +50,7 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
         via = f" (extended by {_chain[-1]})" if _chain else " (job.config_file / CONFIG_FILE)"
         raise ConfigError(f"config file not found: {path}{via}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a BOM (some Windows editors write one) is not TOML
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         # tomllib says "(at end of document)" for an unclosed bracket or string: name the last line.
