@@ -3,7 +3,8 @@
 DCP reads only the keys the state dict asks for, so resuming (or starting from initial_load_path) with
 a shallower flavor of the same width once loaded the first layers and dropped the rest without a word
 (only a config-hash warning on resume). Extra model tensors are now a CheckpointError naming them.
-Zero-padded step folders (step-005) are purged like any other.
+Zero-padded step folders (step-005) are purged like any other. An initial load that loads no weights
+because exclude_from_loading lists "model" says so.
 """
 
 from __future__ import annotations
