@@ -142,9 +142,30 @@ def _write_dcp(state: dict[str, Any], dst: Path, *, step: int, source: Path) -> 
     os.rename(tmp, dst)
 
 
+def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str) -> None:
+    """The weights are the flavor's, name for name and shape for shape: the config.json written next to
+    them describes the flavor (a missing layer would be filled with random weights by transformers)."""
+    from torchtitan_like.models.llama3.model import Transformer
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Transformer(margs).state_dict().items()}
+    if margs.tie_word_embeddings:
+        want.pop("output.weight", None)
+        sd = {k: v for k, v in sd.items() if k != "output.weight"}
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    for what, names in (("lacks", missing), ("has weights the flavor does not have:", extra), ("has other shapes for", wrong)):
+        if names:
+            raise CheckpointError(
+                f"{src} {what} {names[:3]}{' ...' if len(names) > 3 else ''} of --flavor {flavor}: pick the flavor "
+                "these weights were trained as"
+            )
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    dst_suffix = dst.suffix.lower()
+    # A file by its suffix; anything else is a folder, dots included (Llama-3.2-1B-hf, export_v1.0).
+    dst_suffix = dst.suffix.lower() if dst.suffix.lower() in (".pt", ".safetensors") else ""
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -166,27 +187,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
             sd = _cast(_read_dcp(src, model_only=True)["model"], args.dtype)
             margs = _model_args(args.flavor) if args.hf else None
             if margs is not None:
+                _check_flavor(sd, margs, src=src, flavor=args.flavor)
                 sd = to_hf(sd, margs)
             if dst_suffix == ".safetensors":
                 from safetensors.torch import save_file
 
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.contiguous() for k, v in sd.items()}, str(dst), metadata={"format": "pt"})
-            elif dst_suffix == "":
+            else:
                 save_hf_safetensors(sd, dst, args=margs)
                 if margs is None:
                     print(
                         f"note: wrote our parameter names into {dst / HF_SINGLE}; add --hf --flavor for HF names",
                         file=sys.stderr,
                     )
-            else:
-                raise CheckpointError(f"destination {dst}: use a .pt or .safetensors file, or a folder")
     else:
         # A file (or HF folder) -> a DCP folder.
         if dst_suffix in (".pt", ".safetensors"):
             raise CheckpointError(f"{src} is not a DCP checkpoint folder (no .metadata), and {dst} is not a folder")
         step = args.step
         if src.suffix.lower() == ".pt":
+            if args.hf:
+                raise CheckpointError("--hf applies to .safetensors files and HF folders, not .pt")
             loaded = torch.load(src, map_location="cpu", weights_only=True)
             state = loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
             if args.model_only:
@@ -209,6 +231,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
             state = {"model": _cast(sd, args.dtype)}
         else:
             raise CheckpointError(f"{src}: expected a DCP folder, a .pt or .safetensors file, or an HF folder")
+        hf_names = sorted(k for k in state["model"] if k.startswith(("model.embed_tokens.", "model.layers.", "lm_head.")))
+        if hf_names:
+            # No run could load them under these names.
+            raise CheckpointError(
+                f"{src} holds Hugging Face names ({', '.join(hf_names[:2])}, ...): add --hf --flavor NAME to "
+                "convert them to this trainer's names"
+            )
         _write_dcp(state, dst, step=step or 0, source=src)
     print(f"ok: wrote {dst}")
     return 0

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,13 @@ class Trainer:
             dataloader=self.dataloader,
             train_state=self.train_state,
             fingerprint=self._fingerprint(),
+            # The model as published for the HF export's config.json: its context length is the flavor's,
+            # not the training sequence length (vLLM reads max_position_embeddings as the limit).
+            model_args=replace(
+                self.model_args,
+                max_seq_len=max(self.model_args.max_seq_len, MODELS[cfg.model.name].flavors[cfg.model.flavor].max_seq_len),
+            ),
+            special_tokens=self._special_tokens,
         )
         if cfg.checkpoint.create_seed_checkpoint:
             return
@@ -248,9 +255,11 @@ class Trainer:
                     section, data.dataset_path, section, data.dataset, section,
                 )
         tokenizer = None
+        self._special_tokens: tuple[int, int] | None = None
         if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
+            self._special_tokens = (tokenizer.bos_id, tokenizer.eos_id)
         loader = build_dataloader(
             training=cfg.training,
             tokenizer=tokenizer,

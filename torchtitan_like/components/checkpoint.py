@@ -162,8 +162,10 @@ class CheckpointManager:
         train_state: TrainState,
         fingerprint: dict[str, Any],
         model_args: Any = None,
+        special_tokens: tuple[int, int] | None = None,
     ):
         self.cfg = cfg
+        self.special_tokens = special_tokens  # (bos, eos) of the run's tokenizer, for the HF config.json
         check_checkpoint_config(cfg, pp=int(fingerprint.get("layout", {}).get("pp", 1)))
         _check_async_device(cfg)
         self.folder = Path(dump_folder) / cfg.folder
@@ -515,7 +517,7 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 hf = to_hf({k: v.to(self.export_dtype) for k, v in full.items()}, self.model_args)
-                save_hf_safetensors(hf, dst, args=self.model_args)
+                save_hf_safetensors(hf, dst, args=self.model_args, special_tokens=self.special_tokens)
             except Exception as e:
                 error = f"Hugging Face export into {dst} failed: {type(e).__name__}: {e}"
         self._agree(error)

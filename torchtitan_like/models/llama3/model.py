@@ -155,6 +155,12 @@ class Transformer(nn.Module):
         # tokens: (bs, seqlen) ids on the first pipeline stage, (bs, seqlen, dim) hidden states after it.
         # skip_output: return the final-norm hidden states; the caller applies `output` (chunked loss).
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if h.shape[1] > self.freqs_cis.shape[0]:
+            # Slicing would give a shorter table, which some lengths broadcast into wrong rotations.
+            raise ValueError(
+                f"a sequence of {h.shape[1]} positions is longer than the RoPE table ({self.freqs_cis.shape[0]}, "
+                "model.max_seq_len): raise model.max_seq_len"
+            )
         freqs_cis = self.freqs_cis[: h.shape[1]]
         for layer in self.layers.values():
             h = layer(h, freqs_cis)

@@ -117,11 +117,19 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: TransformerArgs) -> di
 # --- config.json ---------------------------------------------------------------------------------
 
 
-def hf_config(args: TransformerArgs, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+LLAMA3_SPECIAL_TOKENS = (128000, 128001)
+"""<|begin_of_text|> and <|end_of_text|> of the Llama 3 tokenizer (128000 base tokens, vocab 128256)."""
+
+
+def hf_config(
+    args: TransformerArgs, *, dtype: torch.dtype = torch.float32, special_tokens: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """A config.json for LlamaForCausalLM that reproduces `args`.
 
     Writes the rope settings both as transformers 5's `rope_parameters` and as the older
-    `rope_theta` / `rope_scaling` keys, so 4.x and 5.x both read them."""
+    `rope_theta` / `rope_scaling` keys, so 4.x and 5.x both read them. `special_tokens` (bos, eos) of
+    the run's tokenizer; by default the Llama 3 tokenizer's for its 128256-token vocabulary (without
+    them transformers falls back to Llama 2's 1 / 2, and generation never stops at end of text)."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     scaling = None
     if args.rope_scaling is not None:
@@ -135,7 +143,7 @@ def hf_config(args: TransformerArgs, *, dtype: torch.dtype = torch.float32) -> d
         }
         rope = {**scaling, "rope_theta": args.rope_theta}
     dtype_name = str(dtype).removeprefix("torch.")
-    return {
+    out: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
@@ -157,6 +165,11 @@ def hf_config(args: TransformerArgs, *, dtype: torch.dtype = torch.float32) -> d
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
+    if special_tokens is None and args.vocab_size == 128256:
+        special_tokens = LLAMA3_SPECIAL_TOKENS
+    if special_tokens is not None:
+        out["bos_token_id"], out["eos_token_id"] = special_tokens
+    return out
 
 
 def check_hf_config(config: dict[str, Any], args: TransformerArgs, *, where: str) -> None:
@@ -260,6 +273,7 @@ def save_hf_safetensors(
     *,
     args: TransformerArgs | None,
     max_shard_bytes: int = 5 * 1024**3,
+    special_tokens: tuple[int, int] | None = None,
 ) -> list[Path]:
     """Write model.safetensors (or model-0000i-of-0000n.safetensors + index) and, with `args`, config.json."""
     from safetensors.torch import save_file
@@ -293,6 +307,7 @@ def save_hf_safetensors(
         written.append(folder / HF_INDEX)
     if args is not None:
         dtype = next(iter(hf_state_dict.values())).dtype if hf_state_dict else torch.float32
-        (folder / HF_CONFIG).write_text(json.dumps(hf_config(args, dtype=dtype), indent=1) + "\n")
+        config = hf_config(args, dtype=dtype, special_tokens=special_tokens)
+        (folder / HF_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         written.append(folder / HF_CONFIG)
     return written
