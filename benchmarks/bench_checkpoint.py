@@ -71,6 +71,19 @@ def trainer_args(a: argparse.Namespace, mode: str, *, dump: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+class ComputeStreamTimer(StepTimer):
+    """Waits for the compute stream only. With async_with_pinned_mem, DCP's stager copies to host on a
+    side stream of its own from a background thread; a device-wide synchronize would wait for that copy
+    too, charging part of it to the save's blocking time and the rest to the next step, where training
+    itself overlaps it."""
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+
 def run_worker(a: argparse.Namespace) -> None:
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.trainer import Trainer
@@ -79,7 +92,7 @@ def run_worker(a: argparse.Namespace) -> None:
     total_s: dict[int, float] = {}
     trainer = Trainer(load_config(trainer_args(a, a.mode, dump=a.dump)))
     ckpt = trainer.checkpointer
-    timer = StepTimer(trainer.device)
+    timer = ComputeStreamTimer(trainer.device)
     train_step, maybe_save, wait, wait_for_staging, finish = (
         timer.wrap(trainer.train_step), ckpt.maybe_save, ckpt.wait, ckpt.wait_for_staging, ckpt._finish
     )
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(a)
         return 0
 
-    out_dir = Path(a.out)
+    out_dir = Path(a.out).resolve()  # the workers run from the repo root: pass them absolute paths
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     results: list[dict[str, Any]] = []

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         run_ours(cfg, steps=a.warmup + a.steps, out=Path(a.raw_out))
         return 0
 
-    out_dir = Path(a.out)
+    out_dir = Path(a.out).resolve()  # the workers run from the repo root: pass them absolute paths
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in names:

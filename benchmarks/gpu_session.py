@@ -8,9 +8,13 @@
 A lent GPU comes with minutes, not hours, so the steps are ordered by what the open issues still
 need, and each runs as a child process under a timeout: the smaller of its own cap and what is
 left of `--budget` (seconds). A step that does not fit in what is left is skipped and says so; a
-step that fails or times out does not stop the next. `session.json` in `--out` is rewritten after
-every step (name, issue, command, exit status, seconds, output folder), so a session cut short
-still leaves the steps that finished. Each step's output goes to `<out>/<step>.log`.
+step that fails or times out does not stop the next.
+
+The steps write into `--work` (logs, `<step>/` result folders). After every step `--out` gets
+exactly two files, both rewritten atomically: `session.json` (name, issue, command, exit status,
+seconds, and each step's result JSON inlined) and `session.tar.gz` (the whole work folder, files over
+8 MiB left out and listed): the device tool brings back at most 8 files of 16 MiB from $OUT, so a
+session cut short still returns every step that finished.
 
 `--smoke` runs the same steps on CPU with the debug model and a few steps each: it checks the
 plumbing (arguments, output files), never the numbers. Steps that need CUDA are skipped there.
@@ -260,6 +264,48 @@ def run_step(step: Step, ctx: Context, timeout_s: float, log: Path) -> dict[str,
     return record
 
 
+BUNDLE_MAX_FILE_BYTES = 8 * 2**20
+"""Work files larger than this (profiler traces, memory snapshots, checkpoints) stay out of session.tar.gz,
+which must stay under the device tool's 16 MiB per file."""
+INLINE_MAX_BYTES = 256 * 2**10
+
+
+def _inline_results(record: dict[str, Any], folder: Path) -> None:
+    """Put the step's small result JSON files into its session.json record: the numbers travel in the
+    one file that is read first."""
+    results = {}
+    for f in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
+        if f.name.endswith(".raw.json") or f.stat().st_size > INLINE_MAX_BYTES:
+            continue
+        try:
+            results[f.relative_to(folder).as_posix()] = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+    if results:
+        record["results"] = results
+
+
+def publish(session: dict[str, Any], work: Path, out: Path) -> None:
+    """`out` gets session.json and session.tar.gz (the work folder), each replaced atomically."""
+    import tarfile
+
+    left_out = []
+    tmp = out / "session.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(work.rglob("*")):
+            if not f.is_file():
+                continue
+            if f.stat().st_size > BUNDLE_MAX_FILE_BYTES:
+                left_out.append(f"{f.relative_to(work).as_posix()} ({f.stat().st_size / 2**20:.0f} MiB)")
+                continue
+            tar.add(f, arcname=f.relative_to(work).as_posix())
+    os.replace(tmp, out / "session.tar.gz")
+    session["bundle_left_out"] = left_out
+    tmp_json = out / "session.json.tmp"
+    tmp_json.write_text(json.dumps(session, indent=1))
+    os.replace(tmp_json, out / "session.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=500, help="seconds for the whole session (default 500)")
@@ -267,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-site",
                    help="folder holding torchtitan 0.2.2 (tools/fetch_gpu_wheels.sh --peer): benchmarks run beside it")
     p.add_argument("--out", default=str(ROOT / "outputs" / "gpu_session"),
-                   help="folder for session.json, logs and results")
+                   help="folder that gets session.json and session.tar.gz (two files, rewritten after every step)")
+    p.add_argument("--work", default=None,
+                   help="folder the steps write into (default: a new folder under /tmp); bundled into --out")
     p.add_argument("--smoke", action="store_true", help="CPU: the same steps at debug size (checks the plumbing only)")
     p.add_argument("--list", action="store_true", help="list the steps in the order they run")
     p.add_argument("--check-snapshots", help=argparse.SUPPRESS)
@@ -293,13 +341,22 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out=out, peer_site=a.peer_site, smoke=a.smoke)
+    if a.work:
+        work = Path(a.work).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="gpu_session_"))
+    if work == out or out in work.parents:
+        p.error(f"--work {work} must not be inside --out {out} (--out gets only the two bundle files)")
+    ctx = Context(out=work, peer_site=a.peer_site, smoke=a.smoke)
     cuda = _cuda_available()
     if not cuda and not a.smoke:
         print("gpu_session: no CUDA device here; the numbers will not mean anything (use --smoke for a CPU plumbing "
               "check)", file=sys.stderr)
     deadline = time.monotonic() + a.budget
-    session: dict[str, Any] = {"budget_s": a.budget, "smoke": a.smoke, "cuda": cuda, "steps": []}
+    session: dict[str, Any] = {"budget_s": a.budget, "smoke": a.smoke, "cuda": cuda, "work": str(work), "steps": []}
     for step in steps:
         left = deadline - time.monotonic()
         if step.needs_cuda and not cuda:
@@ -309,13 +366,19 @@ def main(argv: list[str] | None = None) -> int:
                       "skipped": f"budget: {left:.0f} s left, the step needs at least {step.min_s} s"}
         else:
             print(f"== {step.name} (issue {step.issue}, up to {min(step.cap_s, left):.0f} s): {step.what}", flush=True)
-            record = run_step(step, ctx, min(step.cap_s, left), out / f"{step.name}.log")
+            record = run_step(step, ctx, min(step.cap_s, left), work / f"{step.name}.log")
+            _inline_results(record, ctx.folder(step.name))
         session["steps"].append(record)
-        (out / "session.json").write_text(json.dumps(session, indent=1))
+        publish(session, work, out)
         status = record.get("skipped") or ("ok" if record["rc"] == 0 else f"exit {record['rc']}, see {record['log']}")
         print(f"   {step.name}: {status}" + (f" ({record['seconds']} s)" if "seconds" in record else ""), flush=True)
+        if record.get("rc", 0) != 0:
+            # The device tool shows the last 12,000 characters of output: the failure's own lines come first.
+            tail = Path(record["log"]).read_text(errors="replace").splitlines()[-15:]
+            print("\n".join(f"   | {line[:200]}" for line in tail), flush=True)
     failed = [r["name"] for r in session["steps"] if r.get("rc", 0) != 0]
-    print(f"\n{len(session['steps'])} steps, failed: {', '.join(failed) or 'none'}; {out / 'session.json'}")
+    print(f"\n{len(session['steps'])} steps, failed: {', '.join(failed) or 'none'}; {out / 'session.json'} and "
+          f"{out / 'session.tar.gz'} (work folder {work})")
     return 1 if failed else 0
 
 

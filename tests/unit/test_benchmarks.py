@@ -90,23 +90,44 @@ def test_checkpoint_benchmark_rejects_bad_arguments():
 
 
 def test_smoke_session_records_each_step(tmp_path):
+    out, work = tmp_path / "OUT", tmp_path / "work"
     r = run_script("gpu_session.py", "--smoke", "--only", "env,train_1B,memory_snapshot", "--budget", "200",
-                   "--out", str(tmp_path))
+                   "--out", str(out), "--work", str(work))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    steps = {s["name"]: s for s in json.loads((tmp_path / "session.json").read_text())["steps"]}
+    # The device tool brings back at most 8 files from $OUT: the session leaves exactly two there.
+    assert sorted(p.name for p in out.iterdir()) == ["session.json", "session.tar.gz"]
+    steps = {s["name"]: s for s in json.loads((out / "session.json").read_text())["steps"]}
     assert list(steps) == ["env", "train_1B", "memory_snapshot"]
-    assert steps["env"]["rc"] == 0 and '"torch": ' in (tmp_path / "env.log").read_text()
+    assert steps["env"]["rc"] == 0 and '"torch": ' in (work / "env.log").read_text()
     assert steps["train_1B"]["rc"] == 0
-    rows = [json.loads(line) for line in (tmp_path / "train_1B" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (work / "train_1B" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
     assert steps["memory_snapshot"] == {"name": "memory_snapshot", "issue": "8", "skipped": "needs a CUDA device"}
+    # The bundle holds the work folder: logs and every step's files.
+    import tarfile
+
+    with tarfile.open(out / "session.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"env.log", "train_1B.log", "train_1B/metrics.jsonl"} <= names
+
+
+def test_a_benchmark_steps_numbers_are_inlined_in_session_json(tmp_path):
+    out = tmp_path / "OUT"
+    r = run_script("gpu_session.py", "--smoke", "--only", "bench_1B_eager_bf16", "--budget", "300",
+                   "--out", str(out), "--work", str(tmp_path / "work"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (step,) = json.loads((out / "session.json").read_text())["steps"]
+    results = step["results"]  # the small result JSON files of the step's folder, by name
+    assert results and all(not name.endswith(".raw.json") for name in results)
+    assert any("tokens_per_s" in json.dumps(v) for v in results.values())
+    assert sorted(p.name for p in out.iterdir()) == ["session.json", "session.tar.gz"]
 
 
 def test_budget_skips_what_does_not_fit(tmp_path):
     r = run_script("gpu_session.py", "--smoke", "--only", "train_1B,calibrate", "--budget", "30",
-                   "--out", str(tmp_path))
+                   "--out", str(tmp_path / "OUT"), "--work", str(tmp_path / "work"))
     assert r.returncode == 0, r.stdout + r.stderr
-    steps = json.loads((tmp_path / "session.json").read_text())["steps"]
+    steps = json.loads((tmp_path / "OUT" / "session.json").read_text())["steps"]
     assert [s["skipped"].split(":")[0] for s in steps] == ["budget", "budget"]
     assert "the step needs at least 60 s" in steps[0]["skipped"]
     r = run_script("gpu_session.py", "--only", "train_1B,nope", "--out", str(tmp_path))
