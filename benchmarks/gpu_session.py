@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="gpu_session_"))
     if work == out or out in work.parents:
         p.error(f"--work {work} must not be inside --out {out} (--out gets only the two bundle files)")
-    ctx = Context(out=work, peer_site=a.peer_site, smoke=a.smoke)
+    # The steps run from the repo root: a relative --peer-site is the caller's.
+    peer_site = str(Path(a.peer_site).resolve()) if a.peer_site else None
+    ctx = Context(out=work, peer_site=peer_site, smoke=a.smoke)
     cuda = _cuda_available()
     if not cuda and not a.smoke:
         print("gpu_session: no CUDA device here; the numbers will not mean anything (use --smoke for a CPU plumbing "
