@@ -15,21 +15,29 @@ import dataclasses
 import pytest
 
 from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS
-from torchtitan_like.planner.hardware import HardwareProfile
 from torchtitan_like.planner.layout import Candidate, Layout, PlanInputs, check
 from torchtitan_like.planner.memory import estimate_memory, peak_memory
 from torchtitan_like.planner.step_time import estimate_step_time
 
-DEBUG_ARGV = ("--model.name", "llama3", "--model.flavor", "debugmodel")
+# The debug model counted by hand, and the profile of round numbers: test_planner.py's.
+from test_planner import (
+    DEBUG_ARGV,
+    FFN,
+    H,
+    KVD,
+    LAYERS,
+    PER_LAYER,
+    ROUND_HW,
+    VOCAB,
+    W1,
+    W2,
+    W3,
+    WK,
+    WO,
+    WQ,
+    WV,
+)
 
-# ---- the debug model counted by hand (as in test_planner.py) --------------------------------------
-# dim 256, 16 heads -> head_dim 16; 8 kv heads -> kv dim 128; ffn int(2 x 4 x 256 / 3) = 682 -> 768 (multiple of 256).
-H, KVD, FFN, VOCAB, LAYERS = 256, 128, 768, 2000, 6
-WQ = WO = H * H  # 65_536 each
-WK = WV = KVD * H  # 32_768 each
-W1 = W2 = W3 = FFN * H  # 196_608 each
-NORMS = 2 * H  # attention_norm + ffn_norm
-PER_LAYER = WQ + WK + WV + WO + W1 + W2 + W3 + NORMS  # 786_944
 TABLE = VOCAB * H  # 512_000: the embedding, and the (untied) output projection
 
 # The planner's stage parameters: its blocks plus the vocabulary tables it holds (both without PP, one per stage
@@ -37,12 +45,6 @@ TABLE = VOCAB * H  # 512_000: the embedding, and the (untied) output projection
 ALL_PARAMS = LAYERS * PER_LAYER + 2 * TABLE  # 5_745_664
 HALF_STAGE = 3 * PER_LAYER + TABLE  # 2_872_832: 3 blocks + 1 table (a pp=2 stage of the debug model)
 
-# A profile of round numbers (the same as test_planner.py's ROUND_HW).
-ROUND_HW = HardwareProfile(
-    name="round", peak_bf16_tflops=100.0, peak_fp8_tflops=200.0, hbm_gib=80.0, hbm_gbps=1000.0,
-    intra_node_gbps=100.0, inter_node_gbps=10.0, gpus_per_node=8, gemm_efficiency=0.5, fp8_gemm_efficiency=0.25,
-    attention_efficiency=0.25, link_efficiency=0.5, reserved_gib=2.0,
-)
 NVLINK = 100e9 * 0.5  # intra_node_gbps x link_efficiency, bytes/s
 NIC = 10e9 * 0.5  # inter_node_gbps x link_efficiency
 FAST_HW = dataclasses.replace(ROUND_HW, intra_node_gbps=10_000.0)  # NVLink 100x faster: 5000 GB/s achievable
