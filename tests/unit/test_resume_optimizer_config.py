@@ -76,3 +76,15 @@ def test_a_new_lr_keeps_the_schedule_position(tmp_path, caplog):
     # Steps 3 and 4 at the new lr times the warm-up factor where the run left off.
     assert [h["lr"] for h in second.history] == pytest.approx([1e-3 * 3 / 5, 1e-3 * 4 / 5])
     assert "optimizer.lr 0.003 -> 0.001" in caplog.text
+
+
+def test_an_unchanged_optimizer_config_resumes_without_a_warning(tmp_path, caplog):
+    first = Trainer(load_config(_argv(tmp_path, "--training.steps", "1")))
+    try:
+        first.train()
+    finally:
+        first.close()
+    with caplog.at_level("WARNING", logger="torchtitan_like.trainer"):
+        second = Trainer(load_config(_argv(tmp_path, "--training.steps", "2")))
+    second.close()
+    assert second.step == 1 and "resumed with this config's optimizer settings" not in caplog.text
