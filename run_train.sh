@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch training through torchrun (c10d rendezvous), on one node or on each node of a multi-node job.
 #   NGPU             processes on this node (default: visible GPUs, else 1)
-#   CONFIG_FILE      TOML config (default: train_configs/debug_model.toml)
+#   CONFIG_FILE      TOML config (default: this checkout's train_configs/debug_model.toml)
 #   LOG_RANK         local ranks whose output is shown, comma-separated (default: 0)
 #   NNODES           nodes in the job (default: 1)
 #   NODE_RANK        this node's index, 0..NNODES-1 (default: 0)
@@ -23,16 +23,20 @@
 # Extra arguments are config overrides: --section.key value.
 # Exit status: 0 done; 2 config or data error; 3 diverged; 75 pre-empted (SIGTERM/SIGUSR1: rerun to resume);
 # 1 (or the worker's status) any other failure.
+# Relative paths (CONFIG_FILE, DRY_RUN_JSON, and the config's own: job.dump_folder, model.tokenizer_path,
+# dataset paths) are relative to the directory run_train.sh is started from, as for any command.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# The package of this checkout, also where it is not installed into $PYTHON's environment.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
 if [[ -z "${NGPU:-}" ]]; then
   NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)
 fi
-CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
+CONFIG_FILE=${CONFIG_FILE:-$ROOT/train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -2,7 +2,7 @@
 """Plan a training job's parallel layout before spending a GPU on it.
 
     tools/plan.py --model llama3:8B --ngpu 8 --hardware H100 --seq-len 8192 --global-batch 64 --out plan.toml
-    tools/plan.py --config train_configs/debug_model.toml --ngpu 16 --gpus-per-node 8 --explain 1
+    tools/plan.py --config train_configs/llama3_8b.toml --ngpu 16 --global-batch 64 --explain 1
 
 It enumerates every layout (data parallel replicate/shard, TP with or without async TP, CP, PP
 with schedule and microbatch, AC mode, float8 with or without FSDP float8 all-gather) that the
@@ -31,7 +31,8 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 from torchtitan_like.errors import ConfigError, TrainerError  # noqa: E402
 
 FEATURE_HELP = ("comma-separated: fsdp, hsdp, ddp, tp, async_tp, pp, cp, float8, ac (default: all but float8 unless "
-                "--precision fp8; async_tp only for compiled jobs on a CUDA profile)")
+                "--precision fp8; async_tp only for compiled jobs on a CUDA profile; hsdp and cp shard the "
+                "parameters, so they bring fsdp with them)")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -96,6 +97,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--allow: unknown features {unknown}; choose from {', '.join(FEATURES)}")
         if "float8" in allow and args.precision != "fp8":
             raise ConfigError("--allow float8 needs --precision fp8")
+        if allow & {"hsdp", "cp"}:
+            allow.add("fsdp")  # both shard the parameters (over dp_shard, or over cp)
+    if args.precision == "fp8" and hw.peak_fp8_tflops is None:
+        raise ConfigError(f"--precision fp8: {hw.name} has no float8 matmuls (its profile has no peak_fp8_tflops; "
+                          "the trainer refuses float8 there unless quantize.linear.float8.emulate): use --precision bf16")
     for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch),
                         ("--gpus-per-node", args.gpus_per_node), ("--max-local-batch", args.max_local_batch)):
         if value is not None and value < 1:
@@ -126,7 +132,15 @@ def _run(args: argparse.Namespace) -> int:
                  "tokens_per_s_per_gpu": p.speed.tokens_per_s_per_gpu, "tflops_per_gpu": p.speed.tflops_per_gpu,
                  "mfu": p.speed.mfu, "memory_bytes": p.memory.items(), "step_s": p.step.items()}
                 for i, p in enumerate(plan.ranked, 1)]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if not plan.ranked and not plan.too_big:
+        reasons = "; ".join(f"{n} x {reason}" for reason, n in plan.refused.most_common(3))
+        raise ConfigError(
+            f"no layout of {args.ngpu} GPUs passes the trainer's checks for this job"
+            + (f" ({reasons})" if reasons else f" (global batch {gbs} has no divisor that is a data-parallel degree here)")
+            + ": change --global-batch (a multiple of the data-parallel degrees you want), --ngpu or --allow"
+        )
     if not plan.ranked:
         smallest = plan.too_big[0] if plan.too_big else None
         hint = (f"; the smallest valid layout needs {smallest.memory.total / GIB:.1f} GiB ({smallest.layout.describe()})"

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         finished.close()
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        _record_for_launcher(e)
         return EXIT_TRAINING if isinstance(e, TrainingError) else EXIT_CONFIG_OR_DATA
     except Exception as e:
         if _distributed():
@@ -117,16 +118,24 @@ def _fail_fast(e: Exception) -> NoReturn:
         "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", dist.get_rank(), type(e).__name__, e,
         exc_info=True,
     )
-    try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(e)  # the file torchrun names in TORCHELASTIC_ERROR_FILE, if any
-    except Exception:  # reporting must never replace the exit
-        pass
+    _record_for_launcher(e)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_FAILURE)
+
+
+def _record_for_launcher(e: BaseException) -> None:
+    """Write the error to the file torchrun names in TORCHELASTIC_ERROR_FILE (none outside torchrun):
+    the launcher prints it on its 'rank R exited' line even when LOG_RANK hides this rank's output."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    except Exception:  # reporting must never replace the error or the exit
+        pass
 
 
 def _exit(code: int) -> None:

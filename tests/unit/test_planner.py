@@ -365,10 +365,16 @@ def test_tp_gathers_float8_on_cuda_only():
     st = estimate_step_time(tp2_candidate(float8=True), ROUND_HW, compile=True)
     assert st.tp == pytest.approx((4 * TP_FP8_S + 4 * TP_BF16_S) * LAYERS, rel=1e-12)
     assert st.tp == pytest.approx(2.359296e-05, rel=1e-9)
-    # On CPU (gloo cannot gather float8) the trainer uses the plain styles: bf16 throughout.
+    # On CPU (gloo cannot gather float8) the trainer uses the plain styles, in the activations' dtype:
+    # float32 there for mixed_precision_param "auto", bfloat16 when the job asks for it.
     cpu = dataclasses.replace(ROUND_HW, device="cpu")
     st_cpu = estimate_step_time(tp2_candidate(float8=True, hw=cpu), cpu, compile=True)
-    assert st_cpu.tp == pytest.approx(8 * TP_BF16_S * LAYERS, rel=1e-12)
+    assert st_cpu.tp == pytest.approx(8 * 2 * TP_BF16_S * LAYERS, rel=1e-12)
+    inputs = PlanInputs(base_argv=DEBUG_ARGV + ("--training.mixed_precision_param", "bfloat16"), world_size=2,
+                        hardware=cpu, seq_len=64, global_batch_size=2)
+    bf16 = check(inputs, Layout(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, local_batch_size=2, microbatch_size=2,
+                                float8=True))
+    assert estimate_step_time(bf16, cpu, compile=True).tp == pytest.approx(8 * TP_BF16_S * LAYERS, rel=1e-12)
 
 
 def test_async_tp_hides_each_collective_under_its_matmul():

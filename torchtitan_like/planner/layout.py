@@ -101,7 +101,8 @@ class Layout:
 
     def describe(self) -> str:
         parts = []
-        for name, d in (("pp", self.pp), ("hsdp" if self.dp_shard > 1 else "ddp", self.dp_replicate),
+        # Replicas of a sharded model (over dp_shard or cp) are HSDP; of a whole one, DDP.
+        for name, d in (("pp", self.pp), ("hsdp" if self.dp_shard * self.cp > 1 else "ddp", self.dp_replicate),
                         ("fsdp", self.dp_shard), ("cp", self.cp), ("tp", self.tp)):
             if d > 1:
                 parts.append(f"{name}{d}")
@@ -139,7 +140,8 @@ class PlanInputs:
     """Sequences per optimizer step."""
     compile: bool = True
     allow: frozenset[str] = field(default_factory=lambda: frozenset(FEATURES))
-    """Features the planner may use (FEATURES); fsdp is always allowed when data parallel is."""
+    """Features the planner may use (FEATURES): a layout that shards parameters (dp_shard or cp > 1) needs
+    "fsdp", replicas of a sharded model "hsdp", replicas of a whole one "ddp"."""
     max_local_batch_size: int = 8
 
     def argv(self, layout: Layout) -> list[str]:
@@ -160,6 +162,9 @@ class Candidate:
     cfg: JobConfig
     model_args: TransformerArgs
     pp_plan: PipelinePlan | None
+    device: str = "cuda"
+    """The hardware profile's device type: it resolves mixed_precision_param "auto" as the trainer does
+    there (bfloat16 on CUDA, float32 on CPU)."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -172,7 +177,8 @@ def _powers_of_two_up_to(n: int) -> list[int]:
 
 def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
     """Every layout in the search space (not yet checked): TP inside a node, CP and PP over powers
-    of two and divisors, HSDP with one replica per node group, the batch split into microbatches."""
+    of two and divisors, every split of data parallel into replicas x shards, the batch split into
+    microbatches."""
     world, allow, gpn = inputs.world_size, inputs.allow, inputs.hardware.gpus_per_node
     tps = [t for t in _divisors(min(world, gpn)) if t == 1 or "tp" in allow]
     cps = [c for c in _powers_of_two_up_to(world) if c == 1 or "cp" in allow]
@@ -234,11 +240,13 @@ def check(inputs: PlanInputs, layout: Layout) -> Candidate:
 
     cfg = load_config(inputs.argv(layout))
     checked = check_job(cfg, layout.world_size)
+    device = inputs.hardware.device
     build_float8_converter(
         cfg.model.converters, cfg.quantize.linear.float8, parallel_dims=checked.parallel_dims,
-        device=torch.device("cuda"), param_dtype=param_dtype(cfg.training.mixed_precision_param, "cuda"), check_device=False,
+        device=torch.device(device), param_dtype=param_dtype(cfg.training.mixed_precision_param, device),
+        check_device=False,
     )
-    return Candidate(layout=layout, cfg=cfg, model_args=checked.model_args, pp_plan=checked.pp_plan)
+    return Candidate(layout=layout, cfg=cfg, model_args=checked.model_args, pp_plan=checked.pp_plan, device=device)
 
 
 def valid_candidates(inputs: PlanInputs, n_layers: int) -> tuple[list[Candidate], Counter[str]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torchtitan_like.distributed.utils import param_dtype, reduce_dtype
 from torchtitan_like.models.llama3.args import TransformerArgs
 from torchtitan_like.planner.layout import Candidate, Layout
 from torchtitan_like.planner.state import StateBytes, predicted_state_bytes
@@ -38,9 +39,14 @@ LOSS_FP32_BYTES = FP32 + FP32
 
 
 def compute_itemsize(c: Candidate) -> int:
-    """Bytes per activation element: bf16 unless the job asks for float32 parameters (the planner plans
-    GPU jobs, where mixed_precision_param="auto" is bfloat16)."""
-    return FP32 if c.cfg.training.mixed_precision_param == "float32" else BF16
+    """Bytes per activation element (and per gathered parameter): training.mixed_precision_param as the
+    trainer resolves it on the profile's device ("auto": bfloat16 on CUDA, float32 on CPU)."""
+    return param_dtype(c.cfg.training.mixed_precision_param, c.device).itemsize
+
+
+def reduce_itemsize(c: Candidate) -> int:
+    """Bytes per reduced gradient element: training.mixed_precision_reduce."""
+    return reduce_dtype(c.cfg.training.mixed_precision_reduce).itemsize
 
 
 @dataclass(frozen=True)

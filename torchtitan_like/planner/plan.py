@@ -4,6 +4,7 @@ the table, one layout's full breakdown (`explain`), and the winner as a TOML the
 from __future__ import annotations
 
 import logging
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ def table(plan: Plan, top: int = 10) -> str:
 def explain(p: Prediction, hw: HardwareProfile) -> str:
     """Every item of one layout's memory and step-time prediction."""
     L, m, s = p.layout, p.memory, p.step
-    out = [f"layout: {L.describe()}  (world {L.world_size})", "  config overrides: " + " ".join(L.overrides())]
+    out = [f"layout: {L.describe()}  (world {L.world_size})", "  config overrides: " + shlex.join(L.overrides())]
     out.append(f"  peak memory (pipeline rank {m.pp_rank}): {m.total / GIB:.2f} GiB "
                f"+ {hw.reserved_gib:.1f} GiB reserved vs {hw.hbm_gib:.1f} GiB -> {'fits' if p.fits else 'DOES NOT FIT'}")
     for k, v in m.items().items():

@@ -6,7 +6,9 @@ achievable GEMM rate (fp8 for the float8 linears) and attention rate, plus the e
 at HBM bandwidth (eager moves ~3x the bytes a compiled block does).
 
 Communication, each over the link its mesh dim maps to (NVLink when the group fits in a node,
-else the NIC), bus-bandwidth convention (bytes x (n-1)/n per rank):
+else the NIC), bus-bandwidth convention (bytes x (n-1)/n per rank). "bf16" below stands for
+training.mixed_precision_param as the trainer resolves it on the profile's device (float32 for "auto"
+on a CPU profile), "fp32 gradients" for training.mixed_precision_reduce:
 - FSDP: all-gather of the bf16 parameters (the block linears' weights in float8 with FSDP float8
   all-gather; twice per microbatch when blocks reshard after forward, once per microbatch when they
   do not, once per step under PP, which never reshards) and reduce-scatter of the fp32 gradients per
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from torchtitan_like.components.flops import model_flops_per_token
 from torchtitan_like.planner.hardware import HardwareProfile
 from torchtitan_like.planner.layout import Candidate
-from torchtitan_like.planner.memory import BF16, FP8, FP32, block_params
+from torchtitan_like.planner.memory import FP8, block_params, compute_itemsize, reduce_itemsize
 from torchtitan_like.planner.state import MESH_ORDER
 
 ELEMENTWISE_BYTES_EAGER = 120
@@ -138,9 +140,10 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     block_linears = layers * (block_params(a) - 2 * a.dim) / L.tp  # all but the two norms
     tables = 1 if L.pp > 1 or a.tie_word_embeddings else 2  # a stage holds the embedding or the output
     stage_params += (a.vocab_size * a.dim / L.tp) * tables
-    gathered_bytes = stage_params * BF16
+    act, grad = compute_itemsize(c), reduce_itemsize(c)  # bytes per parameter/activation, per reduced gradient
+    gathered_bytes = stage_params * act
     if L.float8 and L.float8_all_gather:
-        gathered_bytes -= block_linears * (BF16 - FP8)
+        gathered_bytes -= block_linears * (act - FP8)
     n_fsdp = L.dp_shard * L.cp
     fsdp_total = 0.0
     if n_fsdp > 1:
@@ -149,11 +152,11 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
         gathers = 1 if L.pp > 1 else (2 if L.reshard_after_forward else 1) * microbatches
         scatters = 1 if L.pp > 1 else microbatches
         fsdp_total += gathers * _collective_s(gathered_bytes, n_fsdp, bw)
-        fsdp_total += scatters * _collective_s(stage_params * FP32, n_fsdp, bw)
+        fsdp_total += scatters * _collective_s(stage_params * grad, n_fsdp, bw)
     if L.dp_replicate > 1:
         bw = link_gbps(hw, deg, ("dp_replicate",))
         shard = stage_params / n_fsdp
-        fsdp_total += 2 * _collective_s(shard * FP32, L.dp_replicate, bw)  # all-reduce = RS + AG
+        fsdp_total += 2 * _collective_s(shard * grad, L.dp_replicate, bw)  # all-reduce = RS + AG
     block_share = fsdp_total / max(layers, 1)
     fsdp_exposed = max(0.0, fsdp_total - compute - recompute) + (block_share if fsdp_total else 0.0)
 
@@ -161,8 +164,8 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     if L.tp > 1:
         bw = link_gbps(hw, deg, ("tp",))
         float8_styles = L.float8 and cfg.quantize.linear.float8.recipe_name == "tensorwise" and hw.device == "cuda"
-        gather = _collective_s(mb_tokens * a.dim * (FP8 if float8_styles else BF16), L.tp, bw)
-        scatter = _collective_s(mb_tokens * a.dim * BF16, L.tp, bw)
+        gather = _collective_s(mb_tokens * a.dim * (FP8 if float8_styles else act), L.tp, bw)
+        scatter = _collective_s(mb_tokens * a.dim * act, L.tp, bw)
         # The matmul each collective feeds or follows, on this rank's share (one microbatch).
         mm = {name: 2 * mb_tokens * a.dim * width / L.tp / block_gemm_rate for name, width in
               (("wqkv", a.dim + 2 * kvd), ("wo", a.dim), ("w13", 2 * a.ffn_hidden_dim), ("w2", a.ffn_hidden_dim))}
@@ -175,7 +178,7 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     cp_s = 0.0
     if L.cp > 1:
         bw = link_gbps(hw, deg, ("cp",))
-        kv = mb_tokens * 2 * kvd / L.tp * BF16  # this rank's K and V shard
+        kv = mb_tokens * 2 * kvd / L.tp * act  # this rank's K and V shard
         hops = (L.cp - 1) * (1 + 2 + (1 if L.ac == "full" else 0))  # forward, backward (K, V, dK, dV), recompute
         cp_s = kv * hops / (bw * 1e9) * layers * microbatches
         if cfg.parallelism.context_parallel_rotate_method == "alltoall":
@@ -184,7 +187,7 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     pp_p2p = bubble = 0.0
     if c.pp_plan is not None:
         bw = link_gbps(hw, deg, ("pp",))
-        transfer = mb_tokens * a.dim / L.tp * BF16 / (bw * 1e9)
+        transfer = mb_tokens * a.dim / L.tp * act / (bw * 1e9)
         pp_p2p = 2 * (L.pp - 1) * transfer
         frac = c.pp_plan.bubble_fraction() or 0.0
         bubble = frac * (compute + recompute + tp_s + cp_s)
