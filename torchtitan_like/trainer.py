@@ -649,7 +649,10 @@ class Trainer:
         if self.validator is None or not self.validator.should_run(self.step):
             return {}, 0.0
         t0 = time.perf_counter()
-        result = self.validator.validate(self.model_parts)
+        # Its forward-only graphs (eval, no grad) compile once per block: not a training recompile.
+        expected = self.compile_monitor.expected_recompiles() if self.compile_monitor else contextlib.nullcontext()
+        with expected:
+            result = self.validator.validate(self.model_parts)
         return result, time.perf_counter() - t0
 
     def _apply_train_timeout(self) -> None:

@@ -165,7 +165,17 @@ class Float8Converter:
         from torchao.float8 import convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
 
-        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = len(names)
+        # A name that matches nothing (e.g. HF's "lm_head" for our "output") would silently convert the
+        # layer the user meant to keep in high precision.
+        unmatched = [f for f in self.cfg.filter_fqns if f != AUTO_FILTER and not any(f in n for n in names)]
+        if unmatched:
+            raise ConfigError(
+                f"quantize.linear.float8.filter_fqns entries {unmatched!r} match no linear layer of this model "
+                f"(its names look like {names[0]!r} and 'output'; an entry skips every linear whose name contains "
+                "it): fix or remove them"
+            )
         convert_to_float8_training(model, config=self.torchao_config, module_filter_fn=self.filter_fn)
         swapped = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
         if not swapped:

@@ -204,7 +204,7 @@ class Validator:
                 f"lower validation.local_batch_size or validation.seq_len, or use more data"
             )
         loss = loss_sum / n_tokens
-        ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+        ppl = math.inf if loss >= 700 else math.exp(loss)  # exp overflows a float past ~709; NaN stays NaN
         logger.info(
             "validation: loss %.4f, perplexity %.2f over %d batches (%d tokens) in %.2f s",
             loss, ppl, batches, int(n_tokens), time.perf_counter() - t0,

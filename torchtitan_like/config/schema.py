@@ -210,7 +210,7 @@ class Float8:
     precompute_float8_dynamic_scale_for_fsdp: bool = False
     """Compute every weight's float8 scale in one all-reduce after optimizer.step (needs enable_fsdp_float8_all_gather)."""
     filter_fqns: list[str] = field(default_factory=lambda: ["output"])
-    """Linear layers to keep in high precision, by name substring; "auto_filter_small_kn" also skips those too small to gain."""
+    """Linear layers to keep in high precision, by name substring (one that matches no layer is an error); "auto_filter_small_kn" also skips those too small to gain."""
     emulate: bool = False
     """Emulate float8 matmuls in high precision (for testing on devices without float8 support)."""
 

@@ -8,16 +8,19 @@ outside the compiled region.
 
 `CompileMonitor` measures wall time spent compiling and counts recompilations (a compile of a frame
 that already had a graph: its guards failed, e.g. a new shape or dtype), through dynamo's
-compile-start/-end callbacks. The trainer logs both with every metrics line.
+compile-start/-end callbacks. The trainer logs both with every metrics line. Validation runs under
+`expected_recompiles()`: its forward-only pass (eval mode, no grad) compiles its own graph of each
+block once, which is not a training recompile to warn about.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -69,6 +72,9 @@ class CompileMonitor:
         """Compilations so far (dynamo frames and lazily compiled backward graphs)."""
         self.recompiles = 0
         """Compilations of a frame that had been compiled before (its guards failed)."""
+        self.expected = 0
+        """Compilations of an already compiled frame inside `expected_recompiles()` (not in `recompiles`)."""
+        self._expecting = False
         self._reported = 0
         self._handler.register_start_callback(self._on_start)
         self._handler.register_end_callback(self._on_end)
@@ -86,7 +92,22 @@ class CompileMonitor:
             m = _COMPILE_ID.search(str(getattr(args, "compile_id", "")))
             trigger = getattr(getattr(args, "callback_trigger", None), "name", "DYNAMO")
             if m is not None and int(m.group(2)) > 0 and trigger == "DYNAMO":
-                self.recompiles += 1
+                if self._expecting:
+                    self.expected += 1
+                else:
+                    self.recompiles += 1
+
+    @contextlib.contextmanager
+    def expected_recompiles(self) -> Iterator[None]:
+        """Compiles of already compiled frames inside are counted in `expected`, not as recompiles (they
+        still count in compile_s): for a pass known to need graphs of its own, like validation's."""
+        with self._lock:
+            self._expecting = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._expecting = False
 
     def metrics(self) -> dict[str, float]:
         """{"compile_s", "recompiles"} for the metrics line; warns once per new recompile."""
