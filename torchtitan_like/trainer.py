@@ -287,6 +287,8 @@ class Trainer:
                 loss_context=self._loss_ctx, amp_context=self._amp, cp_context=self._cp_ctx,
                 loss_chunk_size=cfg.training.loss_chunk_size,
             )
+            if not self.dry_run:
+                self.validator.check_data()
 
     def _build_model_parts(self) -> None:
         """2. Model: meta -> converters (float8) -> pipeline split -> parallelize -> materialize -> init

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -157,17 +158,33 @@ def test_validation_under_context_parallel_takes_training_sequences():
     assert "set validation.seq_len=64" in str(e.value)
 
 
-def test_a_validation_set_smaller_than_one_batch_is_a_data_error(tmp_path):
+def test_a_validation_set_smaller_than_one_batch_is_a_data_error_at_start_up(tmp_path):
     from torchtitan_like.errors import DataError
 
     data = tmp_path / "tiny.jsonl"
     data.write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    # Before the first step, not validation.freq steps into the run.
+    with pytest.raises(DataError, match="validation: the local dataset holds less than one global batch"):
+        Trainer(load_config(argv(
+            tmp_path, *VALIDATION, "--validation.dataset", "local", "--validation.dataset_path", str(data),
+            "--validation.steps", "-1",
+        )))
+
+
+def test_validation_steps_beyond_the_data_warn_once(tmp_path, caplog):
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 40}) + "\n"
+                            for i in range(8)))
     trainer = Trainer(load_config(argv(
         tmp_path, *VALIDATION, "--validation.dataset", "local", "--validation.dataset_path", str(data),
-        "--validation.steps", "-1",
+        "--validation.steps", "1000",
     )))
     try:
-        with pytest.raises(DataError, match="validation: the local dataset holds less than one global batch"):
-            trainer.validator.validate(trainer.model_parts)
+        caplog.set_level(logging.WARNING, logger="torchtitan_like")
+        first = trainer.validator.validate(trainer.model_parts)
+        assert trainer.validator.validate(trainer.model_parts) == first
     finally:
         trainer.close()
+    warnings = [r.getMessage() for r in caplog.records if "validation.steps=1000" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "holds only" in warnings[0] and "global batches" in warnings[0]

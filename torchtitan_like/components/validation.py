@@ -176,6 +176,7 @@ class Validator:
         self.loss_chunk_size = loss_chunk_size
         self.pipeline: Pipeline | None = None
         self.pp_group: dist.ProcessGroup | None = None
+        self._warned_short = False
 
     def use_pipeline(self, pipeline: Pipeline, pp_group: dist.ProcessGroup) -> None:
         """Validate through the training schedule, forward only (the pipeline is built after the data)."""
@@ -183,6 +184,19 @@ class Validator:
 
     def should_run(self, step: int) -> bool:
         return step % self.cfg.freq == 0
+
+    def check_data(self) -> None:
+        """Raise DataError now, at start-up, if the held-out data has less than one global batch (it would
+        otherwise surface at the first validation, validation.freq steps into the run). Reads one batch."""
+        if next(iter(self.dataset), None) is None:
+            raise DataError(self._too_small())
+
+    def _too_small(self) -> str:
+        return (
+            f"validation: the {self.cfg.dataset} dataset holds less than one global batch of "
+            f"{self.cfg.local_batch_size} x data-parallel degree sequences of {self.cfg.seq_len + 1} tokens: "
+            f"lower validation.local_batch_size or validation.seq_len, or use more data"
+        )
 
     def validate(self, model_parts: Sequence[nn.Module]) -> dict[str, float]:
         """Held-out loss (mean over every token of every global batch taken) and perplexity."""
@@ -198,10 +212,13 @@ class Validator:
                 m.train(mode)
         loss_sum, n_tokens = totals.tolist()
         if n_tokens == 0:
-            raise DataError(
-                f"validation: the {self.cfg.dataset} dataset holds less than one global batch of "
-                f"{self.cfg.local_batch_size} x data-parallel degree sequences of {self.cfg.seq_len + 1} tokens: "
-                f"lower validation.local_batch_size or validation.seq_len, or use more data"
+            raise DataError(self._too_small())
+        if 0 < batches < self.cfg.steps and not self._warned_short:
+            self._warned_short = True
+            logger.warning(
+                "validation.steps=%d, but the %s dataset holds only %d global batches: each validation uses those "
+                "%d (set validation.steps=-1 to say so, or use more data)",
+                self.cfg.steps, self.cfg.dataset, batches, batches,
             )
         loss = loss_sum / n_tokens
         ppl = math.inf if loss >= 700 else math.exp(loss)  # exp overflows a float past ~709; NaN stays NaN
