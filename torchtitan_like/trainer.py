@@ -131,7 +131,9 @@ class Trainer:
         layout and HF config), as the real run does, without reading any weights or training data."""
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
-        self.rank, self.world_size = init_distributed(timeout_s=cfg.comm.init_timeout_seconds)
+        self.rank, self.world_size = init_distributed(
+            timeout_s=cfg.comm.init_timeout_seconds, cpu_backend=cfg.training.enable_cpu_offload
+        )
         self.device = torch.device(dry_run_device) if dry_run_device is not None else local_device()
         self.train_state = TrainState()
         self.history: list[dict[str, float]] = []
@@ -329,7 +331,9 @@ class Trainer:
                 float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
             )
             if not self.dry_run:
-                part.to_empty(device=self.device)
+                # FSDP's CPU offload keeps the sharded parameters (and the optimizer) on the CPU and moves
+                # them to the device per block; the buffers (the RoPE table) stay on the device.
+                part.to_empty(device="cpu" if cfg.training.enable_cpu_offload else self.device)
                 with torch.no_grad():
                     part.init_weights(cfg.debug.seed, buffer_device=self.device)
                 if self.parallel_dims.tp_enabled and not (

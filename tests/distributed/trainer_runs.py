@@ -28,6 +28,9 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "one": (1, ("--training.local_batch_size", "8")),
     # FSDP(2) and DDP(2) take 2 microbatches of 2 per rank: accumulation under data parallelism.
     "fsdp2": (2, ("--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", "2")),
+    # FSDP(2) with the sharded parameters, gradients and optimizer states on the CPU (CPUOffloadPolicy).
+    "fsdp2_offload": (2, ("--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", "2",
+                          "--training.enable_cpu_offload")),
     "fsdp4": (4, ("--parallelism.data_parallel_shard_degree", "4", "--training.local_batch_size", "2")),
     "hsdp2x2": (
         4,

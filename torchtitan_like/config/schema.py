@@ -144,7 +144,7 @@ class Parallelism:
     expert_parallel_degree: int = 1
     """Expert parallel degree (reserved for MoE models; must be 1)."""
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
-    """Free gathered parameters after forward: default = yes except for the root module (and no with pipeline parallel, where every microbatch would gather again)."""
+    """Free gathered parameters after forward: default = yes for the blocks, no for [norm, output] and the root, whose backward comes right after (and no with pipeline parallel, where every microbatch would gather again)."""
     disable_loss_parallel: bool = False
     """With TP, gather the full logits before the loss instead of computing it on vocab shards."""
     enable_async_tensor_parallel: bool = False

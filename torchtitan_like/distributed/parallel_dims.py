@@ -65,6 +65,9 @@ class ParallelDims:
     """Processes in the job; the degrees above multiply to it."""
     disable_loss_parallel: bool = False
     """parallelism.disable_loss_parallel: with TP, gather the full logits before the loss."""
+    dp_shard_auto: bool = True
+    """data_parallel_shard_degree was -1 (it follows the other degrees); suggestions for another degree
+    hold only while it does."""
     _slot: _MeshSlot = field(default_factory=_MeshSlot, init=False, repr=False, compare=False)
 
     # ---- construction and validation -------------------------------------------------------
@@ -129,6 +132,7 @@ class ParallelDims:
             pp=pp,
             world_size=world_size,
             disable_loss_parallel=p.disable_loss_parallel,
+            dp_shard_auto=p.data_parallel_shard_degree == -1,
         )
 
     def validate(self, *, model_args: TransformerArgs, training: Training) -> None:
@@ -137,11 +141,17 @@ class ParallelDims:
             n_heads, n_kv = model_args.n_heads, model_args.kv_heads
             if n_heads % self.tp or n_kv % self.tp:
                 g = math.gcd(n_heads, n_kv)
-                # Degrees that divide the heads and also fit the world size (the next check).
-                valid = [d for d in range(1, g + 1) if g % d == 0 and self.world_size % d == 0]
+                # Degrees that divide the heads, fit the ranks the other degrees leave to dp_shard x tp
+                # (from_config's check) and the sequence (the next check).
+                pool = self.world_size // (self.dp_replicate * self.cp * self.pp)
+                valid = [d for d in range(1, g + 1) if g % d == 0 and pool % d == 0
+                         and (d * self.cp == 1 or training.seq_len % (d * 2 * self.cp) == 0)]
+                shard = "" if self.dp_shard_auto else (
+                    " with data_parallel_shard_degree=-1 (it takes what the other degrees leave),"
+                )
                 raise ConfigError(
                     f"parallelism.tensor_parallel_degree={self.tp} must divide model n_heads={n_heads} and "
-                    f"n_kv_heads={n_kv} (KV heads are sharded, not replicated); try {_or_list(valid)}"
+                    f"n_kv_heads={n_kv} (KV heads are sharded, not replicated);{shard} try {_or_list(valid)}"
                 )
         if self.tp > 1 or self.cp > 1:
             unit = self.tp * 2 * self.cp

@@ -23,17 +23,18 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(*, timeout_s: float = 300.0) -> tuple[int, int]:
+def init_distributed(*, timeout_s: float = 300.0, cpu_backend: bool = False) -> tuple[int, int]:
     """Join the torchrun job (NCCL on GPU, gloo on CPU); a plain `python` run is a world of one.
 
-    Returns (rank, world_size). A world of one still gets a process group, so the code path (meshes,
-    DTensor, DCP) is the same at every scale.
+    cpu_backend: on GPU, also give every group gloo for CPU tensors ("cuda:nccl,cpu:gloo"), which
+    training.enable_cpu_offload needs: its gradients live on the CPU, and clipping reduces their norms
+    over the meshes. Returns (rank, world_size).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
         return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = ("cuda:nccl,cpu:gloo" if cpu_backend else "nccl") if torch.cuda.is_available() else "gloo"
     device = local_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
