@@ -233,6 +233,24 @@ def test_float8_capable_gpu_passes(monkeypatch):
     check_float8_device(torch.device("cuda", 0), emulate=False)
 
 
+@pytest.mark.parametrize("arch, ok", [("gfx90a:sramecc+:xnack-", False), ("gfx942:sramecc+:xnack-", True),
+                                      ("gfx950", True)])
+def test_rocm_float8_depends_on_the_arch_not_the_capability(monkeypatch, arch: str, ok: bool):
+    # ROCm reports MI250 (gfx90a, no float8) as capability 9.0, like a Hopper.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(gcnArchName=arch))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct")
+    if ok:
+        check_float8_device(torch.device("cuda", 0), emulate=False)
+    else:
+        with pytest.raises(ConfigError, match=r"float8 training on ROCm needs an MI300-class GPU.*gfx90a.*emulate=true"):
+            check_float8_device(torch.device("cuda", 0), emulate=False)
+    check_float8_device(torch.device("cuda", 0), emulate=True)
+
+
 def test_other_devices_are_refused_without_emulate():
     with pytest.raises(ConfigError, match=r"not supported on device mps.*quantize.linear.float8.emulate=true"):
         check_float8_device(torch.device("mps"), emulate=False)

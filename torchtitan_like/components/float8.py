@@ -50,6 +50,10 @@ def float8_requested(converters: list[str]) -> bool:
     return any(name in CONVERTER_NAMES for name in converters)
 
 
+_ROCM_FLOAT8_ARCHS = ("gfx94", "gfx95")
+"""ROCm GPU architectures with float8 matmuls: CDNA 3 (MI300: gfx942) and CDNA 4 (MI350: gfx950)."""
+
+
 def check_float8_device(device: torch.device, *, emulate: bool) -> None:
     """Stop with a ConfigError when `device` cannot run float8 matmuls and emulate is off."""
     if emulate or device.type == "cpu":
@@ -59,6 +63,18 @@ def check_float8_device(device: torch.device, *, emulate: bool) -> None:
             f"float8 training is not supported on device {device}: run on CUDA with compute capability >= 8.9, on "
             "CPU, or set quantize.linear.float8.emulate=true (or remove float8 from model.converters)"
         )
+    if torch.version.hip:
+        # ROCm reports the gfx version as the capability (MI250: 9.0), which says nothing about float8:
+        # only CDNA 3 (gfx94x, MI300) and newer (gfx95x) have float8 matmuls.
+        arch = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")
+        if not arch.startswith(_ROCM_FLOAT8_ARCHS):
+            raise ConfigError(
+                f"float8 training on ROCm needs an MI300-class GPU or newer ({', '.join(_ROCM_FLOAT8_ARCHS)}x), but "
+                f"{device} is {torch.cuda.get_device_name(device)} ({arch or 'unknown arch'}): set "
+                "quantize.linear.float8.emulate=true to run float8 numerics in high precision, or remove float8 "
+                "from model.converters"
+            )
+        return
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < _MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device)
