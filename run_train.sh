@@ -43,6 +43,11 @@ NODE_RANK=${NODE_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
 
+if [[ ! "$LOG_RANK" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+  echo "error: LOG_RANK=$LOG_RANK must be local rank numbers, comma-separated (e.g. 0 or 0,1)" >&2
+  exit 2
+fi
+
 case "${COMM_MODE:-}" in
   "") ;;
   fake_backend)

@@ -90,8 +90,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.gpus_per_node is not None:
         hw = dataclasses.replace(hw, gpus_per_node=args.gpus_per_node)
     allow = set(FEATURES) - ({"float8"} if args.precision == "bf16" else set())
-    if args.allow:
+    if args.allow is not None:
         allow = {f.strip() for f in args.allow.split(",") if f.strip()}
+        if not allow:
+            raise ConfigError(f"--allow {args.allow!r} names no feature: choose from {', '.join(FEATURES)}")
         unknown = sorted(allow - set(FEATURES))
         if unknown:
             raise ConfigError(f"--allow: unknown features {unknown}; choose from {', '.join(FEATURES)}")
@@ -103,9 +105,13 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--precision fp8: {hw.name} has no float8 matmuls (its profile has no peak_fp8_tflops; "
                           "the trainer refuses float8 there unless quantize.linear.float8.emulate): use --precision bf16")
     for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch),
-                        ("--gpus-per-node", args.gpus_per_node), ("--max-local-batch", args.max_local_batch)):
+                        ("--gpus-per-node", args.gpus_per_node), ("--max-local-batch", args.max_local_batch),
+                        ("--top", args.top)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
+    if args.ngpu > hw.gpus_per_node and args.ngpu % hw.gpus_per_node:
+        raise ConfigError(f"--ngpu {args.ngpu} is not a whole number of nodes of {hw.gpus_per_node} GPUs "
+                          "(--gpus-per-node, or the hardware profile's): use a multiple, or set --gpus-per-node")
     seq = args.seq_len if args.seq_len is not None else cfg.training.seq_len
     if args.global_batch is not None:
         gbs = args.global_batch

@@ -276,3 +276,23 @@ def test_a_user_error_is_recorded_for_the_launcher(tmp_path: Path, monkeypatch, 
     assert "unknown key 'training.stpes'" in capsys.readouterr().err
     assert error_file.is_file()
     assert "training.stpes" in error_file.read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--top", "0"), "--top 0 must be >= 1"),
+    (("--allow", ""), "--allow '' names no feature"),
+    (("--ngpu", "12"), "--ngpu 12 is not a whole number of nodes of 8 GPUs"),
+    (("--ngpu", "12", "--gpus-per-node", "0"), "--gpus-per-node 0 must be >= 1"),
+])
+def test_plan_cli_refuses_bad_arguments_in_one_line(capsys, args: tuple[str, ...], message: str) -> None:
+    argv = ["--model", "llama3:debugmodel", "--ngpu", "2", "--global-batch", "8", "--no-verify", *args]
+    rc, _, err = run_plan(capsys, *argv)
+    assert rc == 2 and len(error_lines(err)) == 1 and message in error_lines(err)[0], err
+
+
+def test_run_train_refuses_a_log_rank_that_is_not_rank_numbers(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable, "LOG_RANK": "all", "NGPU": "1"}
+    r = subprocess.run([str(ROOT / "run_train.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: LOG_RANK=all must be local rank numbers, comma-separated (e.g. 0 or 0,1)"
+    ), r.stderr
