@@ -43,6 +43,7 @@ from torchtitan_like.config.loader import to_toml
 from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.data.prefetch import PrefetchingLoader
+from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
 from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
@@ -93,6 +94,14 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
         raise ConfigError(
             f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this world of {world_size}: "
             f"use -1 (every rank) or 0..{world_size - 1}"
+        )
+    ac = cfg.activation_checkpoint
+    every = parse_selective_option(ac.selective_ac_option) if ac.mode == "selective" else None
+    if every is not None and every > model_args.n_layers:
+        raise ConfigError(
+            f"activation_checkpoint.selective_ac_option={ac.selective_ac_option!r} checkpoints every {every}-th block, "
+            f"but model.flavor={cfg.model.flavor!r} has {model_args.n_layers}: no block would be checkpointed; use "
+            f'1..{model_args.n_layers}, "op", or mode="none"'
         )
     parallel_dims = ParallelDims.from_config(cfg.parallelism, world_size)
     parallel_dims.validate(model_args=model_args, training=cfg.training)
@@ -617,7 +626,7 @@ class Trainer:
                         elapsed = now - window_start - validation_s  # validating is not training time
                         extra: dict[str, float] = {}
                         if self.compile_monitor is not None:
-                            extra.update(self.compile_monitor.metrics())
+                            extra.update(self.compile_monitor.metrics(self._max_over_ranks if self.world_size > 1 else None))
                         extra.update(step_time_stats(elapsed / window_steps, self.device))  # collective
                         extra.update(self._pipeline_wait_stats())  # collective over the pp group
                         extra.update(validation)
@@ -649,6 +658,12 @@ class Trainer:
                 self.preemption.restore()
             if gc_freq > 0:
                 gc.enable()
+
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest `value` over every rank (a collective over the world)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def _maybe_validate(self) -> tuple[dict[str, float], float]:
         """({"val_loss", "val_ppl"} or {}, seconds spent) for this step."""

@@ -102,6 +102,17 @@ def test_recompiles_are_counted_and_logged(caplog):
     assert monitor.recompiles == 1
 
 
+def test_recompiles_are_reported_for_the_rank_with_the_most(caplog):
+    monitor = CompileMonitor()  # none here; another rank (a pipeline stage) had 3
+    try:
+        with caplog.at_level(logging.WARNING, logger="torchtitan_like.distributed.compile"):
+            assert monitor.metrics(lambda mine: max(mine, 3))["recompiles"] == 3
+            assert monitor.metrics(lambda mine: max(mine, 3))["recompiles"] == 3  # no new ones: no warning
+    finally:
+        monitor.close()
+    assert caplog.text.count("recompiled 3 time(s) since the last log (3 in all, on the rank with the most)") == 1
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 

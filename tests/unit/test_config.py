@@ -281,6 +281,8 @@ def test_error_in_a_parent_names_the_parent_file(tmp_path: Path) -> None:
         ("[debug]\ndeterministic = 1\n", ["debug.deterministic must be true or false, got 1"]),
         ("[optimizer]\nlr = 'fast'\n", ["optimizer.lr must be a finite number, got 'fast'"]),
         ("[job]\ndescription = 3\n", ["job.description must be a string, got 3"]),
+        ("[activation_checkpoint]\nselective_ac_option = 2\n",
+         ['activation_checkpoint.selective_ac_option must be a string, got 2 (in TOML, quote it: "2")']),
         ("[optimizer]\nname = 'adamw'\n", ["optimizer.name='adamw' is not one of 'AdamW', 'Adam'", "did you mean 'AdamW'"]),
         ("[lr_scheduler]\ndecay_type = 'cosin'\n", ["lr_scheduler.decay_type='cosin'", "did you mean 'cosine'"]),
     ],

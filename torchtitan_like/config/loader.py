@@ -224,7 +224,8 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            hint = f' (in TOML, quote it: "{value}")' if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+            raise ConfigError(f"{where} must be a string, got {value!r}{hint}")
         return value
     raise AssertionError(f"config type {type_name(key.type)} of {key.dotted} has no parser")
 

@@ -67,7 +67,10 @@ class _SliceIterator:
             self.batch_index += 1
             self.micro_index = 0
             self._slice = None
-        return micro[:, :-1].contiguous(), micro[:, 1:].contiguous()
+        # Copies, never views: with local_batch_size 1 the slices are contiguous views of one storage,
+        # one token apart, and context parallel shards each buffer in place (resize_ + copy_), so
+        # sharding the labels would overwrite the inputs.
+        return micro[:, :-1].clone(), micro[:, 1:].clone()
 
     def _read_slice(self) -> torch.Tensor:
         raise NotImplementedError

@@ -48,9 +48,11 @@ OP_SAC_SAVE_LIST: frozenset[Any] = frozenset(
         _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_cudnn_attention.default,
         _aten._scaled_dot_product_fused_attention_overrideable.default,
-        # float8: max(abs(x)) gives the dynamic scale; recomputing it is a full pass over the tensor.
-        _aten.abs.default,
+        # float8: the amax of max(abs(x)) (tensorwise) or amax(abs(x), dim) (rowwise) gives the dynamic
+        # scale; these small reductions are saved, the full-size abs(x) feeding them is not (saving it
+        # kept a copy of every float8 linear's input: more memory than no checkpointing at all).
         _aten.max.default,
+        _aten.amax.default,
         # Tensor parallel: recomputing a collective costs communication, not just FLOPs.
         torch.ops._c10d_functional.reduce_scatter_tensor.default,
     }
@@ -59,7 +61,7 @@ OP_SAC_SAVE_LIST: frozenset[Any] = frozenset(
 
 def parse_selective_option(option: str) -> int | None:
     """activation_checkpoint.selective_ac_option as N (every N-th block) or None for "op"."""
-    if option == "op":
+    if option.strip() == "op":
         return None
     try:
         n = int(option)

@@ -109,18 +109,24 @@ class CompileMonitor:
             with self._lock:
                 self._expecting = False
 
-    def metrics(self) -> dict[str, float]:
-        """{"compile_s", "recompiles"} for the metrics line; warns once per new recompile."""
+    def metrics(self, across_ranks: Callable[[int], int] | None = None) -> dict[str, float]:
+        """{"compile_s", "recompiles"} for the metrics line; warns once per new recompile.
+
+        across_ranks: maps this rank's recompile count to the job's (the largest over the ranks; a
+        collective), so a recompile on a rank that does not log (another pipeline stage) is seen too.
+        """
         with self._lock:
-            new = self.recompiles - self._reported
-            self._reported = self.recompiles
-            out = {"compile_s": self.compile_s, "recompiles": float(self.recompiles)}
+            mine, compile_s = self.recompiles, self.compile_s
+        total = across_ranks(mine) if across_ranks is not None else mine
+        new = total - self._reported
+        self._reported = total
         if new > 0:
             logger.warning(
-                "torch.compile recompiled %d time(s) since the last log (%d in all): a guard failed, e.g. a "
-                "new input shape or dtype; run with TORCH_LOGS=recompiles to see why", new, self.recompiles,
+                "torch.compile recompiled %d time(s) since the last log (%d in all%s): a guard failed, e.g. a "
+                "new input shape or dtype; run with TORCH_LOGS=recompiles to see why", new, total,
+                ", on the rank with the most" if across_ranks is not None else "",
             )
-        return out
+        return {"compile_s": compile_s, "recompiles": float(total)}
 
     def close(self) -> None:
         for remove, cb in ((self._handler.remove_start_callback, self._on_start),

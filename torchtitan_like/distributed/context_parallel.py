@@ -200,6 +200,11 @@ def context_parallel_ctx(
     """
     if len(buffers) != len(seq_dims) or not buffers:
         raise ValueError(f"context_parallel_ctx: {len(buffers)} buffers for {len(seq_dims)} seq_dims (need >= 1 each)")
+    # Each buffer is sharded in place (resize_ + copy_): two sharing one storage (views of one batch)
+    # would overwrite each other's shard.
+    storages = [b.untyped_storage().data_ptr() for b in buffers]
+    if len(set(storages)) != len(storages):
+        raise ValueError("context_parallel_ctx: buffers share storage (views of one tensor); pass copies")
     lengths = [b.shape[d] for b, d in zip(buffers, seq_dims)]
     if len(set(lengths)) != 1:
         shapes = ", ".join(f"{tuple(b.shape)} dim {d}" for b, d in zip(buffers, seq_dims))

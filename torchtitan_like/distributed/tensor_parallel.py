@@ -40,6 +40,26 @@ from torchtitan_like.models.llama3.model import Transformer, TransformerBlock
 logger = logging.getLogger(__name__)
 
 
+def _settle_embedding_output(module: nn.Module, inputs: object, output: DTensor) -> DTensor:
+    """Give block 0 the same kind of input as every other block, so the compiled blocks keep one graph.
+
+    The embedding's output comes out of the reduce-scatter's autograd function: its local tensor is an
+    AsyncCollectiveTensor that requires grad, where every later block gets a compiled block's output,
+    whose local tensor is plain and does not (autograd is on the DTensor). The compiled blocks' guards
+    tell the two apart, so block 0 compiled a second graph: double the compile time and a recompile
+    warning on every TP run. A DTensor op (clone, below autograd) waits for the collective and yields
+    the second kind. Block 0 needs the result first thing anyway: no overlap is lost.
+    """
+    return output.clone()  # (bs, seqlen / tp, dim) per rank
+
+
+def _settle_stage_input(module: nn.Module, args: tuple) -> tuple:
+    """The same for a pipeline stage's first block: its input is the received activation made a DTensor
+    by PrepareModuleInput (from_local, whose local tensor requires grad)."""
+    h, *rest = args
+    return (h.clone() if isinstance(h, DTensor) else h, *rest)
+
+
 def apply_tp(
     model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, async_tp: bool, float8: bool = False
 ) -> None:
@@ -76,6 +96,8 @@ def apply_tp(
             use_local_output=not loss_parallel,
         )
     parallelize_module(model, tp_mesh, top)
+    if model.tok_embeddings is not None:
+        model.tok_embeddings.register_forward_hook(_settle_embedding_output)
     # A pipeline stage passes plain local tensors to its neighbours (P2P sends whole tensors): the
     # hidden states arrive as this rank's sequence shard and leave the same way.
     if model.tok_embeddings is None:
@@ -83,6 +105,7 @@ def apply_tp(
             model, tp_mesh,
             PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=False),
         )
+        model.register_forward_pre_hook(_settle_stage_input)  # runs after PrepareModuleInput's hook
     if model.output is None:
         parallelize_module(
             model, tp_mesh,
