@@ -48,9 +48,9 @@ def test_warmup_is_linear_from_one_over_w_plus_one_to_the_peak() -> None:
     assert got == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5, 1, 1, 1, 1, 1, 1])
 
 
-# warmup 2, 10 steps, decay_ratio 0.5 -> 8 steps after warmup: 4 stable (steps 2-5), 4 decaying (6-9).
+# warmup 2, 10 steps, decay_ratio 0.4 -> 4 of the 10 steps decay (6-9), the 4 before them are stable (2-5).
 # Decay progress at steps 6..9 is 1/4, 2/4, 3/4, 1; lr factor = 0.2 + 0.8 * remaining(progress).
-WSD = LRScheduler(warmup_steps=2, decay_ratio=0.5, min_lr_factor=0.2)
+WSD = LRScheduler(warmup_steps=2, decay_ratio=0.4, min_lr_factor=0.2)
 S = math.sqrt(0.5)
 
 
@@ -87,11 +87,12 @@ def test_decay_ends_at_min_lr_factor(decay_type: str, min_lr_factor: float, deca
 @pytest.mark.parametrize(
     "steps, warmup, decay_ratio, stable",
     [
-        (110, 10, 0.2, 80),  # stable = (1 - 0.2) * (110 - 10)
+        (110, 10, 0.2, 78),  # decay = 0.2 x 110 = 22 of all the steps; stable = 110 - 10 - 22
         (100, 0, 0.25, 75),
-        (50, 10, 1.0, 0),  # decay over all steps after warmup
-        (50, 10, None, 0),  # unset = the same
+        (50, 10, 1.0, 0),  # asks for 50 decay steps, 40 follow the warmup: decay over those (a warning)
+        (50, 10, None, 0),  # unset = decay over every step after warmup
         (50, 10, 0.0, 40),  # no decay at all
+        (10, 5, 0.05, 4),  # 0.05 x 10 rounds to 0, but a ratio above 0 decays at least one step
     ],
 )
 def test_decay_ratio_sets_the_stable_phase(steps: int, warmup: int, decay_ratio: float | None, stable: int) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from torchtitan_like.config.schema import LRScheduler
+
+logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, *, warmup_steps: int, stable_steps: int, decay_steps: int, decay_type: str, min_lr_factor: float) -> float:
@@ -30,15 +34,51 @@ def lr_factor(step: int, *, warmup_steps: int, stable_steps: int, decay_steps: i
     return min_lr_factor + (1.0 - min_lr_factor) * remaining
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, *, steps: int) -> LambdaLR:
-    warmup = min(cfg.warmup_steps, steps)
-    after = steps - warmup
-    decay = after if cfg.decay_ratio is None else round(cfg.decay_ratio * after)
+@dataclass(frozen=True)
+class Phases:
+    """Steps of warmup, stable and decay of a run of `steps` steps (warmup may outlast the run)."""
+
+    warmup: int
+    stable: int
+    decay: int
+
+
+def phases(cfg: LRScheduler, *, steps: int) -> Phases:
+    """The schedule's phases, as torchtitan reads the same keys: decay_ratio is a fraction of all the
+    steps, decaying at the end (at least one step when it is above 0); unset, every step after warmup
+    decays. Nothing the user set is changed silently: a warmup longer than the run keeps its ramp
+    (the run ends during it, and a longer run resumed from it continues the same ramp), and a decay
+    that does not fit after the warmup is shortened, each with a warning."""
+    warmup = cfg.warmup_steps
+    after = max(0, steps - warmup)
+    if warmup > steps:
+        logger.warning(
+            "lr_scheduler.warmup_steps=%d is longer than training.steps=%d: the run ends during warmup, at %.0f%% "
+            "of optimizer.lr", warmup, steps, 100 * steps / (warmup + 1),
+        )
+    if cfg.decay_ratio is None:
+        decay = after
+    else:
+        decay = round(cfg.decay_ratio * steps)
+        if cfg.decay_ratio > 0:
+            decay = max(1, decay)
+        if decay > after:
+            logger.warning(
+                "lr_scheduler.decay_ratio=%g of training.steps=%d asks for %d decay steps, but only %d follow the "
+                "warmup: decaying over those %d", cfg.decay_ratio, steps, decay, after, after,
+            )
+            decay = after
+    return Phases(warmup=warmup, stable=after - decay, decay=decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, *, steps: int,
+                       schedule: Phases | None = None) -> LambdaLR:
+    p = schedule if schedule is not None else phases(cfg, steps=steps)
     fn = functools.partial(
         lr_factor,
-        warmup_steps=warmup,
-        stable_steps=after - decay,
-        decay_steps=decay,
+        warmup_steps=p.warmup,
+        stable_steps=p.stable,
+        decay_steps=p.decay,
         decay_type=cfg.decay_type,
         min_lr_factor=cfg.min_lr_factor,
     )
@@ -74,4 +114,5 @@ class LRSchedulers:
 
 
 def build_lr_schedulers(optimizers: list[torch.optim.Optimizer], cfg: LRScheduler, *, steps: int) -> LRSchedulers:
-    return LRSchedulers([build_lr_scheduler(opt, cfg, steps=steps) for opt in optimizers])
+    schedule = phases(cfg, steps=steps)  # (its warnings once, not once per model part)
+    return LRSchedulers([build_lr_scheduler(opt, cfg, steps=steps, schedule=schedule) for opt in optimizers])

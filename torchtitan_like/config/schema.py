@@ -60,7 +60,7 @@ class LRScheduler:
     warmup_steps: int = 200
     """Steps of linear warmup from near zero to optimizer.lr."""
     decay_ratio: float | None = None
-    """Fraction of the steps after warmup spent decaying (warmup-stable-decay); unset = decay over all of them."""
+    """Fraction of all training steps spent decaying, at the end (warmup-stable-decay, as torchtitan); unset = decay over every step after warmup."""
     decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
     """Shape of the decay phase."""
     min_lr_factor: float = 0.0
