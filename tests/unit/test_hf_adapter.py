@@ -162,6 +162,13 @@ def test_a_config_for_another_model_is_refused_naming_the_key(hf_saved):
     no_scaling = TransformerArgs(**{**llama_args(tie).__dict__, "rope_scaling": None})
     with pytest.raises(CheckpointError, match=r"rope_scaling=RopeScaling\(factor=8\.0.* but the model flavor has None"):
         check_hf_config(read_hf_config(single), no_scaling, where="config.json")
+    # A fine-tune's own norm epsilon would otherwise load and silently run with the flavor's.
+    config = {**read_hf_config(single), "rms_norm_eps": 1e-6}
+    with pytest.raises(CheckpointError, match=r"config\.json: rms_norm_eps=1e-06 but the model flavor has 1e-05"):
+        check_hf_config(config, llama_args(tie), where="config.json")
+    config = {**read_hf_config(single), "head_dim": 2 * llama_args(tie).head_dim}
+    with pytest.raises(CheckpointError, match=r"config\.json: head_dim="):
+        check_hf_config(config, llama_args(tie), where="config.json")
 
 
 def test_unknown_hf_tensors_are_named():

@@ -185,6 +185,8 @@ def check_hf_config(config: dict[str, Any], args: TransformerArgs, *, where: str
         "vocab_size": (config.get("vocab_size"), args.vocab_size),
         "tie_word_embeddings": (bool(config.get("tie_word_embeddings", False)), args.tie_word_embeddings),
         "rope_theta": (config.get("rope_theta", rope.get("rope_theta")), args.rope_theta),
+        "rms_norm_eps": (config.get("rms_norm_eps"), args.norm_eps),
+        "head_dim": (config.get("head_dim"), args.head_dim),
         "rope_scaling": (_scaling_from_hf(scaling), args.rope_scaling),
     }
     for key, (got, expected) in want.items():
