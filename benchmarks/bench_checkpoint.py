@@ -62,6 +62,9 @@ def trainer_args(a: argparse.Namespace, mode: str, *, dump: str) -> list[str]:
         "--checkpoint.interval", str(a.interval),
         "--checkpoint.async_mode", mode,
         "--checkpoint.keep_latest_k", "1",
+        # The run ends on a save: without this the last one would hold only the model
+        # (last_save_model_only), not the full state every save is meant to measure.
+        "--checkpoint.no_last_save_model_only",
         *a.extra,
     ]
 

@@ -142,7 +142,7 @@ CONFIGS: dict[str, BenchConfig] = {
         f"1B_long{seq // 1024}k_fullac": replace(
             _1B, seq_len=seq, compile=True, ac="full", extra=("--training.loss_chunk_size", "8192")
         )
-        for seq in (8192, 32768, 131072)
+        for seq in (131072, 32768, 8192)  # the most wanted first: a session's time cap may cut the last
     },
     # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
     "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
@@ -216,9 +216,7 @@ class StepTimer:
 
 def summarize(raw: dict[str, Any], cfg: BenchConfig, *, warmup: int, world_size: int) -> dict[str, Any]:
     """Throughput, FLOPS, MFU, memory and step-time spread from one run's raw timings."""
-    import torch
-
-    from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
+    from torchtitan_like.components.flops import model_flops_per_token, peak_tflops_of
     from torchtitan_like.models import MODELS
 
     times = raw["step_times_s"][warmup:]
@@ -232,9 +230,9 @@ def summarize(raw: dict[str, Any], cfg: BenchConfig, *, warmup: int, world_size:
         "nemo": model_flops_per_token(args, cfg.seq_len, causal=False),
         "causal": model_flops_per_token(args, cfg.seq_len, causal=True),
     }
-    peak = None
-    if raw["device_type"] == "cuda":
-        peak = peak_tflops(torch.device("cuda", 0), "bf16")
+    # By the name of the device that ran (not this process's GPU 0: asking would open a CUDA context
+    # here that stays for the peer's run).
+    peak = peak_tflops_of(raw["device"], "bf16") if raw["device_type"] == "cuda" else None
     tflops = {k: tps * f / 1e12 for k, f in flops.items()}
     gib = 2**30
     return {
@@ -347,6 +345,8 @@ def bench_one(name: str, cfg: BenchConfig, a: argparse.Namespace, out_dir: Path)
                           "compile_s": raw["compile_s"], "recompiles": raw["recompiles"], "final_loss": raw["final_loss"]}
     else:
         result["ours"] = {"error": f"see {name}.ours.log"}
+    # On disk now: the peer run that follows may be killed at the session's step timeout.
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
 
     if a.peer_site:
         peer_raw = out_dir / f"{name}.torchtitan.raw.json"
@@ -437,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown config {unknown[0]!r}; see --list")
+    if a.peer_site:
+        # The runs start from the repository root: a relative folder means the caller's.
+        a.peer_site = str(Path(a.peer_site).resolve())
+        if not Path(a.peer_site, "torchtitan").is_dir():
+            p.error(f"--peer-site {a.peer_site}: no torchtitan package there (tools/fetch_gpu_wheels.sh --peer "
+                    "installs it)")
 
     if a.worker:
         cfg = CONFIGS[a.name]

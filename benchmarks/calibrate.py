@@ -545,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"intra-node bandwidth not measured (one GPU): built-in {builtin.name} "
                      f"{builtin.intra_node_gbps:g} GB/s x link efficiency {builtin.link_efficiency:g}")
         _say("intra-node bus bandwidth", f"{intra:.4g} GB/s", "NOT MEASURED: " + notes[-1])
+    # The node the profile describes: the one measured, or with one GPU the built-in node whose links it
+    # borrows (a node of 1 would leave the planner no TP and price every collective at the NIC rate).
+    gpus_per_node = n_local if cuda else nproc
+    if cuda and nproc < 2 and builtin is not None:
+        gpus_per_node = builtin.gpus_per_node
+        notes.append(f"gpus_per_node {gpus_per_node} from built-in {builtin.name} (this machine has {n_local} GPU)")
 
     if a.inter_node_gbps is not None:
         inter = a.inter_node_gbps
@@ -590,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         hbm_gbps=_sig(results["memory_copy"]["gbps"]),
         intra_node_gbps=_sig(intra),
         inter_node_gbps=_sig(inter),
-        gpus_per_node=n_local if cuda else nproc,
+        gpus_per_node=gpus_per_node,
         gemm_efficiency=_sig(gemm_eff),
         attention_efficiency=_sig(attn_eff),
         link_efficiency=1.0,  # the bandwidths above are achieved values already

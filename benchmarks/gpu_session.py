@@ -255,7 +255,10 @@ def run_step(step: Step, ctx: Context, timeout_s: float, log: Path) -> dict[str,
                 rc = proc.wait(timeout=max(left, 1))
             except subprocess.TimeoutExpired:
                 kill_tree(proc.pid)
-                proc.wait()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # stuck in the driver: leave it, keep the session's deadline
+                    record["unkillable_pid"] = proc.pid
                 record["timed_out"] = True
                 rc = 124
             if rc != 0:
@@ -267,6 +270,8 @@ def run_step(step: Step, ctx: Context, timeout_s: float, log: Path) -> dict[str,
 BUNDLE_MAX_FILE_BYTES = 8 * 2**20
 """Work files larger than this (profiler traces, memory snapshots, checkpoints) stay out of session.tar.gz,
 which must stay under the device tool's 16 MiB per file."""
+BUNDLE_MAX_BYTES = 14 * 2**20
+"""Uncompressed bytes in session.tar.gz at most (logs and JSON first): the same 16 MiB limit, for the sum."""
 INLINE_MAX_BYTES = 256 * 2**10
 
 
@@ -290,15 +295,22 @@ def publish(session: dict[str, Any], work: Path, out: Path) -> None:
     import tarfile
 
     left_out = []
+    files = [f for f in work.rglob("*") if f.is_file()]
+    # Logs and JSON first, then the rest, smallest first within each: when the bundle must leave something
+    # out, it is the largest binary (a memory snapshot), never a log.
+    files.sort(key=lambda f: (f.suffix not in (".log", ".json", ".jsonl", ".txt"), f.stat().st_size, str(f)))
+    total = 0
     tmp = out / "session.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
-        for f in sorted(work.rglob("*")):
-            if not f.is_file():
+        for f in files:
+            size = f.stat().st_size
+            name = f.relative_to(work).as_posix()
+            if size > BUNDLE_MAX_FILE_BYTES or total + size > BUNDLE_MAX_BYTES:
+                why = "file over 8 MiB" if size > BUNDLE_MAX_FILE_BYTES else "bundle full"
+                left_out.append(f"{name} ({size / 2**20:.1f} MiB, {why})")
                 continue
-            if f.stat().st_size > BUNDLE_MAX_FILE_BYTES:
-                left_out.append(f"{f.relative_to(work).as_posix()} ({f.stat().st_size / 2**20:.0f} MiB)")
-                continue
-            tar.add(f, arcname=f.relative_to(work).as_posix())
+            total += size  # uncompressed: the compressed bundle is smaller still
+            tar.add(f, arcname=name)
     os.replace(tmp, out / "session.tar.gz")
     session["bundle_left_out"] = left_out
     tmp_json = out / "session.json.tmp"
@@ -355,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(out=work, peer_site=peer_site, smoke=a.smoke)
     cuda = _cuda_available()
     if not cuda and not a.smoke:
-        print("gpu_session: no CUDA device here; the numbers will not mean anything (use --smoke for a CPU plumbing "
-              "check)", file=sys.stderr)
+        # On a lent GPU whose CUDA does not come up, the GPU steps would spend the whole budget on the CPU:
+        # run only the environment report (it says why), and stop.
+        print("gpu_session: no CUDA device here: running only the env step (use --smoke for a CPU plumbing check)",
+              file=sys.stderr)
+        steps = [s for s in steps if s.name == "env"]
     deadline = time.monotonic() + a.budget
     session: dict[str, Any] = {"budget_s": a.budget, "smoke": a.smoke, "cuda": cuda, "work": str(work), "steps": []}
     for step in steps:
@@ -381,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r["name"] for r in session["steps"] if r.get("rc", 0) != 0]
     print(f"\n{len(session['steps'])} steps, failed: {', '.join(failed) or 'none'}; {out / 'session.json'} and "
           f"{out / 'session.tar.gz'} (work folder {work})")
+    if not cuda and not a.smoke:
+        return 2
     return 1 if failed else 0
 
 

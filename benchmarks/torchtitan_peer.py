@@ -37,7 +37,9 @@ def _peer_flavors() -> dict:
     out = {}
     for name, a in LLAMA3_FLAVORS.items():
         rope = a.rope_scaling
-        kwargs = {}
+        # torchtitan applies its default Llama 3.1 scaling (factor 8) when given none; factor 1 is the
+        # identity of that formula, for our flavors without scaling (the debug ones).
+        kwargs = {"rope_scaling_args": RoPEScalingArgs(scaling_factor=1.0)}
         if rope is not None:
             kwargs["rope_scaling_args"] = RoPEScalingArgs(
                 scaling_factor=rope.factor,
