@@ -181,7 +181,7 @@ STEPS: list[Step] = [
          cap_s=300, min_s=120),
     Step("bench_1B_compile_f8_rowwise", "5", "float8 rowwise on the 1B, beside torchtitan",
          _bench("1B_compile_f8_rowwise", "debug_cpu_compile_f8"), cap_s=240, min_s=150),
-    Step("long_sequence", "7", "1B at 8K/32K/128K on one GPU, full AC: tokens/s and peak memory", _long_sequence,
+    Step("long_sequence", "7", "1B at 128K/32K/8K on one GPU (that order), full AC: tokens/s and peak memory", _long_sequence,
          cap_s=360, min_s=180),
     Step("calibrate", "9", "planner hardware profile of this GPU (GEMM, attention, bandwidths)", _calibrate,
          cap_s=240, min_s=90),
