@@ -44,11 +44,15 @@ class _SliceIterator:
         assert 0 <= layout.dp_rank < layout.dp_degree
         self.global_batch_size = layout.global_batch_size
         self.local_batch_size = layout.local_batch_size
+        self.dp_degree = layout.dp_degree
         self.slice_size = layout.global_batch_size // layout.dp_degree
         self.slice_start = layout.dp_rank * self.slice_size
         self.accum_steps = self.slice_size // layout.local_batch_size
         self.batch_index = 0  # global batch the next microbatch belongs to
         self.micro_index = 0  # microbatches of that global batch already yielded by this rank
+        # Samples of the stream before that global batch: with another global batch size after a resume
+        # (global_batch_size -1 and another data-parallel degree) the stream still continues where it was.
+        self.sample_index = 0
         self._slice: torch.Tensor | None = None  # (slice_size, seq_len + 1); a cache, not state
 
     def __iter__(self) -> _SliceIterator:
@@ -65,6 +69,7 @@ class _SliceIterator:
             # next global batch, identically on every rank.
             self._commit()
             self.batch_index += 1
+            self.sample_index += self.global_batch_size
             self.micro_index = 0
             self._slice = None
         # Copies, never views: with local_batch_size 1 the slices are contiguous views of one storage,
@@ -78,31 +83,67 @@ class _SliceIterator:
     def _commit(self) -> None:
         """Make the position after the current global batch the committed one."""
 
+    def _cursor_state(self) -> dict[str, Any]:
+        # The layout too: a position inside a global batch means something only under the layout that took it.
+        return {"batch_index": self.batch_index, "micro_index": self.micro_index, "sample_index": self.sample_index,
+                "global_batch_size": self.global_batch_size, "local_batch_size": self.local_batch_size,
+                "dp_degree": self.dp_degree}
+
     def _load_cursor(self, state: dict[str, Any]) -> None:
-        if not 0 <= state["micro_index"] < self.accum_steps:
+        micro = state["micro_index"]
+        saved = (state.get("local_batch_size", self.local_batch_size), state.get("dp_degree", self.dp_degree),
+                 state.get("global_batch_size", self.global_batch_size))
+        if not 0 <= micro < self.accum_steps or (
+            micro and saved != (self.local_batch_size, self.dp_degree, self.global_batch_size)
+        ):
             raise DataError(
-                f"dataloader checkpoint is {state['micro_index']} microbatches into a global batch, which this "
-                f"layout ({self.accum_steps} per step) cannot resume: resume mid-step checkpoints with the same layout"
+                f"dataloader checkpoint is {micro} microbatches into a global batch (local batch {saved[0]}, "
+                f"data-parallel degree {saved[1]}, global batch {saved[2]}), which this layout (local batch "
+                f"{self.local_batch_size}, data-parallel degree {self.dp_degree}, global batch "
+                f"{self.global_batch_size}) cannot resume: resume mid-step checkpoints with the same layout"
             )
         self.batch_index = state["batch_index"]
-        self.micro_index = state["micro_index"]
+        self.micro_index = micro
+        # Samples before the current global batch; older checkpoints count global batches only.
+        self.sample_index = state.get("sample_index", self.batch_index * self.global_batch_size)
         self._slice = None
 
 
 class _TokenStream:
-    """Reads documents from a position and cuts the [bos] doc [eos] token stream into windows."""
+    """Reads documents from a position and cuts the [bos] doc [eos] token stream into windows.
+
+    A position is (epoch, doc_index, tail): the next document to read, and how many tokens of the one
+    before it (doc_index - 1) are still unread. Unread tokens are only ever a suffix of that document:
+    a document is read only when fewer than a window are left, so a window takes all that came before
+    it. So a checkpoint holds three integers, however long the document (a single huge .txt), and a
+    resume tokenizes that document again to recover its tail.
+    """
 
     def __init__(
-        self, source: DocumentSource, tokenizer: Tokenizer, *, epoch: int, doc_index: int, buffer: list[int],
-        infinite: bool,
+        self, source: DocumentSource, tokenizer: Tokenizer, *, epoch: int, doc_index: int, tail: int = 0,
+        buffer: list[int] | None = None, infinite: bool,
     ) -> None:
+        """buffer: the unread tokens themselves, as checkpoints before `tail` stored them."""
         self.source, self.tokenizer, self.infinite = source, tokenizer, infinite
         self.epoch, self.doc_index = epoch, doc_index
-        self._buf = list(buffer)
+        self._buf = list(buffer or [])
         self._off = 0  # consumed prefix of _buf (deleting it per window would be quadratic)
-        self._docs = source.documents(epoch, doc_index)
         self._full_pass = doc_index == 0  # only a pass from the first record can prove emptiness
         self._docs_in_pass = 0
+        if tail and not buffer:
+            # One reader from the previous document: its tail first, then on from doc_index.
+            self._docs = source.documents(epoch, doc_index - 1)
+            text = next(iter(self._docs), None)
+            tokens = [] if text is None or not text.strip() else tokenizer.encode(text, bos=True, eos=True)
+            if len(tokens) < tail:
+                raise DataError(
+                    f"dataloader checkpoint: {tail} tokens of document {doc_index - 1} (epoch {epoch}) are unread, "
+                    f"but that document now has {len(tokens)}: the dataset changed since the checkpoint (resume "
+                    "with the same data, or add \"dataloader\" to checkpoint.exclude_from_loading to start it over)"
+                )
+            self._buf = tokens[len(tokens) - tail:]
+        else:
+            self._docs = source.documents(epoch, doc_index)
 
     def take(self, n: int) -> list[int] | None:
         """The next `n` tokens, or None when a finite stream runs out."""
@@ -113,8 +154,9 @@ class _TokenStream:
         self._off += n
         return window
 
-    def leftover(self) -> list[int]:
-        return self._buf[self._off :]
+    def tail(self) -> int:
+        """Unread tokens (all of them from the document before doc_index)."""
+        return len(self._buf) - self._off
 
     def _read_document(self) -> bool:
         while True:
@@ -146,9 +188,10 @@ class PackedIterator(_SliceIterator):
     ) -> None:
         super().__init__(layout)
         self.source, self.tokenizer, self.seq_len, self.infinite = source, tokenizer, seq_len, infinite
-        # Stream position at the start of global batch `batch_index` (committed state).
-        self.epoch, self.doc_index, self.buffer = 0, 0, []
-        self._next_position: tuple[int, int, list[int]] | None = None
+        # Stream position at the start of global batch `batch_index` (committed state): _TokenStream's
+        # (epoch, doc_index, tail); `buffer` only for a checkpoint that stored the unread tokens.
+        self.epoch, self.doc_index, self.tail, self.buffer = 0, 0, 0, None
+        self._next_position: tuple[int, int, int] | None = None
         # The live reader stays open across global batches: reopening it at doc_index every step
         # would re-scan a .jsonl file (or re-skip an HF stream) from its start each time.
         self._stream: _TokenStream | None = None
@@ -156,8 +199,8 @@ class PackedIterator(_SliceIterator):
     def _read_slice(self) -> torch.Tensor:
         if self._stream is None:
             self._stream = _TokenStream(
-                self.source, self.tokenizer, epoch=self.epoch, doc_index=self.doc_index, buffer=self.buffer,
-                infinite=self.infinite,
+                self.source, self.tokenizer, epoch=self.epoch, doc_index=self.doc_index, tail=self.tail,
+                buffer=self.buffer, infinite=self.infinite,
             )
         stream = self._stream
         kept = []
@@ -167,25 +210,25 @@ class PackedIterator(_SliceIterator):
                 raise StopIteration  # finite mode drops a last, incomplete global batch
             if self.slice_start <= i < self.slice_start + self.slice_size:
                 kept.append(window)
-        self._next_position = (stream.epoch, stream.doc_index, stream.leftover())
+        self._next_position = (stream.epoch, stream.doc_index, stream.tail())
         return torch.tensor(kept, dtype=torch.int64)
 
     def _commit(self) -> None:
         assert self._next_position is not None
-        self.epoch, self.doc_index, self.buffer = self._next_position
+        self.epoch, self.doc_index, self.tail = self._next_position
+        self.buffer = None
         self._next_position = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "doc_index": self.doc_index,
-            "buffer": list(self.buffer),
-            "batch_index": self.batch_index,
-            "micro_index": self.micro_index,
-        }
+        state = {"epoch": self.epoch, "doc_index": self.doc_index, **self._cursor_state()}
+        if self.buffer is not None:  # loaded from an older checkpoint and not yet past its first step
+            state["buffer"] = list(self.buffer)
+        else:
+            state["tail"] = self.tail
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not {"epoch", "doc_index", "buffer"} <= set(state):
+        if not ({"epoch", "doc_index"} <= set(state) and ("tail" in state or "buffer" in state)):
             # E.g. a run that trained on training.dataset = "synthetic" resumed with documents.
             raise DataError(
                 "the checkpoint's data loader state holds no document position (it was saved with synthetic "
@@ -193,7 +236,9 @@ class PackedIterator(_SliceIterator):
                 "checkpoint.exclude_from_loading to read this dataset from its beginning"
             )
         self._load_cursor(state)
-        self.epoch, self.doc_index, self.buffer = state["epoch"], state["doc_index"], list(state["buffer"])
+        self.epoch, self.doc_index = state["epoch"], state["doc_index"]
+        self.tail = state.get("tail", 0)
+        self.buffer = list(state["buffer"]) if "buffer" in state else None
         self._next_position = None
         self._stream = None  # reopened at the loaded position on the next read
 
@@ -206,12 +251,12 @@ class SyntheticIterator(_SliceIterator):
         self.seed, self.seq_len, self.vocab_size = seed, seq_len, vocab_size
 
     def _read_slice(self) -> torch.Tensor:
-        first = self.batch_index * self.global_batch_size + self.slice_start
+        first = self.sample_index + self.slice_start
         n = self.seq_len + 1
         return torch.stack([synthetic_sample(self.seed, first + i, n, self.vocab_size) for i in range(self.slice_size)])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batch_index": self.batch_index, "micro_index": self.micro_index}
+        return self._cursor_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_cursor(state)

@@ -52,11 +52,13 @@ class PrefetchingLoader(Stateful):
     def __iter__(self) -> PrefetchingLoader:
         self._halt()
         self._error = None
+        self._queue = None
         self.loader.load_state_dict(self._state)  # rewind past what was prefetched and not handed out
+        it = iter(self.loader)  # (if this raises, there is no half-started iteration to wait on)
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._produce, args=(iter(self.loader), self._queue, self._stop), name="data-prefetch", daemon=True
+            target=self._produce, args=(it, self._queue, self._stop), name="data-prefetch", daemon=True
         )
         self._thread.start()
         return self
@@ -65,7 +67,7 @@ class PrefetchingLoader(Stateful):
         if self._error is not None:
             raise self._error
         if self._queue is None:
-            raise TypeError("call iter() on the PrefetchingLoader first")
+            raise TypeError("call iter() on the PrefetchingLoader first (again after close() or load_state_dict())")
         item = self._queue.get()
         if isinstance(item, _Raised):
             self._halt()
@@ -89,8 +91,10 @@ class PrefetchingLoader(Stateful):
 
         A thread stuck inside the loader (a streaming read that never returns) is left behind after
         `timeout_s`, with a warning: it is a daemon, so it cannot keep the finished process alive.
+        A later next() raises instead of waiting on a queue nothing fills any more.
         """
         self._halt(timeout_s)
+        self._queue = None
 
     def _halt(self, timeout_s: float | None = None) -> None:
         self._stop.set()

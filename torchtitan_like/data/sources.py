@@ -125,14 +125,30 @@ def _resolve_local_files(dataset_path: str, *, key: str) -> list[Path]:
     if not path.exists():
         raise DataError(f"{key}={dataset_path!r}: no such file or directory")
     if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES),
-                       key=lambda p: p.relative_to(path).as_posix())
+        files = sorted(_walk(path), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise DataError(f"{key}={dataset_path!r}: directory holds no .txt/.jsonl/.json files")
         return files
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{key}={dataset_path!r}: unsupported file type (use .txt, .jsonl or .json)")
     return [path]
+
+
+def _walk(root: Path) -> list[Path]:
+    """The data files under `root`, as a glob `root/**/*` sees them: into linked folders (a shard linked in
+    from another disk; Path.rglob of Python 3.11 does not enter them), each real folder once, without
+    hidden files and folders (".ipynb_checkpoints" copies would be read twice)."""
+    files, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder, n) for n in names
+                  if not n.startswith(".") and Path(n).suffix in LOCAL_SUFFIXES and Path(folder, n).is_file()]
+    return files
 
 
 def _decode(raw: bytes, path: Path, *, first_line: int) -> str:
