@@ -30,6 +30,7 @@ from torchtitan_like.components.metrics import MetricsLogger
 from torchtitan_like.components.checkpoint import (
     CheckpointManager,
     TrainState,
+    check_async_device,
     check_checkpoint_config,
     check_initial_load,
 )
@@ -150,6 +151,7 @@ class Trainer:
         self.stopped_by: signal.Signals | None = None
         """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""
         check_memory_snapshot(cfg.profiling, self.device)
+        check_async_device(cfg.checkpoint, device_type=self.device.type)
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         # 1. Everything that can be checked without building the model, before building it.
@@ -235,6 +237,7 @@ class Trainer:
                 max_seq_len=max(self.model_args.max_seq_len, MODELS[cfg.model.name].flavors[cfg.model.flavor].max_seq_len),
             ),
             special_tokens=self._special_tokens,
+            timeout_s=cfg.comm.init_timeout_seconds,  # the start-up timeout: a save may be slow
         )
         if cfg.checkpoint.create_seed_checkpoint:
             return

@@ -471,7 +471,7 @@ def test_staged_async_path_waits_for_staging_before_the_next_optimizer_step(tmp_
     minus pinned memory and CUDA streams (which need a GPU)."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    monkeypatch.setattr(ckpt_mod, "_check_async_device", lambda cfg: None)  # skip only the "needs CUDA" check
+    monkeypatch.setattr(ckpt_mod, "check_async_device", lambda cfg, device_type: None)  # skip only the "needs CUDA" check
     staged = threading.Event()
 
     class SlowStager(DefaultStager):

@@ -35,11 +35,13 @@ import pickle
 import random
 import secrets
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +165,14 @@ class CheckpointManager:
         fingerprint: dict[str, Any],
         model_args: Any = None,
         special_tokens: tuple[int, int] | None = None,
+        timeout_s: float | None = None,
     ):
+        """timeout_s: the checkpoint process group's collective timeout (the trainer passes
+        comm.init_timeout_seconds: a save may be slow); None = torch's default for a new group."""
         self.cfg = cfg
         self.special_tokens = special_tokens  # (bos, eos) of the run's tokenizer, for the HF config.json
         check_checkpoint_config(cfg, pp=int(fingerprint.get("layout", {}).get("pp", 1)))
-        _check_async_device(cfg)
+        check_async_device(cfg, device_type="cuda" if torch.cuda.is_available() else "cpu")
         self.folder = Path(dump_folder) / cfg.folder
         self.model_parts = list(model_parts)
         self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
@@ -188,7 +193,8 @@ class CheckpointManager:
         self.world_size = dist.get_world_size() if self._dist else 1
         # One gloo group for every checkpoint collective (async uploads run in a background thread and
         # must not share the training group). Created unconditionally: new_group is itself collective.
-        self._pg = dist.new_group(backend="gloo") if self._dist else None
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        self._pg = dist.new_group(backend="gloo", timeout=timeout) if self._dist else None
         self._nonce = self._broadcast(secrets.token_hex(4))  # names this run's partial folders
         self._saves = 0
         self._branch: int | None = None
@@ -199,6 +205,9 @@ class CheckpointManager:
         self._async = cfg.enable and cfg.async_mode != "disabled"
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-finish") if self._async else None
         self._purger = ThreadPoolExecutor(1, thread_name_prefix="ckpt-purge")
+        self._publish_lock = threading.Lock()
+        self._published: list[int] = []
+        """Steps this run published, in order (a step saved again appears again)."""
         self._pending: Future | None = None
         self._staging: Future | None = None
         self._stager = None
@@ -422,14 +431,23 @@ class CheckpointManager:
 
     def _publish(self, tmp: Path, step: int) -> None:
         final = self.folder / f"step-{step}"
-        if final.exists():
-            # Saving a step again (e.g. after an explicit load_step): move the old one aside first, so
-            # step-N is always either the old or the new complete checkpoint.
-            aside = self.folder / f"step-{step}.old-{self._nonce}-{self._saves}"
-            logger.warning("replacing existing checkpoint %s", final)
-            os.rename(final, aside)
+        with self._publish_lock:  # (a purge lists the folder and this run's publications under it)
+            aside = None
+            if final.exists():
+                # Saving a step again (e.g. after an explicit load_step): move the old one aside first, so
+                # step-N is always either the old or the new complete checkpoint.
+                aside = self.folder / f"step-{step}.old-{self._nonce}-{self._saves}"
+                logger.warning("replacing existing checkpoint %s", final)
+                os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if aside is not None:
+                    os.rename(aside, final)  # the old one back: never no step-N at all
+                raise
+            self._published.append(step)
+        if aside is not None:
             self._purger.submit(_rmtree_quietly, aside)
-        os.rename(tmp, final)
         fsync_dir(self.folder)
 
     def _remove_partials(self) -> None:
@@ -444,9 +462,16 @@ class CheckpointManager:
     def _purge(self, just_saved: int) -> None:
         """Keep the newest keep_latest_k complete checkpoints (and the one just written, and the one
         checkpoint.load_step names: the same command needs it to start again)."""
-        folders = complete_steps(self.folder)
+        with self._publish_lock:
+            folders = complete_steps(self.folder)
+            # What this run published from just_saved on: a purge that runs late (the purge thread was
+            # busy deleting) must not delete a newer save of this run that a lower step number hides
+            # among an older trajectory's checkpoints (load_step).
+            order = self._published
+            last = len(order) - 1 - order[::-1].index(just_saved) if just_saved in order else len(order)
+            since = set(order[last:])
         steps = sorted(folders)
-        keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved, self.cfg.load_step}
+        keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved, self.cfg.load_step} | since
         for s in steps:
             if s in keep:
                 continue
@@ -664,6 +689,12 @@ class CheckpointManager:
 
     def _load_initial(self, path: Path) -> int | None:
         if self.cfg.initial_load_in_hf:
+            if "model" in self.cfg.exclude_from_loading:  # (the DCP path below refuses it the same way)
+                raise CheckpointError(
+                    f"checkpoint.initial_load_path={path}: checkpoint.exclude_from_loading lists \"model\", so "
+                    "its weights would not be loaded; remove \"model\" from exclude_from_loading or unset "
+                    "initial_load_path"
+                )
             self._load_hf(path)
             return None
         check_initial_load(self.cfg, self.model_args)
@@ -854,8 +885,9 @@ def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
         )
 
 
-def _check_async_device(cfg: Checkpoint) -> None:
-    if cfg.enable and cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+def check_async_device(cfg: Checkpoint, *, device_type: str) -> None:
+    """async_with_pinned_mem needs the job to run on CUDA (checked by the dry run too, for its device)."""
+    if cfg.enable and cfg.async_mode == "async_with_pinned_mem" and device_type != "cuda":
         raise ConfigError(
             "checkpoint.async_mode='async_with_pinned_mem' needs CUDA: it stages GPU tensors into pinned host memory "
             "on a side stream, and no CUDA device is available here; use async_mode='async' (background save from a "

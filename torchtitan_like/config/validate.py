@@ -90,6 +90,14 @@ def validate(cfg: JobConfig) -> None:
     if (c.initial_load_in_hf or c.last_save_in_hf) and not c.enable:
         which = "initial_load_in_hf" if c.initial_load_in_hf else "last_save_in_hf"
         raise ConfigError(f"checkpoint.{which}=true needs checkpoint.enable=true")
+    # Settings of an initial load that has nothing to load would be silently ignored (a fine-tune
+    # would start from random weights).
+    if not c.initial_load_path and (c.initial_load_in_hf or not c.initial_load_model_only):
+        which = "initial_load_in_hf=true" if c.initial_load_in_hf else "initial_load_model_only=false"
+        raise ConfigError(
+            f"checkpoint.{which} needs checkpoint.initial_load_path (a Hugging Face safetensors folder or file for "
+            "initial_load_in_hf, else a DCP step folder)"
+        )
     max_seq = cfg.model.max_seq_len
     if max_seq is not None and t.seq_len > max_seq:
         raise ConfigError(
