@@ -583,6 +583,12 @@ class Trainer:
             self.checkpointer.maybe_save(0, seed=True)
             logger.info("seed checkpoint written; exiting without training")
             return
+        if self.step >= cfg.training.steps:
+            logger.warning(
+                "the checkpoint resumed is at step %d and training.steps=%d: nothing to train (raise training.steps "
+                "to continue the run; a final export is written by the run that reaches training.steps)",
+                self.step, cfg.training.steps,
+            )
         gc_freq = cfg.training.gc_freq
         if gc_freq > 0:
             gc.disable()  # collect on a schedule instead, so every rank pauses at the same step

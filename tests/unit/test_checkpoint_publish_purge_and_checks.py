@@ -242,3 +242,28 @@ def test_dry_run_of_a_cpu_job_refuses_async_with_pinned_mem(tmp_path):
     )
     with pytest.raises(ConfigError, match="async_with_pinned_mem"):
         dry_run(argv, world_size=1, device="cpu")
+
+
+def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplog):
+    import logging
+
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import Trainer
+
+    argv = trainer_argv(tmp_path / "run", "one", "--checkpoint.enable", "--checkpoint.interval", "2",
+                        "--checkpoint.no_last_save_model_only", "--training.dataset", "synthetic", steps=2)
+    try:
+        for _ in range(2):
+            trainer = Trainer(load_config(argv))
+            try:
+                with caplog.at_level(logging.WARNING, logger="torchtitan_like.trainer"):
+                    trainer.train()
+            finally:
+                trainer.close()
+            assert trainer.step == 2
+    finally:
+        torch.use_deterministic_algorithms(False)  # (debug.deterministic is process-wide)
+    assert [r.getMessage() for r in caplog.records if "nothing to train" in r.getMessage()] == [
+        "the checkpoint resumed is at step 2 and training.steps=2: nothing to train (raise training.steps to continue "
+        "the run; a final export is written by the run that reaches training.steps)"
+    ]
