@@ -88,7 +88,7 @@ def test_a_failed_publish_over_an_existing_step_keeps_the_old_one(tmp_path, monk
     When the rename of the new folder into place fails (EBUSY/EACCES on a network file system), the old
     complete step-N, already moved to `step-N.old-*`, goes back: it was once queued for deletion, leaving
     no step-N, and a restart found no checkpoint and started again from step 0 without a word. (A kill
-    between the two renames still leaves only `step-N.old-*`: a window of two renames.)"""
+    between the two renames is the next test's.)"""
     run = _Model()
     mgr = run.manager(tmp_path)
     run.save_at(mgr, 2)
@@ -117,6 +117,30 @@ def test_a_failed_publish_over_an_existing_step_keeps_the_old_one(tmp_path, monk
     assert other.manager(tmp_path).load() == 2
     for k, v in other.model.state_dict().items():
         assert torch.equal(v, old_weights[k]), k
+
+
+def test_a_replace_killed_between_its_renames_is_restored_at_load(tmp_path):
+    """A kill after step-N was moved aside and before the new one was renamed into place leaves only
+    `step-N.old-*`: the next start puts it back (when it verifies) instead of finding no checkpoint."""
+    run = _Model()
+    mgr = run.manager(tmp_path)
+    run.save_at(mgr, 2)
+    run.save_at(mgr, 4)
+    mgr.close()
+    folder = _folder(tmp_path)
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    os.rename(folder / "step-4", folder / "step-4.old-0badc0de-7")  # the state the kill left
+    (folder / "step-2" / "extra").write_text("")  # and a damaged aside copy is never restored:
+    os.rename(folder / "step-2", folder / "step-2.old-0badc0de-6")
+    other = _Model(seed=1)
+    manager = other.manager(tmp_path)
+    try:
+        assert manager.load() == 4
+    finally:
+        manager.close()
+    assert sorted(complete_steps(folder)) == [4]
+    for k, v in other.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
 
 
 # --- the background purge ---------------------------------------------------------------------------

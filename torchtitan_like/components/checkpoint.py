@@ -12,7 +12,10 @@ One DCP checkpoint per step, in `<dump_folder>/<checkpoint.folder>/step-N`, hold
 Integrity: a save writes into `step-N.tmp-<nonce>-<k>`; when every rank has finished, the files are
 hashed (split over ranks), rank 0 writes `manifest.json` last (atomically) and renames the folder to
 `step-N`. A crash at any point leaves no `step-N` that looks complete and never touches older steps;
-the leftover partial folder is removed by rank 0 at the next save. Loading verifies the manifest first:
+the leftover partial folder is removed by rank 0 at the next save. Saving a step that exists moves
+the old one aside (`step-N.old-*`) and back if the new one cannot take its place; a kill between the
+two renames is repaired at the next start (the aside copy, if it verifies, becomes step-N again).
+Loading verifies the manifest first:
 auto-resume skips a damaged latest step (with a warning) and takes the one before; an explicit
 `load_step` that is damaged raises `CheckpointError` naming the file.
 
@@ -33,6 +36,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import secrets
 import shutil
 import threading
@@ -575,7 +579,30 @@ class CheckpointManager:
         more = f" (and {len(everyone) - 1} more)" if len(everyone) > 1 else ""
         return None, everyone[0] + more
 
+    def _recover_replaced(self) -> None:
+        """Rank 0: a run killed between the two renames of a replace left `step-N.old-*` (the old,
+        complete checkpoint) and no step-N: put it back, if it verifies, before looking for checkpoints."""
+        error = None
+        if self.rank == 0 and self.folder.is_dir():
+            try:
+                present = step_folders(self.folder)
+                for p in sorted(self.folder.iterdir(), key=lambda p: p.name):
+                    m = re.match(r"^step-(\d+)\.old-[0-9a-f]+-\d+$", p.name)
+                    if not m or int(m.group(1)) in present or not (p / MANIFEST).is_file():
+                        continue
+                    if verify_errors(p, read_manifest(p)):
+                        continue  # (half deleted: it stays a partial folder, removed at the next save)
+                    final = self.folder / f"step-{m.group(1)}"
+                    os.rename(p, final)
+                    fsync_dir(self.folder)
+                    present[int(m.group(1))] = final
+                    logger.warning("restored %s from %s (a replace of it was interrupted)", final, p.name)
+            except (OSError, CheckpointError) as e:
+                error = f"restoring an interrupted replace in {self.folder} failed: {e}"
+        self._agree(error)
+
     def _load_own(self) -> int | None:
+        self._recover_replaced()
         folders = step_folders(self.folder)
         if self.cfg.load_step >= 0:
             step = self.cfg.load_step
