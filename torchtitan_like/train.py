@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if _distributed():
             _fail_fast(e)  # no close(): it could wait on collectives that the other ranks never join
+        _record_for_launcher(e)  # (a world of one under torchrun: the launcher's line shows it too)
         raise
     finally:
         if trainer is not None:  # after an error: release what it holds, without hiding that error

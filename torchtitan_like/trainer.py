@@ -47,7 +47,7 @@ from torchtitan_like.data.prefetch import PrefetchingLoader
 from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
-from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, step_time_stats
+from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, straggler_stats
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.pipeline import (
     Pipeline,
@@ -163,6 +163,10 @@ class Trainer:
         # device for the current device index; the shards' shapes do not depend on it.
         mesh_device = "cpu" if self.dry_run and not torch.cuda.is_available() else self.device.type
         self.parallel_dims.build_mesh(mesh_device)
+        if not self.dry_run:
+            # init_device_mesh makes its groups with torch's default timeout (gloo 1800 s, NCCL 600 s), not
+            # the default group's: the start-up timeout holds for them too until the first step ends.
+            set_pg_timeouts(self.parallel_dims, cfg.comm.init_timeout_seconds)
         self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
         if self.dry_run:
             check_optimizer(cfg.optimizer, device_type=self.device.type)
@@ -194,6 +198,8 @@ class Trainer:
             self.loss_fn = compile_loss(cross_entropy_sum, backend=cfg.compile.backend)
         self.pipeline: Pipeline | None = None
         self._pp_time_s = self._pp_compute_s = 0.0
+        self._step_t0: float | None = None
+        self._host_s = 0.0  # since the last metrics line (health.straggler_stats)
         if self.pp_plan is not None:
             pp_group = self.parallel_dims.pp_group
             assert pp_group is not None
@@ -423,6 +429,9 @@ class Trainer:
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the accumulated micro-batches; returns (global mean loss, grad norm)."""
         loss_group = self.parallel_dims.loss_group
+        if self._step_t0 is not None:  # this rank's host time: the step so far, before its first collective
+            self._host_s += time.perf_counter() - self._step_t0
+            self._step_t0 = None
         # The loss is the mean over every token of the global batch: count them first, so each
         # micro-batch's token-sum loss can be scaled by the same global denominator. Counted over
         # the batch group (dp), not the loss group: context-parallel ranks hold the same sequences.
@@ -601,12 +610,12 @@ class Trainer:
         first_step = self.step + 1
         prof_kwargs = {"dump_folder": cfg.job.dump_folder, "rank": self.rank, "device": self.device, "global_step": self.step}
         self.preemption.install()
-        finished = False
         try:
             with contextlib.ExitStack() as stack:
                 profiler = stack.enter_context(maybe_enable_profiling(cfg.profiling, **prof_kwargs))
                 snapshotter = stack.enter_context(maybe_enable_memory_snapshot(cfg.profiling, **prof_kwargs))
                 while self.step < cfg.training.steps:
+                    self._step_t0 = time.perf_counter()
                     self.train_state.step += 1
                     maybe_inject_fault(cfg.debug, step=self.step, rank=self.rank)
                     if gc_freq > 0 and self.step % gc_freq == 0:
@@ -636,7 +645,8 @@ class Trainer:
                         extra: dict[str, float] = {}
                         if self.compile_monitor is not None:
                             extra.update(self.compile_monitor.metrics(self._max_over_ranks if self.world_size > 1 else None))
-                        extra.update(step_time_stats(elapsed / window_steps, self.device))  # collective
+                        extra.update(straggler_stats(self._host_s / window_steps, self.device))  # collective
+                        self._host_s = 0.0
                         extra.update(self._pipeline_wait_stats())  # collective over the pp group
                         extra.update(validation)
                         self.metrics.log(
@@ -659,12 +669,11 @@ class Trainer:
                     if self._stop_if_preempted():
                         break
             self.metrics.summary(self.tokens_seen - tokens_at_start, time.perf_counter() - train_start)
-            finished = True
         finally:
-            # After an error the handlers stay until close(): torchrun SIGTERMs this rank as soon as a
-            # peer dies, and the default handler would kill it before it reports its own error.
-            if finished:
-                self.preemption.restore()
+            # The handlers stay until close(), which restores them: after an error, torchrun SIGTERMs this
+            # rank as soon as a peer dies, and the default handler would kill it before it reports its own
+            # error; after success, close() waits for the final (async) save, which a pre-emption signal
+            # must not cut short.
             if gc_freq > 0:
                 gc.enable()
 

@@ -32,7 +32,7 @@ def _error_of(fn) -> str | None:
 
 def health_on_fsdp2_tp2() -> dict:
     from torchtitan_like.distributed.health import (
-        check_collectives, log_ranks, named_meshes, process_groups, set_pg_timeouts, step_time_stats,
+        check_collectives, log_ranks, named_meshes, process_groups, set_pg_timeouts, straggler_stats,
     )
 
     rank = dist.get_rank()
@@ -42,7 +42,7 @@ def health_on_fsdp2_tp2() -> dict:
     healthy = _error_of(lambda: check_collectives(meshes, CPU, timeout_s=30))
 
     # Rank 2 is the straggler.
-    stats = step_time_stats(2.5 if rank == 2 else 1.0 + 0.1 * rank, CPU)
+    stats = straggler_stats(2.5 if rank == 2 else 1.0 + 0.1 * rank, CPU)
 
     n_groups = set_pg_timeouts(pd, 7)
     timeouts = sorted(g._get_backend(CPU).options._timeout.total_seconds() for g in process_groups(pd))
@@ -72,7 +72,7 @@ def test_health_checks_on_fsdp2_tp2(tmp_path):
     for rank, r in enumerate(results):
         assert r["ranks"] == [0, 1, 2, 3] and len(set(r["hosts"])) == 1
         assert r["healthy"] is None
-        assert r["stats"] == {"step_time_max": 2.5, "step_time_median": (1.1 + 1.3) / 2, "slowest_rank": 2}
+        assert r["stats"] == {"host_time_max": 2.5, "host_time_median": (1.1 + 1.3) / 2, "slowest_rank": 2}
         # The default group, this rank's dp_shard group and its tp group, all at the new timeout.
         assert r["n_groups"] == 3 and r["timeouts"] == [7.0, 7.0, 7.0]
         tp_pair_error = "collective check on mesh dim 'tp' (2 ranks) failed on rank"

@@ -139,12 +139,14 @@ class MetricsLogger:
                 self._writer = self._open_tensorboard(os.path.join(dump_folder, cfg.save_tb_folder))
 
     @staticmethod
-    def _open_tensorboard(log_dir: str) -> Any:
-        """A SummaryWriter under log_dir (imported here: only the writing rank pays for the import)."""
+    def _open_tensorboard(log_dir: str, purge_step: int | None = None) -> Any:
+        """A SummaryWriter under log_dir (imported here: only the writing rank pays for the import).
+        purge_step: TensorBoard hides the events of earlier event files from that step on."""
         from torch.utils.tensorboard import SummaryWriter
 
-        logger.info("TensorBoard events go to %s", log_dir)
-        return SummaryWriter(log_dir=log_dir)
+        if purge_step is None:
+            logger.info("TensorBoard events go to %s", log_dir)
+        return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def log(
         self,
@@ -234,8 +236,16 @@ class MetricsLogger:
 
         A run that died after logging steps its last checkpoint does not hold would otherwise list
         those steps twice once it resumes: the file keeps one row per step of the resumed timeline.
+        TensorBoard's event files are append-only: the writer is reopened with purge_step, so its
+        reader drops the earlier files' events after `step` in the same way.
         """
-        if not self.enabled or not os.path.exists(self.jsonl_path):
+        if not self.enabled:
+            return 0
+        if self._writer is not None:
+            log_dir = self._writer.log_dir
+            self._writer.close()
+            self._writer = self._open_tensorboard(log_dir, purge_step=step + 1)
+        if not os.path.exists(self.jsonl_path):
             return 0
         with open(self.jsonl_path) as f:
             lines = [line for line in f.read().splitlines() if line.strip()]

@@ -58,7 +58,14 @@ def maybe_enable_profiling(
     def schedule(step: int) -> torch.profiler.ProfilerAction:
         return base_schedule(step + global_step)
 
+    recording = (torch.profiler.ProfilerAction.RECORD, torch.profiler.ProfilerAction.RECORD_AND_SAVE)
+
     def on_trace_ready(prof: torch.profiler.profile) -> None:
+        # Also called when the profiler stops: a run that ended (or was pre-empted) just before a capture
+        # has already started recording a step that never ran; its trace would hold no training step.
+        if schedule(prof.step_num - 1) not in recording:
+            logger.info("profiler: the run ended before the capture at step %d; no trace", prof.step_num + global_step)
+            return
         step = prof.step_num + global_step
         path = trace_path(folder, step, rank)
         os.makedirs(os.path.dirname(path), exist_ok=True)

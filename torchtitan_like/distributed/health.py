@@ -3,7 +3,9 @@
 - `log_ranks`: at start-up rank 0 logs every rank's host, device name and memory (one line each).
 - `check_collectives`: an all_reduce of known values on every named mesh dim; a broken or stuck
   collective fails at start-up naming the dim, instead of hanging in the first FSDP all-gather.
-- `step_time_stats`: the slowest rank's step time against the median (all_gather), for stragglers.
+- `straggler_stats`: the slowest rank's host time per step against the median (all_gather). Host
+  time is what a rank spends before the step's first collective (its data, GC, Python): wall-clock
+  step times are equal on every rank, since all wait for the slowest inside the collectives.
 - `set_pg_timeouts`: the process-group timeout of the default group and of every mesh group
   (comm.train_timeout_seconds once the first step, which may compile, is over).
 """
@@ -159,17 +161,17 @@ def check_collectives(meshes: dict[str, Any], device: torch.device, *, timeout_s
 # --- training: stragglers and timeouts -----------------------------------------------------------------
 
 
-def step_time_stats(step_time_s: float, device: torch.device) -> dict[str, float]:
-    """Collective on the world: every rank's mean step time -> {step_time_max, step_time_median,
-    slowest_rank} (the same on every rank). Empty in a world of one."""
+def straggler_stats(host_s: float, device: torch.device) -> dict[str, float]:
+    """Collective on the world: every rank's mean host seconds per step -> {host_time_max,
+    host_time_median, slowest_rank} (the same on every rank). Empty in a world of one."""
     if not _distributed():
         return {}
-    mine = torch.tensor([step_time_s], dtype=torch.float64, device=device)
+    mine = torch.tensor([host_s], dtype=torch.float64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     times = [float(t.item()) for t in gathered]
     slowest = max(range(len(times)), key=times.__getitem__)
-    return {"step_time_max": times[slowest], "step_time_median": statistics.median(times), "slowest_rank": slowest}
+    return {"host_time_max": times[slowest], "host_time_median": statistics.median(times), "slowest_rank": slowest}
 
 
 def process_groups(parallel_dims: ParallelDims) -> list[dist.ProcessGroup]:
