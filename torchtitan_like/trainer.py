@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,6 +67,8 @@ from torchtitan_like.models.llama3.args import TransformerArgs
 from torchtitan_like.models.llama3.parallelize import parallelize_llama
 
 logger = logging.getLogger(__name__)
+
+HISTORY_STEPS = 10_000
 
 # The start-up collective check fails within this (or comm.init_timeout_seconds if shorter): the
 # ranks have just built the mesh together, so a healthy check takes milliseconds.
@@ -146,7 +149,9 @@ class Trainer:
         )
         self.device = torch.device(dry_run_device) if dry_run_device is not None else local_device()
         self.train_state = TrainState()
-        self.history: list[dict[str, float]] = []
+        self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_STEPS)
+        """The last HISTORY_STEPS steps' loss, grad norm and lr (benchmarks and tests read it; the metrics
+        files keep every logged step). Bounded: a million steps would hold ~300 MB per rank."""
         self.preemption = PreemptionWatcher()
         self.stopped_by: signal.Signals | None = None
         """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""

@@ -258,7 +258,7 @@ def train_run(argv: list[str], crash_at_step: int | None = None) -> dict:
     finally:
         trainer.close()
     out: dict = {
-        "history": trainer.history, "crashed": crashed, "misplaced_grads": sorted(misplaced_grads),
+        "history": list(trainer.history), "crashed": crashed, "misplaced_grads": sorted(misplaced_grads),
         "output_positions": sorted(projected),
     }
     out["state"] = {
