@@ -54,6 +54,7 @@ from torchtitan_like.distributed.pipeline import (
     Pipeline,
     PipelinePlan,
     check_schedule_backend,
+    check_validation_schedule,
     log_plan,
     plan_pipeline,
     split_model,
@@ -129,6 +130,8 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
             compile_model=cfg.compile.enable and "model" in cfg.compile.components,
             compile_loss=cfg.compile.enable and "loss" in cfg.compile.components,
         )
+        if cfg.validation.enable:
+            check_validation_schedule(pp_plan)
     return CheckedJob(model_args=model_args, parallel_dims=parallel_dims, pp_plan=pp_plan)
 
 

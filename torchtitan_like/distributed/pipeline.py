@@ -138,7 +138,8 @@ class PipelinePlan:
 
     def bubble_fraction(self) -> float | None:
         """Theoretical idle time / ideal compute time: (p-1)/m for GPipe and 1F1B, (p-1)/(v*m) for
-        interleaved and looped schedules, about 0 for zero-bubble ones, None for a CSV schedule."""
+        interleaved and looped schedules with m >= p ((v*(p-m)+m-1)/(v*m) below), about 0 for
+        zero-bubble ones (with enough microbatches), None for a CSV schedule."""
         p, m, v = self.pp, self.n_microbatches, self.stages_per_rank
         if self.schedule == CSV_SCHEDULE:
             return None
@@ -146,12 +147,16 @@ class PipelinePlan:
             return 0.0
         if self.schedule in SINGLE_STAGE_SCHEDULES:
             return (p - 1) / m
+        if m < p:
+            # A round of microbatches cannot fill the loop: the last one enters at (m-1)/v and then
+            # crosses all v*p stages (1/v each).
+            return (v * (p - m) + m - 1) / (v * m)
         return (p - 1) / (v * m)
 
     def describe(self) -> str:
         layers = [sum(f.startswith("layers.") for f in fqns) for fqns in self.fqns_per_stage]
         bubble = self.bubble_fraction()
-        formula = {True: "(p-1)/m", False: "(p-1)/(v*m)"}[self.single_stage]
+        formula = "(p-1)/m" if self.single_stage else "(p-1)/(v*m)" if self.n_microbatches >= self.pp else "(v*(p-m)+m-1)/(v*m)"
         if self.schedule in ZERO_BUBBLE_SCHEDULES:
             bubble_text = "~0 (zero bubble)"
         elif bubble is None:
@@ -197,7 +202,8 @@ def plan_pipeline(
         schedule = CSV_SCHEDULE
         csv_ranks, csv_microbatches, csv_actions = _read_csv(p.pipeline_parallel_schedule_csv, pp)
         splits_backward = any(a.computation_type.name in ("BACKWARD_INPUT", "BACKWARD_WEIGHT")
-                              for row in csv_actions.values() for a in row)
+                              for row in csv_actions.values() for action in row
+                              for a in (getattr(action, "sub_actions", None) or (action,)))
         key = f"parallelism.pipeline_parallel_schedule_csv={p.pipeline_parallel_schedule_csv!r}"
         what = "its I/W actions split each backward"
     else:
@@ -433,6 +439,23 @@ def _check_csv_order(path: str, actions: dict[int, list[Any]], *, pp: int, num_s
         raise ConfigError(f"parallelism.pipeline_parallel_schedule_csv={path!r}: torch refuses it: {first}") from None
 
 
+def check_validation_schedule(plan: PipelinePlan) -> None:
+    """Validation runs the schedule forward only (torch's eval()). torch 2.13's runtime still hands
+    input gradients between two adjacent stages on one rank in that mode, and fails ("can't
+    steal_bwd_input if this stage doesn't have backward"): the V schedules always place stages so, and
+    a CSV schedule may."""
+    adjacent = [s for s in range(plan.num_stages - 1) if plan.stage_ranks[s] == plan.stage_ranks[s + 1]]
+    if not adjacent:
+        return
+    which = (f"parallelism.pipeline_parallel_schedule_csv={plan.csv_path!r}" if plan.schedule == CSV_SCHEDULE
+             else f"parallelism.pipeline_parallel_schedule={plan.schedule!r}")
+    raise ConfigError(
+        f"validation.enable=true with {which}: stages {adjacent[0]} and {adjacent[0] + 1} run on the same rank, and "
+        "torch cannot run such a schedule forward only (eval); use a schedule that puts adjacent stages on "
+        "different ranks (1F1B, Interleaved1F1B, ...) or validation.enable=false"
+    )
+
+
 def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int, dict[int, list[Any]]]:
     """For each stage index in the CSV, the ranks (rows) that compute it; the microbatch count; and
     each rank's parsed actions."""
@@ -459,10 +482,22 @@ def _read_csv(path: str, pp: int) -> tuple[list[set[int]], int, dict[int, list[A
                 action = _Action.from_str(cell)
             except Exception as e:  # torch raises RuntimeError / ValueError / AssertionError by version
                 raise ConfigError(f"{key}={path!r} row {rank + 1}: cannot parse action {cell!r} ({e})") from None
+            if action is None:
+                continue
+            # OVERLAP_F_B is a container (stage -1) of compute actions: count the stages inside it.
+            parts = tuple(getattr(action, "sub_actions", None) or (action,))
+            comms = [str(a) for a in parts if not a.computation_type.name.startswith(("FORWARD", "BACKWARD", "FULL_BACKWARD"))]
+            if comms:
+                raise ConfigError(
+                    f"{key}={path!r} row {rank + 1}: {cell!r} is a communication action ({comms[0]}); the CSV must be "
+                    "compute-only (F, B, I, W, OVERLAP_F_B): the runtime adds the sends, receives and resharding itself "
+                    "(torch's _dump_csv writes this format with format=\"compute_only\")"
+                )
             actions[rank].append(action)
-            stages.setdefault(action.stage_index, set()).add(rank)
-            if action.microbatch_index is not None:
-                microbatches.add(action.microbatch_index)
+            for a in parts:
+                stages.setdefault(a.stage_index, set()).add(rank)
+                if a.microbatch_index is not None:
+                    microbatches.add(a.microbatch_index)
     if not stages or sorted(stages) != list(range(len(stages))):
         raise ConfigError(f"{key}={path!r}: stage indices must be 0..N-1 with none missing, got {sorted(stages)}")
     if sorted(microbatches) != list(range(len(microbatches))):
@@ -528,6 +563,10 @@ class _ComputeClock:
             self._events[-1] = (self._events[-1][0], end)
         else:
             self._cpu_s += time.perf_counter() - self._t0
+
+    def discard(self) -> None:
+        """Forget what was timed since the last take(), without reading it (no synchronize needed)."""
+        self._cpu_s, self._events = 0.0, []
 
     def take(self) -> float:
         """Seconds of compute since the last take() (CUDA: the stream must be synchronized)."""
@@ -616,8 +655,10 @@ class Pipeline:
         )
 
     def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Called by the schedule on the last stage, once per microbatch.
-        return self._loss_fn(logits, labels) / self._denominator
+        # Called by the schedule on the last stage, once per microbatch, outside the stage's timed
+        # forward: timed here (with a chunked loss it holds the output projection too).
+        with self.clock:
+            return self._loss_fn(logits, labels) / self._denominator
 
     def step(
         self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor], *, denominator: float
@@ -629,7 +670,9 @@ class Pipeline:
         """Forward only (call under torch.no_grad()); `losses` gets the token-sum loss of each microbatch."""
         self._denominator = 1.0
         self.schedule.eval(*self._args(inputs), **self._kwargs(labels, losses), **self._step_kwargs)
-        self.clock.take()  # forward-only compute is not training time: keep it out of compute_s()
+        # Forward-only compute is not training time: keep it out of compute_s() (discarded, not read: on
+        # CUDA reading the events would need the stream synchronized first).
+        self.clock.discard()
 
     def _args(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (inputs,) if self.has_first else ()
