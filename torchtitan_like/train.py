@@ -146,12 +146,13 @@ def _exit(code: int) -> None:
     finished rank, which makes torchrun fail a successful job (see CPU_NOTES). A barrier, an explicit
     destroy, a flush and os._exit avoid it.
     """
-    import torch.distributed as dist
+    if "torch" in sys.modules:  # (--help never imports it)
+        import torch.distributed as dist
 
-    if dist.is_initialized():
-        if code in (0, EXIT_PREEMPTED):  # every rank got here together
-            dist.barrier()
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            if code in (0, EXIT_PREEMPTED):  # every rank got here together
+                dist.barrier()
+            dist.destroy_process_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -87,9 +87,8 @@ def validate(cfg: JobConfig) -> None:
     c = cfg.checkpoint
     if c.create_seed_checkpoint and not c.enable:
         raise ConfigError("checkpoint.create_seed_checkpoint=true needs checkpoint.enable=true")
-    if (c.initial_load_in_hf or c.last_save_in_hf) and not c.enable:
-        which = "initial_load_in_hf" if c.initial_load_in_hf else "last_save_in_hf"
-        raise ConfigError(f"checkpoint.{which}=true needs checkpoint.enable=true")
+    if c.last_save_in_hf and not c.enable:
+        raise ConfigError("checkpoint.last_save_in_hf=true needs checkpoint.enable=true (it is part of the final save)")
     # Settings of an initial load that has nothing to load would be silently ignored (a fine-tune
     # would start from random weights).
     if not c.initial_load_path and (c.initial_load_in_hf or not c.initial_load_model_only):
