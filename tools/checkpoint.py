@@ -16,9 +16,12 @@ save: into a temp folder, manifest last, then renamed. Exit status: 0 ok, 2 a ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,25 @@ def _cast(sd: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Ten
     return {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
 
 
+@contextlib.contextmanager
+def _atomic(dst: Path) -> Iterator[Path]:
+    """A temporary path beside `dst` (file or folder) to write into; renamed onto `dst` when the block
+    succeeds, removed when it fails: a failed convert (a full disk) leaves nothing half-written at dst."""
+    tmp = dst.parent / f"{dst.name}.tmp-{secrets.token_hex(4)}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+        if dst.is_dir():
+            dst.rmdir()  # an empty folder (checked by the caller): the output takes its place
+        os.rename(tmp, dst)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_dcp(state: dict[str, Any], dst: Path, *, step: int, source: Path) -> None:
     import warnings
 
@@ -170,6 +192,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{src} does not exist")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst} already exists: pick a new destination")
+    if _is_dcp(src) and dst.resolve().is_relative_to(src.resolve()):
+        # (A file there is "not listed in manifest.json": the checkpoint would no longer verify.)
+        raise CheckpointError(f"{dst} is inside the source checkpoint {src}: write it elsewhere")
     if _is_dcp(src):
         if dst_suffix == ".pt":
             model_only = bool(args.model_only)
@@ -177,8 +202,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 raise CheckpointError("--hf applies to .safetensors files and folders, not .pt")
             state = _read_dcp(src, model_only=model_only)
             state["model"] = _cast(state["model"], args.dtype)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state["model"] if model_only else state, dst)
+            with _atomic(dst) as tmp:
+                torch.save(state["model"] if model_only else state, tmp)
         else:
             if args.model_only is False:
                 raise CheckpointError("safetensors hold model weights only: drop --no-model-only or write a .pt")
@@ -192,10 +217,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if dst_suffix == ".safetensors":
                 from safetensors.torch import save_file
 
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in sd.items()}, str(dst), metadata={"format": "pt"})
+                with _atomic(dst) as tmp:
+                    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
             else:
-                save_hf_safetensors(sd, dst, args=margs)
+                with _atomic(dst) as tmp:
+                    save_hf_safetensors(sd, tmp, args=margs)
                 if margs is None:
                     print(
                         f"note: wrote our parameter names into {dst / HF_SINGLE}; add --hf --flavor for HF names",
@@ -209,8 +235,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if src.suffix.lower() == ".pt":
             if args.hf:
                 raise CheckpointError("--hf applies to .safetensors files and HF folders, not .pt")
-            loaded = torch.load(src, map_location="cpu", weights_only=True)
+            try:
+                loaded = torch.load(src, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated, not a torch file, or pickled objects weights_only refuses
+                raise CheckpointError(f"{src} is not a readable .pt file ({type(e).__name__}: {e})") from None
             state = loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+            model = state["model"]
+            if not (isinstance(model, dict) and model and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                            for k, v in model.items())):
+                raise CheckpointError(
+                    f"{src} holds a {type(model).__name__}, not a state dict (parameter name -> tensor, or a dict "
+                    "with one under \"model\")"
+                )
             if args.model_only:
                 state = {"model": state["model"]}
             state["model"] = _cast(state["model"], args.dtype)
@@ -254,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
     c = sub.add_parser("convert", help="DCP folder <-> .pt / .safetensors / HF folder")
     c.add_argument("src")
-    c.add_argument("dst", help="a .pt or .safetensors file, or a folder (HF export with --hf, else DCP)")
+    c.add_argument("dst", help="a .pt or .safetensors file, or a folder: from a DCP source a safetensors folder "
+                               "(HF names and config.json with --hf), from a file or HF folder a DCP checkpoint")
     c.add_argument(
         "--model-only",
         action=argparse.BooleanOptionalAction,

@@ -3,8 +3,8 @@
 DCP reads only the keys the state dict asks for, so resuming (or starting from initial_load_path) with
 a shallower flavor of the same width once loaded the first layers and dropped the rest without a word
 (only a config-hash warning on resume). Extra model tensors are now a CheckpointError naming them.
-Zero-padded step folders (step-005) are purged like any other. An initial load that loads no weights
-because exclude_from_loading lists "model" says so.
+Zero-padded step folders (step-005) are purged like any other. An initial load that would load no
+weights because exclude_from_loading lists "model" is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 # The checkpoint suite's tiny run helpers, and its autouse fixture (one thread).
 from test_checkpoint import ARGS, _one_thread, ckpt_dir, make_run, manager  # noqa: F401
 from torchtitan_like.components.checkpoint import CheckpointError
+from torchtitan_like.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
@@ -58,6 +59,7 @@ def test_initial_load_with_the_model_excluded_says_so(tmp_path):
     mgr = manager(run, tmp_path / "src", interval=1)
     run.train(1, mgr)
     mgr.close()
-    with pytest.raises(CheckpointError, match='exclude_from_loading lists "model"'):
+    # A config rule (so the dry run refuses it too): the manager refuses it when it is built.
+    with pytest.raises(ConfigError, match='exclude_from_loading lists "model"'):
         manager(make_run(1), tmp_path / "new", initial_load_path=str(ckpt_dir(tmp_path / "src") / "step-1"),
-                exclude_from_loading=["model"]).load()
+                exclude_from_loading=["model"])

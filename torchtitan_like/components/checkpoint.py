@@ -715,13 +715,8 @@ class CheckpointManager:
         return step
 
     def _load_initial(self, path: Path) -> int | None:
+        # (exclude_from_loading with "model" is refused with initial_load_path: check_checkpoint_config.)
         if self.cfg.initial_load_in_hf:
-            if "model" in self.cfg.exclude_from_loading:  # (the DCP path below refuses it the same way)
-                raise CheckpointError(
-                    f"checkpoint.initial_load_path={path}: checkpoint.exclude_from_loading lists \"model\", so "
-                    "its weights would not be loaded; remove \"model\" from exclude_from_loading or unset "
-                    "initial_load_path"
-                )
             self._load_hf(path)
             return None
         check_initial_load(self.cfg, self.model_args)
@@ -734,12 +729,6 @@ class CheckpointManager:
         wanted = {"model"} if self.cfg.initial_load_model_only else set(COMPONENTS)
         loaded = self._load_components(path, wanted)
         if "model" not in loaded:
-            if "model" in self.cfg.exclude_from_loading:
-                raise CheckpointError(
-                    f"checkpoint.initial_load_path={path}: checkpoint.exclude_from_loading lists \"model\", so "
-                    "its weights would not be loaded; remove \"model\" from exclude_from_loading or unset "
-                    "initial_load_path"
-                )
             raise CheckpointError(f"checkpoint.initial_load_path={path} holds no model weights")
         return self.train_state.step if "train_state" in loaded else None
 
@@ -871,6 +860,12 @@ def check_checkpoint_config(cfg: Checkpoint, *, pp: int = 1) -> None:
         )
     if cfg.export_dtype not in EXPORT_DTYPES:
         raise ConfigError(f"checkpoint.export_dtype={cfg.export_dtype!r} must be one of {', '.join(EXPORT_DTYPES)}")
+    if cfg.initial_load_path and "model" in cfg.exclude_from_loading:
+        # (Config alone decides it: the dry run refuses it as the real run does.)
+        raise ConfigError(
+            f"checkpoint.initial_load_path={cfg.initial_load_path}: checkpoint.exclude_from_loading lists \"model\", "
+            "so its weights would not be loaded; remove \"model\" from exclude_from_loading or unset initial_load_path"
+        )
     if cfg.keep_latest_k < 0:
         raise ConfigError(f"checkpoint.keep_latest_k={cfg.keep_latest_k} must be >= 0 (0 keeps every checkpoint)")
     if cfg.load_step >= 0 and not cfg.enable:

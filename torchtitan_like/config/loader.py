@@ -26,6 +26,12 @@ _FALSE = {"false", "0", "no", "off"}
 
 
 def _closest(name: str, candidates: list[str]) -> str:
+    # The one candidate whose last dotted part is the name: torchtitan's [float8] is our
+    # [quantize.linear.float8] (too short a string for a fuzzy match to find).
+    tail = [c for c in candidates if c != name and c.rpartition(".")[2].lower() == name.rpartition(".")[2].lower()
+            and "." not in name]
+    if len(tail) == 1:
+        return f" (did you mean '{tail[0]}'?)"
     # Case-insensitive, so 'adamw' suggests 'AdamW' rather than 'Adam'.
     lower = {c.lower(): c for c in candidates}
     match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
@@ -226,6 +232,10 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
         if not isinstance(value, str):
             hint = f' (in TOML, quote it: "{value}")' if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
             raise ConfigError(f"{where} must be a string, got {value!r}{hint}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. a Latin-1 file name in argv: config.toml could not hold it
+            raise ConfigError(f"{where}={value!r} is not valid UTF-8 (rename the file or folder)") from None
         return value
     raise AssertionError(f"config type {type_name(key.type)} of {key.dotted} has no parser")
 

@@ -1,0 +1,168 @@
+"""Edges of the config system, the dry run and tools/checkpoint.py: torchtitan's [float8] pointed to
+ours, seeds torch cannot take, non-UTF-8 paths, config rules the dry run must apply as the real run does,
+and a convert that never damages its source nor leaves a half-written output. CPU only, seconds each."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.errors import ConfigError, TrainerError
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "checkpoint.py"
+DEBUG_CONFIG = REPO / "train_configs" / "debug_model.toml"
+
+
+def _config_error(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    return str(info.value)
+
+
+def _tool_main():
+    spec = importlib.util.spec_from_file_location("review_config_tools_checkpoint_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def tiny_dcp(tmp_path: Path) -> Path:
+    """A verified DCP step folder written by the tool itself from a tiny (non-llama) state dict."""
+    src = tmp_path / "tiny.pt"
+    torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}, src)
+    step = tmp_path / "step-3"
+    assert _tool_main()(["convert", str(src), str(step), "--step", "3"]) == 0
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# config: loader and validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["cli", "toml"])
+def test_torchtitans_float8_section_points_to_quantize_linear_float8(where: str, tmp_path: Path) -> None:
+    if where == "cli":
+        argv = ["--float8.enable_fsdp_float8_all_gather"]
+    else:
+        path = tmp_path / "job.toml"
+        path.write_text("[float8]\nenable_fsdp_float8_all_gather = true\n", encoding="utf-8")
+        argv = ["--job.config_file", str(path)]
+    msg = _config_error(argv)  # (once: "unknown section 'float8'" and nothing else)
+    assert "quantize.linear.float8" in msg, msg  # the closest valid name, as README promises
+
+
+def test_a_seed_torch_cannot_take_is_a_config_error() -> None:
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.manual_seed(2**64)  # what Trainer._setup_determinism does with it, after validation
+    msg = _config_error(["--debug.seed", str(2**64)])
+    assert "debug.seed" in msg
+
+
+def test_a_path_that_is_not_utf8_is_refused() -> None:
+    path = "/data/caf\udce9"  # how Python decodes a Latin-1 'café' in sys.argv on Linux (surrogateescape)
+    # (Accepted, it crashed start-up: Trainer._fingerprint hashes to_toml(cfg).encode(), config.toml is UTF-8.)
+    msg = _config_error(["--training.dataset", "local", "--training.dataset_path", path])
+    assert msg == "--training.dataset_path='/data/caf\\udce9' is not valid UTF-8 (rename the file or folder)", msg
+
+
+# ---------------------------------------------------------------------------------------------
+# dry run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_dry_run_refuses_an_initial_load_that_excludes_the_model(tiny_dcp: Path, tmp_path: Path) -> None:
+    from torch import nn
+
+    from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
+    from torchtitan_like.config.schema import Checkpoint
+    from torchtitan_like.dry_run import dry_run
+
+    # The real run: the checkpoint manager Trainer.__init__ builds refuses it.
+    model = nn.Linear(3, 2)
+    with pytest.raises(TrainerError, match="exclude_from_loading"):
+        mgr = CheckpointManager(
+            Checkpoint(initial_load_path=str(tiny_dcp), exclude_from_loading=["model"]),
+            dump_folder=str(tmp_path / "real"), model_parts=[model],
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lr_scheduler=None, dataloader=None,
+            train_state=TrainState(), fingerprint={"config_hash": "", "layout": {}, "world_size": 1},
+        )
+        try:
+            mgr.load()
+        finally:
+            mgr.close()
+
+    # The dry run of the same config must fail the same way (it is a config-only rule).
+    argv = ["--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path / "run"),
+            "--training.dataset", "synthetic", "--checkpoint.initial_load_path", str(tiny_dcp),
+            "--checkpoint.exclude_from_loading", "model"]
+    with pytest.raises(TrainerError, match="exclude_from_loading"):
+        dry_run(argv, world_size=1, rank=0, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/checkpoint.py
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["garbage", "tensor"])
+def test_a_bad_pt_source_is_one_error_line_and_exit_2(content: str, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "weights.pt"
+    if content == "garbage":
+        src.write_bytes(b"not a pickle at all")  # e.g. a truncated download
+    else:
+        torch.save(torch.zeros(3), src)  # a tensor, not a state dict
+    try:
+        rc = _tool_main()(["convert", str(src), str(tmp_path / "out")])
+    except Exception as e:  # (once: UnpicklingError / AttributeError out of main())
+        pytest.fail(f"traceback instead of exit 2: {type(e).__name__}: {e}")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "weights.pt" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors", "hf"])
+def test_convert_refuses_a_destination_inside_the_source_checkpoint(tiny_dcp: Path, name: str) -> None:
+    from torchtitan_like.components.manifest import verify
+
+    verify(tiny_dcp)
+    rc = _tool_main()(["convert", str(tiny_dcp), str(tiny_dcp / name)])
+    verify(tiny_dcp)  # (once: "... is not listed in manifest.json (a foreign or leftover file)")
+    assert rc == 2
+
+
+def _failing_writer(real_target_of):
+    def write(*args, **kwargs):
+        target = real_target_of(args, kwargs)
+        if isinstance(target, (str, Path)):
+            with open(target, "wb") as f:
+                f.write(b"partial")
+        else:
+            target.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+@pytest.mark.parametrize("name", ["out.pt", "out.safetensors", "hf_out"])
+def test_a_failed_convert_leaves_nothing_at_the_destination(
+    tiny_dcp: Path, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    monkeypatch.setattr(torch, "save", _failing_writer(lambda a, k: a[1] if len(a) > 1 else k["f"]))
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        _failing_writer(lambda a, k: a[1] if len(a) > 1 else k["filename"]))
+    dst = tmp_path / name
+    try:
+        _tool_main()(["convert", str(tiny_dcp), str(dst)])
+    except OSError:
+        pass  # the error itself may surface either way; what it leaves behind is the point
+    assert not dst.exists() or (dst.is_dir() and not any(dst.iterdir())), sorted(p.name for p in tmp_path.rglob("*"))
