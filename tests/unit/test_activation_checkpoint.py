@@ -46,18 +46,22 @@ def _tokens(model: Transformer, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, a.vocab_size, (batch, a.max_seq_len), generator=torch.Generator().manual_seed(0))
 
 
-def _peak_bytes(ac: ActivationCheckpoint) -> int:
+def peak_bytes_of_step(model: Transformer, tokens: torch.Tensor) -> int:
+    """Peak live bytes (MemTracker) of one forward + backward of `model` on `tokens`."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    # Activations dominate here (seq 256, vocab 256): the quantity AC trades for recompute.
-    model = _model(ac)
-    tokens = _tokens(model)
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker:
         model(tokens).float().pow(2).mean().backward()
     (per_device,) = tracker.get_tracker_snapshot("peak").values()
     return max(v for k, v in per_device.items() if str(k) == "Total")
+
+
+def _peak_bytes(ac: ActivationCheckpoint) -> int:
+    # Activations dominate here (seq 256, vocab 256): the quantity AC trades for recompute.
+    model = _model(ac)
+    return peak_bytes_of_step(model, _tokens(model))
 
 
 def test_peak_memory_falls_none_selective_full():

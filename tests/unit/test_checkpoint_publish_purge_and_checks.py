@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_checkpoint import _one_thread  # noqa: F401 (its module-wide one-thread fixture)
 from tests.distributed.harness import run_on_ranks
 from tests.distributed.trainer_runs import trainer_argv
 from torchtitan_like.components import checkpoint as ckpt_mod
@@ -27,14 +28,6 @@ ARGS = TransformerArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6
 
 # Saves without a process group: DCP says it assumes a single process.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Model:

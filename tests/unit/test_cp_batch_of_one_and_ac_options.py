@@ -133,7 +133,7 @@ def _float8_peak_bytes(ac) -> int:
     the same casts, abs and amax as on a GPU), under activation checkpointing `ac`."""
     from dataclasses import replace
 
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from test_activation_checkpoint import peak_bytes_of_step
 
     from torchtitan_like.components.float8 import Float8Converter
     from torchtitan_like.config.schema import Float8, Parallelism
@@ -151,12 +151,7 @@ def _float8_peak_bytes(ac) -> int:
     with torch.no_grad():
         model.init_weights(0)
     tokens = torch.randint(0, args.vocab_size, (2, args.max_seq_len), generator=torch.Generator().manual_seed(0))
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
-        model(tokens).float().pow(2).mean().backward()
-    (per_device,) = tracker.get_tracker_snapshot("peak").values()
-    return max(v for k, v in per_device.items() if str(k) == "Total")
+    return peak_bytes_of_step(model, tokens)
 
 
 def test_selective_op_ac_with_float8_uses_less_memory_than_no_ac() -> None:

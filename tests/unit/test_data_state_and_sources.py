@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data import GBS, SEQ, tok  # noqa: F401 (the embedded tokenizer fixture and test_data's shapes)
 
-from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer
 from torchtitan_like.config.schema import Training
 from torchtitan_like.data import build_dataloader, grad_accum_steps
 from torchtitan_like.data.prefetch import PrefetchingLoader, _Raised
 from torchtitan_like.data.sources import synthetic_sample
 from torchtitan_like.errors import DataError
-
-SEQ = 16
-GBS = 8
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return build_tokenizer("")
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:

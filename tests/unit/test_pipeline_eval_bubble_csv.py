@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_pipeline_csv_checks import _build_on_fake_pg
 from torch import nn
 
 from torchtitan_like.config.loader import load_config
@@ -36,7 +37,6 @@ from torchtitan_like.distributed.pipeline import (
     PipelinePlan,
     _ComputeClock,
     available_schedules,
-    build_schedule,
     plan_pipeline,
     schedule_switches_modes,
 )
@@ -87,19 +87,6 @@ COMMS_ROWS = [
 ]
 
 
-def _build_on_fake_pg(plan: PipelinePlan, rank: int) -> None:
-    from torch.distributed.pipelining import PipelineStage
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.pp)
-    try:
-        stages = [
-            PipelineStage(nn.Linear(2, 2), s, plan.num_stages, torch.device("cpu"), group=dist.group.WORLD)
-            for s in plan.stage_ids(rank)
-        ]
-        build_schedule(plan, stages, loss_fn=lambda out, target: out.sum())
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("rows", [COMMS_ROWS, ["0F0,0F1,0B0,0B1,0REDUCE_GRAD", "1F0,1F1,1B0,1B1"]],

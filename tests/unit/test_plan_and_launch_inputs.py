@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEBUG_ARGV = ("--model.name", "llama3", "--model.flavor", "debugmodel")
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logger() -> Iterator[None]:
-    # train.main() reconfigures the root logger (force=True); put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (tests/conftest.py)
 
 
 def plan_cli():

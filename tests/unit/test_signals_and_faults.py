@@ -4,10 +4,8 @@ tests/integration/test_preemption.py and test_failures.py)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +34,7 @@ def argv(dump: Path, *overrides: str) -> list[str]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (tests/conftest.py)
 
 
 def test_exit_status_is_the_same_everywhere():

@@ -5,8 +5,6 @@ The error cases fail inside load_config, before the Trainer is imported.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +15,7 @@ from torchtitan_like.config.fields import keys
 from torchtitan_like.errors import ConfigError, DataError, TrainingError
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logger() -> Iterator[None]:
-    # main() reconfigures the root logger (force=True) onto the captured stdout; put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (tests/conftest.py)
 
 
 def expected_default(value: object) -> str:
