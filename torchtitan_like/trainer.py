@@ -43,6 +43,7 @@ from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
 from torchtitan_like.components.validation import Validator, build_validation_dataset, check_layout
 from torchtitan_like.config.loader import to_toml
 from torchtitan_like.config.schema import Debug, JobConfig
+from torchtitan_like.config.validate import ignored_settings
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.data.prefetch import PrefetchingLoader
 from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
@@ -165,6 +166,9 @@ class Trainer:
         # 1. Everything that can be checked without building the model, before building it.
         checked = check_job(cfg, self.world_size)
         self.model_args, self.parallel_dims, self.pp_plan = checked.model_args, checked.parallel_dims, checked.pp_plan
+        ignored = ignored_settings(cfg, pp=self.parallel_dims.pp)
+        if ignored:
+            logger.warning("these settings have no effect in this job: %s", "; ".join(ignored))
         if self.pp_plan is not None:
             check_schedule_backend(self.pp_plan, self.device.type)
         # A dry run for GPUs on a machine without one keeps its (fake) mesh on CPU: FSDP asks the mesh's

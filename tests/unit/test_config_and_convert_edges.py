@@ -166,3 +166,19 @@ def test_a_failed_convert_leaves_nothing_at_the_destination(
     except OSError:
         pass  # the error itself may surface either way; what it leaves behind is the point
     assert not dst.exists() or (dst.is_dir() and not any(dst.iterdir())), sorted(p.name for p in tmp_path.rglob("*"))
+
+
+def test_settings_the_job_does_not_use_are_named() -> None:
+    from torchtitan_like.config.validate import ignored_settings
+
+    base = ["--job.config_file", str(DEBUG_CONFIG)]
+    assert ignored_settings(load_config(base), pp=1) == []
+    cfg = load_config([*base, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                       "--quantize.linear.float8.recipe_name", "rowwise"])
+    assert ignored_settings(cfg, pp=1) == [
+        "parallelism.pipeline_parallel_schedule (pipeline_parallel_degree=1)",
+        "quantize.linear.float8.recipe_name (no float8 in model.converters)",
+    ]
+    assert ignored_settings(cfg, pp=2) == ["quantize.linear.float8.recipe_name (no float8 in model.converters)"]
+    with_float8 = load_config([*base, "--model.converters", "float8", "--quantize.linear.float8.recipe_name", "rowwise"])
+    assert ignored_settings(with_float8, pp=1) == []

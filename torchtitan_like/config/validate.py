@@ -186,3 +186,25 @@ def _validate_features(cfg: JobConfig) -> None:
                 f"enable_fsdp_float8_all_gather={str(f8.enable_fsdp_float8_all_gather).lower()}): set those, or "
                 "set it to false"
             )
+
+
+def ignored_settings(cfg: JobConfig, *, pp: int) -> list[str]:
+    """Keys set away from their defaults that this job does not use (for a warning at start: a base
+    config's pipeline or float8 settings left behind by an override are not silently dropped)."""
+    from dataclasses import fields
+
+    from torchtitan_like.components.float8 import CONVERTER_NAMES
+    from torchtitan_like.config.schema import Float8, Parallelism
+
+    out = []
+    if pp == 1:
+        default = Parallelism()
+        out += [f"parallelism.{f.name} (pipeline_parallel_degree=1)" for f in fields(Parallelism)
+                if (f.name.startswith("pipeline_parallel_") or f.name == "module_fqns_per_model_part")
+                and f.name != "pipeline_parallel_degree"
+                and getattr(cfg.parallelism, f.name) != getattr(default, f.name)]
+    if not any(c in CONVERTER_NAMES for c in cfg.model.converters):
+        default = Float8()
+        out += [f"quantize.linear.float8.{f.name} (no float8 in model.converters)" for f in fields(Float8)
+                if getattr(cfg.quantize.linear.float8, f.name) != getattr(default, f.name)]
+    return out
