@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_profiling import argv  # the debug model at seq 32, batch 2, 4 steps
 from torch import nn
 
 from torchtitan_like.components.float8 import Float8Converter, is_float8_linear
@@ -18,7 +19,6 @@ from torchtitan_like.config.schema import Float8, Parallelism, Validation
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 
@@ -81,19 +81,14 @@ def test_nan_val_loss_gives_nan_perplexity():
 
 
 def _compile_argv(dump: Path) -> list[str]:
-    return [
-        "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
-        "--job.dump_folder", str(dump),
-        "--training.seq_len", "32",
-        "--training.local_batch_size", "2",
-        "--training.steps", "4",
+    return argv(
+        dump,
         "--metrics.log_freq", "1",
-        "--metrics.no_enable_tensorboard",
         "--debug.deterministic",
         "--compile.enable", "--compile.backend", "aot_eager",
         "--validation.enable", "--validation.dataset", "synthetic", "--validation.steps", "1",
         "--validation.freq", "2", "--validation.seq_len", "32", "--validation.local_batch_size", "2",
-    ]
+    )
 
 
 def test_validation_under_compile_does_not_raise_a_recompile_alarm(tmp_path, caplog):

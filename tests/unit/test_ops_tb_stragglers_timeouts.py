@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from test_profiling import argv  # the debug model at seq 32, batch 2
 from tests.distributed.harness import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,15 +20,7 @@ CPU = torch.device("cpu")
 
 
 def _argv(dump: Path | str, *overrides: str) -> list[str]:
-    return [
-        "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
-        "--job.dump_folder", str(dump),
-        "--training.seq_len", "32",
-        "--training.local_batch_size", "2",
-        "--training.prefetch_batches", "0",
-        "--metrics.no_enable_tensorboard",
-        *overrides,
-    ]
+    return argv(Path(dump), "--training.prefetch_batches", "0", *overrides)  # (each test sets its steps)
 
 
 # --- 1. TensorBoard drops the dead attempt's steps after a resume ------------------------------------
