@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -338,6 +339,31 @@ def test_a_failed_save_leaves_no_step_folder_and_the_older_one_intact(tmp_path, 
     mgr.close()
     assert sorted(p.name for p in folder.iterdir()) == ["step-2", "step-6"]
     assert manager(make_run(1), tmp_path).load() == 6
+
+
+def test_a_preemption_save_still_happens_after_a_failed_async_save(tmp_path, monkeypatch, caplog):
+    """The pre-emption save (force) waits for the save in flight first; when that one failed (a full
+    disk that has since been cleared, a flaky file server), the state at the signal is saved all the
+    same and the failure is logged. It used to raise the old failure, so the pre-empted job exited
+    without saving and lost everything since the previous checkpoint."""
+    run = make_run()
+    mgr = manager(run, tmp_path, async_mode="async")
+    run.train(2, mgr)
+    mgr.wait()
+    run.train(2)
+    real_writer = CheckpointManager._make_writer
+    monkeypatch.setattr(CheckpointManager, "_make_writer", lambda self, path: _FullDiskWriter(str(path)))
+    mgr.maybe_save(4)  # fails in the background
+    monkeypatch.setattr(CheckpointManager, "_make_writer", real_writer)
+    run.train(1)
+    run.state.step = 5
+    with caplog.at_level(logging.ERROR, logger="torchtitan_like"):
+        mgr.maybe_save(5, force=True)
+    mgr.close()
+    assert re.search(r"step 4 into .* failed: .*No space left on device.*saving step 5 now", caplog.text)
+    assert verify(ckpt_dir(tmp_path) / "step-5")["step"] == 5
+    assert manager(make_run(1), tmp_path).load() == 5
+
 
 
 def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):

@@ -268,7 +268,14 @@ class CheckpointManager:
         interval = self.cfg.interval
         if not (last or force or seed) and (interval <= 0 or step % interval != 0):
             return
-        self.wait()  # one save in flight at a time
+        try:
+            self.wait()  # one save in flight at a time
+        except CheckpointError as e:
+            if not force:
+                raise
+            # A pre-empted run still saves where it stopped: the failed earlier save (every rank saw it:
+            # DCP reports a write failure on all ranks) is reported, not a reason to lose this state too.
+            logger.error("%s; saving step %d now all the same (pre-emption)", e, step)
         t0 = time.perf_counter()
         model_only = seed or (last and self.cfg.last_save_model_only)
         export_dtype = None if seed else self.export_dtype
