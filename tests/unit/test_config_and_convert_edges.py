@@ -182,3 +182,27 @@ def test_settings_the_job_does_not_use_are_named() -> None:
     assert ignored_settings(cfg, pp=2) == ["quantize.linear.float8.recipe_name (no float8 in model.converters)"]
     with_float8 = load_config([*base, "--model.converters", "float8", "--quantize.linear.float8.recipe_name", "rowwise"])
     assert ignored_settings(with_float8, pp=1) == []
+
+
+def test_keys_of_a_switched_off_section_are_named() -> None:
+    """A base config's [validation] or [compile] settings with the section's switch off do nothing: the
+    start-up warning names them, with the switch (and a key the switch does not govern is not named)."""
+    from torchtitan_like.config.validate import ignored_settings
+
+    base = ["--job.config_file", str(DEBUG_CONFIG)]
+    cfg = load_config([*base, "--validation.freq", "5", "--compile.backend", "aot_eager",
+                       "--activation_checkpoint.mode", "full", "--activation_checkpoint.selective_ac_option", "op",
+                       "--profiling.profile_freq", "3", "--metrics.no_enable_tensorboard",
+                       "--metrics.save_tb_folder", "tb2"])
+    assert ignored_settings(cfg, pp=1) == [
+        'compile.backend (compile.enable=false)',
+        'validation.freq (validation.enable=false)',
+        'metrics.save_tb_folder (metrics.enable_tensorboard=false)',
+        'profiling.profile_freq (profiling.enable_profiling=false)',
+        'activation_checkpoint.selective_ac_option (activation_checkpoint.mode="full")',
+    ]
+    switched_on = load_config([*base, "--validation.enable", "--validation.freq", "5", "--validation.seq_len", "256",
+                               "--compile.enable",
+                               "--compile.backend", "aot_eager", "--profiling.enable_memory_snapshot",
+                               "--profiling.profile_freq", "3"])
+    assert ignored_settings(switched_on, pp=1) == []

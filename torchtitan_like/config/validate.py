@@ -190,7 +190,8 @@ def _validate_features(cfg: JobConfig) -> None:
 
 def ignored_settings(cfg: JobConfig, *, pp: int) -> list[str]:
     """Keys set away from their defaults that this job does not use (for a warning at start: a base
-    config's pipeline or float8 settings left behind by an override are not silently dropped)."""
+    config's pipeline or float8 settings left behind by an override, or the keys of a section switched
+    off, are not silently dropped)."""
     from dataclasses import fields
 
     from torchtitan_like.components.float8 import CONVERTER_NAMES
@@ -207,4 +208,28 @@ def ignored_settings(cfg: JobConfig, *, pp: int) -> list[str]:
         default = Float8()
         out += [f"quantize.linear.float8.{f.name} (no float8 in model.converters)" for f in fields(Float8)
                 if getattr(cfg.quantize.linear.float8, f.name) != getattr(default, f.name)]
+    # Sections switched off by one key: their other keys, set, do nothing.
+    switched = [
+        ("compile", "enable", lambda c: c.enable, None),
+        ("validation", "enable", lambda c: c.enable, None),
+        ("metrics", "enable_tensorboard", lambda c: c.enable_tensorboard, {"save_tb_folder"}),
+        ("profiling", "enable_profiling", lambda c: c.enable_profiling,
+         {"save_traces_folder", "profiler_warmup", "profiler_active"}),
+        ("profiling", "enable_profiling", lambda c: c.enable_profiling or c.enable_memory_snapshot, {"profile_freq"}),
+        ("profiling", "enable_memory_snapshot", lambda c: c.enable_memory_snapshot, {"save_memory_snapshot_folder"}),
+        ("activation_checkpoint", "mode", lambda c: c.mode == "selective", {"selective_ac_option"}),
+    ]
+    for section, switch, on, keys in switched:
+        value, default = getattr(cfg, section), type(getattr(cfg, section))()
+        if on(value):
+            continue
+        for f in fields(value):
+            name = f"{section}.{f.name}"
+            if (f.name != switch and (keys is None or f.name in keys)
+                    and getattr(value, f.name) != getattr(default, f.name)):
+                out.append(f"{name} ({section}.{switch}={_toml(getattr(value, switch))})")
     return out
+
+
+def _toml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value).replace("'", '"')
