@@ -246,10 +246,12 @@ def test_estimate_memory_of_one_gpu_debug_model_by_hand():
     assert m.state.n_elements == DEBUG_PARAMS and m.state.params == 4 * DEBUG_PARAMS
     assert m.activations == activations == 7_929_856
     assert m.logits == logits == 2_560_000
-    assert (m.gathered, m.recompute, m.float8) == (0, 0, 0)  # no FSDP, no AC, no float8
-    assert m.margin == int(0.10 * (activations + logits))
+    # No FSDP: autocast's bf16 copy of every block's weights and of the output weight, saved for backward.
+    copies = (LAYERS * PER_LAYER + OUTPUT) * bf16
+    assert (m.gathered, m.recompute, m.float8) == (copies, 0, 0)  # no AC, no float8
+    assert m.margin == int(0.10 * (activations + logits + copies))
     state_total = 4 * DEBUG_PARAMS * 4 + 4 * DEBUG_TENSORS
-    assert m.total == state_total + activations + logits + int(0.10 * (activations + logits))
+    assert m.total == state_total + activations + logits + copies + int(0.10 * (activations + logits + copies))
     assert peak_memory(c).total == m.total
 
 
@@ -272,7 +274,8 @@ def test_estimate_memory_full_ac_takes_recompute_when_larger_than_logits():
     assert m.logits == 2_560_000
     assert m.total == (m.state.total + m.activations + m.gathered + m.float8 + max(m.logits, m.recompute)
                        + m.margin)
-    assert m.margin == int(0.10 * (m.activations + max(m.logits, m.recompute)))
+    assert m.gathered == (PER_LAYER + OUTPUT) * 2  # autocast's copies: the block recomputed, and the output
+    assert m.margin == int(0.10 * (m.activations + max(m.logits, m.recompute) + m.gathered))
 
 
 # ---- step_time.py -------------------------------------------------------------------------------

@@ -159,7 +159,10 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
 
     logits = 0
     if has_output:
-        vocab_shard = a.vocab_size // L.tp if L.tp > 1 else a.vocab_size
+        # Loss parallel keeps the logits sharded on the vocabulary (rank 0's shard is the larger one);
+        # without it the output projection returns them whole on every TP rank.
+        loss_parallel = L.tp > 1 and not c.cfg.parallelism.disable_loss_parallel
+        vocab_shard = -(-a.vocab_size // L.tp) if loss_parallel else a.vocab_size
         chunk = c.cfg.training.loss_chunk_size
         positions = c.cfg.training.seq_len // L.cp
         if chunk and chunk < positions:  # (chunking is refused with loss parallel: the vocab is whole)
@@ -190,6 +193,19 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         tables = (1 if a.tie_word_embeddings else 2) * a.vocab_size * a.dim // L.tp
         gathered += tables * act
         gathered += unsharded_block * FP32  # one block's whole gradients before the reduce-scatter
+    elif act < FP32 and L.dp_replicate > 1:
+        # DDP (replicate, FSDP2-based) never reshards after forward: every block's parameters, cast to
+        # the compute dtype, stay from its forward to its backward, and the tables this rank holds too.
+        tables = ((a.vocab_size * a.dim // L.tp if has_embedding else 0)
+                  + (a.vocab_size * a.dim // L.tp if has_output and not a.tie_word_embeddings else 0))
+        gathered += sum(stage_layers) * gathered_block + tables * act
+        gathered += unsharded_block * FP32  # one block's gradients in the reduce dtype, all-reduced
+    elif act < FP32:
+        # Neither FSDP nor DDP: autocast casts each linear weight, and the copy is saved for its backward
+        # (an activation-checkpointed block saves none: it casts again in its recompute). Under PP the
+        # schedule runs forward and backward in one autocast region, whose cast cache keeps them all.
+        held = sum(stage_layers) if L.pp > 1 or L.ac == "none" else 1
+        gathered += held * gathered_block + (a.vocab_size * a.dim // L.tp * act if has_output else 0)
     if L.ac == "full":
         recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act)
     elif L.ac == "selective_op":
@@ -204,5 +220,5 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
 
 def peak_memory(c: Candidate) -> MemoryEstimate:
     """The estimate of the pipeline rank with the highest peak."""
-    ranks = [0] if c.layout.pp == 1 else sorted({0, c.layout.pp - 1})
-    return max((estimate_memory(c, pp_rank=r) for r in ranks), key=lambda m: m.total)
+    # Every pipeline rank: an uneven split (first/last_stage_less_layers) can make a middle one the highest.
+    return max((estimate_memory(c, pp_rank=r) for r in range(c.layout.pp)), key=lambda m: m.total)
