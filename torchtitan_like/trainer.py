@@ -130,6 +130,8 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
             tie_word_embeddings=model_args.tie_word_embeddings,
             compile_model=cfg.compile.enable and "model" in cfg.compile.components,
             compile_loss=cfg.compile.enable and "loss" in cfg.compile.components,
+            op_ac=cfg.activation_checkpoint.mode == "selective"
+            and parse_selective_option(cfg.activation_checkpoint.selective_ac_option) is None,
         )
         if cfg.validation.enable:
             check_validation_schedule(pp_plan)

@@ -27,10 +27,12 @@ from torchtitan_like.models.llama3.model import Transformer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _plan(n_layers: int = 6, local_batch_size: int = 8, *, tied: bool = False, compile_model: bool = False, **kw):
+def _plan(n_layers: int = 6, local_batch_size: int = 8, *, tied: bool = False, compile_model: bool = False,
+          op_ac: bool = False, **kw):
     p = Parallelism(pipeline_parallel_degree=kw.pop("pp", 2), **kw)
     return plan_pipeline(
-        p, n_layers=n_layers, local_batch_size=local_batch_size, tie_word_embeddings=tied, compile_model=compile_model
+        p, n_layers=n_layers, local_batch_size=local_batch_size, tie_word_embeddings=tied, compile_model=compile_model,
+        op_ac=op_ac,
     )
 
 
@@ -232,6 +234,29 @@ def test_compile_with_zero_bubble_is_refused(schedule: str) -> None:
     msg = _error(pipeline_parallel_schedule=schedule, compile_model=True)
     assert f"pipeline_parallel_schedule={schedule!r} cannot run a compiled model" in msg and "compile.enable=false" in msg
     _plan(pipeline_parallel_schedule="1F1B", compile_model=True)  # works with the others
+
+
+@pytest.mark.parametrize("schedule", ["InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"])
+def test_op_level_ac_with_split_backward_is_refused(schedule: str) -> None:
+    """torch's op-level (selective) checkpoint allows one backward per region; a zero-bubble schedule's
+    weight-gradient pass is a second one, and the run crashed at its first step."""
+    msg = _error(pipeline_parallel_schedule=schedule, op_ac=True)
+    assert f"pipeline_parallel_schedule={schedule!r} cannot run activation_checkpoint.selective_ac_option=\"op\"" in msg
+    assert 'mode="full"' in msg and "1F1B" in msg
+    _plan(pipeline_parallel_schedule="Interleaved1F1B", op_ac=True)  # works with the others
+
+
+def test_the_job_check_refuses_op_level_ac_with_a_zero_bubble_schedule() -> None:
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import check_job
+
+    argv = ["--job.config_file", str(ROOT / "train_configs" / "debug_model.toml"),
+            "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+            "--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble", "--training.local_batch_size", "4",
+            "--activation_checkpoint.mode", "selective"]
+    with pytest.raises(ConfigError, match='selective_ac_option="op"'):
+        check_job(load_config([*argv, "--activation_checkpoint.selective_ac_option", "op"]), 2)
+    check_job(load_config([*argv, "--activation_checkpoint.selective_ac_option", "2"]), 2)
 
 
 def test_tied_embeddings_are_refused() -> None:

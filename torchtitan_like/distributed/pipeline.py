@@ -181,10 +181,12 @@ def plan_pipeline(
     tie_word_embeddings: bool,
     compile_model: bool,
     compile_loss: bool = False,
+    op_ac: bool = False,
 ) -> PipelinePlan:
     """Check the pipeline keys against the model and the batch; raise ConfigError or return the plan.
 
-    compile_model / compile_loss: compile.enable with "model" / "loss" in compile.components."""
+    compile_model / compile_loss: compile.enable with "model" / "loss" in compile.components.
+    op_ac: activation_checkpoint.mode="selective" with selective_ac_option="op"."""
     pp = p.pipeline_parallel_degree
     if pp < 2:
         raise ValueError("plan_pipeline needs pipeline_parallel_degree >= 2")
@@ -220,6 +222,16 @@ def plan_pipeline(
             "compiled graphs do not support): set compile.enable=false, drop "
             f"{' and '.join(repr(c) for c in compiled)} from compile.components, or use a schedule without "
             "split backward (1F1B, Interleaved1F1B)"
+        )
+    if splits_backward and op_ac:
+        # torch's selective checkpoint lets each region be backpropagated once; the weight-gradient half
+        # is a second backward (measured: "Trying to backward an extra time ... selective activation
+        # checkpoint" at the first step).
+        raise ConfigError(
+            f"{key} cannot run activation_checkpoint.selective_ac_option=\"op\" ({what} into input and weight "
+            "parts, and an op-level checkpointed region can be backpropagated only once): use "
+            "activation_checkpoint.mode=\"full\" or selective_ac_option=N (every N-th block), or a schedule "
+            "without split backward (1F1B, Interleaved1F1B)"
         )
 
     mbs = p.pipeline_parallel_microbatch_size
