@@ -66,7 +66,9 @@ def test_product_must_equal_world_size() -> None:
         "context_parallel_degree(1) x tensor_parallel_degree(3) x pipeline_parallel_degree(1) = 6 "
         "!= world size 4 (NGPU)"
     ) in msg
-    assert "data_parallel_shard_degree=-1" in msg
+    # -1 is suggested only where it works: tp 3 does not divide 4 ranks.
+    assert "data_parallel_shard_degree=-1" not in msg and "multiply to 3, which does not divide 4" in msg
+    assert "set data_parallel_shard_degree=-1" in _error(_dims, 4, data_parallel_shard_degree=3, tensor_parallel_degree=2)
 
 
 def test_minus_one_shard_degree_must_divide() -> None:

@@ -119,10 +119,11 @@ class ParallelDims:
                 "size leaves"
             )
         if others * dp_shard != world_size:
+            fix = ("set data_parallel_shard_degree=-1 to take what the others leave" if world_size % others == 0
+                   else f"the other degrees multiply to {others}, which does not divide {world_size}: change them")
             raise ConfigError(
                 f"parallelism: {_product_text(p, shard=str(dp_shard), with_shard=True)} = {others * dp_shard} "
-                f"!= world size {world_size} (NGPU); the degrees must multiply to the world size "
-                f"(set data_parallel_shard_degree=-1 to take what the others leave)"
+                f"!= world size {world_size} (NGPU); the degrees must multiply to the world size ({fix})"
             )
         return cls(
             dp_replicate=dp_replicate,
@@ -142,16 +143,28 @@ class ParallelDims:
             if n_heads % self.tp or n_kv % self.tp:
                 g = math.gcd(n_heads, n_kv)
                 # Degrees that divide the heads, fit the ranks the other degrees leave to dp_shard x tp
-                # (from_config's check) and the sequence (the next check).
+                # (from_config's check), the sequence and the global batch (the next checks; dp_shard
+                # takes what tp leaves).
                 pool = self.world_size // (self.dp_replicate * self.cp * self.pp)
+                gbs, lbs = training.global_batch_size, training.local_batch_size
                 valid = [d for d in range(1, g + 1) if g % d == 0 and pool % d == 0
-                         and (d * self.cp == 1 or training.seq_len % (d * 2 * self.cp) == 0)]
+                         and (d * self.cp == 1 or training.seq_len % (d * 2 * self.cp) == 0)
+                         and (gbs == -1 or gbs % (lbs * self.dp_replicate * (pool // d)) == 0)]
                 shard = "" if self.dp_shard_auto else (
                     " with data_parallel_shard_degree=-1 (it takes what the other degrees leave),"
                 )
+                # (d = 1 always fits without CP and with global_batch_size -1: one of these is set.)
+                also = ([f"training.seq_len={training.seq_len} (a multiple of tp x 2 x context_parallel_degree"
+                         f"({self.cp}))"] if self.cp > 1 else []) + (
+                        [f"training.global_batch_size={gbs} (a multiple of local_batch_size({lbs}) x the "
+                         "data-parallel degree the world leaves)"] if gbs != -1 else [])
+                fix = f"{shard} try {_or_list(valid)}" if valid else (
+                    f" no degree that does also fits {' and '.join(also)}: change those too, or let tools/plan.py "
+                    "choose the layout"
+                )
                 raise ConfigError(
                     f"parallelism.tensor_parallel_degree={self.tp} must divide model n_heads={n_heads} and "
-                    f"n_kv_heads={n_kv} (KV heads are sharded, not replicated);{shard} try {_or_list(valid)}"
+                    f"n_kv_heads={n_kv} (KV heads are sharded, not replicated);{fix}"
                 )
         if self.tp > 1 or self.cp > 1:
             unit = self.tp * 2 * self.cp
