@@ -492,6 +492,37 @@ def test_async_with_pinned_mem_needs_cuda(tmp_path):
         manager(make_run(), tmp_path, async_mode="async_with_pinned_mem")
 
 
+def test_the_staged_copy_waits_for_the_training_stream_first(tmp_path, monkeypatch):
+    """async_with_pinned_mem copies on the stager's own CUDA stream, which does not wait for the training
+    stream: the save waits for the queued optimizer step first, or the copy could read half-updated
+    weights and moments. (CUDA faked: the order of the wait and the copy is what is checked.)"""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    monkeypatch.setattr(ckpt_mod, "check_async_device", lambda cfg, device_type: None)
+    monkeypatch.setattr(CheckpointManager, "_make_stager", lambda self: DefaultStager(StagingOptions(False, False, True, False)))
+    run = make_run()
+    mgr = manager(run, tmp_path, async_mode="async_with_pinned_mem")
+    run.train(1)
+    calls = []
+
+    class _Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    def async_save(*args, **kwargs):
+        calls.append("async_save")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(ckpt_mod.dcp, "async_save", async_save)
+    with pytest.raises(CheckpointError, match="stop here"):
+        mgr.maybe_save(1, force=True)
+    assert calls == ["synchronize", "async_save"]
+    monkeypatch.undo()
+    mgr.close()
+
+
 def test_staged_async_path_waits_for_staging_before_the_next_optimizer_step(tmp_path, monkeypatch):
     """The async_with_pinned_mem code path, on CPU: the same DefaultStager with background staging,
     minus pinned memory and CUDA streams (which need a GPU)."""

@@ -101,18 +101,24 @@ _FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's Python, torch CPU and (if initialised) CUDA RNG states."""
+    """This process's Python, torch CPU and (if initialised) CUDA RNG states; CUDA: this process's device
+    only (the job may resume where a process sees fewer GPUs)."""
     cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = torch.cuda.get_rng_state_all()
+        cuda = torch.cuda.get_rng_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            # Older checkpoints: one state per GPU the saving process saw; this process's device's, if any.
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 @dataclass
@@ -310,6 +316,10 @@ class CheckpointManager:
             self._finish(*finish)
         else:
             try:
+                if self._stager is not None and torch.cuda.is_available():  # (async_with_pinned_mem)
+                    # The stager copies on its own stream, which does not wait for the training stream: without
+                    # this, the copy could read weights and moments the optimizer step is still writing.
+                    torch.cuda.current_stream().synchronize()
                 response = dcp.async_save(state, storage_writer=writer, async_stager=self._stager, **pg_kwargs)
             except (Exception, CheckpointException) as e:
                 raise CheckpointError(
