@@ -172,6 +172,11 @@ def hf_config(
     return out
 
 
+# transformers' LlamaConfig defaults, for a config.json that leaves these out.
+_HF_DEFAULT_ROPE_THETA = 10000.0
+_HF_DEFAULT_RMS_NORM_EPS = 1e-6
+
+
 def check_hf_config(config: dict[str, Any], args: TransformerArgs, *, where: str) -> None:
     """Raise CheckpointError when an HF config.json describes a different model than `args`."""
     rope = config.get("rope_parameters") or {}
@@ -184,14 +189,16 @@ def check_hf_config(config: dict[str, Any], args: TransformerArgs, *, where: str
         "intermediate_size": (config.get("intermediate_size"), args.ffn_hidden_dim),
         "vocab_size": (config.get("vocab_size"), args.vocab_size),
         "tie_word_embeddings": (bool(config.get("tie_word_embeddings", False)), args.tie_word_embeddings),
-        "rope_theta": (config.get("rope_theta", rope.get("rope_theta")), args.rope_theta),
-        "rms_norm_eps": (config.get("rms_norm_eps"), args.norm_eps),
+        # Not stated: what transformers' LlamaConfig reads then (the shapes cannot tell these apart).
+        "rope_theta": (config.get("rope_theta", rope.get("rope_theta", _HF_DEFAULT_ROPE_THETA)), args.rope_theta),
+        "rms_norm_eps": (config.get("rms_norm_eps", _HF_DEFAULT_RMS_NORM_EPS), args.norm_eps),
+        "hidden_act": (config.get("hidden_act", "silu"), "silu"),
         "head_dim": (config.get("head_dim"), args.head_dim),
-        "rope_scaling": (_scaling_from_hf(scaling), args.rope_scaling),
+        "rope_scaling": (_scaling_from_hf(scaling, where=where), args.rope_scaling),
     }
     for key, (got, expected) in want.items():
         if got is None and key != "rope_scaling":
-            continue  # not stated: the tensor shapes will still be checked on load
+            continue  # a shape key not stated: the tensor shapes are checked on load
         if isinstance(expected, float) and isinstance(got, (int, float)):
             same = abs(float(got) - expected) <= 1e-9 * max(1.0, abs(expected))
         else:
@@ -203,17 +210,23 @@ def check_hf_config(config: dict[str, Any], args: TransformerArgs, *, where: str
             )
 
 
-def _scaling_from_hf(scaling: dict[str, Any] | None) -> RopeScaling | None:
+def _scaling_from_hf(scaling: dict[str, Any] | None, *, where: str) -> RopeScaling | None:
     if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         return None
     if scaling.get("rope_type", scaling.get("type")) != "llama3":
         return scaling.get("rope_type", scaling.get("type"))  # compares unequal to any RopeScaling
-    return RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
+    try:
+        return RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{where}: rope_scaling {scaling} is not a complete llama3 scaling (factor, low_freq_factor, "
+            f"high_freq_factor, original_max_position_embeddings): {type(e).__name__}: {e}"
+        ) from e
 
 
 # --- safetensors files ---------------------------------------------------------------------------
