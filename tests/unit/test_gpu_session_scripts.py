@@ -188,3 +188,23 @@ def test_bench_train_refuses_a_peer_site_without_torchtitan(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_train.main(["--name", "debug_cpu", "--peer-site", str(tmp_path), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "no torchtitan package there" in capsys.readouterr().err
+
+
+def test_a_session_whose_peer_site_lacks_torchtitan_runs_our_steps_without_it(tmp_path, monkeypatch, capsys):
+    """A lent GPU is scarce: a --peer-site without torchtitan drops the side-by-side (said on stderr and in
+    session.json) instead of ending the session before any step."""
+    commands: list[list[str]] = []
+
+    def fake_run_step(step, ctx, timeout_s, log):  # noqa: ANN001, ANN202
+        commands.append(gpu_session._peer(ctx))
+        log.write_text("")
+        return {"name": step.name, "issue": step.issue, "rc": 0, "seconds": 0.0, "log": str(log)}
+
+    monkeypatch.setattr(gpu_session, "_cuda_available", lambda: True)
+    monkeypatch.setattr(gpu_session, "run_step", fake_run_step)
+    rc = gpu_session.main(["--only", "bench_8B_slice8_compile_bf16", "--budget", "500", "--peer-site", str(tmp_path),
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert rc == 0 and commands == [[]]
+    assert "no torchtitan package there" in capsys.readouterr().err
+    session = json.loads((tmp_path / "out" / "session.json").read_text())
+    assert "no torchtitan package there" in session["peer_missing"]
