@@ -16,7 +16,8 @@ from torchtitan_like.components.metrics import MetricsLogger, cpu_memory, format
 from torchtitan_like.config.schema import Metrics
 
 LOGGER = "torchtitan_like.components.metrics"
-REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu", "mem_gib", "step_time", "data_wait_pct"}
+REQUIRED_KEYS = {"step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu", "mem_gib", "mem_peak_rss_gib", "step_time",
+                 "data_wait_pct"}
 # 8192 tokens in 2 s over 4 steps at 1 GFLOP/token on a 10 TFLOPS device.
 INTERVAL: dict[str, Any] = dict(loss=6.1234, grad_norm=1.234, lr=8e-4, tokens=8192, elapsed_s=2.0,
                                 data_wait_s=0.1, steps=4)
@@ -136,6 +137,7 @@ def test_gpu_memory_peaks_are_reported_and_reset(
         out = make_logger(tmp_path, device=cuda0).log(1, **INTERVAL)
     assert "mem: 12.3GiB active / 14.0GiB reserved" in caplog.text
     assert out["mem_gib"] == pytest.approx(12.3)
+    assert out["mem_reserved_gib"] == pytest.approx(14.0) and "mem_peak_rss_gib" not in out
     assert resets == [cuda0]
 
 

@@ -24,14 +24,15 @@ _SUMMARY_BUDGETS: tuple[tuple[str, int], ...] = (("1B", 10**9), ("100B", 10**11)
 
 @dataclass(frozen=True)
 class MemoryStats:
-    """Memory of this device since the last log: GPU peaks (active, reserved) or CPU RSS (current, peak)."""
+    """Memory of this device: GPU peaks since the last log (active, reserved), or CPU RSS (current, and the
+    process's peak since it started)."""
 
     kind: Literal["cuda", "cpu"]
     """Which device the numbers describe."""
     primary_gib: float
     """GPU: peak active GiB. CPU: current RSS GiB."""
     secondary_gib: float
-    """GPU: peak reserved GiB. CPU: peak RSS (VmHWM) GiB."""
+    """GPU: peak reserved GiB. CPU: peak RSS (VmHWM, since the process started) GiB."""
 
     def console(self) -> str:
         """The `mem:` field of the console line."""
@@ -43,6 +44,11 @@ class MemoryStats:
         """TensorBoard tags for this sample."""
         second = "memory/reserved_gib" if self.kind == "cuda" else "memory/peak_rss_gib"
         return {"memory/gib": self.primary_gib, second: self.secondary_gib}
+
+    @property
+    def secondary_key(self) -> str:
+        """The metrics.jsonl key of secondary_gib."""
+        return "mem_reserved_gib" if self.kind == "cuda" else "mem_peak_rss_gib"
 
 
 def _proc_status_bytes(field: str) -> int | None:
@@ -180,6 +186,7 @@ class MetricsLogger:
             "tflops": achieved / 1e12,
             "mfu": mfu,
             "mem_gib": mem.primary_gib,
+            mem.secondary_key: mem.secondary_gib,
             "step_time": _ratio(elapsed_s, steps),
             "data_wait_pct": 100.0 * _ratio(data_wait_s, elapsed_s),
         }
