@@ -168,7 +168,7 @@ class Trainer:
         # 1. Everything that can be checked without building the model, before building it.
         checked = check_job(cfg, self.world_size)
         self.model_args, self.parallel_dims, self.pp_plan = checked.model_args, checked.parallel_dims, checked.pp_plan
-        ignored = ignored_settings(cfg, pp=self.parallel_dims.pp)
+        ignored = ignored_settings(cfg, pp=self.parallel_dims.pp, dims=self.parallel_dims)
         if ignored:
             logger.warning("these settings have no effect in this job: %s", "; ".join(ignored))
         if self.pp_plan is not None:

@@ -206,3 +206,25 @@ def test_keys_of_a_switched_off_section_are_named() -> None:
                                "--compile.backend", "aot_eager", "--profiling.enable_memory_snapshot",
                                "--profiling.profile_freq", "3"])
     assert ignored_settings(switched_on, pp=1) == []
+
+
+def test_keys_of_parallelisms_the_layout_does_not_use_are_named() -> None:
+    from torchtitan_like.config.schema import Parallelism
+    from torchtitan_like.config.validate import ignored_settings
+    from torchtitan_like.distributed.parallel_dims import ParallelDims
+
+    base = ["--job.config_file", str(DEBUG_CONFIG), "--parallelism.disable_loss_parallel",
+            "--parallelism.context_parallel_rotate_method", "alltoall",
+            "--parallelism.fsdp_reshard_after_forward", "never", "--training.mixed_precision_reduce", "bfloat16"]
+    cfg = load_config(base)
+    one = ParallelDims.from_config(Parallelism(), 1)
+    assert ignored_settings(cfg, pp=1, dims=one) == [
+        "parallelism.disable_loss_parallel (tensor_parallel_degree=1)",
+        "parallelism.context_parallel_rotate_method (context_parallel_degree=1)",
+        "parallelism.fsdp_reshard_after_forward (no FSDP: parameters are not sharded)",
+        "training.mixed_precision_reduce (no FSDP or DDP gradient reduction)",
+    ]
+    all_used = ParallelDims.from_config(Parallelism(tensor_parallel_degree=2, context_parallel_degree=2), 8)
+    assert ignored_settings(cfg, pp=1, dims=all_used) == []
+    ddp = ParallelDims.from_config(Parallelism(data_parallel_replicate_degree=2, data_parallel_shard_degree=1), 2)
+    assert "training.mixed_precision_reduce" not in " ".join(ignored_settings(cfg, pp=1, dims=ddp))

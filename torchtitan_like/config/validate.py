@@ -188,14 +188,14 @@ def _validate_features(cfg: JobConfig) -> None:
             )
 
 
-def ignored_settings(cfg: JobConfig, *, pp: int) -> list[str]:
+def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
     """Keys set away from their defaults that this job does not use (for a warning at start: a base
     config's pipeline or float8 settings left behind by an override, or the keys of a section switched
     off, are not silently dropped)."""
     from dataclasses import fields
 
     from torchtitan_like.components.float8 import CONVERTER_NAMES
-    from torchtitan_like.config.schema import Float8, Parallelism
+    from torchtitan_like.config.schema import Float8, Parallelism, Training
 
     out = []
     if pp == 1:
@@ -208,6 +208,18 @@ def ignored_settings(cfg: JobConfig, *, pp: int) -> list[str]:
         default = Float8()
         out += [f"quantize.linear.float8.{f.name} (no float8 in model.converters)" for f in fields(Float8)
                 if getattr(cfg.quantize.linear.float8, f.name) != getattr(default, f.name)]
+    if dims is not None:  # the job's ParallelDims: keys of parallelisms it does not use
+        p, default = cfg.parallelism, Parallelism()
+        unused = [
+            ("disable_loss_parallel", not dims.tp_enabled, "tensor_parallel_degree=1"),
+            ("context_parallel_rotate_method", not dims.cp_enabled, "context_parallel_degree=1"),
+            ("fsdp_reshard_after_forward", not dims.fsdp_enabled, "no FSDP: parameters are not sharded"),
+        ]
+        out += [f"parallelism.{key} ({why})" for key, off, why in unused
+                if off and getattr(p, key) != getattr(default, key)]
+        if (not dims.fsdp_enabled and not dims.dp_replicate_enabled
+                and cfg.training.mixed_precision_reduce != Training().mixed_precision_reduce):
+            out.append("training.mixed_precision_reduce (no FSDP or DDP gradient reduction)")
     # Sections switched off by one key: their other keys, set, do nothing.
     switched = [
         ("compile", "enable", lambda c: c.enable, None),
