@@ -66,7 +66,7 @@ from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed,
 from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
 from torchtitan_like.models.llama3.args import TransformerArgs
-from torchtitan_like.models.llama3.parallelize import parallelize_llama
+from torchtitan_like.models.llama3.parallelize import check_async_tp_device, parallelize_llama
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class Trainer:
         """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""
         check_memory_snapshot(cfg.profiling, self.device)
         check_async_device(cfg.checkpoint, device_type=self.device.type)
+        check_async_tp_device(cfg.parallelism, self.device.type)
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         # 1. Everything that can be checked without building the model, before building it.

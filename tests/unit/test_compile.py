@@ -149,3 +149,15 @@ def test_async_tp_needs_cuda():
     dims = ParallelDims.from_config(p, 2)  # compile is on (validated elsewhere); the device is not CUDA
     with pytest.raises(ConfigError, match=r"enable_async_tensor_parallel=true needs CUDA .*not cpu: set it to false"):
         parallelize_llama(None, dims, parallelism=p, training=Training(), device_type="cpu")  # type: ignore[arg-type]
+
+
+def test_async_tp_on_a_cpu_job_is_refused_before_anything_is_built(monkeypatch):
+    """The Trainer checks the device first (it was refused only when parallelizing, after the data and the
+    collectives were set up)."""
+    import torchtitan_like.trainer as trainer_mod
+    from torchtitan_like.dry_run import dry_run
+
+    monkeypatch.setattr(trainer_mod, "check_job", lambda *a, **k: pytest.fail("checked the job before the device"))
+    argv = ["--parallelism.tensor_parallel_degree", "2", "--compile.enable", "--parallelism.enable_async_tensor_parallel"]
+    with pytest.raises(ConfigError, match=r"enable_async_tensor_parallel=true needs CUDA .*not cpu"):
+        dry_run(argv, world_size=2, rank=0, device="cpu")

@@ -120,7 +120,7 @@ class Parallelism:
     data_parallel_shard_degree: int = -1
     """FSDP shard degree; -1 = whatever the world size leaves after the other degrees."""
     tensor_parallel_degree: int = 1
-    """Tensor parallel degree (with sequence parallel); must divide model n_heads."""
+    """Tensor parallel degree (with sequence parallel); must divide model n_heads and n_kv_heads."""
     context_parallel_degree: int = 1
     """Context parallel degree: ranks each sequence is split across (ring attention); needs model.max_seq_len = training.seq_len."""
     context_parallel_rotate_method: Literal["allgather", "alltoall"] = "allgather"

@@ -36,6 +36,15 @@ from torchtitan_like.models.llama3.model import Transformer
 logger = logging.getLogger(__name__)
 
 
+def check_async_tp_device(parallelism: Parallelism, device_type: str) -> None:
+    """Async TP runs on CUDA symmetric memory (the Trainer checks this before building anything)."""
+    if parallelism.enable_async_tensor_parallel and device_type != "cuda":
+        raise ConfigError(
+            f"parallelism.enable_async_tensor_parallel=true needs CUDA (symmetric memory), not {device_type}: "
+            "set it to false"
+        )
+
+
 def parallelize_llama(
     model: Transformer,
     parallel_dims: ParallelDims,
@@ -52,11 +61,7 @@ def parallelize_llama(
     float8_tensorwise: the float8 converter swapped the linears with the tensorwise recipe, so TP
     uses torchao's float8-aware styles for them.
     """
-    if parallelism.enable_async_tensor_parallel and device_type != "cuda":
-        raise ConfigError(
-            f"parallelism.enable_async_tensor_parallel=true needs CUDA (symmetric memory), not {device_type}: "
-            "set it to false"
-        )
+    check_async_tp_device(parallelism, device_type)
     if parallel_dims.tp_enabled:
         tp_mesh = parallel_dims.get_mesh("tp")
         assert tp_mesh is not None
