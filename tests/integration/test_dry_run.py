@@ -147,16 +147,17 @@ def test_async_tp_registers_the_tp_group_for_symmetric_memory(monkeypatch: pytes
 
     from torchtitan_like.dry_run import dry_run
 
-    # Both are process-wide: keep them from reaching the tests that run after this one.
-    monkeypatch.setattr(inductor_config, "_micro_pipeline_tp", False)
+    # Both are process-wide: keep them from reaching the tests that run after this one. (The inductor
+    # setting through its own patch(): on torch 2.11 monkeypatch's undo deletes, i.e. hides, the key.)
     monkeypatch.setattr(symm_mem, "_group_name_to_store", {})
     argv = [*FSDP_ARGV, "--parallelism.tensor_parallel_degree", "2", "--compile.enable",
             "--parallelism.enable_async_tensor_parallel"]
-    with warnings.catch_warnings():
+    with inductor_config.patch(_micro_pipeline_tp=False), warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         dry_run(argv, world_size=4, rank=0, device="cuda")
-    assert inductor_config._micro_pipeline_tp is True
+        assert inductor_config._micro_pipeline_tp is True
     assert len(symm_mem._group_name_to_store) == 1  # the TP group, and only it
+    assert inductor_config._micro_pipeline_tp is False
 
 
 def test_a_failing_dry_run_leaves_no_process_group() -> None:
