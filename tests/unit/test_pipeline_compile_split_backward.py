@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from test_pipeline_csv_checks import needs_same_rank_handover
 from torchtitan_like.config.loader import load_config
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.trainer import check_job
@@ -36,6 +37,7 @@ def _cfg(*components: str):
     return load_config(argv)
 
 
+@needs_same_rank_handover
 def test_compiled_loss_fails_under_a_zero_bubble_schedule() -> None:
     """Why it is refused: torch's InterleavedZeroBubble cannot run a compiled loss (it runs the plain one).
     Should this start to pass the `raises` below, the refusal can be lifted."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage
 from torch import nn
 
 from torchtitan_like.config.schema import Parallelism
@@ -30,6 +31,13 @@ from torchtitan_like.distributed.pipeline import build_schedule, plan_pipeline, 
 from torchtitan_like.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Evidence tests run two stages on one rank in this process: torch < 2.12 sends between them, which gloo
+# cannot ("Pair is not connected"); from 2.12 they hand over in memory.
+needs_same_rank_handover = pytest.mark.skipif(
+    not hasattr(PipelineStage, "_is_same_rank"),
+    reason="torch < 2.12 sends between a rank's own two stages, which gloo cannot",
+)
 
 
 def _csv(tmp_path: Path, rows: list[str]) -> str:
@@ -101,9 +109,9 @@ def test_csv_torch_refuses_is_refused_before_the_model(tmp_path: Path) -> None:
 ZERO_BUBBLE_ROWS = ["0F0,1F0,0F1,1F1,1I0,0I0,1W0,0W0,1I1,0I1,1W1,0W1"]
 
 
+@needs_same_rank_handover
 def test_compiled_blocks_fail_under_a_split_backward_csv(tmp_path: Path) -> None:
     """Why it is refused: the trainer's per-block compile + a CSV with I/W actions fails at the first step."""
-    from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules
 
     from torchtitan_like.distributed.compile import apply_compile
@@ -147,3 +155,19 @@ def test_compiled_blocks_with_a_split_backward_csv_are_refused(tmp_path: Path) -
         plan_pipeline(p, n_layers=6, local_batch_size=2, tie_word_embeddings=False, compile_model=False,
                       compile_loss=True)
     assert _plan(path, pp=2, local_batch_size=2).schedule == "csv"  # uncompiled it is fine
+
+
+def test_a_csv_with_adjacent_stages_on_one_rank_needs_in_memory_handover_on_gloo(tmp_path: Path, monkeypatch) -> None:
+    """As the V schedules: on torch 2.11 a CSV putting stages 0 and 1 on one rank crashed on CPU at the first
+    step (gloo cannot send to its own rank); refused at start there, with the fix."""
+    from torchtitan_like.distributed.pipeline import check_schedule_backend
+
+    rows = ["0F0,1F0,1B0,0B0,3F0,3B0", "2F0,2B0"]  # rank 0: stages 0 and 1 (adjacent), and 3
+    plan = _plan(_csv(tmp_path, rows), pp=2)
+    check_schedule_backend(plan, "cuda")
+    if hasattr(PipelineStage, "_is_same_rank"):
+        check_schedule_backend(plan, "cpu")
+        monkeypatch.delattr(PipelineStage, "_is_same_rank")  # as torch 2.11
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_schedule_csv=.* \(stages 0 and 1 on one rank\) on CPU "
+                                          r"\(gloo\) needs torch >= 2\.12"):
+        check_schedule_backend(plan, "cpu")

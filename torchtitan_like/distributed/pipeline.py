@@ -72,20 +72,26 @@ def available_schedules() -> list[str]:
 
 
 def check_schedule_backend(plan: PipelinePlan, device_type: str) -> None:
-    """Refuse a V schedule on CPU (gloo) where torch's stages send to their own rank: a V schedule puts
-    stages p-1 and p on the same rank, and torch 2.11 passes activations between them by send/recv (its
-    shape inference does at the first step); gloo cannot send to the sending rank ("Pair is not
-    connected"), NCCL can. From torch 2.12 the stages hand them over in memory
-    (`PipelineStage._is_same_rank`; not on `_PipelineStageBase`)."""
-    if plan.schedule not in V_SCHEDULES or device_type != "cpu":
+    """Refuse, on CPU (gloo), a schedule with two adjacent stages on one rank (the V schedules always,
+    a CSV schedule may) where torch's stages send to their own rank: torch 2.11 passes activations
+    between them by send/recv (its shape inference does at the first step); gloo cannot send to the
+    sending rank ("Pair is not connected"), NCCL can. From torch 2.12 the stages hand them over in
+    memory (`PipelineStage._is_same_rank`; not on `_PipelineStageBase`)."""
+    if device_type != "cpu":
+        return
+    adjacent = [s for s in range(plan.num_stages - 1) if plan.stage_ranks[s] == plan.stage_ranks[s + 1]]
+    if not adjacent:
         return
     from torch.distributed.pipelining import PipelineStage
 
     if not hasattr(PipelineStage, "_is_same_rank"):
+        which = (f"parallelism.pipeline_parallel_schedule_csv={plan.csv_path!r} (stages {adjacent[0]} and "
+                 f"{adjacent[0] + 1} on one rank)" if plan.schedule == CSV_SCHEDULE
+                 else f"parallelism.pipeline_parallel_schedule={plan.schedule!r}")
         raise ConfigError(
-            f"parallelism.pipeline_parallel_schedule={plan.schedule!r} on CPU (gloo) needs torch >= 2.12: torch "
-            f"{torch.__version__} sends between the two stages a rank holds, which gloo cannot; use a looped schedule "
-            f"(e.g. InterleavedZeroBubble or Interleaved1F1B) here, or run on CUDA (NCCL)"
+            f"{which} on CPU (gloo) needs torch >= 2.12: torch {torch.__version__} sends between the two adjacent "
+            f"stages a rank holds, which gloo cannot; use a looped schedule (e.g. InterleavedZeroBubble or "
+            f"Interleaved1F1B) here, or run on CUDA (NCCL)"
         )
 
 
