@@ -174,8 +174,9 @@ def test_tiny_args_shapes():
     "ac, per_token",
     [
         # none, per token with tp 2 (h 12, kvd 6, ffn 32): attention_norm in 6, its gathered out 12, q 6,
-        # k 3, v 3, attention out 6, wo in 6, ffn_norm in 6, gathered out 12, w1, w3, silu, product 16 each.
-        ("none", 6 + 12 + 6 + 3 + 3 + 6 + 6 + 6 + 12 + 4 * 16),  # 124
+        # k 6, v 6 (expanded to every query head for attention), attention out 6, wo in 6, ffn_norm in 6,
+        # gathered out 12, w1, w3, silu, product 16 each.
+        ("none", 6 + 12 + 6 + 6 + 6 + 6 + 6 + 6 + 12 + 4 * 16),  # 130
         # selective op: q 6, k 3, v 3, attention out 6, wo out 6, w2 out 6, w1 16, w3 16, block input 6.
         ("selective_op", 6 + 3 + 3 + 6 + 6 + 6 + 16 + 16 + 6),  # 68
         # full: the block input only, h / tp.
@@ -189,8 +190,8 @@ def test_activation_bytes_per_block(ac, per_token):
 
 
 def test_activation_bytes_per_block_without_tp_and_unknown_mode():
-    # none, tp 1: 2 x 12 + 5 x 12 + 2 x 6 + 4 x 32 = 224 per token, fp32.
-    assert activation_bytes_per_block(TINY, tokens=3, tp=1, ac="none", itemsize=4) == 3 * 224 * 4
+    # none, tp 1: 2 x 12 + 7 x 12 + 4 x 32 = 236 per token, fp32.
+    assert activation_bytes_per_block(TINY, tokens=3, tp=1, ac="none", itemsize=4) == 3 * 236 * 4
     with pytest.raises(ValueError, match="selective"):
         activation_bytes_per_block(TINY, tokens=3, tp=1, ac="selective", itemsize=4)
 
@@ -239,12 +240,13 @@ def test_estimate_memory_of_one_gpu_debug_model_by_hand():
     m = estimate_memory(c, pp_rank=0)
     tokens = 2 * 64
     bf16 = 2  # mixed_precision_param auto: bf16 activations
-    # One block without AC, tp 1: 2h + 5h + 2 kvd + 4 ffn = 512 + 1280 + 256 + 3072 = 5120 elements per token.
-    per_block = tokens * 5120 * bf16
+    # One block without AC, tp 1: 2h + 7h + 4 ffn = 512 + 1792 + 3072 = 5376 elements per token (k and v
+    # as attention gets them, expanded to the 16 query heads: h each).
+    per_block = tokens * 5376 * bf16
     activations = LAYERS * per_block + tokens * H * bf16  # + the embedding output
     logits = tokens * VOCAB * (bf16 + 4 + 4)  # logits + fp32 log-softmax + its gradient
     assert m.state.n_elements == DEBUG_PARAMS and m.state.params == 4 * DEBUG_PARAMS
-    assert m.activations == activations == 7_929_856
+    assert m.activations == activations == 8_323_072
     assert m.logits == logits == 2_560_000
     # No FSDP: autocast's bf16 copy of every block's weights and of the output weight, saved for backward.
     copies = (LAYERS * PER_LAYER + OUTPUT) * bf16
@@ -268,9 +270,9 @@ def test_estimate_memory_full_ac_takes_recompute_when_larger_than_logits():
     m = estimate_memory(c, pp_rank=0)
     tokens = 2 * 64
     # Full AC saves only the block input (h per token); recomputing one block needs its whole
-    # no-AC activations (5120 per token).
+    # no-AC activations (5376 per token).
     assert m.activations == LAYERS * tokens * H * 2 + tokens * H * 2
-    assert m.recompute == tokens * 5120 * 2 == 1_310_720
+    assert m.recompute == tokens * 5376 * 2 == 1_376_256
     assert m.logits == 2_560_000
     assert m.total == (m.state.total + m.activations + m.gathered + m.float8 + max(m.logits, m.recompute)
                        + m.margin)

@@ -223,18 +223,19 @@ def test_cp_allgather_rotation_exposes_every_kv_hop(ac, passes):
     c = cp2(ac=ac)
     assert c.cfg.parallelism.context_parallel_rotate_method == "allgather"  # the default
     st = estimate_step_time(c, ROUND_HW, compile=True)
-    # This rank's K and V for one microbatch: 32 positions x 2 x kv dim 128 x bf16 = 16_384 bytes. It makes cp - 1 = 1
+    # This rank's K and V for one microbatch, expanded to the 16 query heads before attention (repeat_kv): 32
+    # positions x 2 x dim 256 x bf16 = 32_768 bytes. It makes cp - 1 = 1
     # hop in forward, K, V, dK, dV (twice the bytes) in backward, and K, V again in a full-AC recompute; per block
     # and microbatch, over the cp group (2 ranks, NVLink; no bus-bandwidth factor on a P2P hop).
-    kv = 32 * 2 * KVD * 2
-    assert kv == 16_384
+    kv = 32 * 2 * H * 2
+    assert kv == 32_768
     expected = kv * (2 - 1) * passes / NVLINK * LAYERS * 2
     assert st.cp == pytest.approx(expected, rel=1e-12)
-    assert st.cp == pytest.approx({"none": 1.179648e-05, "full": 1.572864e-05}[ac], rel=1e-9)
+    assert st.cp == pytest.approx({"none": 2.359296e-05, "full": 3.145728e-05}[ac], rel=1e-9)
 
 
 def test_cp_alltoall_rotation_hides_behind_the_attention_compute():
-    kv_hops = 32 * 2 * KVD * 2 * 3 * LAYERS * 2  # bytes: as above, no AC
+    kv_hops = 32 * 2 * H * 2 * 3 * LAYERS * 2  # bytes: as above, no AC
     # The step's attention on this rank: 2 x 32 = 64 local positions, each attending 6 h s FLOPs per block.
     attn_s = 64 * LAYERS * attention_flops(64) / ATTN_RATE
     assert attn_s == pytest.approx(1.50994944e-06, rel=1e-12)
@@ -243,7 +244,7 @@ def test_cp_alltoall_rotation_hides_behind_the_attention_compute():
     st = estimate_step_time(cp2(extra_argv=CP_ALLTOALL), ROUND_HW, compile=True)
     assert kv_hops / NVLINK > attn_s
     assert st.cp == pytest.approx(kv_hops / NVLINK - attn_s, rel=1e-12)
-    assert st.cp == pytest.approx(1.028653056e-05, rel=1e-9)
+    assert st.cp == pytest.approx(2.208301056e-05, rel=1e-9)
     # The all-gather rotation on the same hardware exposes all of it.
     assert estimate_step_time(cp2(), ROUND_HW, compile=True).cp == pytest.approx(kv_hops / NVLINK, rel=1e-12)
 
@@ -330,7 +331,7 @@ def test_optimizer_reads_and_writes_28_bytes_per_local_parameter(dp_shard, expec
 
 # ---- memory ----------------------------------------------------------------------------------------------
 
-BLOCK_ACT_NONE = 2 * H + 5 * H + 2 * KVD + 4 * FFN  # 5120 elements per token, no AC, tp 1
+BLOCK_ACT_NONE = 2 * H + 7 * H + 4 * FFN  # 5376 elements per token, no AC, tp 1 (k, v expanded for attention: h each)
 BLOCK_ACT_SELECTIVE = 5 * H + 2 * KVD + 2 * FFN  # 3072: q, attention out, wo out, w2 out, block input; k, v; w1, w3
 
 
@@ -366,7 +367,7 @@ def test_memory_float8_selective_recompute_and_margin_with_fsdp():
     assert BLOCK_ACT_SELECTIVE == 3072
     activations = LAYERS * tokens * BLOCK_ACT_SELECTIVE * 2 + tokens * H * 2  # + the embedding output
     assert m.activations == activations == 2_392_064
-    assert m.recompute == tokens * (BLOCK_ACT_NONE - BLOCK_ACT_SELECTIVE) * 2 == 262_144
+    assert m.recompute == tokens * (BLOCK_ACT_NONE - BLOCK_ACT_SELECTIVE) * 2 == 294_912
     assert m.logits == tokens * VOCAB * (2 + 4 + 4) == 1_280_000
     assert m.gathered == 8_343_552
     # Margin: 10% of everything but the state (logits, larger than the recompute, counted once).
@@ -386,19 +387,19 @@ def test_memory_float8_selective_recompute_and_margin_with_fsdp():
 
 def test_memory_of_1f1b_ranks_holds_their_in_flight_microbatches():
     c = pp2("1F1B")
-    per_block = 64 * BLOCK_ACT_NONE * 2  # one block, one microbatch of 1 x 64, no AC: 655_360 bytes
+    per_block = 64 * BLOCK_ACT_NONE * 2  # one block, one microbatch of 1 x 64, no AC: 688_128 bytes
     # 1F1B with p = 2, m = 4: rank 0 holds p - 0 = 2 microbatches, rank 1 one; 3 blocks each.
     first = estimate_memory(c, pp_rank=0)
-    assert first.activations == 2 * 3 * per_block + 2 * 64 * H * 2 == 3_997_696  # + its embedding outputs
+    assert first.activations == 2 * 3 * per_block + 2 * 64 * H * 2 == 4_194_304  # + its embedding outputs
     assert first.logits == 0  # the output is on the last stage
     last = estimate_memory(c, pp_rank=1)
-    assert last.activations == 1 * 3 * per_block == 1_966_080
+    assert last.activations == 1 * 3 * per_block == 2_064_384
     assert last.logits == 64 * VOCAB * (2 + 4 + 4) == 1_280_000
     # No FSDP: autocast's bf16 weight copies, all kept (the schedule's one autocast region caches them).
     assert first.gathered == 3 * PER_LAYER * 2
     assert last.gathered == 3 * PER_LAYER * 2 + TABLE * 2  # + the output weight
-    assert first.margin == int(0.10 * (3_997_696 + first.gathered))
-    assert last.margin == int(0.10 * (1_966_080 + 1_280_000 + last.gathered))
+    assert first.margin == int(0.10 * (4_194_304 + first.gathered))
+    assert last.margin == int(0.10 * (2_064_384 + 1_280_000 + last.gathered))
     assert peak_memory(c).pp_rank == (0 if first.total > last.total else 1)
 
 

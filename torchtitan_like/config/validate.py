@@ -129,6 +129,14 @@ def _validate_profiling_and_validation(cfg: JobConfig) -> None:
             "validation.dataset=\"synthetic\" never ends, so validation.steps=-1 (the whole dataset) would never "
             "finish: set validation.steps to a number of batches"
         )
+    par = cfg.parallelism
+    if (par.context_parallel_degree > 1 or par.pipeline_parallel_degree > 1) and v.seq_len != cfg.training.seq_len:
+        # (check_layout says so too, later; this rule comes first, and its other fixes do not apply here.)
+        raise ConfigError(
+            f"validation.seq_len={v.seq_len} must equal training.seq_len={cfg.training.seq_len} under context or "
+            f"pipeline parallel (their buffers and stage shapes are the training ones): set validation.seq_len="
+            f"{cfg.training.seq_len}"
+        )
     rope_len = cfg.model.max_seq_len or cfg.training.seq_len
     if v.seq_len > rope_len:
         which = "model.max_seq_len" if cfg.model.max_seq_len else "training.seq_len (the model's RoPE length)"

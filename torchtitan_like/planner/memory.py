@@ -85,12 +85,13 @@ def activation_bytes_per_block(a: TransformerArgs, *, tokens: int, tp: int, ac: 
 
     Without AC, per token (sequence parallel: the residual stream is sharded over TP, the inputs of
     the column-parallel linears are gathered whole):
-      attention_norm input h/tp, its gathered output h (the input of wq/wk/wv), q h/tp, k and v
-      kvd/tp each, the attention output h/tp, wo's input h/tp, ffn_norm input h/tp, its gathered
+      attention_norm input h/tp, its gathered output h (the input of wq/wk/wv), q h/tp, k and v as
+      attention gets them, expanded to every query head (repeat_kv), h/tp each, the attention output h/tp, wo's input h/tp, ffn_norm input h/tp, its gathered
       output h (input of w1/w3), w1 and w3 outputs, SiLU output and their product ffn/tp each;
     plus fp32 per-row statistics (norms' rstd, attention logsumexp), negligible next to these.
-    selective_op: the matmul and attention outputs (q, k, v, attention output, wo and w2 outputs,
-    w1, w3) and the block input; the elementwise ops are recomputed.
+    selective_op: the matmul and attention outputs (q, k and v as wk/wv make them, kvd/tp each,
+    attention output, wo and w2 outputs, w1, w3) and the block input; the elementwise ops and the
+    K/V expansion are recomputed.
     full: only the block input (the rest is recomputed during backward: see `recompute`).
     """
     h, ffn = a.dim, a.ffn_hidden_dim
@@ -100,7 +101,7 @@ def activation_bytes_per_block(a: TransformerArgs, *, tokens: int, tp: int, ac: 
     elif ac == "selective_op":
         per_token = (h + h + 2 * kvd + h + h + 2 * ffn + h) / tp
     elif ac == "none":
-        per_token = 2 * h + (5 * h + 2 * kvd + 4 * ffn) / tp
+        per_token = 2 * h + (7 * h + 4 * ffn) / tp
     else:
         raise ValueError(f"unknown AC mode {ac!r}")
     return int(tokens * per_token * itemsize)

@@ -178,7 +178,9 @@ def estimate_step_time(c: Candidate, hw: HardwareProfile, *, compile: bool) -> S
     cp_s = 0.0
     if L.cp > 1:
         bw = link_gbps(hw, deg, ("cp",))
-        kv = mb_tokens * 2 * kvd / L.tp * act  # this rank's K and V shard
+        # This rank's K and V shard as attention gets them: expanded to every query head (the model's
+        # repeat_kv comes before SDPA, so the ring moves n_heads x head_dim = dim per token, not kvd).
+        kv = mb_tokens * 2 * a.dim / L.tp * act
         hops = (L.cp - 1) * (1 + 2 + (1 if L.ac == "full" else 0))  # forward, backward (K, V, dK, dV), recompute
         cp_s = kv * hops / (bw * 1e9) * layers * microbatches
         if cfg.parallelism.context_parallel_rotate_method == "alltoall":
