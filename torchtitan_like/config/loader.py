@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -34,7 +35,7 @@ def _closest(name: str, candidates: list[str]) -> str:
         return f" (did you mean '{tail[0]}'?)"
     # Case-insensitive, so 'adamw' suggests 'AdamW' rather than 'Adam'.
     lower = {c.lower(): c for c in candidates}
-    match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.6 if "." in name else 0.5)
     return f" (did you mean '{lower[match[0]]}'?)" if match else ""
 
 
@@ -48,7 +49,7 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
 
     A child file overrides its parent key by key; `extends` is resolved relative to the child.
     """
-    p = Path(path).resolve()
+    p = Path(path).expanduser().resolve()
     if p in _chain:
         cycle = " -> ".join(str(c) for c in (*_chain, p))
         raise ConfigError(f"config 'extends' cycle: {cycle}")
@@ -70,7 +71,7 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
     if parent is not None:
         if not isinstance(parent, str):
             raise ConfigError(f"{p}: 'extends' must be a path string, got {parent!r}")
-        base = read_toml(p.parent / parent, (*_chain, p))
+        base = read_toml(p.parent / Path(parent).expanduser(), (*_chain, p))
     for section, values in _flatten_sections(raw, p).items():
         base.setdefault(section, {}).update(values)
     return base
@@ -91,7 +92,13 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
                     raise ConfigError(f"{p}: unknown section [{path}]{_closest(path, candidates)}")
                 walk(v, path + ".")
             elif not prefix:
-                raise ConfigError(f"{p}: unknown top-level key '{k}'; keys belong in a [section]{_closest(k, [*known, 'extends'])}")
+                if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                    raise ConfigError(f"{p}: [[{k}]] is an array of tables; write [{k}] (single brackets)")
+                owners = sorted({kk.rpartition(".")[0] for kk in keys() if kk.rpartition(".")[2] == k})
+                hint = (f" (put it under [{owners[0]}])" if len(owners) == 1
+                        else f" (it is a key of {', '.join(f'[{o}]' for o in owners)})" if owners
+                        else _closest(k, [*known, "extends"]))
+                raise ConfigError(f"{p}: unknown top-level key '{k}'; keys belong in a [section]{hint}")
             else:
                 leaf[k] = v
         if leaf:
@@ -240,7 +247,24 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
     raise AssertionError(f"config type {type_name(key.type)} of {key.dotted} has no parser")
 
 
+# torchtitan's former names of keys we have (a fuzzy match finds the wrong key for these: enable_checkpoint
+# came out as create_seed_checkpoint, which saves a seed checkpoint and exits).
+_TORCHTITAN_FORMER = {
+    "checkpoint.enable_checkpoint": "checkpoint.enable",
+    "training.compile": "compile.enable",
+}
+
+# Keys whose value is a filesystem path: a leading ~ is the user's home, as in a shell.
+PATH_KEYS = (
+    "job.config_file", "job.dump_folder", "model.tokenizer_path", "training.dataset_path", "validation.dataset_path",
+    "checkpoint.initial_load_path", "parallelism.pipeline_parallel_schedule_csv",
+)
+
+
 def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
+    if dotted in _TORCHTITAN_FORMER:
+        return ConfigError(f"{origin}: unknown key '{dotted}' (torchtitan's former name: use "
+                           f"'{_TORCHTITAN_FORMER[dotted]}')")
     section, _, name = dotted.rpartition(".")
     if section and section not in sections():
         return ConfigError(f"{origin}: unknown section '{section}'{_closest(section, list(sections()))}")
@@ -292,6 +316,9 @@ def load_config(argv: list[str]) -> JobConfig:
         if raw is None:
             raw = "true"
         values[target] = coerce(key, raw, from_cli=True)
+    for dotted in PATH_KEYS:
+        if isinstance(values.get(dotted), str) and values[dotted].startswith("~"):
+            values[dotted] = os.path.expanduser(values[dotted])
     cfg = build(values)
     from torchtitan_like.config.validate import validate
 

@@ -75,6 +75,8 @@ def validate(cfg: JobConfig) -> None:
         if value is not None and not ok(value):
             raise ConfigError(f"{dotted}={value!r} is out of range: must be {rule}")
 
+    if not cfg.job.dump_folder.strip():
+        raise ConfigError('job.dump_folder is empty: name a folder (e.g. "." for the current one)')
     spec = MODELS.get(cfg.model.name)
     if spec is None:
         raise ConfigError(f"model.name={cfg.model.name!r} is unknown; available: {', '.join(MODELS)}")

@@ -1,0 +1,138 @@
+"""Config messages and paths: torchtitan's former key names point to ours (a fuzzy match sent them to
+the wrong key), a key above every [section] names its section, [[x]] is called an array of tables, no
+"did you mean" for a dotted name nothing resembles, an empty job.dump_folder is refused, and a leading
+~ in a path key or an `extends` is the home folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.errors import ConfigError
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    return str(info.value)
+
+
+def _toml_error(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text, encoding="utf-8")
+    return _error(["--job.config_file", str(path)])
+
+
+# --- 1. torchtitan's former key names get a harmful / unrelated "did you mean" -----------------------
+# torchtitan renamed [checkpoint] enable_checkpoint -> enable (pytorch/torchtitan#1607) and moved
+# training.compile to [compile] enable; TOMLs in the wild still carry the old names. The fuzzy match
+# sends enable_checkpoint to create_seed_checkpoint (which saves step-0 and EXITS) and
+# training.compile to training.seq_len.
+
+
+@pytest.mark.parametrize("where", ["toml", "cli"])
+def test_torchtitan_enable_checkpoint_suggests_checkpoint_enable(where: str, tmp_path: Path) -> None:
+    if where == "toml":
+        msg = _toml_error(tmp_path, "[checkpoint]\nenable_checkpoint = true\n")
+    else:
+        msg = _error(["--checkpoint.enable_checkpoint"])
+    assert "did you mean 'checkpoint.create_seed_checkpoint'" not in msg, msg
+    assert "'checkpoint.enable'" in msg, msg
+
+
+@pytest.mark.parametrize("where", ["toml", "cli"])
+def test_torchtitan_training_compile_suggests_compile_enable(where: str, tmp_path: Path) -> None:
+    if where == "toml":
+        msg = _toml_error(tmp_path, "[training]\ncompile = true\n")
+    else:
+        msg = _error(["--training.compile"])
+    assert "did you mean 'training.seq_len'" not in msg, msg
+    assert "'compile.enable'" in msg, msg
+
+
+# --- 2. a key above every [section] header gets a nonsense suggestion ----------------------------------
+# loader.py _flatten_sections: `_closest(k, [*known, 'extends'])` compares a key name with section
+# names, so `seed = 1` suggests 'extends' and `dump_folder = ...` suggests 'model'.
+
+
+def test_top_level_seed_suggests_its_section(tmp_path: Path) -> None:
+    msg = _toml_error(tmp_path, "seed = 3\n")
+    assert "did you mean 'extends'" not in msg, msg
+    assert "debug.seed" in msg or "[debug]" in msg, msg
+
+
+def test_top_level_dump_folder_suggests_its_section(tmp_path: Path) -> None:
+    msg = _toml_error(tmp_path, 'dump_folder = "./out"\n')
+    assert "did you mean 'model'" not in msg, msg
+    assert "job.dump_folder" in msg or "[job]" in msg, msg
+
+
+# --- 3. [[training]] (array of tables) is reported as "unknown top-level key 'training' (did you mean
+# 'training'?)": the fix it suggests is what the user wrote.
+
+
+def test_array_of_tables_section_is_named_as_such(tmp_path: Path) -> None:
+    msg = _toml_error(tmp_path, "[[training]]\nsteps = 3\n")
+    assert "did you mean 'training'" not in msg, msg
+    assert "[training]" in msg, msg
+
+
+# --- 4. accepted values that later crash or go astray -----------------------------------------------
+
+
+def test_empty_dump_folder_is_refused_or_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchtitan_like.components.metrics import MetricsLogger
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        cfg = load_config(["--job.dump_folder="])
+    except ConfigError as e:
+        assert "job.dump_folder" in str(e)
+        return
+    # Accepted: then the run's writers must cope with it (metrics.jsonl is the first thing written).
+    MetricsLogger(
+        cfg.metrics, cfg.job.dump_folder, enabled=True, flops_per_token=1.0, peak_flops_per_s=None,
+        device=torch.device("cpu"), world_size=1,
+    )
+
+
+def test_tilde_in_dump_folder_is_expanded_or_refused(tmp_path: Path) -> None:
+    # `--job.dump_folder=~/runs` (the README's `=` form) is not tilde-expanded by bash, and a TOML
+    # value never is. Nothing in the package calls expanduser.
+    for argv in (["--job.dump_folder=~/runs/x"],):
+        try:
+            cfg = load_config(argv)
+        except ConfigError as e:
+            assert "job.dump_folder" in str(e)
+            continue
+        assert not cfg.job.dump_folder.startswith("~"), cfg.job.dump_folder
+
+
+def test_a_dotted_name_nothing_resembles_gets_no_suggestion() -> None:
+    # torchtitan keys we do not have: an unrelated "did you mean" (it was metrics.save_tb_folder) misleads.
+    msg = _error(["--metrics.disable_color_printing"])
+    assert "unknown key 'metrics.disable_color_printing'" in msg and "did you mean" not in msg
+
+
+def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchtitan_like.config.fields import keys
+    from torchtitan_like.config.loader import PATH_KEYS
+
+    # Every key of the schema that names a file or folder the user gives is in PATH_KEYS (the folders
+    # under job.dump_folder are relative to it).
+    named = {k for k in keys() if k.endswith(("_path", "_csv", "config_file", "dump_folder"))}
+    assert named <= set(PATH_KEYS), named - set(PATH_KEYS)
+
+    home = tmp_path / "home"
+    (home / "cfg").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (home / "cfg" / "base.toml").write_text('[training]\nsteps = 7\n', encoding="utf-8")
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "~/cfg/base.toml"\n[job]\ndump_folder = "~/runs/x"\n', encoding="utf-8")
+    cfg = load_config(["--job.config_file", str(child), "--training.dataset_path=~/data", "--training.dataset", "local"])
+    assert cfg.training.steps == 7
+    assert cfg.job.dump_folder == str(home / "runs" / "x")
+    assert cfg.training.dataset_path == str(home / "data")
