@@ -2,8 +2,8 @@
 
 Every run is the debugmodel flavor (6 layers) in fp32 on CPU, 20 steps of 2 x 32 tokens from the
 embedded corpus, deterministic algorithms on. `train(tmp_path, *overrides)` returns the Trainer
-after training (history, model_parts, dump folder); `baseline_losses()` is plain eager fp32 with no
-overrides, computed once per test session.
+after training (history, model_parts, dump folder); `baseline_losses()` / `baseline_grad_norms()` are
+plain eager fp32 with no overrides, computed once per test session.
 """
 
 from __future__ import annotations
@@ -52,8 +52,25 @@ def losses(trainer: Trainer) -> list[float]:
     return [h["loss"] for h in trainer.history]
 
 
+def grad_norms(trainer: Trainer) -> list[float]:
+    """Each step's gradient norm before clipping. Compare these too: the debug model's norm is above
+    max_norm at every step, and under clipping + AdamW a gradient off by a constant factor trains
+    exactly the same (losses and weights cannot show it)."""
+    return [h["grad_norm"] for h in trainer.history]
+
+
 @functools.cache
+def _baseline() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    with tempfile.TemporaryDirectory() as d:
+        trainer = train(Path(d))
+        return tuple(losses(trainer)), tuple(grad_norms(trainer))
+
+
 def baseline_losses() -> tuple[float, ...]:
     """Plain eager fp32, no converters, no AC, no compile."""
-    with tempfile.TemporaryDirectory() as d:
-        return tuple(losses(train(Path(d))))
+    return _baseline()[0]
+
+
+def baseline_grad_norms() -> tuple[float, ...]:
+    """The same run's gradient norms."""
+    return _baseline()[1]

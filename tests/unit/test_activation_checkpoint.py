@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from feature_runs import STEPS, baseline_losses, losses, train
+from feature_runs import STEPS, baseline_grad_norms, baseline_losses, grad_norms, losses, train
 from torchtitan_like.config.loader import load_config
 from torchtitan_like.config.schema import ActivationCheckpoint
 from torchtitan_like.distributed.activation_checkpoint import OP_SAC_SAVE_LIST, apply_ac
@@ -122,11 +122,13 @@ def test_wrapped_blocks_keep_names_and_weights():
     ids=["full", "selective_layer", "selective_op"],
 )
 def test_ac_trains_like_eager(tmp_path, overrides):
-    got = losses(train(tmp_path, *overrides))
+    trainer = train(tmp_path, *overrides)
+    got = losses(trainer)
     want = baseline_losses()
     assert len(got) == STEPS
     # Recomputation runs the same fp32 kernels on the same inputs: the same training, to rounding.
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(grad_norms(trainer)), torch.tensor(baseline_grad_norms()), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("option", ["abc", "0", "-1", "1.5", "OP"])

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from feature_runs import STEPS, baseline_losses, losses, train
+from feature_runs import STEPS, baseline_grad_norms, baseline_losses, grad_norms, losses, train
+from test_float8 import GRAD_NORM_FIRST_TOL, GRAD_NORM_TOL
 from torchtitan_like.config.loader import load_config
 from torchtitan_like.config.schema import Parallelism, Training
 from torchtitan_like.distributed.compile import CompileMonitor
@@ -49,6 +50,7 @@ def test_compiled_blocks_and_loss_train_like_eager(tmp_path):
     assert len(got) == STEPS
     # Inductor fuses and reorders fp32 reductions: rounding-level differences (seen: 1e-7).
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(grad_norms(trainer)), torch.tensor(baseline_grad_norms()), rtol=1e-4, atol=0)
     lines = _metric_lines(trainer)
     assert [r["step"] for r in lines] == [10, 20]
     assert lines[0]["compile_s"] > 0 and lines[-1]["compile_s"] >= lines[0]["compile_s"]
@@ -62,9 +64,20 @@ def test_compile_composes_with_selective_ac_and_float8(tmp_path):
         "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
         "--model.converters", "float8", "--quantize.linear.float8.emulate",  # CPU float8 matmul: see test_float8.py
     )
+    # Every pass is in place: each block compiled around its AC wrapper, float8 linears inside.
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from torchtitan_like.components.float8 import is_float8_linear
+
+    blocks = list(trainer.model_parts[0].layers.values())
+    assert all(type(b).__name__ == "OptimizedModule" and isinstance(b._orig_mod, CheckpointWrapper) for b in blocks)
+    assert all(sum(is_float8_linear(m) for m in b.modules()) == 7 for b in blocks)
     got, want = torch.tensor(losses(trainer)), torch.tensor(baseline_losses())
-    # float8's tolerance (see test_float8.py): 1.5% of the loss at every step.
+    # float8's tolerance (see test_float8.py): 1.5% of the loss at every step; the gradient norm too.
     assert ((got - want).abs() / want).max() <= 0.015
+    grad_rel = (torch.tensor(grad_norms(trainer)) - torch.tensor(baseline_grad_norms())).abs() / torch.tensor(
+        baseline_grad_norms())
+    assert grad_rel[0] <= GRAD_NORM_FIRST_TOL and grad_rel.max() <= GRAD_NORM_TOL, grad_rel
     assert not torch.equal(got, want)
     assert _metric_lines(trainer)[-1]["recompiles"] == 0
 

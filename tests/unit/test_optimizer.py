@@ -134,3 +134,43 @@ def test_fused_adamw_on_cuda_matches_for_loop() -> None:
             opt.zero_grad()
         results.append([p.detach().cpu() for m in parts for p in m.parameters()])
     torch.testing.assert_close(results[0], results[1])
+
+
+# ---- gradient clipping (distributed/utils.clip_grad_norm_) ------------------------------------------------
+
+
+def _grads(seed: int = 0) -> list[nn.Parameter]:
+    torch.manual_seed(seed)
+    params = [nn.Parameter(torch.randn(shape)) for shape in ((64, 32), (32,), (7, 5, 3))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_matches_torch_on_plain_tensors(norm_type: float) -> None:
+    """The parity tests compare layouts with one process through this same function, so they cannot see it
+    fail to clip (under AdamW a constant gradient scale changes nothing they compare): torch's own
+    clip_grad_norm_ is the reference here."""
+    from torchtitan_like.distributed.utils import clip_grad_norm_
+
+    ours, ref = _grads(), _grads()
+    norm = clip_grad_norm_(ours, 1.0, norm_type=norm_type)
+    want = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type=norm_type)
+    torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+    assert norm > 1.0  # so the clip did scale
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, norm_type) for p in ours]),
+                                       norm_type)
+    assert clipped == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clip_grad_norm_with_max_norm_zero_only_measures() -> None:
+    from torchtitan_like.distributed.utils import clip_grad_norm_
+
+    params = _grads()
+    before = [p.grad.clone() for p in params]
+    norm = clip_grad_norm_(params, 0.0)
+    assert norm == pytest.approx(torch.nn.utils.get_total_norm([p.grad for p in params]).item(), rel=1e-6)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
