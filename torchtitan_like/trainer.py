@@ -138,6 +138,22 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
     return CheckedJob(model_args=model_args, parallel_dims=parallel_dims, pp_plan=pp_plan)
 
 
+def _check_held_out(train_source: Any, val_source: Any) -> None:
+    """Local validation files that training reads too (data/val.jsonl inside training's data/) would be
+    trained on, and val_loss would not be held out."""
+    train_files, val_files = getattr(train_source, "files", None), getattr(val_source, "files", None)
+    if not train_files or not val_files:
+        return
+    reads = {os.path.realpath(f) for f in train_files}
+    shared = [f for f in val_files if os.path.realpath(f) in reads]
+    if shared:
+        raise ConfigError(
+            f"{val_source.label} and {train_source.label} share {len(shared)} file(s), e.g. {shared[0]}: the "
+            "held-out data would be trained on; point validation.dataset_path at files training does not read, or "
+            "narrow training.dataset_path (a folder of training files only, or a glob)"
+        )
+
+
 class Trainer:
     """One training job. `train()` runs it; `close()` releases files and the process group."""
 
@@ -303,6 +319,11 @@ class Trainer:
             dp_degree=self.parallel_dims.dp_degree,
             seed=cfg.debug.seed,
         )
+        if not self.dry_run and cfg.training.dataset != "synthetic":
+            # One global batch from a throwaway iterator (the state lives in the loader's own): a format
+            # problem at the start of the data (a missing text field, invalid JSON, no text at all) raises
+            # now, not after the model is built and a checkpoint loaded.
+            next(iter(loader.dataset), None)
         depth = cfg.training.prefetch_batches
         self.dataloader = PrefetchingLoader(loader, depth) if depth > 0 else loader
         self.validator: Validator | None = None
@@ -322,6 +343,7 @@ class Trainer:
                 loss_context=self._loss_ctx, amp_context=self._amp, cp_context=self._cp_ctx,
                 loss_chunk_size=cfg.training.loss_chunk_size,
             )
+            _check_held_out(getattr(loader.dataset, "source", None), getattr(val_data, "source", None))
             if not self.dry_run:
                 self.validator.check_data()
 

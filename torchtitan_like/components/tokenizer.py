@@ -134,9 +134,26 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
 def build_tokenizer(tokenizer_path: str) -> Tokenizer:
     """Load `tokenizer_path` ("" = the embedded default tokenizer)."""
     path = Path(tokenizer_path) if tokenizer_path else DEFAULT_TOKENIZER_PATH
+    if path.is_dir():
+        # A Hugging Face download: its tiktoken file is original/tokenizer.model.
+        found = [p for p in (path / "original" / "tokenizer.model", path / "tokenizer.model") if p.is_file()]
+        if not found:
+            raise DataError(
+                f"model.tokenizer_path={str(path)!r} is a folder with no tokenizer.model in it (nor in original/): "
+                "point it at a tiktoken tokenizer.model file (in a Hugging Face Llama 3 download: "
+                "original/tokenizer.model)"
+            )
+        path = found[0]
     if not path.is_file():
         raise DataError(
             f"model.tokenizer_path: tokenizer file {str(path)!r} not found (leave it empty for the embedded tokenizer)"
+        )
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"{"):
+        raise DataError(
+            f"model.tokenizer_path={str(path)!r} is JSON (a Hugging Face tokenizer.json), which is not supported: use "
+            "the tiktoken tokenizer.model (original/tokenizer.model in a Hugging Face Llama 3 download)"
         )
     return Tokenizer(load_bpe_ranks(path), name=path.name)
 

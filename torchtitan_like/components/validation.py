@@ -54,6 +54,8 @@ SYNTHETIC_SEED_OFFSET = 1_000_003
 class HeldOutEmbeddedSource:
     """The .py files under the standard library's HELD_OUT_DIRS, in one fixed (seeded) order."""
 
+    label = "validation.dataset='embedded'"
+
     def __init__(self, seed: int) -> None:
         self.root = Path(sysconfig.get_paths()["stdlib"])
         files = []

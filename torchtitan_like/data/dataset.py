@@ -170,7 +170,9 @@ class _TokenStream:
                 self._buf.extend(self.tokenizer.encode(text, bos=True, eos=True))
                 return True
             if self._full_pass and self._docs_in_pass == 0:
-                raise DataError("the dataset is empty: a full pass found no non-empty documents")
+                label = getattr(self.source, "label", None)
+                raise DataError(f"{label + ': ' if label else ''}the dataset is empty: a full pass found no non-empty "
+                                "documents")
             if not self.infinite:
                 return False
             self.epoch += 1

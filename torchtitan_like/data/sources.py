@@ -30,6 +30,9 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 class DocumentSource(Protocol):
     """Documents of one epoch as strings; an empty string is a record with no usable text."""
 
+    label: str
+    """The config setting that names this data, for errors (e.g. "training.dataset_path='data/'")."""
+
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         """Records `start`, `start + 1`, ... of `epoch`'s order."""
         ...
@@ -37,6 +40,8 @@ class DocumentSource(Protocol):
 
 class EmbeddedSource:
     """The Python standard library's own .py files (one file = one document), shuffled per epoch."""
+
+    label = "training.dataset='embedded'"
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -70,6 +75,7 @@ class LocalSource:
 
     def __init__(self, dataset_path: str, text_field: str, *, section: str = "training") -> None:
         """section: the config section whose dataset_path this is, named in errors."""
+        self.label = f"{section}.dataset_path={dataset_path!r}"
         self.text_field = text_field
         self.files = _resolve_local_files(dataset_path, key=f"{section}.dataset_path")
 
@@ -145,7 +151,9 @@ def _walk(root: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # Sorted: a folder reachable under two names (a link) is kept under the same one everywhere, so
+        # the document order does not depend on how a file system lists a folder.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(folder, n) for n in names
                   if not n.startswith(".") and Path(n).suffix in LOCAL_SUFFIXES and Path(folder, n).is_file()]
     return files
@@ -153,7 +161,8 @@ def _walk(root: Path) -> list[Path]:
 
 def _decode(raw: bytes, path: Path, *, first_line: int) -> str:
     try:
-        return raw.decode("utf-8")
+        # A file's UTF-8 byte-order mark (Windows editors write one) is not text.
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as e:
         line = first_line + raw.count(b"\n", 0, e.start)
         raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
@@ -183,6 +192,7 @@ class HFSource:
             import datasets
         except ImportError:
             raise DataError(f"{section}.dataset = 'hf' needs the `datasets` package: pip install datasets") from None
+        self.label = f"{section}.dataset_path={dataset_path!r} (split {split!r})"
         self.text_field = text_field
         try:
             self._ds = datasets.load_dataset(dataset_path, split=split, streaming=True)
