@@ -19,8 +19,10 @@ accepted and dropped with a warning naming the fixed grace period the workers ge
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from typing import Any
 
 import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -62,15 +64,26 @@ def warn_fixed_shutdown_timeout(args: argparse.Namespace) -> None:
         )
 
 
+def _when(failure: Any) -> tuple[float, float]:
+    try:
+        return (failure.timestamp, os.stat(failure.error_file).st_mtime_ns)
+    except (OSError, TypeError):
+        return (failure.timestamp, float("inf"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = torchrun_parser().parse_args(sys.argv[1:] if argv is None else argv)
     warn_fixed_shutdown_timeout(args)
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # torchrun's "first" failure compares whole-second timestamps: a rank that fails fast because a peer
+        # failed (exit 1, same second) would win over the peer (a data error, exit 2) by its lower rank.
+        # The error files' write times (ns) order them truly; a rank killed by a signal wrote none: last.
+        order = sorted(e.failures.items(), key=lambda kv: (_when(kv[1]), kv[0]))
+        rank, failure = order[0]
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        for r, f in sorted(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0])):
+        for r, f in order:
             signal_text = f" (signal {f.signal_name()})" if f.exitcode < 0 else ""
             error = _first_line(f.message)
             detail = f": {error}" if error and f.exitcode > 0 and "To enable traceback see" not in error else ""

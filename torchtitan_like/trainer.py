@@ -761,6 +761,11 @@ class Trainer:
         return True
 
     def close(self) -> None:
+        # The end of the run is not a training step: rank 0 may wait here for the last save and the purge
+        # of old checkpoints (minutes on a network file system) while the others wait in the exit barrier;
+        # the start-up timeout holds again for that.
+        if not self.dry_run:
+            set_pg_timeouts(self.parallel_dims, self.cfg.comm.init_timeout_seconds)
         # Never leave with a save in flight: close() waits for it (and raises if it failed).
         try:
             self.checkpointer.close()
