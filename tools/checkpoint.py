@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from torchtitan_like.components.checkpoint import EXPORT_DTYPES, dcp_contents
+from torchtitan_like.components.checkpoint import EXPORT_DTYPES, _describe, dcp_contents
 from torchtitan_like.components.manifest import (
     MANIFEST,
     CheckpointError,
@@ -45,6 +45,11 @@ def _is_dcp(path: Path) -> bool:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    steps = sorted(p.name for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+    if steps and not (folder / MANIFEST).exists() and not (folder / ".metadata").exists():
+        raise CheckpointError(f"{folder} holds step folders ({', '.join(steps[:4])}{', ...' if len(steps) > 4 else ''}), "
+                              f"not a checkpoint: verify one of them, e.g. {folder / steps[-1]}")
     manifest = verify(args.folder)
     print(f"ok: {args.folder} (step {manifest['step']}, {len(manifest['files'])} files)")
     return 0
@@ -105,14 +110,19 @@ def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
         verify(src)
     else:
         print(f"warning: {src} has no {MANIFEST}; converting without an integrity check", file=sys.stderr)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state: dict[str, Any] = {}
     keys = {"model"} if model_only else None
-    _load_state_dict(
-        state,
-        storage_reader=dcp.FileSystemReader(str(src)),
-        planner=_EmptyStateDictLoadPlanner(keys=keys),
-        no_dist=True,
-    )
+    try:
+        _load_state_dict(
+            state,
+            storage_reader=dcp.FileSystemReader(str(src)),
+            planner=_EmptyStateDictLoadPlanner(keys=keys),
+            no_dist=True,
+        )
+    except (Exception, CheckpointException) as e:  # a damaged file of a folder without a manifest
+        raise CheckpointError(f"{src}: cannot read its data ({_describe(e)})") from None
     if "model" not in state:
         raise CheckpointError(f"{src} holds no model weights (contents: {sorted(state)})")
     return state
@@ -147,21 +157,42 @@ def _write_dcp(state: dict[str, Any], dst: Path, *, step: int, source: Path) -> 
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    tmp = dst.parent / f"{dst.name}.tmp-{secrets.token_hex(4)}-0"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
-    manifest = build_manifest(
-        step=step,
-        files=hash_files(tmp, list_files(tmp)),
-        fingerprint={"config_hash": "", "layout": {}, "world_size": 1},
-        contents=list(state),
-        extra={"model_only": list(state) == ["model"], "converted_from": str(source)},
-    )
-    write_manifest(tmp, manifest)
-    os.rename(tmp, dst)
+    with _atomic(dst) as tmp:  # a failed write (a full disk) leaves nothing at dst, and no temporary folder
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"writing {dst} failed: {_describe(e)}") from None
+        manifest = build_manifest(
+            step=step,
+            files=hash_files(tmp, list_files(tmp)),
+            fingerprint={"config_hash": "", "layout": {}, "world_size": 1},
+            contents=list(state),
+            extra={"model_only": list(state) == ["model"], "converted_from": str(source)},
+        )
+        write_manifest(tmp, manifest)
+
+
+def _special_tokens(tokenizer_path: str | None, margs: Any) -> tuple[int, int] | None:
+    """bos/eos ids for config.json, from the tokenizer the run trained with (as the trainer's own export
+    writes them): --tokenizer, else the built-in one when it fits the flavor's vocabulary, else None (the
+    config then gets Llama 3's ids for a 128256 vocabulary, none otherwise)."""
+    from torchtitan_like.components.tokenizer import build_tokenizer
+    from torchtitan_like.errors import DataError
+
+    try:
+        tok = build_tokenizer(tokenizer_path or "")
+    except DataError as e:
+        raise CheckpointError(f"--tokenizer: {e}") from None
+    if tok.vocab_size > margs.vocab_size or (tokenizer_path is None and margs.vocab_size == 128256):
+        if tokenizer_path is not None:
+            raise CheckpointError(f"--tokenizer {tokenizer_path}: {tok.vocab_size} tokens do not fit the flavor's "
+                                  f"vocabulary of {margs.vocab_size}")
+        return None
+    return tok.bos_id, tok.eos_id
 
 
 def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str) -> None:
@@ -220,8 +251,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 with _atomic(dst) as tmp:
                     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
             else:
+                tokens = _special_tokens(args.tokenizer, margs) if margs is not None else None
                 with _atomic(dst) as tmp:
-                    save_hf_safetensors(sd, tmp, args=margs)
+                    save_hf_safetensors(sd, tmp, args=margs, special_tokens=tokens)
                 if margs is None:
                     print(
                         f"note: wrote our parameter names into {dst / HF_SINGLE}; add --hf --flavor for HF names",
@@ -300,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--hf", action="store_true", help="Hugging Face LlamaForCausalLM names (needs --flavor)")
     c.add_argument("--flavor", help="llama3 flavor of the weights, for --hf (e.g. debugmodel, 8B)")
+    c.add_argument("--tokenizer", default=None,
+                   help="with --hf: the tokenizer.model the run trained with, for config.json's bos/eos ids "
+                        "(default: the built-in tokenizer; Llama 3's ids for a 128256 vocabulary)")
     c.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="cast the model weights")
     c.add_argument(
         "--step", type=int, help="step recorded in the manifest of a DCP destination (default: from the source, else 0)"
@@ -312,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # (OSError: a full disk, a folder without permission)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

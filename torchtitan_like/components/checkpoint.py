@@ -62,6 +62,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from torchtitan_like.components.manifest import (
     MANIFEST,
@@ -364,6 +365,7 @@ class CheckpointManager:
             sd = get_model_state_dict(part)
             keys.append(list(sd))
             for k, v in sd.items():
+                v = _plain(v)
                 merged[k] = v.to(dtype) if dtype is not None and torch.is_tensor(v) and v.is_floating_point() else v
         return merged, keys
 
@@ -373,7 +375,7 @@ class CheckpointManager:
         for part, opt in zip(self.model_parts, self.optimizers):
             sd = get_optimizer_state_dict(part, opt, options=_FLAT_OPTIM)
             keys.append(list(sd))
-            merged.update(sd)
+            merged.update({k: _plain(v) for k, v in sd.items()})
         return merged, keys
 
     def _state_for_save(
@@ -481,8 +483,9 @@ class CheckpointManager:
                 self._purger.submit(_rmtree_quietly, p)
 
     def _purge(self, just_saved: int) -> None:
-        """Keep the newest keep_latest_k complete checkpoints (and the one just written, and the one
-        checkpoint.load_step names: the same command needs it to start again)."""
+        """Keep the newest keep_latest_k complete checkpoints (and the one just written, the one
+        checkpoint.load_step names: the same command needs it to start again, and the newest full-state
+        one up to the one just written: a model-only final save is not one to continue training from)."""
         with self._publish_lock:
             folders = complete_steps(self.folder)
             # What this run published from just_saved on: a purge that runs late (the purge thread was
@@ -493,6 +496,7 @@ class CheckpointManager:
             since = set(order[last:])
         steps = sorted(folders)
         keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved, self.cfg.load_step} | since
+        keep.add(self._newest_full_state_before(just_saved + 1))
         for s in steps:
             if s in keep:
                 continue
@@ -688,7 +692,7 @@ class CheckpointManager:
         return None
 
     def _newest_full_state_before(self, step: int) -> int | None:
-        """The newest complete checkpoint before `step` that holds more than the model (for a hint only)."""
+        """The newest complete checkpoint before `step` that holds more than the model."""
         for s, path in sorted(complete_steps(self.folder).items(), reverse=True):
             try:
                 if s < step and not read_manifest(path).get("model_only"):
@@ -747,6 +751,12 @@ class CheckpointManager:
         loaded = self._load_components(path, wanted)
         if "model" not in loaded:
             raise CheckpointError(f"checkpoint.initial_load_path={path} holds no model weights")
+        missing = [c for c in sorted(wanted) if c not in loaded and c not in self.cfg.exclude_from_loading
+                   and self._has(c)]
+        if not self.cfg.initial_load_model_only and missing:
+            # initial_load_model_only=false asked for the whole state: say what was not there.
+            logger.warning("checkpoint.initial_load_path=%s holds no %s (a model-only save?): those start fresh",
+                           path, ", ".join(missing))
         return self.train_state.step if "train_state" in loaded else None
 
     def _has(self, component: str) -> bool:
@@ -858,6 +868,24 @@ class CheckpointManager:
             sub = {k: full[k].to(target[k].dtype) for k in target if k in full}
             set_model_state_dict(part, sub, options=opts)
         logger.info("loaded Hugging Face weights from %s in %.2f s", path, time.perf_counter() - t0)
+
+
+def _plain(value: Any) -> Any:
+    """A tensor wrapped in a subclass that holds a plain `_tensor` (torchao's weight under FSDP float8
+    all-gather, WeightWithDynamicFloat8CastTensor), as that plain tensor, inside its DTensor if any. DCP
+    pickles a subclass's class into the files, and reading it back needs that class imported and
+    allow-listed: a checkpoint of a float8 run could not be loaded without float8 (a bf16 fine-tune, the
+    convert tool). Plain tensors load anywhere; loading into the subclass again copies into it."""
+    if not torch.is_tensor(value):
+        return value
+    local = value._local_tensor if isinstance(value, DTensor) else value
+    inner = getattr(local, "_tensor", None)
+    if type(local) in (torch.Tensor, torch.nn.Parameter) or not isinstance(inner, torch.Tensor):
+        return value
+    if isinstance(value, DTensor):
+        return DTensor.from_local(inner, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
+    return inner
 
 
 def _describe(e: BaseException) -> str:

@@ -100,6 +100,11 @@ def validate(cfg: JobConfig) -> None:
             f"checkpoint.{which} needs checkpoint.initial_load_path (a Hugging Face safetensors folder or file for "
             "initial_load_in_hf, else a DCP step folder)"
         )
+    if c.initial_load_in_hf and not c.initial_load_model_only:
+        raise ConfigError(
+            "checkpoint.initial_load_model_only=false with initial_load_in_hf=true: Hugging Face safetensors hold "
+            "only the weights; set initial_load_model_only=true, or load a DCP checkpoint for the whole state"
+        )
     max_seq = cfg.model.max_seq_len
     if max_seq is not None and t.seq_len > max_seq:
         raise ConfigError(
@@ -205,7 +210,7 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
     from dataclasses import fields
 
     from torchtitan_like.components.float8 import CONVERTER_NAMES
-    from torchtitan_like.config.schema import Float8, Parallelism, Training
+    from torchtitan_like.config.schema import Checkpoint, Float8, Parallelism, Training
 
     out = []
     if pp == 1:
@@ -240,6 +245,10 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
         ("profiling", "enable_profiling", lambda c: c.enable_profiling or c.enable_memory_snapshot, {"profile_freq"}),
         ("profiling", "enable_memory_snapshot", lambda c: c.enable_memory_snapshot, {"save_memory_snapshot_folder"}),
         ("activation_checkpoint", "mode", lambda c: c.mode == "selective", {"selective_ac_option"}),
+        # (The initial_load_* keys work without checkpoint.enable: a run may start from weights and not save.)
+        ("checkpoint", "enable", lambda c: c.enable, {"folder", "interval", "async_mode", "keep_latest_k",
+                                                     "last_save_model_only", "last_save_in_hf", "export_dtype",
+                                                     "load_step"}),
     ]
     for section, switch, on, keys in switched:
         value, default = getattr(cfg, section), type(getattr(cfg, section))()
@@ -250,6 +259,9 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
             if (f.name != switch and (keys is None or f.name in keys)
                     and getattr(value, f.name) != getattr(default, f.name)):
                 out.append(f"{name} ({section}.{switch}={_toml(getattr(value, switch))})")
+    c = cfg.checkpoint
+    if c.enable and not c.last_save_model_only and not c.last_save_in_hf and c.export_dtype != Checkpoint().export_dtype:
+        out.append("checkpoint.export_dtype (no model-only or Hugging Face final save to export)")
     return out
 
 
