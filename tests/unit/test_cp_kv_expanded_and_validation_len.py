@@ -59,30 +59,32 @@ def _ring_bytes_rank(kv_heads: list[int]) -> dict[int, int]:
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))
     sent: list[int] = []
-    original = ft_c.all_gather_single
+    # The ring's all-gather: all_gather_single from torch 2.12, all_gather_tensor in 2.11.
+    name = "all_gather_single" if hasattr(ft_c, "all_gather_single") else "all_gather_tensor"
+    original = getattr(ft_c, name)
 
     def recording(t, *args, **kwargs):
         sent.append(t.numel() * t.element_size())
         return original(t, *args, **kwargs)
 
     out = {}
-    ft_c.all_gather_single = recording
+    setattr(ft_c, name, recording)
     try:
         for kv in kv_heads:
             args = dataclasses.replace(LLAMA3_FLAVORS["debugmodel"], n_layers=1, n_kv_heads=kv, max_seq_len=64)
             model = Transformer(args)
             model.init_weights(0)
             tokens = torch.arange(64).remainder(args.vocab_size).view(1, 64).clone()
-            sent.clear()
             with torch.no_grad(), context_parallel_ctx(
                 mesh, buffers=[tokens, model.freqs_cis], seq_dims=[1, 0], no_restore_buffers={tokens},
                 rotate_method="allgather",
             ):
+                sent.clear()  # the forward's gathers only (leaving the context gathers the RoPE table back)
                 model(tokens)
-            assert sent, "the ring did not all-gather K/V"
-            out[kv] = sum(sent)
+                assert sent, "the ring did not all-gather K/V"
+                out[kv] = sum(sent)
     finally:
-        ft_c.all_gather_single = original
+        setattr(ft_c, name, original)
     return out
 
 
