@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +26,8 @@ from torchtitan_like.components.checkpoint import CheckpointError
 from torchtitan_like.components.manifest import complete_steps, read_manifest
 from torchtitan_like.errors import ConfigError
 
+from test_config_and_convert_edges import _tool_main  # loads tools/checkpoint.py
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "checkpoint.py"
 BASE = ["--job.config_file", str(ROOT / "train_configs" / "debug_model.toml")]
@@ -34,12 +35,6 @@ BASE = ["--job.config_file", str(ROOT / "train_configs" / "debug_model.toml")]
 # Saves without a process group: DCP says it assumes a single process.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-
-def _tool_main():
-    spec = importlib.util.spec_from_file_location("checkpoint_tool_review3", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 # --- float8 all-gather checkpoints ------------------------------------------------------------------

@@ -4,7 +4,6 @@ so instead of calling a save unfinished."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,16 +15,10 @@ from torchtitan_like.components.tokenizer import build_tokenizer
 from torchtitan_like.config.schema import Checkpoint
 from torchtitan_like.models.llama3 import LLAMA3_FLAVORS, Transformer
 
-ROOT = Path(__file__).resolve().parents[2]
-TOOL = ROOT / "tools" / "checkpoint.py"
+from test_config_and_convert_edges import _tool_main  # loads tools/checkpoint.py
+
 ARGS = LLAMA3_FLAVORS["debugmodel"].with_seq_len(64)
 
-
-def _tool_main():
-    spec = importlib.util.spec_from_file_location("checkpoint_tool_review", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _save_debugmodel_step(dump: Path) -> Path:
