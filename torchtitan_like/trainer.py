@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum, model_token_loss
+from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum, gathered, model_token_loss
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.manifest import step_folders
 from torchtitan_like.components.metrics import MetricsLogger
@@ -547,7 +547,8 @@ class Trainer:
         part.output_in_loss = True
 
         def chunked(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return chunked_output_loss(hidden, part.output, labels, chunk_size=self.loss_chunk_size, loss_fn=self.loss_fn)
+            return chunked_output_loss(hidden, gathered(part.output), labels, chunk_size=self.loss_chunk_size,
+                                       loss_fn=self.loss_fn)
 
         return chunked
 

@@ -71,9 +71,10 @@ def test_compiled_loss_fails_under_a_zero_bubble_schedule() -> None:
                 sched.step(x, target=y, losses=[])
                 assert all(p.grad is not None for part in parts for p in part.parameters())
             else:
-                with pytest.raises(RuntimeError, match="stage backward input") as e:
+                # torch 2.13 wraps it ("Failed to run stage backward input ..."); 2.12 raises it as it is.
+                with pytest.raises(RuntimeError, match="stage backward input|donated buffers") as e:
                     sched.step(x, target=y, losses=[])
-                assert "donated buffers" in str(e.value.__cause__)
+                assert "donated buffers" in f"{e.value} {e.value.__cause__}"
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()

@@ -137,7 +137,7 @@ def test_compiled_blocks_fail_under_a_split_backward_csv(tmp_path: Path) -> None
         sched = schedules._PipelineScheduleRuntime(stages, n_microbatches=2, loss_fn=loss_fn, scale_grads=False)
         sched._load_csv(path, format="compute_only")
         x, y = torch.randint(0, 2000, (2, 16)), torch.randint(0, 2000, (2, 16))
-        with pytest.raises(RuntimeError, match="stage backward input"):
+        with pytest.raises(RuntimeError, match="stage backward input|donated buffers"):  # (2.13 | 2.12 wording)
             sched.step(x, target=y, losses=[])
     finally:
         dist.destroy_process_group()

@@ -61,17 +61,21 @@ def model_token_loss(
     final-norm hidden states through `model.output`, chunk by chunk (chunked_output_loss)."""
     if chunk_size:
         hidden = model(inputs, skip_output=True)  # (bs, seqlen, dim)
-        out = model.output
-        # FSDP (an FSDPModule has unshard()): each chunk's recompute in backward must see the gathered
-        # weight. torch 2.11 reshards the output after the first chunk's backward and skips the gather in
-        # a recompute, so the next chunk met a sharded weight ("mixed torch.Tensor and DTensor");
-        # unshard() gathers it again there, and is a no-op while it is gathered (forward; torch 2.13).
-        unshard = getattr(out, "unshard", None)
-
-        def project(h: torch.Tensor) -> torch.Tensor:
-            if unshard is not None:
-                unshard()
-            return out(h)
-
-        return chunked_output_loss(hidden, project, labels, chunk_size=chunk_size, loss_fn=loss_fn)
+        return chunked_output_loss(hidden, gathered(model.output), labels, chunk_size=chunk_size, loss_fn=loss_fn)
     return loss_fn(model(inputs), labels)
+
+
+def gathered(output: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`output` as the chunked loss calls it: under FSDP (an FSDPModule has unshard()) each chunk's
+    recompute in backward must see the gathered weight. torch 2.11 reshards the output after the first
+    chunk's backward, and 2.12 (in a pipeline stage's first backward) runs the recompute without the
+    gather: the chunk met a sharded weight ("mixed torch.Tensor and DTensor"). unshard() gathers it
+    again there, and is a no-op while it is gathered (forward; torch 2.13)."""
+    unshard = getattr(output, "unshard", None)
+
+    def project(h: torch.Tensor) -> torch.Tensor:
+        if unshard is not None:
+            unshard()
+        return output(h)
+
+    return project
