@@ -24,7 +24,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torchtitan_like.components.loss import IGNORE_INDEX, chunked_output_loss, cross_entropy_sum, gathered, model_token_loss
+from torchtitan_like.components.loss import (
+    IGNORE_INDEX,
+    chunked_output_loss,
+    cross_entropy_sum,
+    gathered,
+    model_token_loss,
+)
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.manifest import step_folders
 from torchtitan_like.components.metrics import MetricsLogger
