@@ -20,19 +20,7 @@ from torchtitan_like.data import build_dataloader
 from torchtitan_like.data.sources import LocalSource
 from torchtitan_like.errors import ConfigError, DataError
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _trainer_argv(dump: Path, *overrides: str) -> list[str]:
-    return [
-        "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
-        "--job.dump_folder", str(dump),
-        "--training.seq_len", "32",
-        "--training.local_batch_size", "2",
-        "--training.steps", "2",
-        "--metrics.no_enable_tensorboard",
-        *overrides,
-    ]
+from test_profiling import argv as trainer_argv  # the debug model, 32 x 2 tokens, no TensorBoard
 
 
 def _docs(path: Path, n: int, tag: str) -> None:
@@ -134,7 +122,7 @@ def test_validation_files_that_training_also_reads_are_named(tmp_path, caplog):
     _docs(data / "train.jsonl", 16, "t")
     _docs(data / "val.jsonl", 16, "v")  # the usual layout: data/train.jsonl, data/val.jsonl
     caplog.set_level(logging.WARNING, logger="torchtitan_like")
-    argv = _trainer_argv(
+    argv = trainer_argv(
         tmp_path / "out",
         "--training.dataset", "local", "--training.dataset_path", str(data),
         "--validation.enable", "--validation.dataset", "local", "--validation.dataset_path", str(data / "val.jsonl"),
@@ -160,7 +148,7 @@ def test_a_wrong_training_text_field_is_refused_at_start_up(tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"content": f"def f{i}(): return {i}\n" * 30}) + "\n" for i in range(8)),
                     encoding="utf-8")
-    argv = _trainer_argv(tmp_path / "out", "--training.dataset", "local", "--training.dataset_path", str(data))
+    argv = trainer_argv(tmp_path / "out", "--training.dataset", "local", "--training.dataset_path", str(data))
     trainer = None
     try:
         with pytest.raises(DataError, match="record has no field 'text'"):
