@@ -96,6 +96,11 @@ def run_on_ranks(
             f"--- rank {r}: native crash ---\n{fault.read_text()}"
             for r in range(world_size)
             if (fault := run_dir / f"rank{r}.fault").exists() and fault.stat().st_size
+        ] + [
+            f"--- rank {r}: native stderr, last lines ---\n{_tail(native)}"
+            for r in range(world_size)
+            if not (run_dir / f"rank{r}.err").exists() and (native := run_dir / f"rank{r}.stderr").exists()
+            and native.stat().st_size
         ]
         pytest.fail(
             f"{getattr(fn, '__name__', fn)} on {world_size} ranks failed: {failure}\n" + "\n".join(errors),
@@ -106,6 +111,10 @@ def run_on_ranks(
         with open(run_dir / f"rank{r}.pkl", "rb") as f:
             results.append(pickle.load(f))
     return results
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _rank_main(
@@ -125,7 +134,13 @@ def _rank_main(
     )
     torch.set_num_threads(1)
     out = Path(run_dir)
-    # A native crash (SIGSEGV, SIGABRT) leaves no Python traceback: write every thread's stack.
+    # A native crash (SIGSEGV, SIGABRT) leaves no Python traceback: write every thread's stack, and
+    # keep what C++ printed on the way down ("terminate called after throwing ... what(): ...") by
+    # pointing this process's file descriptor 2 at a file (it is the fork server's otherwise, whose
+    # output went to whichever test started it).
+    native = os.open(out / f"rank{rank}.stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(native, 2)
+    os.close(native)
     faulthandler.enable(file=open(out / f"rank{rank}.fault", "w"), all_threads=True)
     status = 0
     try:

@@ -58,6 +58,37 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out.transpose(1, 2)
 
 
+def _count_exchanges_in_flight(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the ring's functional collectives that were issued and not yet waited for; returns the
+    dict whose "max" and "issued" it keeps up to date."""
+    import torch.distributed._functional_collectives as ft_c
+
+    in_flight: set[int] = set()
+    seen = {"max": 0, "issued": 0}
+
+    def issuing(fn):
+        def issue(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            in_flight.add(out.elem.untyped_storage().data_ptr())  # an AsyncCollectiveTensor until waited
+            seen["issued"] += 1
+            seen["max"] = max(seen["max"], len(in_flight))
+            return out
+        return issue
+
+    wait_tensor = ft_c.wait_tensor
+
+    def waiting(tensor):
+        in_flight.discard(tensor.untyped_storage().data_ptr())
+        return wait_tensor(tensor)
+
+    # The rotaters call ft_c.all_gather_single / ft_c.permute_tensor (-> all_to_all_single); every wait goes
+    # through the module's wait_tensor. All looked up at call time.
+    monkeypatch.setattr(ft_c, "all_gather_single", issuing(ft_c.all_gather_single))
+    monkeypatch.setattr(ft_c, "all_to_all_single", issuing(ft_c.all_to_all_single))
+    monkeypatch.setattr(ft_c, "wait_tensor", waiting)
+    return seen
+
+
 def _attention_rank(cases: list[tuple[str, bool]]) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -65,22 +96,31 @@ def _attention_rank(cases: list[tuple[str, bool]]) -> dict:
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
     sdpa = F.scaled_dot_product_attention
     results = {}
-    for rotate_method, load_balance in cases:
-        data = _qkv()
-        positions = torch.arange(SEQ).expand(BS, SEQ).clone()  # sharded like the data: which rows we hold
-        buffers = [data["q"], data["k"], data["v"], data["dout"], positions]
-        with context_parallel_ctx(
-            mesh, buffers=buffers, seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers),
-            rotate_method=rotate_method, load_balance=load_balance,
-        ):
-            q, k, v = (t.detach().requires_grad_() for t in buffers[:3])
-            out = _attention(q, k, v)
-            out.backward(buffers[3])  # backward inside the context: the ring backward needs it too
-        results[(rotate_method, load_balance)] = {
-            "positions": positions[0].clone(), "out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
-        }
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        exchanges = _count_exchanges_in_flight(monkeypatch)
+        for case in cases:
+            results[case] = _ring_case(mesh, *case)
+    # Never two ring exchanges in flight on the cp group: two functional collectives in flight on one gloo
+    # group corrupted the heap now and then (context_parallel._WaitedRotater).
+    results["exchanges"] = exchanges
     results["sdpa_restored"] = F.scaled_dot_product_attention is sdpa
     return results
+
+
+def _ring_case(mesh, rotate_method: str, load_balance: bool) -> dict:
+    data = _qkv()
+    positions = torch.arange(SEQ).expand(BS, SEQ).clone()  # sharded like the data: which rows we hold
+    buffers = [data["q"], data["k"], data["v"], data["dout"], positions]
+    with context_parallel_ctx(
+        mesh, buffers=buffers, seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers),
+        rotate_method=rotate_method, load_balance=load_balance,
+    ):
+        q, k, v = (t.detach().requires_grad_() for t in buffers[:3])
+        out = _attention(q, k, v)
+        out.backward(buffers[3])  # backward inside the context: the ring backward needs it too
+    return {
+        "positions": positions[0].clone(), "out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
+    }
 
 
 def _expected_positions(rank: int, world: int, load_balance: bool) -> list[int]:
@@ -104,6 +144,9 @@ def test_ring_attention_matches_full_attention(world: int, tmp_path) -> None:
 
     for r, got in enumerate(ranks):
         assert got["sdpa_restored"], f"rank {r}: F.scaled_dot_product_attention still patched after the context"
+        # Forward and backward of each case: (world - 1) K/V exchanges each way, world K/V-gradient permutes.
+        assert got["exchanges"]["issued"] >= len(cases) * world, got["exchanges"]
+        assert got["exchanges"]["max"] == 1, f"rank {r}: {got['exchanges']['max']} ring exchanges in flight at once"
         for case in cases:
             res = got[case]
             pos = res["positions"]

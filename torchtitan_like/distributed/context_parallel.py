@@ -29,13 +29,17 @@ The handler does not go through DTensor sharding propagation (whose CP rules are
 fixed Shard(2) rules, then rules installed per context, then single-dim strategies in 2.14): it
 unwraps the seq-sharded DTensors itself and wraps the local results as DTensors with the same
 placement. The shim is only installed for a CPU mesh; a CUDA mesh uses torch's handlers untouched.
+On CPU the handler also makes every K/V exchange complete before the next is issued (torch's backward
+keeps two in flight, and two functional collectives in flight on one gloo group corrupt the heap now
+and then: `_WaitedRotater`).
 
 Private torch pieces used (all in `torch.distributed.tensor.experimental._context_parallel._attention`;
 in older layouts `torch.distributed.tensor.experimental._attention` itself), looked up once and
 reported by name with the torch version if missing (`_torch_cp_internals`):
 `custom_ops` (the CP op-handler table merged into DTensor's dispatcher while CP is on),
 `_templated_ring_attention`, `_templated_ring_attention_backward`, `_cp_options` (the rotate method
-and load-balance flag the ring reads, forward and backward), `_RotateMethod`, `set_rotate_method`;
+and load-balance flag the ring reads, forward and backward), `_RotateMethod`, `set_rotate_method`,
+`_create_rotater` (looked up by the ring at call time; the CPU handler swaps it for the span of a call);
 plus `DTensor._local_tensor` and `OpOverload._schema` in the handler (stable for years).
 Seen with the same names and signatures in torch 2.13.0 (installed; what CI runs), 2.11.0 (the CP
 tests pass on it, CPU, both rotate methods) and 2.14.1 (wheel source read). Rotate methods:
@@ -84,6 +88,7 @@ _REQUIRED_INTERNALS = (
     "_cp_options",
     "_RotateMethod",
     "set_rotate_method",
+    "_create_rotater",
 )
 
 
@@ -291,6 +296,13 @@ def _cpu_flash_ring_handler(op_call: torch._ops.OpOverload, args: tuple[Any, ...
         raise NotImplementedError("context parallel ring attention does not support attn_mask (use is_causal=True)")
     cp = _torch_cp_internals()
     common = {"is_causal": bound["is_causal"], "dropout_p": bound["dropout_p"], "scale": bound["scale"]}
+    with _one_exchange_in_flight(cp):
+        return _cpu_ring(cp, op_call, bound, common, mesh)
+
+
+def _cpu_ring(
+    cp: ModuleType, op_call: torch._ops.OpOverload, bound: dict[str, Any], common: dict[str, Any], mesh: DeviceMesh
+) -> tuple[DTensor, ...]:
     if op_call == _aten._scaled_dot_product_flash_attention_for_cpu.default:
         out, lse, *_ = cp._templated_ring_attention(
             mesh.get_group(), _SDPA_SEQ_DIM, _aten._scaled_dot_product_flash_attention_for_cpu,
@@ -307,6 +319,51 @@ def _cpu_flash_ring_handler(op_call: torch._ops.OpOverload, args: tuple[Any, ...
     else:
         raise AssertionError(f"unexpected op {op_call} in the CPU ring-attention handler")
     return tuple(_wrap_seq_sharded(t, mesh) for t in results)
+
+
+class _WaitedRotater:
+    """One of torch's ring rotaters whose exchange is complete when `exchange_buffers` returns.
+
+    torch's ring backward keeps two exchanges in flight on the cp group at once (the K/V all-gather or
+    permute, and the K/V-gradient permute). Two functional collectives in flight on one gloo process
+    group corrupt the heap now and then (torch 2.13: "malloc(): unaligned tcache chunk detected",
+    SIGABRT or SIGSEGV, in about one 4-rank cp2 x pp2 run of 30; a 4-process script doing nothing but
+    two all_gather_single on one gloo group per iteration crashed within 20000 iterations, while the
+    same two collectives through the c10d API with async_op=True never did). So on CPU each exchange is
+    waited for before the next is issued; the ring's math and order are unchanged (the exchange is only
+    completed earlier), and CPU ring attention loses its overlap of the exchange with the block compute.
+    """
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._ready: torch.Tensor | None = None
+
+    def exchange_buffers(self, curr_buffer: torch.Tensor) -> None:
+        self._inner.exchange_buffers(curr_buffer)
+        # torch's next_buffer() is always the call right after it (per rotater), so taking it now reads
+        # the same block: the all-gather rotater picks its chunk by the exchange count, unchanged.
+        self._ready = self._inner.next_buffer()
+
+    def next_buffer(self) -> torch.Tensor:
+        if self._ready is None:
+            raise AssertionError("ring attention: next_buffer() without an exchange_buffers() before it")
+        ready, self._ready = self._ready, None
+        return ready
+
+
+@contextlib.contextmanager
+def _one_exchange_in_flight(cp: ModuleType) -> Iterator[None]:
+    """Make torch's ring attention (called inside) create _WaitedRotater-wrapped rotaters."""
+    create = cp._create_rotater
+
+    def create_waited(*args: Any, **kwargs: Any) -> _WaitedRotater:
+        return _WaitedRotater(create(*args, **kwargs))
+
+    cp._create_rotater = create_waited
+    try:
+        yield
+    finally:
+        cp._create_rotater = create
 
 
 def _bind(op_call: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
