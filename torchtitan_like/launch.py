@@ -10,7 +10,10 @@
 - The launcher gets SIGTERM or SIGUSR1 (pre-emption): torchrun forwards the signal to every worker,
   which checkpoint and stop at the next step boundary, and then raises SignalException. The status
   is 75 (EXIT_PREEMPTED: run the same command again to resume from the latest complete checkpoint).
-  Other signals give 128 + the signal number, as a shell reports them.
+  Other signals give 128 + the signal number, as a shell reports them. A signal that arrives after
+  the workers finished training (the final save done, the ranks past their exit barrier) gives 0:
+  each worker writes its exit status into a folder this launcher names (EXIT_STATUS_DIR_ENV), so a
+  finished job is not reported, and requeued, as pre-empted.
 
 torchrun of torch 2.11 (the oldest torch supported) has no `--shutdown-timeout`: there the option is
 accepted and dropped with a warning naming the fixed grace period the workers get instead.
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 import torch
@@ -30,6 +35,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS
+from torchtitan_like.train import EXIT_STATUS_DIR_ENV
 
 
 def _first_line(message: object) -> str:
@@ -71,9 +77,38 @@ def _when(failure: Any) -> tuple[float, float]:
         return (failure.timestamp, float("inf"))
 
 
+def _finished_ranks(status_dir: str) -> list[int]:
+    """The ranks that wrote exit status 0 (train.py's _record_exit_status) into `status_dir`."""
+    ranks = []
+    for name in os.listdir(status_dir):
+        if not name.startswith("rank") or not name[4:].isdigit():
+            continue
+        try:
+            with open(os.path.join(status_dir, name)) as f:
+                if f.read().strip() == "0":
+                    ranks.append(int(name[4:]))
+        except OSError:
+            continue
+    return sorted(ranks)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = torchrun_parser().parse_args(sys.argv[1:] if argv is None else argv)
     warn_fixed_shutdown_timeout(args)
+    status_dir = tempfile.mkdtemp(prefix="torchtitan_like_exit_")
+    previous = os.environ.get(EXIT_STATUS_DIR_ENV)
+    os.environ[EXIT_STATUS_DIR_ENV] = status_dir  # inherited by the workers
+    try:
+        return _run(args, status_dir)
+    finally:
+        if previous is None:
+            os.environ.pop(EXIT_STATUS_DIR_ENV, None)
+        else:
+            os.environ[EXIT_STATUS_DIR_ENV] = previous
+        shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, status_dir: str) -> int:
     try:
         run(args)
     except ChildFailedError as e:
@@ -95,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except SignalException as e:
         name = signal.Signals(e.sigval).name
+        finished = _finished_ranks(status_dir)
+        if finished:  # written after the workers' exit barrier: every rank had finished training
+            print(f"run_train: got {name} after the workers had finished training; exit 0", file=sys.stderr)
+            return 0
         if e.sigval in PREEMPTION_SIGNALS:
             print(
                 f"run_train: got {name}; the workers stopped at a step boundary (saving a checkpoint first when "

@@ -22,6 +22,9 @@ EXIT_CONFIG_OR_DATA = 2
 EXIT_TRAINING = 3
 EXIT_FAILURE = 1
 EXIT_PREEMPTED = 75  # torchtitan_like.distributed.preemption.EXIT_PREEMPTED (not imported: --help stays torch-free)
+EXIT_STATUS_DIR_ENV = "TORCHTITAN_LIKE_EXIT_STATUS_DIR"
+"""Set by the launcher (launch.py): each rank writes its exit status there as it leaves, so a launcher
+that got SIGTERM can tell a finished job (exit 0) from a pre-empted one (75)."""
 
 
 def _setup_logging() -> None:
@@ -35,7 +38,9 @@ def _setup_logging() -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Train; returns the exit status. `exiting`: the process ends right after (the `__main__` path),
+    so a finished run's close() leaves SIGTERM/SIGUSR1 ignored (Trainer.close)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         from torchtitan_like.config.reference import help_text
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         # Closing waits for the final (async) save: its errors go through the handlers below too, as a
         # one-line error and exit 2 (or fail-fast), not a traceback out of `finally`.
         finished, trainer = trainer, None
-        finished.close()
+        finished.close(exiting=exiting)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _record_for_launcher(e)
@@ -153,11 +158,28 @@ def _exit(code: int) -> None:
             if code in (0, EXIT_PREEMPTED):  # every rank got here together
                 dist.barrier()
             dist.destroy_process_group()
+    _record_exit_status(code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
+def _record_exit_status(code: int) -> None:
+    """Write `code` to rank<RANK> in the launcher's EXIT_STATUS_DIR_ENV folder (none outside launch.py).
+
+    After the exit barrier: a 0 there means every rank finished training."""
+    folder = os.environ.get(EXIT_STATUS_DIR_ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank{os.environ.get('RANK', '0')}")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{code}\n")
+        os.replace(path + ".tmp", path)
+    except OSError:  # reporting must never replace the exit
+        pass
+
+
 if __name__ == "__main__":
-    _exit(main())
+    _exit(main(exiting=True))

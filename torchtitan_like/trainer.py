@@ -767,7 +767,10 @@ class Trainer:
         self.stopped_by = sig
         return True
 
-    def close(self) -> None:
+    def close(self, *, exiting: bool = False) -> None:
+        """Wait for the last save and release what the run holds. `exiting`: the process ends next (train.py
+        after a finished or pre-empted run), so SIGTERM/SIGUSR1 are ignored from here on, not restored to
+        their default (which kills: torchrun's launcher would then report the finished job as pre-empted)."""
         # The end of the run is not a training step: rank 0 may wait here for the last save and the purge
         # of old checkpoints (minutes on a network file system) while the others wait in the exit barrier;
         # the start-up timeout holds again for that.
@@ -777,7 +780,7 @@ class Trainer:
         try:
             self.checkpointer.close()
         finally:
-            self.preemption.restore()
+            self.preemption.restore(ignore=exiting)
             self.metrics.close()
             if self.compile_monitor is not None:
                 self.compile_monitor.close()

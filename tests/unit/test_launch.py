@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from torchtitan_like import launch
+from torchtitan_like.train import EXIT_STATUS_DIR_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RUN_TRAIN_ARGS = ["--nnodes=1", "--nproc-per-node=2", "--shutdown-timeout=60", "-m", "torchtitan_like.train", "--x", "1"]
 
@@ -38,3 +48,35 @@ def test_a_torchrun_without_the_option_accepts_it_and_warns(monkeypatch, capsys)
     # Its fixed value asked for: nothing to warn about.
     launch.warn_fixed_shutdown_timeout(launch.torchrun_parser().parse_args(["--shutdown-timeout=30", "-m", "x"]))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("worker_codes, expected", [([0, 0], 0), ([75, 75], 75), ([], 75)])
+def test_a_signal_after_the_workers_finished_is_exit_0_not_pre_empted(monkeypatch, capsys, worker_codes, expected):
+    """torchrun raises SignalException whenever the launcher is signalled, also after the workers finished
+    training (SIGTERM during the last save or the exit): that job is done and must not exit 75 (requeued)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    seen = {}
+
+    def run(args):
+        status_dir = seen["dir"] = os.environ[EXIT_STATUS_DIR_ENV]
+        for rank, code in enumerate(worker_codes):  # real workers leaving through train.py's exit path
+            done = subprocess.run(
+                [sys.executable, "-c", f"from torchtitan_like.train import _exit; _exit({code})"],
+                cwd=ROOT, env={**os.environ, "RANK": str(rank)}, timeout=120,
+            )
+            assert done.returncode == code
+        seen["written"] = sorted(os.listdir(status_dir))
+        raise SignalException("got SIGTERM", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.delenv(EXIT_STATUS_DIR_ENV, raising=False)
+    code = launch.main(["--nproc-per-node=2", "-m", "torchtitan_like.train"])
+    err = capsys.readouterr().err
+    assert code == expected, err
+    assert seen["written"] == [f"rank{r}" for r in range(len(worker_codes))]
+    if expected == 0:
+        assert "after the workers had finished training; exit 0" in err
+    else:
+        assert "exit 75: run the same command again to resume" in err
+    assert not os.path.exists(seen["dir"]) and EXIT_STATUS_DIR_ENV not in os.environ

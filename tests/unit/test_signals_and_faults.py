@@ -83,7 +83,16 @@ def test_sigterm_stops_at_the_step_boundary_with_a_full_checkpoint(tmp_path, mon
 
 def test_a_signal_in_the_last_step_is_an_ordinary_finish(tmp_path, monkeypatch):
     signal_self_at(monkeypatch, 6, signal.SIGUSR1)
-    assert train.main(argv(tmp_path)) == 0
+    try:
+        # As `python -m torchtitan_like.train` runs it: the process exits next.
+        assert train.main(argv(tmp_path), exiting=True) == 0
+        # A later SIGTERM (torchrun forwarding the scheduler's) must not kill the finished process on its
+        # way out: the launcher would report the job as pre-empted (exit 75) and Slurm would requeue it.
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def test_without_checkpointing_the_stop_says_nothing_was_saved(tmp_path, monkeypatch, capsys):

@@ -55,9 +55,16 @@ class PreemptionWatcher:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    def restore(self, *, ignore: bool = False) -> None:
+        """Put back the handlers that install() replaced. With `ignore`, ignore the signals from now on
+        instead: for a process whose run has ended and that only has to exit, a signal has nothing left
+        to save, and being killed by it would report a finished job as pre-empted (exit 75, requeued)."""
+        if ignore and threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
