@@ -186,3 +186,35 @@ def test_directory_reads_files_under_symlinked_subdirectories(tmp_path):
     (data / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_text('{"text": "a copy"}\n', encoding="utf-8")
     (data / "shard_a" / "loop").symlink_to(data, target_is_directory=True)
     assert list(LocalSource(str(data), "text").documents(0, 0)) == via_glob
+
+
+def test_files_of_other_formats_in_a_dataset_folder_or_glob_are_named_not_skipped_silently(tmp_path, caplog):
+    import logging
+
+    from torchtitan_like.data.sources import LocalSource
+
+    data = tmp_path / "data"
+    (data / "part2").mkdir(parents=True)
+    (data / "part1.jsonl").write_text('{"text": "read"}\n', encoding="utf-8")
+    (data / "part2" / "more.jsonl.gz").write_bytes(b"\x1f\x8b not read")  # compressed: half the data
+    (data / "part2" / "more2.parquet").write_bytes(b"PAR1")
+    (data / ".gitattributes").write_text("*.gz filter=lfs\n")  # hidden: not data, not worth a word
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.data.sources"):
+        assert list(LocalSource(str(data), "text").documents(0, 0)) == ["read"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"training.dataset_path={str(data)!r}: not reading 2 file(s)" in warning, warning
+    assert ".jsonl.gz .parquet: more.jsonl.gz, more2.parquet" in warning, warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.data.sources"):
+        assert len(LocalSource(str(data / "**" / "*"), "text", section="validation").files) == 1
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "validation.dataset_path=" in warning and "not reading 2 file(s)" in warning, warning
+    # A glob that matches only other formats: the error says what it did match.
+    with pytest.raises(DataError, match=r"no \.txt/\.jsonl/\.json files match this glob \(it matches 2 other "
+                                        r"file\(s\): more\.jsonl\.gz, more2\.parquet\)"):
+        LocalSource(str(data / "**" / "more*"), "text")
+    # Only supported files: no warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.data.sources"):
+        LocalSource(str(data / "part1.jsonl"), "text")
+    assert not caplog.records

@@ -16,10 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import logging
+
 import torch
 
 from torchtitan_like.config.schema import Training
 from torchtitan_like.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_EXCLUDED_DIRS = frozenset(
     {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo"}
@@ -122,29 +126,50 @@ def _resolve_local_files(dataset_path: str, *, key: str) -> list[Path]:
     """The files `dataset_path` names (file, directory or glob), sorted; errors name the path. A path
     that exists is that file or directory, even with glob characters in its name (`data[1].jsonl`)."""
     if any(c in dataset_path for c in "*?[") and not Path(dataset_path).exists():
-        files = sorted(Path(p) for p in glob.glob(dataset_path, recursive=True) if Path(p).is_file())
-        files = [p for p in files if p.suffix in LOCAL_SUFFIXES]
+        matched = sorted(Path(p) for p in glob.glob(dataset_path, recursive=True) if Path(p).is_file())
+        files = [p for p in matched if p.suffix in LOCAL_SUFFIXES]
         if not files:
-            raise DataError(f"{key}={dataset_path!r}: no .txt/.jsonl/.json files match this glob")
+            others = f" (it matches {len(matched)} other file(s): {_names(matched)})" if matched else ""
+            raise DataError(f"{key}={dataset_path!r}: no .txt/.jsonl/.json files match this glob{others}")
+        _warn_skipped(key, dataset_path, [p for p in matched if p.suffix not in LOCAL_SUFFIXES])
         return files
     path = Path(dataset_path)
     if not path.exists():
         raise DataError(f"{key}={dataset_path!r}: no such file or directory")
     if path.is_dir():
-        files = sorted(_walk(path), key=lambda p: p.relative_to(path).as_posix())
+        files, skipped = _walk(path)
+        files.sort(key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise DataError(f"{key}={dataset_path!r}: directory holds no .txt/.jsonl/.json files")
+        _warn_skipped(key, dataset_path, sorted(skipped, key=lambda p: p.relative_to(path).as_posix()))
         return files
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{key}={dataset_path!r}: unsupported file type (use .txt, .jsonl or .json)")
     return [path]
 
 
-def _walk(root: Path) -> list[Path]:
+def _warn_skipped(key: str, dataset_path: str, skipped: list[Path]) -> None:
+    """Say which files of the dataset are not read: a folder of .jsonl shards with a few .jsonl.gz among
+    them would otherwise train on part of the data without a word."""
+    if not skipped:
+        return
+    kinds = sorted({"".join(p.suffixes[-2:]) or "(no extension)" for p in skipped})
+    logger.warning(
+        "%s=%r: not reading %d file(s) that are not .txt/.jsonl/.json (%s: %s); compressed or other formats "
+        "must be converted first", key, dataset_path, len(skipped), " ".join(kinds), _names(skipped),
+    )
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
     """The data files under `root`, as a glob `root/**/*` sees them: into linked folders (a shard linked in
     from another disk; Path.rglob of Python 3.11 does not enter them), each real folder once, without
-    hidden files and folders (".ipynb_checkpoints" copies would be read twice)."""
-    files, seen = [], set()
+    hidden files and folders (".ipynb_checkpoints" copies would be read twice). Also returns the other
+    (not hidden) files found, which are not read."""
+    files, skipped, seen = [], [], set()
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -154,9 +179,10 @@ def _walk(root: Path) -> list[Path]:
         # Sorted: a folder reachable under two names (a link) is kept under the same one everywhere, so
         # the document order does not depend on how a file system lists a folder.
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [Path(folder, n) for n in names
-                  if not n.startswith(".") and Path(n).suffix in LOCAL_SUFFIXES and Path(folder, n).is_file()]
-    return files
+        for n in names:
+            if not n.startswith(".") and Path(folder, n).is_file():
+                (files if Path(n).suffix in LOCAL_SUFFIXES else skipped).append(Path(folder, n))
+    return files, skipped
 
 
 def _decode(raw: bytes, path: Path, *, first_line: int) -> str:
