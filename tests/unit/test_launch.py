@@ -80,3 +80,29 @@ def test_a_signal_after_the_workers_finished_is_exit_0_not_pre_empted(monkeypatc
     else:
         assert "exit 75: run the same command again to resume" in err
     assert not os.path.exists(seen["dir"]) and EXIT_STATUS_DIR_ENV not in os.environ
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [
+    (4, 3, "cuda:3"),
+    (1, 5, "cuda:0"),  # a scheduler that binds one GPU per process: each sees only its own
+    (4, 5, None),  # NGPU=8 on a node with 4 GPUs: ranks 4..7 would share GPUs 0..3
+])
+def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, local_rank, expected):
+    import torch
+
+    from torchtitan_like.distributed.utils import local_device
+    from torchtitan_like.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
+    if expected is not None:
+        assert str(local_device()) == expected
+        return
+    with pytest.raises(ConfigError) as e:
+        local_device()
+    assert str(e.value) == (
+        "LOCAL_RANK=5, but this process sees 4 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3): two ranks would share a GPU; "
+        "start at most 4 processes per node (NGPU=4), or give each process its own GPU"
+    )

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from torchtitan_like.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,9 +20,19 @@ def device_type() -> str:
 
 
 def local_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
+    """This process's device: GPU LOCAL_RANK, or GPU 0 where each process sees only its own GPU (a
+    scheduler binding one GPU per task). More processes on a node than visible GPUs is refused: two
+    ranks on one GPU fail later inside NCCL ("Duplicate GPU detected") or run out of memory."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+    if visible > 1 and local_rank >= visible:
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank}, but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would share a GPU; start at most "
+            f"{visible} processes per node (NGPU={visible}), or give each process its own GPU"
+        )
+    return torch.device("cuda", local_rank % visible)
 
 
 def init_distributed(*, timeout_s: float = 300.0, cpu_backend: bool = False) -> tuple[int, int]:
