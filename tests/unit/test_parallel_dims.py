@@ -71,6 +71,14 @@ def test_product_must_equal_world_size() -> None:
     assert "set data_parallel_shard_degree=-1" in _error(_dims, 4, data_parallel_shard_degree=3, tensor_parallel_degree=2)
 
 
+def test_a_layout_for_several_ranks_in_one_process_says_to_launch_through_torchrun(monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)  # `python -m torchtitan_like.train`, not torchrun
+    msg = _error(_dims, 1, data_parallel_shard_degree=2, tensor_parallel_degree=2)
+    assert "for 4 ranks, launch through torchrun: NGPU=4 ./run_train.sh (RANK is unset here" in msg, msg
+    monkeypatch.setenv("RANK", "0")  # torchrun with NGPU=1: the usual message only
+    assert "launch through torchrun" not in _error(_dims, 1, data_parallel_shard_degree=2)
+
+
 def test_minus_one_shard_degree_must_divide() -> None:
     msg = _error(_dims, 4, tensor_parallel_degree=3)
     assert "data_parallel_shard_degree=-1" in msg

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -121,6 +122,9 @@ class ParallelDims:
         if others * dp_shard != world_size:
             fix = ("set data_parallel_shard_degree=-1 to take what the others leave" if world_size % others == 0
                    else f"the other degrees multiply to {others}, which does not divide {world_size}: change them")
+            if world_size == 1 and "RANK" not in os.environ:
+                fix += (f"; or, for {others * dp_shard} ranks, launch through torchrun: "
+                        f"NGPU={others * dp_shard} ./run_train.sh (RANK is unset here, so this is one process)")
             raise ConfigError(
                 f"parallelism: {_product_text(p, shard=str(dp_shard), with_shard=True)} = {others * dp_shard} "
                 f"!= world size {world_size} (NGPU); the degrees must multiply to the world size ({fix})"
