@@ -9,14 +9,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import random
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
-
-import logging
 
 import torch
 
