@@ -106,3 +106,22 @@ def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, lo
         "LOCAL_RANK=5, but this process sees 4 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3): two ranks would share a GPU; "
         "start at most 4 processes per node (NGPU=4), or give each process its own GPU"
     )
+
+
+@pytest.mark.parametrize("var", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"])
+def test_one_of_several_tasks_started_without_torchrun_is_refused(monkeypatch, var):
+    import torch.distributed as dist
+
+    from torchtitan_like.distributed.utils import init_distributed
+    from torchtitan_like.errors import ConfigError
+
+    assert not dist.is_initialized()
+    monkeypatch.delenv("RANK", raising=False)
+    for other in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(var, "1")  # a single task: a world of one, as before
+    assert init_distributed() == (0, 1)
+    monkeypatch.setenv(var, "8")  # `srun --ntasks=8 python -m torchtitan_like.train ...`
+    with pytest.raises(ConfigError, match=rf"RANK is unset, but this process is one of 8 tasks .*\({var}=8\).*"
+                                          r"start the job through run_train.sh / torchrun"):
+        init_distributed()

@@ -45,6 +45,7 @@ def init_distributed(*, timeout_s: float = 300.0, cpu_backend: bool = False) -> 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
+        _refuse_tasks_without_torchrun()
         return 0, 1
     backend = ("cuda:nccl,cpu:gloo" if cpu_backend else "nccl") if torch.cuda.is_available() else "gloo"
     device = local_device()
@@ -56,6 +57,23 @@ def init_distributed(*, timeout_s: float = 300.0, cpu_backend: bool = False) -> 
         device_id=device if device.type == "cuda" else None,
     )
     return dist.get_rank(), dist.get_world_size()
+
+
+_LAUNCHER_TASK_COUNTS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+"""Set by srun / mpirun / a PMI launcher for each of the processes it started."""
+
+
+def _refuse_tasks_without_torchrun() -> None:
+    """A process without RANK is a world of one; one of several tasks a launcher started directly (srun
+    with --ntasks > 1 running train.py itself) would train alone, like its siblings, into one dump folder."""
+    for var in _LAUNCHER_TASK_COUNTS:
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 1:
+            raise ConfigError(
+                f"RANK is unset, but this process is one of {value} tasks its launcher started ({var}={value}): "
+                "without torchrun each task would train alone, into the same dump folder; start the job through "
+                "run_train.sh / torchrun, one per node (tools/slurm_train.sbatch does this under Slurm)"
+            )
 
 
 @torch.no_grad()
