@@ -391,6 +391,8 @@ class Trainer:
                 compile_config=cfg.compile,
                 float8_tensorwise=self.float8 is not None and self.float8.tensorwise,
             )
+            if self.float8 is not None:
+                self.float8.check_gemm_dims(part, self.device)
             if not self.dry_run:
                 # FSDP's CPU offload keeps the sharded parameters (and the optimizer) on the CPU and moves
                 # them to the device per block; the buffers (the RoPE table) stay on the device.

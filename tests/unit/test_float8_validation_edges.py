@@ -111,3 +111,26 @@ def test_validation_under_compile_does_not_raise_a_recompile_alarm(tmp_path, cap
     alarms = [r.getMessage() for r in caplog.records
               if r.levelno >= logging.WARNING and "torch.compile recompiled" in r.getMessage()]
     assert not alarms, alarms
+
+
+def test_a_float8_gemm_cuda_cannot_run_after_the_tp_split_is_refused_at_start():
+    """CUDA's _scaled_mm needs both weight dimensions, as each rank multiplies them, divisible by 16.
+    The output projection (2000 x 256, converted when filter_fqns is emptied) split by TP 2 is 1000 x 256:
+    refused in the dry run (the same check runs at a real start) instead of dying at step 1 on the GPU."""
+    from torchtitan_like.dry_run import dry_run
+
+    root = Path(__file__).resolve().parents[2]
+    base = ["--job.config_file", str(root / "train_configs/debug_model.toml"), "--training.dataset", "synthetic",
+            "--model.converters", "float8", "--parallelism.tensor_parallel_degree", "2"]
+    logging.disable(logging.CRITICAL)
+    try:
+        dry_run(base, world_size=2, rank=0, device="cuda", files=False)  # output kept in high precision: fine
+        with pytest.raises(ConfigError, match=r"float8: linear 'output' multiplies a 1000x256 weight on each rank "
+                                              r"with tensor parallel's split; CUDA's float8 matmul needs both"):
+            dry_run(base + ["--quantize.linear.float8.filter_fqns", ""], world_size=2, rank=0, device="cuda",
+                    files=False)
+        # One rank holds the whole 2000 x 256: runs.
+        dry_run(base[:-2] + ["--quantize.linear.float8.filter_fqns", ""], world_size=1, rank=0, device="cuda",
+                files=False)
+    finally:
+        logging.disable(logging.NOTSET)

@@ -210,6 +210,35 @@ class Float8Converter:
             ", precomputed scales" if self.precompute_scales else "",
         )
 
+    def check_gemm_dims(self, model: nn.Module, device: torch.device) -> None:
+        """Refuse a float8 linear whose GEMM on `device` cannot run: CUDA's `torch._scaled_mm` needs both
+        dimensions of the weight, as this rank multiplies it (after tensor parallel's split; FSDP gathers
+        its own shard back first), divisible by 16. Without this the job dies at its first step inside
+        the kernel; CPU's kernel and emulation have no such rule. Call after parallelize (meta is fine)."""
+        if device.type != "cuda" or self.cfg.emulate:
+            return
+        from torch.distributed.tensor import DTensor
+        from torchao.float8.float8_linear import Float8Linear
+
+        for name, module in model.named_modules():
+            if not isinstance(module, Float8Linear):
+                continue
+            weight, shape = module.weight, list(module.weight.shape)
+            names = (weight.device_mesh.mesh_dim_names or ()) if isinstance(weight, DTensor) else ()
+            if "tp" in names:
+                i = names.index("tp")
+                placement = weight.placements[i]
+                if placement.is_shard():
+                    shape[placement.dim] //= weight.device_mesh.size(i)
+            if any(d % 16 for d in shape):
+                split = " with tensor parallel's split" if "tp" in names else ""
+                raise ConfigError(
+                    f"float8: linear {name!r} multiplies a {shape[0]}x{shape[1]} weight on each rank{split}; CUDA's "
+                    "float8 matmul needs both dimensions divisible by 16: add its name to "
+                    "quantize.linear.float8.filter_fqns (keeps it in high precision), or choose a "
+                    "tensor_parallel_degree that keeps them multiples of 16"
+                )
+
     def post_optimizer_step(self, model_parts: list[nn.Module]) -> None:
         """After optimizer.step(): compute the float8 scales of every FSDP-sharded weight, one all-reduce."""
         if not self.precompute_scales:
