@@ -111,8 +111,8 @@ def test_an_error_of_the_final_save_is_one_error_line(tmp_path: Path, monkeypatc
     real_close = Trainer.close
     closed: list[bool] = []
 
-    def close(self: Trainer) -> None:
-        real_close(self)
+    def close(self: Trainer, **kwargs) -> None:
+        real_close(self, **kwargs)
         closed.append(True)
         raise CheckpointError("async save of step 1 into .../step-1.tmp failed: disk full")
 
