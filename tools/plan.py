@@ -47,7 +47,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (default: the config's)")
     ap.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="fp8 lets layouts use float8")
     ap.add_argument("--allow", default=None, help=FEATURE_HELP)
-    ap.add_argument("--no-compile", action="store_true", help="plan for eager mode (compile.enable=false)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="plan compiled or eager (default: the --config's compile.enable; compiled for --model)")
     ap.add_argument("--max-local-batch", type=int, default=8)
     ap.add_argument("--top", type=int, default=10, help="rows of the table")
     ap.add_argument("--explain", type=int, default=None, metavar="N", help="print the full breakdown of row N")
@@ -55,6 +56,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="write the ranked predictions as JSON")
     ap.add_argument("--no-verify", action="store_true", help="skip the dry run of the winner")
     return ap.parse_args(argv)
+
+
+def _compiled(args: argparse.Namespace, cfg) -> bool:
+    """--compile / --no-compile, else what the job's TOML says (a --model job is planned compiled)."""
+    if args.compile is not None:
+        return args.compile
+    return cfg.compile.enable if args.config else True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--global-batch is needed: the config's training.global_batch_size is -1 (derived from the layout)")
     inputs = PlanInputs(
         base_argv=tuple(base), world_size=args.ngpu, hardware=hw, seq_len=seq, global_batch_size=gbs,
-        compile=not args.no_compile, allow=frozenset(allow), max_local_batch_size=args.max_local_batch,
+        compile=_compiled(args, cfg), allow=frozenset(allow), max_local_batch_size=args.max_local_batch,
     )
     model_args = MODELS[cfg.model.name].flavors[cfg.model.flavor]
     print(f"planning {cfg.model.name} {cfg.model.flavor} on {args.ngpu} x {hw.name} ({hw.gpus_per_node} per node), "

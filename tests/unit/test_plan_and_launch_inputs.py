@@ -287,3 +287,24 @@ def test_run_train_refuses_a_log_rank_that_is_not_rank_numbers(tmp_path: Path) -
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: LOG_RANK=all must be local rank numbers, comma-separated (e.g. 0 or 0,1)"
     ), r.stderr
+
+
+def test_the_plan_follows_the_configs_compile_setting_unless_told(tmp_path: Path, capsys) -> None:
+    eager = tmp_path / "eager.toml"
+    eager.write_text((ROOT / "train_configs/llama3_8b.toml").read_text().replace(
+        "[compile]\nenable = true", "[compile]\nenable = false"))
+    assert "enable = false" in eager.read_text()
+    common = ["--ngpu", "8", "--global-batch", "64", "--no-verify", "--top", "1"]
+    runs = {
+        "config eager": ["--config", str(eager)],
+        "config compiled": ["--config", str(ROOT / "train_configs/llama3_8b.toml")],
+        "forced": ["--config", str(eager), "--compile"],
+        "model": ["--model", "llama3:8B", "--seq-len", "8192"],
+    }
+    headers = {}
+    for name, args in runs.items():
+        rc, out, err = run_plan(capsys, *args, *common)
+        assert rc == 0, (name, err)
+        headers[name] = out.splitlines()[0]
+    assert ", eager," in headers["config eager"], headers
+    assert all(", compiled," in headers[n] for n in ("config compiled", "forced", "model")), headers
