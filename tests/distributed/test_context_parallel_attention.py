@@ -59,32 +59,28 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 def _count_exchanges_in_flight(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Count the ring's functional collectives that were issued and not yet waited for; returns the
+    """Count the functional collectives (the ring's exchanges) issued and not yet waited for; returns the
     dict whose "max" and "issued" it keeps up to date."""
     import torch.distributed._functional_collectives as ft_c
 
     in_flight: set[int] = set()
     seen = {"max": 0, "issued": 0}
+    wrap, wait_tensor = ft_c._maybe_wrap_tensor, ft_c.wait_tensor
 
-    def issuing(fn):
-        def issue(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            in_flight.add(out.elem.untyped_storage().data_ptr())  # an AsyncCollectiveTensor until waited
+    def issue(tensor):  # every functional collective hands its output out through this (torch 2.11-2.13)
+        out = wrap(tensor)
+        if isinstance(out, ft_c.AsyncCollectiveTensor):  # in flight until waited
+            in_flight.add(tensor.untyped_storage().data_ptr())
             seen["issued"] += 1
             seen["max"] = max(seen["max"], len(in_flight))
-            return out
-        return issue
-
-    wait_tensor = ft_c.wait_tensor
+        return out
 
     def waiting(tensor):
         in_flight.discard(tensor.untyped_storage().data_ptr())
         return wait_tensor(tensor)
 
-    # The rotaters call ft_c.all_gather_single / ft_c.permute_tensor (-> all_to_all_single); every wait goes
-    # through the module's wait_tensor. All looked up at call time.
-    monkeypatch.setattr(ft_c, "all_gather_single", issuing(ft_c.all_gather_single))
-    monkeypatch.setattr(ft_c, "all_to_all_single", issuing(ft_c.all_to_all_single))
+    # Both looked up as module globals at call time.
+    monkeypatch.setattr(ft_c, "_maybe_wrap_tensor", issue)
     monkeypatch.setattr(ft_c, "wait_tensor", waiting)
     return seen
 
