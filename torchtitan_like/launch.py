@@ -77,19 +77,17 @@ def _when(failure: Any) -> tuple[float, float]:
         return (failure.timestamp, float("inf"))
 
 
-def _finished_ranks(status_dir: str) -> list[int]:
-    """The ranks that wrote exit status 0 (train.py's _record_exit_status) into `status_dir`."""
-    ranks = []
+def _workers_finished(status_dir: str) -> bool:
+    """Whether a worker wrote exit status 0 (train.py's _record_exit_status) into `status_dir`: it does so
+    after the exit barrier, so every rank had finished training."""
     for name in os.listdir(status_dir):
-        if not name.startswith("rank") or not name[4:].isdigit():
-            continue
         try:
             with open(os.path.join(status_dir, name)) as f:
-                if f.read().strip() == "0":
-                    ranks.append(int(name[4:]))
+                if name.startswith("rank") and f.read().strip() == "0":
+                    return True
         except OSError:
             continue
-    return sorted(ranks)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +128,7 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
         return code
     except SignalException as e:
         name = signal.Signals(e.sigval).name
-        finished = _finished_ranks(status_dir)
-        if finished:  # written after the workers' exit barrier: every rank had finished training
+        if _workers_finished(status_dir):
             print(f"run_train: got {name} after the workers had finished training; exit 0", file=sys.stderr)
             return 0
         if e.sigval in PREEMPTION_SIGNALS:

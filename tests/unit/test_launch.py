@@ -112,12 +112,12 @@ def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, lo
 def test_one_of_several_tasks_started_without_torchrun_is_refused(monkeypatch, var):
     import torch.distributed as dist
 
-    from torchtitan_like.distributed.utils import init_distributed
+    from torchtitan_like.distributed.utils import _LAUNCHER_TASK_COUNTS, init_distributed
     from torchtitan_like.errors import ConfigError
 
-    assert not dist.is_initialized()
+    assert not dist.is_initialized() and var in _LAUNCHER_TASK_COUNTS
     monkeypatch.delenv("RANK", raising=False)
-    for other in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    for other in _LAUNCHER_TASK_COUNTS:
         monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(var, "1")  # a single task: a world of one, as before
     assert init_distributed() == (0, 1)

@@ -218,10 +218,9 @@ class Float8Converter:
         if device.type != "cuda" or self.cfg.emulate:
             return
         from torch.distributed.tensor import DTensor
-        from torchao.float8.float8_linear import Float8Linear
 
         for name, module in model.named_modules():
-            if not isinstance(module, Float8Linear):
+            if not is_float8_linear(module):
                 continue
             weight, shape = module.weight, list(module.weight.shape)
             names = (weight.device_mesh.mesh_dim_names or ()) if isinstance(weight, DTensor) else ()
