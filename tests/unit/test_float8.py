@@ -320,3 +320,28 @@ def test_rowwise_with_gw_hp_under_autocast_is_refused_before_training():
     fsdp = ParallelDims.from_config(Parallelism(data_parallel_shard_degree=2), 2)
     # FSDP casts the parameters instead of autocasting: fine.
     Float8Converter(cfg, parallel_dims=fsdp, device=CPU, param_dtype=torch.bfloat16, check_device=False)
+
+
+@pytest.mark.parametrize("all_gather", [False, True])
+def test_tied_output_keeps_the_embedding_weight_after_conversion(all_gather: bool, caplog):
+    """Converting a tied output projection (filter_fqns = [], Llama 3.2 1B / 3B) must keep one table.
+    torchao's FSDP float8 all-gather wraps each converted weight in a new Parameter, which untied it:
+    FSDP then sharded, gathered and held the vocabulary table twice."""
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    with torch.device("meta"):
+        model = Transformer(LLAMA3_FLAVORS["debugmodel_tied"])
+    table = model.tok_embeddings.weight
+    assert model.output.weight is table
+    fsdp = ParallelDims.from_config(Parallelism(data_parallel_shard_degree=2), 2)
+    cfg = Float8(filter_fqns=[], emulate=True, enable_fsdp_float8_all_gather=all_gather)
+    with caplog.at_level("INFO", logger="torchtitan_like.components.float8"):
+        Float8Converter(cfg, parallel_dims=fsdp, device=CPU).convert(model)
+    assert is_float8_linear(model.output)
+    assert model.output.weight is table and model.tok_embeddings.weight is table
+    assert len({id(p) for p in model.parameters()}) == len(list(model.parameters()))
+    # The unshared weights keep torchao's float8 all-gather.
+    wq = model.layers["0"].attention.wq.weight
+    assert isinstance(wq, WeightWithDynamicFloat8CastTensor) == all_gather
+    said = "output.weight shares its weight with tok_embeddings.weight" in caplog.text
+    assert said == all_gather, caplog.text

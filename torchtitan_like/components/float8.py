@@ -192,7 +192,9 @@ class Float8Converter:
                 f"(its names look like {names[0]!r} and 'output'; an entry skips every linear whose name contains "
                 "it): fix or remove them"
             )
+        shared = _shared_parameters(model)
         convert_to_float8_training(model, config=self.torchao_config, module_filter_fn=self.filter_fn)
+        _retie(model, shared)
         swapped = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
         if not swapped:
             raise ConfigError(
@@ -246,6 +248,34 @@ class Float8Converter:
 
         for part in model_parts:
             precompute_float8_dynamic_scale_for_fsdp(part)
+
+
+def _shared_parameters(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[str, str]]]]:
+    """Each parameter that several modules hold (tied embeddings: tok_embeddings.weight is output.weight),
+    with the (module name, attribute) pairs that hold it."""
+    holders: dict[int, tuple[nn.Parameter, list[tuple[str, str]]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), (param, []))[1].append((module_name, attr))
+    return [(param, where) for param, where in holders.values() if len(where) > 1]
+
+
+def _retie(model: nn.Module, shared: list[tuple[nn.Parameter, list[tuple[str, str]]]]) -> None:
+    """Give every holder of a shared parameter that parameter again. With FSDP float8 all-gather torchao
+    wraps each converted weight in a new Parameter (its float8 all-gather subclass), which unties a tied
+    output projection from the embedding: FSDP would then shard, gather and hold the vocabulary table
+    twice, and the embedding lookup cannot read a float8 gather anyway. The shared table stays one
+    high-precision parameter: its Float8Linear still multiplies in float8 (it casts the gathered weight
+    itself); only its all-gather is not in float8."""
+    for param, where in shared:
+        untied = [f"{m}.{a}" for m, a in where if getattr(model.get_submodule(m), a) is not param]
+        for module_name, attr in where:
+            setattr(model.get_submodule(module_name), attr, param)
+        if untied:
+            logger.info(
+                "float8: %s shares its weight with %s (tied embeddings): that weight is all-gathered in high "
+                "precision, not float8", ", ".join(untied), ", ".join(f"{m}.{a}" for m, a in where if f"{m}.{a}" not in untied),
+            )
 
 
 def build_float8_converter(

@@ -28,7 +28,7 @@ class Model:
     name: str = "llama3"
     """Model family (registered under torchtitan_like/models)."""
     flavor: str = "debugmodel"
-    """Model size within the family: debugmodel (and its wider debugmodel_w512, debugmodel_w1024), 1B, 3B, 8B, 70B, 405B, 8B_slice8 (8B width, 8 layers: one-GPU benchmarks)."""
+    """Model size within the family: debugmodel (and its wider debugmodel_w512, debugmodel_w1024, and debugmodel_tied with tied embeddings), 1B, 3B, 8B, 70B, 405B, 8B_slice8 (8B width, 8 layers: one-GPU benchmarks)."""
     tokenizer_path: str = ""
     """Llama 3 format tokenizer.model (base64 token + rank per line), or a Hugging Face download folder (its original/tokenizer.model); empty = the embedded tokenizer."""
     max_seq_len: int | None = None

@@ -70,6 +70,12 @@ LLAMA3_FLAVORS: dict[str, TransformerArgs] = {
     "debugmodel": TransformerArgs(
         dim=256, n_layers=6, n_heads=16, n_kv_heads=8, vocab_size=2000, rope_theta=500000.0, max_seq_len=2048
     ),
+    # The debug model with tied embeddings (one table for input and output, as Llama 3.2 1B / 3B): the
+    # tests train the tied code paths (FSDP's root group, TP's shared vocab shard, float8) on CPU.
+    "debugmodel_tied": TransformerArgs(
+        dim=256, n_layers=6, n_heads=16, n_kv_heads=8, vocab_size=2000, rope_theta=500000.0, max_seq_len=2048,
+        tie_word_embeddings=True,
+    ),
     # Wider debug models (the planner's CPU memory checks measure a few widths).
     "debugmodel_w512": TransformerArgs(
         dim=512, n_layers=4, n_heads=16, n_kv_heads=8, vocab_size=2000, rope_theta=500000.0, max_seq_len=2048
