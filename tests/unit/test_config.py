@@ -173,6 +173,19 @@ def test_cli_list_items_are_parsed_to_the_item_type() -> None:
         coerce(INT_LIST, "1,x", from_cli=True)
 
 
+@pytest.mark.parametrize(
+    "raw, expected", [("[]", []), ('["a", "b"]', ["a", "b"]), (" ['a'] ", ["a"])],
+)
+def test_cli_list_may_be_written_as_in_toml(raw: str, expected: list[str]) -> None:
+    # '[]' used to become the one-item list ['[]'] (a filter_fqns entry matching nothing).
+    assert coerce(STR_LIST, raw, from_cli=True) == expected
+    assert coerce(INT_LIST, "[1, 2]", from_cli=True) == [1, 2]
+    with pytest.raises(ConfigError, match=r"--training\.names='\[a\]' is not a TOML array: write it as in the TOML"):
+        coerce(STR_LIST, "[a]", from_cli=True)
+    with pytest.raises(ConfigError, match=r"--training\.sizes must be an integer, got 'x'"):
+        coerce(INT_LIST, '[1, "x"]', from_cli=True)
+
+
 def test_toml_list_is_checked() -> None:
     assert coerce(STR_LIST, ["a", "b"], from_cli=False) == ["a", "b"]
     with pytest.raises(ConfigError, match=r"training\.names must be a list of str, got 'a'"):

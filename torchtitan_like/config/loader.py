@@ -200,7 +200,16 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
         return value
     if get_origin(tp) is list:
         (item,) = get_args(tp)
-        if from_cli and isinstance(value, str):
+        if from_cli and isinstance(value, str) and value.strip().startswith("["):
+            # TOML's own array syntax: --quantize.linear.float8.filter_fqns '[]', --model.converters '["float8"]'.
+            try:
+                value = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(
+                    f"{where}={value!r} is not a TOML array: write it as in the TOML file (e.g. '[\"a\", \"b\"]', "
+                    "'[]' for none) or as comma-separated items (a,b; an empty value for none)"
+                ) from None
+        elif from_cli and isinstance(value, str):
             # A list of lists on the command line: ';' separates the outer items, ',' the inner ones.
             sep = ";" if get_origin(unwrap_optional(item)[0]) is list else ","
             value = [v.strip() for v in value.split(sep) if v.strip()]
