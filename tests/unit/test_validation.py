@@ -188,3 +188,18 @@ def test_validation_steps_beyond_the_data_warn_once(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "validation.steps=1000" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "holds only" in warnings[0] and "global batches" in warnings[0]
+
+
+def test_validation_seq_len_defaults_to_the_training_one(tmp_path, caplog):
+    # It defaulted to 2048, which the debug config (seq_len 256) refused as longer than its RoPE table.
+    on = ("--validation.enable", "--validation.dataset", "synthetic", "--validation.steps", "1")
+    assert load_config(argv(tmp_path, *on)).validation.seq_len == 32
+    assert load_config(argv(tmp_path, *on, "--training.seq_len", "64")).validation.seq_len == 64
+    assert load_config(argv(tmp_path, *on, "--validation.seq_len", "16")).validation.seq_len == 16
+    off = load_config(argv(tmp_path))
+    assert off.validation.seq_len is None
+    from torchtitan_like.config.validate import ignored_settings
+
+    assert not [s for s in ignored_settings(off, pp=1) if "validation" in s]
+    assert [s for s in ignored_settings(load_config(argv(tmp_path, "--validation.seq_len", "16")), pp=1)
+            if "validation.seq_len" in s]

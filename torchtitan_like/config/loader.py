@@ -343,6 +343,10 @@ def build(values: dict[str, Any]) -> JobConfig:
         for part in section.split("."):
             obj = getattr(obj, part)
         setattr(obj, name, value)
+    if cfg.validation.enable and cfg.validation.seq_len is None:
+        # Validation sequences as long as the training ones unless set (left unset while validation is off,
+        # so the unused-settings warning does not name it).
+        cfg.validation.seq_len = cfg.training.seq_len
     return cfg
 
 

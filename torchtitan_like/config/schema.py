@@ -269,9 +269,9 @@ class Validation:
     """Global batches per validation; -1 = the whole dataset (synthetic data needs a number: it never ends)."""
     local_batch_size: int = 8
     """Sequences per validation batch on each data-parallel rank."""
-    seq_len: int = 2048
-    """Tokens per validation sequence (at most the model's RoPE length: model.max_seq_len or training.seq_len;
-    equal to training.seq_len under context or pipeline parallel)."""
+    seq_len: int | None = None
+    """Tokens per validation sequence; unset = training.seq_len (at most the model's RoPE length: model.max_seq_len
+    or training.seq_len; equal to training.seq_len under context or pipeline parallel)."""
 
 
 @dataclass
