@@ -44,7 +44,9 @@ DEFAULT_TOKENIZER_PATH = Path(__file__).resolve().parent.parent / "assets" / "to
 
 # Same limits as Meta's Llama 3 tokenizer: tiktoken gets slow (quadratic) on very long runs of
 # whitespace or non-whitespace, so text is cut into pieces no run of which exceeds these lengths.
-_MAX_ENCODE_CHARS = 400_000
+# (encode cuts a text at every multiple of ENCODE_CHUNK_CHARS: a text cut elsewhere first at such
+# multiples encodes to the same tokens piece by piece, which data/sources.py relies on.)
+ENCODE_CHUNK_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _SPACE_RUNS = re.compile(r"\s+")
 
@@ -65,8 +67,9 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         """Token ids of `text`, optionally framed by bos/eos."""
         ids = [self.bos_id] if bos else []
-        for i in range(0, len(text), _MAX_ENCODE_CHARS):
-            for piece in _split_long_runs(text[i : i + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
+        chunk = ENCODE_CHUNK_CHARS
+        for i in range(0, len(text), chunk):
+            for piece in _split_long_runs(text[i : i + chunk], _MAX_RUN_CHARS):
                 ids.extend(self.model.encode_ordinary(piece))
         if eos:
             ids.append(self.eos_id)

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from torchtitan_like.components.tokenizer import Tokenizer
-from torchtitan_like.data.sources import DocumentSource, synthetic_sample
+from torchtitan_like.data import sources
+from torchtitan_like.data.sources import DocumentSource, frame, synthetic_sample
 from torchtitan_like.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class _TokenStream:
             # One reader from the previous document: its tail first, then on from doc_index.
             self._docs = source.documents(epoch, doc_index - 1)
             text = next(iter(self._docs), None)
-            tokens = [] if text is None or not text.strip() else tokenizer.encode(text, bos=True, eos=True)
+            tokens = [] if text is None else _tokens(tokenizer, text)
             if len(tokens) < tail:
                 raise DataError(
                     f"dataloader checkpoint: {tail} tokens of document {doc_index - 1} (epoch {epoch}) are unread, "
@@ -162,12 +163,13 @@ class _TokenStream:
         while True:
             for text in self._docs:
                 self.doc_index += 1
-                if not text.strip():
+                tokens = _tokens(self.tokenizer, text)
+                if not tokens:
                     continue
                 self._docs_in_pass += 1
                 del self._buf[: self._off]
                 self._off = 0
-                self._buf.extend(self.tokenizer.encode(text, bos=True, eos=True))
+                self._buf.extend(tokens)
                 return True
             if self._full_pass and self._docs_in_pass == 0:
                 label = getattr(self.source, "label", None)
@@ -180,6 +182,14 @@ class _TokenStream:
             logger.info("data: source exhausted, starting epoch %d", self.epoch)
             self._docs = self.source.documents(self.epoch, 0)
             self._full_pass, self._docs_in_pass = True, 0
+
+
+def _tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A record's tokens: [bos] doc [eos], or a TextPiece's share of them; none for a blank document."""
+    bos, eos = frame(text)
+    if bos and eos and not text.strip():
+        return []
+    return tokenizer.encode(text, bos=bos, eos=eos)
 
 
 class PackedIterator(_SliceIterator):
@@ -222,7 +232,10 @@ class PackedIterator(_SliceIterator):
         self._next_position = None
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"epoch": self.epoch, "doc_index": self.doc_index, **self._cursor_state()}
+        state = {
+            "epoch": self.epoch, "doc_index": self.doc_index, "txt_piece_chars": sources.txt_piece_chars(),
+            **self._cursor_state(),
+        }
         if self.buffer is not None:  # loaded from an older checkpoint and not yet past its first step
             state["buffer"] = list(self.buffer)
         else:
@@ -241,8 +254,61 @@ class PackedIterator(_SliceIterator):
         self.epoch, self.doc_index = state["epoch"], state["doc_index"]
         self.tail = state.get("tail", 0)
         self.buffer = list(state["buffer"]) if "buffer" in state else None
+        saved_pieces = state.get("txt_piece_chars")
+        if saved_pieces != sources.txt_piece_chars() and getattr(self.source, "splits_documents", lambda: False)():
+            if saved_pieces is not None:
+                raise DataError(
+                    f"dataloader checkpoint: its positions count .txt pieces of {saved_pieces} characters, this "
+                    f"version reads pieces of {sources.txt_piece_chars()}: resume with the version that saved it, "
+                    "or add \"dataloader\" to checkpoint.exclude_from_loading to start the data over"
+                )
+            self.doc_index, self.tail = _piece_position(
+                self.source, self.tokenizer, self.epoch, self.doc_index, self.tail, keep_buffer=self.buffer is not None
+            )
         self._next_position = None
         self._stream = None  # reopened at the loaded position on the next read
+
+
+def _piece_position(
+    source: DocumentSource, tokenizer: Tokenizer, epoch: int, doc_index: int, tail: int, *, keep_buffer: bool
+) -> tuple[int, int]:
+    """The (doc_index, tail) in records (TextPieces) of a position saved when every .txt file was one
+    record: doc_index counted whole documents, and the tail tokens unread were a suffix of document
+    doc_index - 1. keep_buffer: the checkpoint holds those tokens themselves (read on from the record
+    after that document's last piece)."""
+    if doc_index == 0:
+        return 0, tail
+    whole = records = 0
+    counts: list[tuple[int, int]] = []  # (records read after it, tokens) of each piece of document doc_index - 1
+    for text in source.documents(epoch, 0):
+        records += 1
+        if whole == doc_index - 1 and not keep_buffer:
+            counts.append((records, len(_tokens(tokenizer, text))))
+        if frame(text)[1]:
+            whole += 1
+            if whole == doc_index:
+                break
+    else:
+        raise DataError(
+            f"dataloader checkpoint: it is at document {doc_index} of epoch {epoch}, but the dataset now has "
+            f"{whole}: the dataset changed since the checkpoint (resume with the same data, or add \"dataloader\" "
+            "to checkpoint.exclude_from_loading to start it over)"
+        )
+    if keep_buffer or tail == 0:
+        return records, tail
+    read = sum(n for _, n in counts) - tail  # tokens of the document consumed before the checkpoint
+    if read < 0:
+        raise DataError(
+            f"dataloader checkpoint: {tail} tokens of document {doc_index - 1} (epoch {epoch}) are unread, but that "
+            f"document now has {read + tail}: the dataset changed since the checkpoint (resume with the same data, "
+            "or add \"dataloader\" to checkpoint.exclude_from_loading to start it over)"
+        )
+    upto = 0
+    for after, n in counts:
+        upto += n
+        if read < upto:  # the first unread token is in this piece: the rest of it is the tail
+            return after, upto - read
+    raise AssertionError("unreachable: tail > 0 leaves a token unread")
 
 
 class SyntheticIterator(_SliceIterator):

@@ -6,6 +6,7 @@ records it skips are not parsed or tokenized, so resuming deep into an epoch sta
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from torchtitan_like.components import tokenizer as _tokenizer
 from torchtitan_like.config.schema import Training
 from torchtitan_like.errors import ConfigError, DataError
 
@@ -39,6 +41,71 @@ class DocumentSource(Protocol):
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         """Records `start`, `start + 1`, ... of `epoch`'s order."""
         ...
+
+
+# A .txt document longer than this many characters is read and tokenized in pieces of this size:
+# tokenized whole, a 1 GB file became ~250M Python ints (~9 GB) in every rank. The size is a multiple
+# of the tokenizer's own encode chunk, so the pieces give exactly the tokens of the whole document.
+TXT_PIECE_CHUNKS = 16
+_READ_BYTES = 8 << 20
+
+
+def txt_piece_chars() -> int:
+    return TXT_PIECE_CHUNKS * _tokenizer.ENCODE_CHUNK_CHARS
+
+
+class TextPiece(str):
+    """One piece of a .txt document too long to tokenize at once (see TXT_PIECE_CHUNKS): the document's
+    bos token goes before its first piece and its eos after its last. Each piece is a record of its own
+    for positions (DocumentSource.documents' `start`, the data loader's checkpointed doc_index)."""
+
+    bos: bool
+    eos: bool
+
+    def __new__(cls, text: str, *, bos: bool, eos: bool) -> TextPiece:
+        piece = super().__new__(cls, text)
+        piece.bos, piece.eos = bos, eos
+        return piece
+
+
+def frame(text: str) -> tuple[bool, bool]:
+    """(bos, eos) for a record: a whole document has both; a TextPiece has them at the document's ends."""
+    return getattr(text, "bos", True), getattr(text, "eos", True)
+
+
+def _txt_records(path: Path) -> Iterator[str]:
+    """The records of one .txt file: the whole text, or its TextPieces when it is longer than a piece."""
+    size = txt_piece_chars()
+    if path.stat().st_size <= size:  # never more characters than bytes
+        yield _decode(path.read_bytes(), path, first_line=1)
+        return
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a leading byte-order mark is not text
+    pending, first, offset, line = "", True, 0, 1
+    with path.open("rb") as f:
+        while True:
+            raw = f.read(_READ_BYTES)
+            final = not raw
+            try:
+                pending += decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                at = max(e.start, 0)
+                where = line + raw.count(b"\n", 0, at)
+                raise DataError(f"{path}:{where}: invalid UTF-8 ({e.reason} at byte {offset + at})") from None
+            offset, line = offset + len(raw), line + raw.count(b"\n")
+            # Emit a piece only once more text follows it: the last piece is the one that carries eos.
+            while len(pending) > size:
+                yield TextPiece(pending[:size], bos=first, eos=False)
+                pending, first = pending[size:], False
+            if final:
+                yield TextPiece(pending, bos=first, eos=True)
+                return
+
+
+def _txt_record_count(path: Path) -> int:
+    """How many records _txt_records yields for `path` (reads the file only when it is split)."""
+    if path.stat().st_size <= txt_piece_chars():
+        return 1
+    return sum(1 for _ in _txt_records(path))
 
 
 class EmbeddedSource:
@@ -74,7 +141,8 @@ def _stdlib_py_files(root: Path) -> list[str]:
 
 
 class LocalSource:
-    """.txt (whole file = 1 document), .jsonl (1 record per line), .json (a list of records or one record)."""
+    """.txt (whole file = 1 document, read in TextPieces past txt_piece_chars()), .jsonl (1 record per
+    line), .json (a list of records or one record)."""
 
     def __init__(self, dataset_path: str, text_field: str, *, section: str = "training") -> None:
         """section: the config section whose dataset_path this is, named in errors."""
@@ -82,14 +150,24 @@ class LocalSource:
         self.text_field = text_field
         self.files = _resolve_local_files(dataset_path, key=f"{section}.dataset_path")
 
+    def splits_documents(self) -> bool:
+        """Whether some .txt file may be read in several TextPieces (positions then count pieces)."""
+        return any(p.suffix == ".txt" and p.stat().st_size > txt_piece_chars() for p in self.files)
+
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         skip = start
         for path in self.files:
             if path.suffix == ".txt":
                 if skip:
-                    skip -= 1
-                    continue
-                yield _decode(path.read_bytes(), path, first_line=1)
+                    count = _txt_record_count(path)
+                    if skip >= count:
+                        skip -= count
+                        continue
+                for record in _txt_records(path):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield record
             elif path.suffix == ".jsonl":
                 with path.open("rb") as f:
                     for lineno, raw in enumerate(f, start=1):
