@@ -113,11 +113,11 @@ class _SliceIterator:
 class _TokenStream:
     """Reads documents from a position and cuts the [bos] doc [eos] token stream into windows.
 
-    A position is (epoch, doc_index, tail): the next document to read, and how many tokens of the one
-    before it (doc_index - 1) are still unread. Unread tokens are only ever a suffix of that document:
-    a document is read only when fewer than a window are left, so a window takes all that came before
-    it. So a checkpoint holds three integers, however long the document (a single huge .txt), and a
-    resume tokenizes that document again to recover its tail.
+    A position is (epoch, doc_index, tail): the next record to read (a document, or a TextPiece of a
+    long .txt one), and how many tokens of the one before it (doc_index - 1) are still unread. Unread
+    tokens are only ever a suffix of that record: a record is read only when fewer than a window are
+    left, so a window takes all that came before it. So a checkpoint holds three integers, however
+    long the document, and a resume tokenizes that record again to recover its tail.
     """
 
     def __init__(
