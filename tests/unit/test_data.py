@@ -373,15 +373,17 @@ class FakeStream:
 def test_hf_source_with_a_fake_hub(monkeypatch, tok, docs):
     calls = []
 
-    def load_dataset(path, *, split, streaming):
-        calls.append((path, split, streaming))
+    def load_dataset(path, *, name, split, streaming):
+        calls.append((path, name, split, streaming))
+        if path == "org/several" and name is None:
+            raise ValueError("Config name is missing. Please pick one among the available configs: ['en', 'de']")
         return FakeStream([{"text": d} for d in docs])
 
     monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
     monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
     training = make_training("org/name", dataset="hf", dataset_split="validation")
     got = global_batches(training, tok, 2, steps=2)
-    assert calls[0] == ("org/name", "validation", True)
+    assert calls[0] == ("org/name", None, "validation", True)
     assert torch.equal(torch.cat(got), stream_windows(tok, docs)[: 2 * GBS])
     old = make_loader(training, tok)
     it = iter(old)
@@ -390,6 +392,13 @@ def test_hf_source_with_a_fake_hub(monkeypatch, tok, docs):
     new = make_loader(training, tok)
     new.load_state_dict(old.state_dict())  # resumes through .skip(doc_index)
     assert torch.equal(next(iter(new))[0], next(it)[0])
+    # A dataset with several configurations: the error says which key names one; the key reaches the hub.
+    several = make_training("org/several", dataset="hf")
+    with pytest.raises(DataError, match=r"split 'train': cannot load \(Config name is missing.*\); if it has several "
+                                        r"configurations, name one in training.dataset_config"):
+        next(iter(make_loader(several, tok)))
+    next(iter(make_loader(make_training("org/several", dataset="hf", dataset_config="en"), tok)))
+    assert calls[-1] == ("org/several", "en", "train", True)
     monkeypatch.setattr(sys.modules["datasets"], "load_dataset", lambda *a, **k: FakeStream([{"body": "x"}]))
     with pytest.raises(DataError, match=r"HF record 0: no string field 'text' \(training.dataset_text_field\)"):
         next(iter(make_loader(training, tok)))
@@ -406,3 +415,16 @@ def test_global_batch_size_rules():
     assert "training.local_batch_size in [1, 2, 5, 10]" in msg
     with pytest.raises(ConfigError, match="try training.global_batch_size=12;"):
         make_loader(Training(local_batch_size=3, global_batch_size=6, dataset="synthetic"), None, rank=0, dp=4)
+
+
+def test_hub_keys_of_a_source_that_is_not_the_hub_are_named():
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.config.validate import ignored_settings
+
+    cfg = load_config(["--training.dataset_config", "en", "--validation.enable", "--validation.dataset", "synthetic",
+                       "--validation.steps", "1", "--validation.dataset_split", "test"])
+    got = ignored_settings(cfg, pp=1)
+    assert 'training.dataset_config (training.dataset="embedded", not hf)' in got
+    assert 'validation.dataset_split (validation.dataset="synthetic", not hf)' in got
+    hub = load_config(["--training.dataset", "hf", "--training.dataset_path", "org/x", "--training.dataset_config", "en"])
+    assert not [s for s in ignored_settings(hub, pp=1) if "dataset" in s]

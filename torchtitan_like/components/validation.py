@@ -87,7 +87,7 @@ def build_validation_source(cfg: Validation, *, text_field: str, seed: int) -> D
     if cfg.dataset == "local":
         return LocalSource(cfg.dataset_path, text_field, section="validation")
     if cfg.dataset == "hf":
-        return HFSource(cfg.dataset_path, cfg.dataset_split, text_field, section="validation")
+        return HFSource(cfg.dataset_path, cfg.dataset_split, text_field, config=cfg.dataset_config, section="validation")
     raise ConfigError(f"validation.dataset = {cfg.dataset!r} has no document source")
 
 

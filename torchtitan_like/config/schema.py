@@ -89,6 +89,8 @@ class Training:
     """Field holding the document text in .jsonl/.json records and HF datasets."""
     dataset_split: str = "train"
     """Split to read from an HF hub dataset."""
+    dataset_config: str | None = None
+    """Configuration (subset) of an HF hub dataset that has several, e.g. "en" for allenai/c4; unset = its default."""
     prefetch_batches: int = 4
     """Microbatches tokenized ahead on a background thread (checkpoints stay exact); 0 = on the main thread."""
     mixed_precision_param: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -263,6 +265,8 @@ class Validation:
     """For local: a .txt/.jsonl/.json file, a directory or a glob (text in training.dataset_text_field). For hf: the hub name."""
     dataset_split: str = "validation"
     """Split to read from an HF hub dataset."""
+    dataset_config: str | None = None
+    """Configuration (subset) of an HF hub dataset that has several, e.g. "en" for allenai/c4; unset = its default."""
     freq: int = 10
     """Validate every N steps."""
     steps: int = -1

@@ -259,6 +259,13 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
             if (f.name != switch and (keys is None or f.name in keys)
                     and getattr(value, f.name) != getattr(default, f.name)):
                 out.append(f"{name} ({section}.{switch}={_toml(getattr(value, switch))})")
+    # The hub-only keys of a source that is not the hub.
+    for section in ("training", "validation"):
+        value, default = getattr(cfg, section), type(getattr(cfg, section))()
+        if value.dataset == "hf" or (section == "validation" and not value.enable):
+            continue
+        out += [f"{section}.{key} ({section}.dataset={_toml(value.dataset)}, not hf)" for key in ("dataset_split", "dataset_config")
+                if getattr(value, key) != getattr(default, key)]
     c = cfg.checkpoint
     if c.enable and not c.last_save_model_only and not c.last_save_in_hf and c.export_dtype != Checkpoint().export_dtype:
         out.append("checkpoint.export_dtype (no model-only or Hugging Face final save to export)")

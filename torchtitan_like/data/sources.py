@@ -290,17 +290,24 @@ def _load_json_file(path: Path) -> list[Any]:
 class HFSource:
     """A streaming split of an HF hub dataset (needs the optional `datasets` package)."""
 
-    def __init__(self, dataset_path: str, split: str, text_field: str, *, section: str = "training") -> None:
+    def __init__(
+        self, dataset_path: str, split: str, text_field: str, *, config: str | None = None, section: str = "training"
+    ) -> None:
+        """config: the dataset's configuration name (load_dataset's `name`), None for its default."""
         try:
             import datasets
         except ImportError:
             raise DataError(f"{section}.dataset = 'hf' needs the `datasets` package: pip install datasets") from None
-        self.label = f"{section}.dataset_path={dataset_path!r} (split {split!r})"
+        which = f"split {split!r}" + (f", config {config!r}" if config else "")
+        self.label = f"{section}.dataset_path={dataset_path!r} ({which})"
         self.text_field = text_field
         try:
-            self._ds = datasets.load_dataset(dataset_path, split=split, streaming=True)
+            self._ds = datasets.load_dataset(dataset_path, name=config, split=split, streaming=True)
         except Exception as e:  # the hub raises many types; the user needs the name and the cause
-            raise DataError(f"{section}.dataset_path={dataset_path!r} split {split!r}: cannot load ({e})") from e
+            hint = ""
+            if not config and "config" in str(e).lower():
+                hint = f"; if it has several configurations, name one in {section}.dataset_config"
+            raise DataError(f"{section}.dataset_path={dataset_path!r} {which}: cannot load ({e}){hint}") from e
 
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         ds = self._ds.skip(start) if start else self._ds
@@ -322,7 +329,9 @@ def build_source(training: Training, seed: int) -> DocumentSource:
     if training.dataset == "local":
         return LocalSource(training.dataset_path, training.dataset_text_field)
     if training.dataset == "hf":
-        return HFSource(training.dataset_path, training.dataset_split, training.dataset_text_field)
+        return HFSource(
+            training.dataset_path, training.dataset_split, training.dataset_text_field, config=training.dataset_config
+        )
     raise ConfigError(f"training.dataset = {training.dataset!r} has no document source (synthetic makes tokens)")
 
 
