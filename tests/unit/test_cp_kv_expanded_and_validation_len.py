@@ -114,6 +114,14 @@ def test_planner_cp_traffic_follows_the_kv_bytes_the_ring_really_moves(tmp_path)
     assert gqa_s / mha_s == pytest.approx(measured_ratio, rel=1e-6), (
         f"planner GQA/MHA CP time {gqa_s / mha_s:.3f}, ring bytes measured GQA/MHA {measured_ratio:.3f} ({measured})"
     )
+    # The planner's peak memory holds the all-gather's result during one attention call: what every cp
+    # rank contributes (measured in fp32 here; the candidate computes in its own dtype).
+    from torchtitan_like.planner.memory import compute_itemsize, estimate_memory
+
+    gathered = 2 * measured[8] // 4 * compute_itemsize(c)
+    assert estimate_memory(c, pp_rank=0).cp_kv == gathered > 0
+    one = check(inputs, Layout(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, local_batch_size=1, microbatch_size=1))
+    assert estimate_memory(one, pp_rank=0).cp_kv == 0
 
 
 # ---- 3. the planner's activation memory: the same expanded K/V are what SDPA saves for backward -----------

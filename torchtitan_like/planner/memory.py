@@ -16,6 +16,9 @@ the last holds the logits):
   time as the logits, so the peak takes the larger of the two);
 - float8: the float8 weight copies (and their transposes) of the gathered block; with FSDP float8
   all-gather the gathered linear weights are float8 already (1 byte in `gathered`, no copy);
+- cp_kv: context parallel's K/V exchange buffer during one attention call (forward, or backward with
+  the recomputed block): with the allgather rotation every cp rank's K and V (expanded to every query
+  head, as the ring moves them), with alltoall the current and the next rank's;
 - margin: FRAGMENTATION of everything but the state, for the caching allocator's fragmentation.
 The hardware profile's `reserved_gib` (CUDA context, NCCL) is added when checking the fit.
 """
@@ -59,19 +62,24 @@ class MemoryEstimate:
     recompute: int
     float8: int
     margin: int
+    cp_kv: int = 0
+
+    @property
+    def transient(self) -> int:
+        # The logits and loss buffers are freed before the first block's backward, which is where an
+        # AC recomputation and its attention's K/V exchange happen: they never coexist.
+        return max(self.logits, self.recompute + self.cp_kv)
 
     @property
     def total(self) -> int:
-        # The logits and loss buffers are freed before the first block's backward, which is where an
-        # AC recomputation happens: the two never coexist.
-        return (self.state.total + self.activations + self.gathered + self.float8 + max(self.logits, self.recompute)
-                + self.margin)
+        return self.state.total + self.activations + self.gathered + self.float8 + self.transient + self.margin
 
     def items(self) -> dict[str, int]:
         return {
             "params": self.state.params, "grads": self.state.grads, "optimizer": self.state.optimizer,
             "activations": self.activations, "logits": self.logits, "gathered": self.gathered,
-            "recompute": self.recompute, "float8": self.float8, "margin": self.margin, "total": self.total,
+            "recompute": self.recompute, "cp_kv": self.cp_kv, "float8": self.float8, "margin": self.margin,
+            "total": self.total,
         }
 
 
@@ -214,9 +222,13 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
     # float8 copies of the gathered block's weights and their transposes (the copies are what
     # FSDP float8 all-gather gathers: only the transposes are extra).
     float8 = (1 if f8_gather else 2) * unsharded_block if L.float8 else 0
-    margin = int(FRAGMENTATION * (activations + max(logits, recompute) + gathered + float8))
+    cp_kv = 0
+    if L.cp > 1:
+        local_kv = 2 * tokens * a.n_heads * a.head_dim // L.tp * act  # this rank's K and V, expanded
+        cp_kv = (L.cp if c.cfg.parallelism.context_parallel_rotate_method == "allgather" else 2) * local_kv
+    margin = int(FRAGMENTATION * (activations + max(logits, recompute + cp_kv) + gathered + float8))
     return MemoryEstimate(pp_rank=pp_rank, state=state, activations=activations, logits=logits,
-                          gathered=gathered, recompute=recompute, float8=float8, margin=margin)
+                          gathered=gathered, recompute=recompute, float8=float8, margin=margin, cp_kv=cp_kv)
 
 
 def peak_memory(c: Candidate) -> MemoryEstimate:
