@@ -467,13 +467,21 @@ def test_a_chunked_loss_recomputes_the_output_projection_forward():
 def test_the_search_tries_a_chunked_loss_only_where_the_vocabulary_is_whole():
     from torchtitan_like.planner.layout import LOSS_CHUNK, layouts
 
-    def tp_and_chunk(seq_len: int) -> set[tuple[int, int]]:
-        inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=2, hardware=ROUND_HW, seq_len=seq_len, global_batch_size=2)
+    def tp_and_chunk(seq_len: int, *extra: str) -> set[tuple[int, int]]:
+        inputs = PlanInputs(base_argv=(*DEBUG_ARGV, *extra), world_size=2, hardware=ROUND_HW, seq_len=seq_len,
+                            global_batch_size=2)
         return {(layout.tp, layout.loss_chunk_size) for layout in layouts(inputs, LAYERS)}
 
     # TP 2 keeps the logits vocab-sharded (loss parallel, which refuses chunking): never chunked.
     assert tp_and_chunk(4 * LOSS_CHUNK) == {(1, 0), (1, LOSS_CHUNK), (2, 0)}
     assert tp_and_chunk(LOSS_CHUNK) == {(1, 0), (2, 0)}  # one chunk would be the whole sequence
+    # A job without loss parallel has whole logits under TP too: chunking is offered there (it was not).
+    assert tp_and_chunk(4 * LOSS_CHUNK, "--parallelism.disable_loss_parallel") == {
+        (1, 0), (1, LOSS_CHUNK), (2, 0), (2, LOSS_CHUNK)
+    }
+    inputs = PlanInputs(base_argv=(*DEBUG_ARGV, "--parallelism.disable_loss_parallel"), world_size=2,
+                        hardware=ROUND_HW, seq_len=4 * LOSS_CHUNK, global_batch_size=2, allow=frozenset({"tp"}))
+    check(inputs, next(L for L in layouts(inputs, LAYERS) if L.tp == 2 and L.loss_chunk_size))  # the trainer accepts it
 
 
 def test_the_plan_chunks_the_loss_where_only_that_fits():

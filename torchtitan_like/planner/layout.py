@@ -28,8 +28,8 @@ AC_MODES = ("none", "selective_op", "full")
 """Activation checkpointing choices: activation_checkpoint.mode none / selective with "op" / full."""
 FEATURES = ("fsdp", "hsdp", "ddp", "tp", "async_tp", "pp", "cp", "float8", "ac")
 LOSS_CHUNK = 2048
-"""training.loss_chunk_size the planner tries on layouts without loss parallel (tp 1) whose sequence
-shard is longer: one chunk's logits instead of the whole sequence's, for a recompute of the output
+"""training.loss_chunk_size the planner tries on layouts without loss parallel (tp 1, or any tp when the job
+sets parallelism.disable_loss_parallel) whose sequence shard is longer: one chunk's logits instead of the whole sequence's, for a recompute of the output
 projection in backward."""
 
 
@@ -186,6 +186,8 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
     # Async TP is an inductor pass over symmetric memory: compiled CUDA jobs only.
     async_ok = "async_tp" in allow and inputs.compile and inputs.hardware.device == "cuda"
     schedules = [s for s in ("1F1B", "Interleaved1F1B") if s in available_schedules()]
+    # The job's own choice: with disable_loss_parallel the logits are whole under TP too.
+    loss_parallel = not load_config(list(inputs.base_argv)).parallelism.disable_loss_parallel
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             continue
@@ -214,7 +216,8 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
                         for sched in schedules
                     ]
                 # Chunking the loss only where the logits are whole on the vocabulary (no loss parallel).
-                chunks = [0, LOSS_CHUNK] if tp == 1 and inputs.seq_len // cp > LOSS_CHUNK else [0]
+                whole_vocab = tp == 1 or not loss_parallel
+                chunks = [0, LOSS_CHUNK] if whole_vocab and inputs.seq_len // cp > LOSS_CHUNK else [0]
                 asyncs = [False, True] if tp > 1 and async_ok else [False]
                 # Keeping the blocks gathered from forward to backward: FSDP without PP (PP never reshards).
                 reshards = [True, False] if pp == 1 and dp_shard * cp > 1 else [True]
