@@ -126,7 +126,10 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
                 f"use one of {', '.join(supported_rotate_methods())}"
             )
     if cfg.validation.enable:
-        check_layout(cfg.validation, tp=parallel_dims.tp, cp=parallel_dims.cp, pp=parallel_dims.pp, training=cfg.training)
+        check_layout(
+            cfg.validation, tp=parallel_dims.tp, cp=parallel_dims.cp, pp=parallel_dims.pp, dp=parallel_dims.dp_degree,
+            training=cfg.training,
+        )
     pp_plan = None
     if parallel_dims.pp_enabled:
         pp_plan = plan_pipeline(

@@ -22,6 +22,14 @@ LAYOUTS = {
     "one": (1, 1, ()),
     "fsdp2xtp2": (4, 2, ("--parallelism.data_parallel_shard_degree", "2", "--parallelism.tensor_parallel_degree", "2")),
     "ddp2": (2, 2, ("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1")),
+    # validation.global_batch_size: each rank reads its 4 sequences of a global batch as 4 microbatches of 1.
+    "ddp2_micro": (
+        2, 2,
+        (
+            "--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+            "--validation.local_batch_size", "1", "--validation.global_batch_size", str(GLOBAL_BATCH),
+        ),
+    ),
     # The held-out batches go through the 1F1B / interleaved schedule forward only; 4 microbatches.
     # The last stage's loss is chunked over the sequence, in training and in validation.
     "pp2xfsdp2": (
@@ -130,7 +138,7 @@ def one(tmp_path_factory, held_out) -> dict:
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "cp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved", "cp2xpp2"])
+@pytest.mark.parametrize("layout", ["fsdp2xtp2", "ddp2", "ddp2_micro", "cp2", "pp2xfsdp2", "pp2xtp2", "pp2_interleaved", "cp2xpp2"])
 def test_val_loss_matches_one_process(tmp_path, layout, one, held_out):
     from torchtitan_like.distributed.pipeline import schedule_switches_modes
 

@@ -203,3 +203,35 @@ def test_validation_seq_len_defaults_to_the_training_one(tmp_path, caplog):
     assert not [s for s in ignored_settings(off, pp=1) if "validation" in s]
     assert [s for s in ignored_settings(load_config(argv(tmp_path, "--validation.seq_len", "16")), pp=1)
             if "validation.seq_len" in s]
+
+
+def test_a_validation_global_batch_is_read_as_microbatches(tmp_path, caplog):
+    """validation.global_batch_size fixes the sequences validated whatever the data-parallel degree; each
+    rank reads its share as microbatches of local_batch_size, and validation.steps counts global batches."""
+    def val(dump: Path, *overrides: str) -> tuple[float, str]:
+        trainer = Trainer(load_config(argv(dump, *VALIDATION, "--validation.steps", "2", *overrides)))
+        try:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="torchtitan_like.components.validation"):
+                loss = trainer.validator.validate(trainer.model_parts)["val_loss"]
+            return loss, caplog.text
+        finally:
+            trainer.close()
+
+    whole, whole_log = val(tmp_path / "a", "--validation.local_batch_size", "4")
+    micro, micro_log = val(tmp_path / "b", "--validation.local_batch_size", "2", "--validation.global_batch_size", "4")
+    half, _ = val(tmp_path / "c", "--validation.local_batch_size", "2")  # global 2: other (fewer) sequences
+    assert micro == pytest.approx(whole, rel=1e-6) and half != pytest.approx(whole, rel=1e-6)
+    # 2 global batches of 4 sequences of 33 tokens, read as 4 microbatches of 2.
+    assert "over 2 batches (256 tokens)" in whole_log and "over 2 batches (256 tokens)" in micro_log
+
+
+def test_a_validation_global_batch_that_does_not_divide_is_refused(tmp_path):
+    from torchtitan_like.trainer import check_job
+
+    cfg = load_config(argv(tmp_path, *VALIDATION, "--validation.local_batch_size", "4", "--validation.global_batch_size", "6"))
+    with pytest.raises(ConfigError, match=re.escape(
+        "validation.global_batch_size=6 must be a multiple of validation.local_batch_size=4 x data-parallel degree 1 "
+        "= 4 (try validation.global_batch_size=4, or validation.local_batch_size in [1, 2, 3, 6]; -1 means 4)"
+    )):
+        check_job(cfg, 1)

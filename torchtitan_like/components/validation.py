@@ -101,10 +101,10 @@ def build_validation_dataset(
     dp_degree: int,
     seed: int,
 ) -> IterableDataset:
-    """Finite (except synthetic) dataset of this DP rank's (local_batch_size, seq_len) slices of
-    global batches of local_batch_size x dp_degree sequences."""
+    """Finite (except synthetic) dataset of this DP rank's (local_batch_size, seq_len) microbatches of
+    global batches of validation_global_batch(cfg, dp_degree) sequences."""
     layout = BatchLayout(
-        global_batch_size=cfg.local_batch_size * dp_degree,
+        global_batch_size=validation_global_batch(cfg, dp_degree),
         local_batch_size=cfg.local_batch_size,
         dp_rank=dp_rank,
         dp_degree=dp_degree,
@@ -116,7 +116,27 @@ def build_validation_dataset(
     return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)
 
 
-def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Training | None = None) -> None:
+def validation_global_batch(cfg: Validation, dp_degree: int) -> int:
+    """validation.global_batch_size resolved (-1 = local_batch_size x dp_degree) and checked: a whole
+    number of microbatches of local_batch_size on every data-parallel rank."""
+    per_round = cfg.local_batch_size * dp_degree
+    gbs = cfg.global_batch_size
+    if gbs == -1:
+        return per_round
+    if gbs % per_round:
+        lower = max(gbs // per_round, 1) * per_round
+        locals_ = [d for d in range(1, gbs // dp_degree + 1) if (gbs // dp_degree) % d == 0] if gbs % dp_degree == 0 else []
+        hint = f"validation.global_batch_size={lower}" + (f", or validation.local_batch_size in {locals_}" if locals_ else "")
+        raise ConfigError(
+            f"validation.global_batch_size={gbs} must be a multiple of validation.local_batch_size="
+            f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_round} (try {hint}; -1 means {per_round})"
+        )
+    return gbs
+
+
+def check_layout(
+    cfg: Validation, *, tp: int, cp: int, pp: int = 1, dp: int = 1, training: Training | None = None
+) -> None:
     """validation.seq_len obeys the rule training.seq_len does under tensor / context parallel, and
     under CP equals it (CP shards the RoPE table, which covers exactly one training sequence, along
     with each sequence). Under pipeline parallel the held-out batches go through the training
@@ -143,6 +163,7 @@ def check_layout(cfg: Validation, *, tp: int, cp: int, pp: int = 1, training: Tr
                 f"must equal training.seq_len={training.seq_len} and training.local_batch_size="
                 f"{training.local_batch_size} (the pipeline stages exchange activations of one microbatch shape)"
             )
+    validation_global_batch(cfg, dp)
     unit = tp * 2 * cp
     if (tp > 1 or cp > 1) and cfg.seq_len % unit:
         raise ConfigError(
@@ -176,6 +197,13 @@ class Validator:
         self.amp_context = amp_context
         self.cp_context = cp_context or (lambda inputs, labels: contextlib.nullcontext())
         self.loss_chunk_size = loss_chunk_size
+        # Global batches are read as microbatches of local_batch_size on each data-parallel rank (a plain
+        # iterable without a BatchLayout yields whole global batches of local_batch_size).
+        layout = getattr(dataset, "layout", None)
+        self.global_batch_size = cfg.local_batch_size if layout is None else layout.global_batch_size
+        self.microbatches_per_batch = (
+            1 if layout is None else layout.global_batch_size // (layout.local_batch_size * layout.dp_degree)
+        )
         self.pipeline: Pipeline | None = None
         self.pp_group: dist.ProcessGroup | None = None
         self._warned_short = False
@@ -196,8 +224,8 @@ class Validator:
     def _too_small(self) -> str:
         return (
             f"validation: the {self.cfg.dataset} dataset holds less than one global batch of "
-            f"{self.cfg.local_batch_size} x data-parallel degree sequences of {self.cfg.seq_len + 1} tokens: "
-            f"lower validation.local_batch_size or validation.seq_len, or use more data"
+            f"{self.global_batch_size} sequences of {self.cfg.seq_len + 1} tokens: lower "
+            f"validation.global_batch_size, validation.local_batch_size or validation.seq_len, or use more data"
         )
 
     def validate(self, model_parts: Sequence[nn.Module]) -> dict[str, float]:
@@ -234,7 +262,7 @@ class Validator:
         """(sum of token losses, token count) over every rank of the loss group, and batches taken."""
         model = model_parts[0]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batches = 0
+        batches = micro = 0
         for inputs, labels in self.dataset:  # a fresh iterator: every validation starts at the beginning
             inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
             labels = labels.to(self.device, non_blocking=True)
@@ -252,10 +280,12 @@ class Validator:
             totals[0] += loss.to(torch.float64)
             if counted:
                 totals[1] += (labels != IGNORE_INDEX).sum().to(torch.float64)
-            batches += 1
             del loss
-            if batches == self.cfg.steps:
-                break
+            micro += 1
+            if micro % self.microbatches_per_batch == 0:
+                batches += 1  # a global batch ends (the finite stream only yields whole ones)
+                if batches == self.cfg.steps:
+                    break
         if self.pp_group is not None:
             dist.all_reduce(totals, group=self.pp_group)  # only the last stage's rank holds the sums
         if self.loss_group is not None:

@@ -273,6 +273,10 @@ class Validation:
     """Global batches per validation; -1 = the whole dataset (synthetic data needs a number: it never ends)."""
     local_batch_size: int = 8
     """Sequences per validation batch on each data-parallel rank."""
+    global_batch_size: int = -1
+    """Sequences per validation batch over all data-parallel ranks (each rank reads it as microbatches of
+    local_batch_size); -1 = local_batch_size x data-parallel degree. Set it to validate on the same sequences
+    under every layout when validation.steps is a number."""
     seq_len: int | None = None
     """Tokens per validation sequence; unset = training.seq_len (at most the model's RoPE length: model.max_seq_len
     or training.seq_len; equal to training.seq_len under context or pipeline parallel)."""

@@ -45,6 +45,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "validation.freq": (">= 1", lambda v: v >= 1),
     "validation.steps": ("-1 (the whole dataset) or >= 1", lambda v: v == -1 or v >= 1),
     "validation.local_batch_size": (">= 1", lambda v: v >= 1),
+    "validation.global_batch_size": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "validation.seq_len": (">= 2", lambda v: v >= 2),
     "debug.seed": ("in [-2**63, 2**64) (what torch.manual_seed takes)", lambda v: -(2**63) <= v < 2**64),
     "debug.fail_at_step": (">= 0 (0 = never)", lambda v: v >= 0),
