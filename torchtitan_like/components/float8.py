@@ -272,9 +272,10 @@ def _retie(model: nn.Module, shared: list[tuple[nn.Parameter, list[tuple[str, st
         for module_name, attr in where:
             setattr(model.get_submodule(module_name), attr, param)
         if untied:
+            others = [f"{m}.{a}" for m, a in where if f"{m}.{a}" not in untied]
             logger.info(
                 "float8: %s shares its weight with %s (tied embeddings): that weight is all-gathered in high "
-                "precision, not float8", ", ".join(untied), ", ".join(f"{m}.{a}" for m, a in where if f"{m}.{a}" not in untied),
+                "precision, not float8", ", ".join(untied), ", ".join(others),
             )
 
 

@@ -125,8 +125,10 @@ def validation_global_batch(cfg: Validation, dp_degree: int) -> int:
         return per_round
     if gbs % per_round:
         lower = max(gbs // per_round, 1) * per_round
-        locals_ = [d for d in range(1, gbs // dp_degree + 1) if (gbs // dp_degree) % d == 0] if gbs % dp_degree == 0 else []
-        hint = f"validation.global_batch_size={lower}" + (f", or validation.local_batch_size in {locals_}" if locals_ else "")
+        hint = f"validation.global_batch_size={lower}"
+        if gbs % dp_degree == 0:
+            per_rank = gbs // dp_degree
+            hint += f", or validation.local_batch_size in {[d for d in range(1, per_rank + 1) if per_rank % d == 0]}"
         raise ConfigError(
             f"validation.global_batch_size={gbs} must be a multiple of validation.local_batch_size="
             f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_round} (try {hint}; -1 means {per_round})"

@@ -265,8 +265,8 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
         value, default = getattr(cfg, section), type(getattr(cfg, section))()
         if value.dataset == "hf" or (section == "validation" and not value.enable):
             continue
-        out += [f"{section}.{key} ({section}.dataset={_toml(value.dataset)}, not hf)" for key in ("dataset_split", "dataset_config")
-                if getattr(value, key) != getattr(default, key)]
+        out += [f"{section}.{key} ({section}.dataset={_toml(value.dataset)}, not hf)"
+                for key in ("dataset_split", "dataset_config") if getattr(value, key) != getattr(default, key)]
     c = cfg.checkpoint
     if c.enable and not c.last_save_model_only and not c.last_save_in_hf and c.export_dtype != Checkpoint().export_dtype:
         out.append("checkpoint.export_dtype (no model-only or Hugging Face final save to export)")

@@ -28,9 +28,9 @@ AC_MODES = ("none", "selective_op", "full")
 """Activation checkpointing choices: activation_checkpoint.mode none / selective with "op" / full."""
 FEATURES = ("fsdp", "hsdp", "ddp", "tp", "async_tp", "pp", "cp", "float8", "ac")
 LOSS_CHUNK = 2048
-"""training.loss_chunk_size the planner tries on layouts without loss parallel (tp 1, or any tp when the job
-sets parallelism.disable_loss_parallel) whose sequence shard is longer: one chunk's logits instead of the whole sequence's, for a recompute of the output
-projection in backward."""
+"""training.loss_chunk_size the planner tries on layouts without loss parallel (tp 1, or any tp when the
+job sets parallelism.disable_loss_parallel) whose sequence shard is longer: one chunk's logits instead of
+the whole sequence's, for a recompute of the output projection in backward."""
 
 
 @dataclass(frozen=True)
