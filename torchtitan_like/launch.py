@@ -77,17 +77,24 @@ def _when(failure: Any) -> tuple[float, float]:
         return (failure.timestamp, float("inf"))
 
 
-def _workers_finished(status_dir: str) -> bool:
-    """Whether a worker wrote exit status 0 (train.py's _record_exit_status) into `status_dir`: it does so
-    after the exit barrier, so every rank had finished training."""
-    for name in os.listdir(status_dir):
+def _worker_exit_codes(status_dir: str) -> list[str]:
+    """The exit statuses the workers wrote into `status_dir` (train.py's _record_exit_status, after the exit
+    barrier for 0 and 75): one per worker that left through train.py's exit, none for a killed one."""
+    codes = []
+    for name in sorted(os.listdir(status_dir)):
         try:
             with open(os.path.join(status_dir, name)) as f:
-                if name.startswith("rank") and f.read().strip() == "0":
-                    return True
+                if name.startswith("rank"):
+                    codes.append(f.read().strip())
         except OSError:
             continue
-    return False
+    return codes
+
+
+def _workers_finished(status_dir: str) -> bool:
+    """Whether a worker wrote exit status 0: it does so after the exit barrier, so every rank had finished
+    training."""
+    return "0" in _worker_exit_codes(status_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +139,16 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
             print(f"run_train: got {name} after the workers had finished training; exit 0", file=sys.stderr)
             return 0
         if e.sigval in PREEMPTION_SIGNALS:
+            if str(EXIT_PREEMPTED) in _worker_exit_codes(status_dir):
+                what = ("the workers stopped at a step boundary (saving a checkpoint first when checkpoint.enable is "
+                        "on: see the log)")
+            else:
+                # (No status: torchrun killed them after its grace period, or they had already died.)
+                what = ("no worker reached a step boundary before torchrun's shutdown timeout ended them, so nothing "
+                        "was saved after the latest complete checkpoint (a step, a validation or a save took longer "
+                        "than the grace period: raise SHUTDOWN_TIMEOUT, torchrun's --shutdown-timeout)")
             print(
-                f"run_train: got {name}; the workers stopped at a step boundary (saving a checkpoint first when "
-                f"checkpoint.enable is on: see the log); exit {EXIT_PREEMPTED}: run the same command again to resume",
+                f"run_train: got {name}; {what}; exit {EXIT_PREEMPTED}: run the same command again to resume",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED

@@ -351,6 +351,9 @@ class Trainer:
                 cfg.validation, val_data, device=self.device, loss_group=self.parallel_dims.loss_group,
                 loss_context=self._loss_ctx, amp_context=self._amp, cp_context=self._cp_ctx,
                 loss_chunk_size=cfg.training.loss_chunk_size,
+                # The step boundary's pre-emption check, after every held-out batch too: a SIGTERM during a
+                # long validation stops it there, and the step's checkpoint is saved in the grace period.
+                stop_requested=lambda: self.preemption.agreed_signal(self.device) is not None,
             )
             _check_held_out(getattr(loader.dataset, "source", None), getattr(val_data, "source", None))
             if not self.dry_run:

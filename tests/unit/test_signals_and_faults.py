@@ -134,3 +134,41 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
     assert metrics.drop_after(3) == 2
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert metrics.drop_after(3) == 0
+
+
+def test_a_signal_during_a_long_validation_stops_it_and_saves_the_step(tmp_path, monkeypatch, capsys):
+    """A SIGTERM in the middle of a validation (the whole held-out set can take minutes) ends it after
+    the current held-out batch: the step's checkpoint is saved within the launcher's grace period,
+    instead of the worker being killed mid-validation with nothing saved."""
+    from torchtitan_like.components.validation import Validator
+
+    seen: list[int] = []
+    run = Validator._token_loss_sums
+
+    def signalled_midway(self, model_parts, t0):
+        model = model_parts[0]
+
+        def count(_module, _inputs):
+            seen.append(1)
+            if len(seen) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        hook = model.register_forward_pre_hook(count)
+        try:
+            return run(self, model_parts, t0)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(Validator, "_token_loss_sums", signalled_midway)
+    code = train.main(argv(
+        tmp_path, "--checkpoint.enable", "--checkpoint.interval", "100",
+        "--validation.enable", "--validation.dataset", "synthetic", "--validation.steps", "1000",
+        "--validation.freq", "2", "--validation.local_batch_size", "2",
+    ))
+    assert code == EXIT_PREEMPTED
+    out = capsys.readouterr().out
+    assert "validation: stopped after 3 global batches" in out and "no val_loss this step" in out
+    assert "pre-empted by SIGTERM: every rank stopped after step 2; checkpoint step-2 saved (full state)" in out
+    assert len(seen) == 3  # not the 1000 batches asked for
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "val_loss" not in rows[-1]

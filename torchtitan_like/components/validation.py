@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_DIRS = tuple(sorted(EMBEDDED_EXCLUDED_DIRS - {"site-packages", "__pycache__"}))
 """Standard-library folders the embedded training corpus skips: the embedded validation set."""
+PROGRESS_EVERY_S = 60.0
+"""A long validation logs how far it got this often (the whole held-out embedded set takes minutes on a CPU)."""
 SYNTHETIC_SEED_OFFSET = 1_000_003
 """Synthetic validation tokens come from seed + this, so they are not the training samples."""
 
@@ -188,9 +190,13 @@ class Validator:
         amp_context: Callable[[], contextlib.AbstractContextManager],
         cp_context: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager] | None = None,
         loss_chunk_size: int = 0,
+        stop_requested: Callable[[], bool] | None = None,
     ) -> None:
         """cp_context(inputs, labels): the training step's context parallel context, which leaves both
-        tensors as this rank's sequence shards; None without CP. loss_chunk_size: training's (0 = off)."""
+        tensors as this rank's sequence shards; None without CP. loss_chunk_size: training's (0 = off).
+        stop_requested: a collective every rank calls after each global batch (the pre-emption check);
+        True ends the validation there, without a result, so a signal is not kept waiting for a long
+        validation (the launcher kills workers that do not stop within its shutdown timeout)."""
         self.cfg = cfg
         self.dataset = dataset
         self.device = device
@@ -199,6 +205,7 @@ class Validator:
         self.amp_context = amp_context
         self.cp_context = cp_context or (lambda inputs, labels: contextlib.nullcontext())
         self.loss_chunk_size = loss_chunk_size
+        self.stop_requested = stop_requested
         # Global batches are read as microbatches of local_batch_size on each data-parallel rank (a plain
         # iterable without a BatchLayout yields whole global batches of local_batch_size).
         layout = getattr(dataset, "layout", None)
@@ -231,17 +238,24 @@ class Validator:
         )
 
     def validate(self, model_parts: Sequence[nn.Module]) -> dict[str, float]:
-        """Held-out loss (mean over every token of every global batch taken) and perplexity."""
+        """Held-out loss (mean over every token of every global batch taken) and perplexity; {} when a
+        pre-emption signal ended it early (see stop_requested)."""
         t0 = time.perf_counter()
         modes = [m.training for m in model_parts]
         for m in model_parts:
             m.eval()
         try:
             with torch.no_grad():
-                totals, batches = self._token_loss_sums(model_parts)
+                totals, batches = self._token_loss_sums(model_parts, t0)
         finally:
             for m, mode in zip(model_parts, modes, strict=True):
                 m.train(mode)
+        if totals is None:
+            logger.warning(
+                "validation: stopped after %d global batches (%.0f s) for a pre-emption signal; no val_loss this step",
+                batches, time.perf_counter() - t0,
+            )
+            return {}
         loss_sum, n_tokens = totals.tolist()
         if n_tokens == 0:
             raise DataError(self._too_small())
@@ -260,11 +274,13 @@ class Validator:
         )
         return {"val_loss": loss, "val_ppl": ppl}
 
-    def _token_loss_sums(self, model_parts: Sequence[nn.Module]) -> tuple[torch.Tensor, int]:
-        """(sum of token losses, token count) over every rank of the loss group, and batches taken."""
+    def _token_loss_sums(self, model_parts: Sequence[nn.Module], t0: float) -> tuple[torch.Tensor | None, int]:
+        """(sum of token losses, token count) over every rank of the loss group, and batches taken; None
+        for the sums when stop_requested ended the validation."""
         model = model_parts[0]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         batches = micro = 0
+        reported = t0
         for inputs, labels in self.dataset:  # a fresh iterator: every validation starts at the beginning
             inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
             labels = labels.to(self.device, non_blocking=True)
@@ -288,6 +304,12 @@ class Validator:
                 batches += 1  # a global batch ends (the finite stream only yields whole ones)
                 if batches == self.cfg.steps:
                     break
+                if self.stop_requested is not None and self.stop_requested():  # collective: all ranks agree
+                    return None, batches
+                if time.perf_counter() - reported >= PROGRESS_EVERY_S:
+                    reported = time.perf_counter()
+                    total = "the whole set" if self.cfg.steps == -1 else f"{self.cfg.steps}"
+                    logger.info("validation: %d of %s global batches in %.0f s", batches, total, reported - t0)
         if self.pp_group is not None:
             dist.all_reduce(totals, group=self.pp_group)  # only the last stage's rank holds the sums
         if self.loss_group is not None:
