@@ -46,7 +46,12 @@ from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
 from torchtitan_like.components.optimizer import build_optimizers, check_optimizer
 from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
-from torchtitan_like.components.validation import Validator, build_validation_dataset, check_layout
+from torchtitan_like.components.validation import (
+    HeldOutEmbeddedSource,
+    Validator,
+    build_validation_dataset,
+    check_layout,
+)
 from torchtitan_like.config.loader import to_toml
 from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.config.validate import ignored_settings
@@ -356,6 +361,17 @@ class Trainer:
                 stop_requested=lambda: self.preemption.agreed_signal(self.device) is not None,
             )
             _check_held_out(getattr(loader.dataset, "source", None), getattr(val_data, "source", None))
+            held_out = getattr(val_data, "source", None)
+            if cfg.validation.steps == -1 and isinstance(held_out, HeldOutEmbeddedSource):
+                # The whole held-out standard library, at every validation: minutes on a CPU.
+                megabytes = held_out.total_bytes() / 1e6
+                batches = held_out.total_bytes() / HeldOutEmbeddedSource.BYTES_PER_TOKEN / (
+                    self.validator.global_batch_size * (cfg.validation.seq_len + 1))
+                logger.warning(
+                    "validation.steps=-1 validates the whole embedded held-out set (%.0f MB of Python source, about "
+                    "%.0f global batches) every %d steps: set validation.steps to a number (e.g. 10) for a quick "
+                    "check", megabytes, batches, cfg.validation.freq,
+                )
             if not self.dry_run:
                 self.validator.check_data()
 

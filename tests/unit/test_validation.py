@@ -235,3 +235,19 @@ def test_a_validation_global_batch_that_does_not_divide_is_refused(tmp_path):
         "= 4 (try validation.global_batch_size=4, or validation.local_batch_size in [1, 2, 3, 6]; -1 means 4)"
     )):
         check_job(cfg, 1)
+
+
+def test_validating_the_whole_embedded_set_is_flagged_at_start(tmp_path, caplog):
+    # ./run_train.sh --validation.enable: steps -1 on the embedded set is ~3,000 global batches of the
+    # debug config, minutes on a CPU at every validation.
+    def warned(*overrides: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="torchtitan_like.trainer"):
+            Trainer(load_config(argv(tmp_path, "--validation.enable", *overrides))).close()
+        return [r.getMessage() for r in caplog.records if "embedded held-out set" in r.getMessage()]
+
+    (line,) = warned()
+    assert re.search(r"validation.steps=-1 validates the whole embedded held-out set \(\d+ MB of Python source, "
+                     r"about \d+ global batches\) every 10 steps: set validation.steps to a number", line), line
+    assert int(re.search(r"about (\d+) global", line).group(1)) > 1000  # 8 x 33 tokens a batch
+    assert warned("--validation.steps", "10") == []

@@ -57,6 +57,8 @@ class HeldOutEmbeddedSource:
     """The .py files under the standard library's HELD_OUT_DIRS, in one fixed (seeded) order."""
 
     label = "validation.dataset='embedded'"
+    BYTES_PER_TOKEN = 2.7
+    """Measured with the embedded tokenizer on these files (Llama 3's larger vocabulary packs more)."""
 
     def __init__(self, seed: int) -> None:
         self.root = Path(sysconfig.get_paths()["stdlib"])
@@ -79,6 +81,9 @@ class HeldOutEmbeddedSource:
                 yield (self.root / rel).read_bytes().decode("utf-8")
             except UnicodeDecodeError:
                 yield ""
+
+    def total_bytes(self) -> int:
+        return sum((self.root / rel).stat().st_size for rel in self.files)
 
 
 def build_validation_source(cfg: Validation, *, text_field: str, seed: int) -> DocumentSource:
