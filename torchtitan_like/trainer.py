@@ -673,6 +673,7 @@ class Trainer:
         data_iter = iter(self.dataloader)
         window_start = time.perf_counter()
         train_start, tokens_at_start = window_start, self.tokens_seen
+        window_validation_s = total_validation_s = 0.0  # validating is not training time
         window_steps = window_tokens = 0
         data_wait = 0.0
         first_step = self.step + 1
@@ -705,11 +706,13 @@ class Trainer:
                     window_tokens += self.tokens_per_step
                     self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
                     validation, validation_s = self._maybe_validate()
+                    window_validation_s += validation_s
+                    total_validation_s += validation_s
                     if validation or self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         now = time.perf_counter()
-                        elapsed = now - window_start - validation_s  # validating is not training time
+                        elapsed = now - window_start - window_validation_s
                         extra: dict[str, float] = {}
                         if self.compile_monitor is not None:
                             extra.update(self.compile_monitor.metrics(self._max_over_ranks if self.world_size > 1 else None))
@@ -729,6 +732,7 @@ class Trainer:
                             extra=extra or None,
                         )
                         window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
+                        window_validation_s = 0.0
                     self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
                     if profiler is not None:
                         profiler.step()
@@ -736,7 +740,10 @@ class Trainer:
                         snapshotter.step()
                     if self._stop_if_preempted():
                         break
-            self.metrics.summary(self.tokens_seen - tokens_at_start, time.perf_counter() - train_start)
+            self.metrics.summary(
+                self.tokens_seen - tokens_at_start, time.perf_counter() - train_start - total_validation_s,
+                validation_s=total_validation_s,
+            )
         finally:
             # The handlers stay until close(), which restores them: after an error, torchrun SIGTERMs this
             # rank as soon as a peer dies, and the default handler would kill it before it reports its own

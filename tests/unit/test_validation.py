@@ -251,3 +251,26 @@ def test_validating_the_whole_embedded_set_is_flagged_at_start(tmp_path, caplog)
                      r"about \d+ global batches\) every 10 steps: set validation.steps to a number", line), line
     assert int(re.search(r"about (\d+) global", line).group(1)) > 1000  # 8 x 33 tokens a batch
     assert warned("--validation.steps", "10") == []
+
+
+def test_the_run_summary_leaves_validation_time_out_of_the_training_rate(tmp_path, caplog, monkeypatch):
+    # The summary's tokens/s and its time-to-train projections counted validation as training time (a long
+    # validation made a 2,800 tokens/s run report 283).
+    import time as time_module
+
+    from torchtitan_like.components.validation import Validator
+
+    def slow_validate(self, model_parts):
+        time_module.sleep(1.5)
+        return {"val_loss": 1.0, "val_ppl": math.e}
+
+    monkeypatch.setattr(Validator, "validate", slow_validate)
+    t0 = time_module.perf_counter()
+    with caplog.at_level(logging.INFO, logger="torchtitan_like.components.metrics"):
+        run(tmp_path, *VALIDATION)  # 4 steps, validating at 2 and 4
+    wall = time_module.perf_counter() - t0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("summary:")]
+    m = re.search(r"tokens in ([\d.]+) s \(plus ([\d.]+) s validating\)", line)
+    assert m, line
+    training, validating = float(m.group(1)), float(m.group(2))
+    assert validating >= 3.0 and training + validating <= wall and training < wall - 3.0

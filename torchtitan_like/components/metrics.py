@@ -266,17 +266,19 @@ class MetricsLogger:
             logger.info("metrics.jsonl: dropped %d row(s) after step %d, from an attempt that did not reach a checkpoint", dropped, step)
         return dropped
 
-    def summary(self, total_tokens_seen_global: int, elapsed_s: float) -> dict[str, Any]:
-        """Log the run's global tokens/s and how long 1B / 100B / 1T tokens would take at that rate."""
+    def summary(self, total_tokens_seen_global: int, elapsed_s: float, *, validation_s: float = 0.0) -> dict[str, Any]:
+        """Log the run's global tokens/s and how long 1B / 100B / 1T tokens would take at that rate.
+        elapsed_s: the training time (validation_s, the time spent validating, is left out of it and named)."""
         global_tps = _ratio(total_tokens_seen_global, elapsed_s)
         etas = {name: budget / global_tps if global_tps > 0 else math.inf for name, budget in _SUMMARY_BUDGETS}
         result = {"global_tps": global_tps, "world_size": self.world_size, "time_to_train_s": etas}
         if self.enabled:
             eta_text = ", ".join(f"{name} tokens: {format_duration(s)}" for name, s in etas.items())
+            validating = f" (plus {format_duration(validation_s)} validating)" if validation_s > 0 else ""
             logger.info(
-                "summary: %s tokens in %s on %d device(s) = %s tokens/s global (%s per device); "
+                "summary: %s tokens in %s%s on %d device(s) = %s tokens/s global (%s per device); "
                 "time to train at this rate: %s",
-                f"{total_tokens_seen_global:,}", format_duration(elapsed_s), self.world_size,
+                f"{total_tokens_seen_global:,}", format_duration(elapsed_s), validating, self.world_size,
                 f"{global_tps:,.0f}", f"{_ratio(global_tps, self.world_size):,.0f}", eta_text,
             )
         return result
