@@ -324,6 +324,13 @@ def test_toml_strict_errors_name_the_file_key_and_fix(tmp_path: Path, toml: str,
         (["--training.steps"], ["--training.steps needs a value"]),
         (["--training.steps", "--debug.seed", "1"], ["--training.steps needs a value"]),
         (["steps=5"], ["unexpected command-line argument 'steps=5'", "--section.key value"]),
+        # torchtitan's names for what we have differently or not at all.
+        (["--training.dataset", "c4"], ["'c4' is not one of", 'training.dataset = "hf"',
+                                        'training.dataset_path = "allenai/c4"', 'training.dataset_config = "en"']),
+        (["--validation.dataset", "c4_validation"], ['validation.dataset = "hf"', 'validation.dataset_config = "en"']),
+        (["--training.dataset", "c4_test"], ['training.dataset = "local"']),
+        (["--metrics.enable_wandb"], ["unknown key 'metrics.enable_wandb': Weights & Biases is not supported",
+                                      "metrics.enable_tensorboard"]),
     ],
 )
 def test_cli_strict_errors_name_the_key_and_fix(argv: list[str], fragments: list[str]) -> None:

@@ -195,7 +195,7 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
     choices = literal_choices(tp)
     if choices is not None:
         if value not in choices:
-            hint = _closest(str(value), [str(c) for c in choices])
+            hint = _TORCHTITAN_VALUES.get((key.dotted, value)) or _closest(str(value), [str(c) for c in choices])
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}{hint}")
         return value
     if get_origin(tp) is list:
@@ -263,6 +263,27 @@ _TORCHTITAN_FORMER = {
     "training.compile": "compile.enable",
 }
 
+# torchtitan's dataset names, as our sources read the same data.
+_C4 = 'dataset = "hf", dataset_path = "allenai/c4", dataset_config = "en"'
+_TORCHTITAN_VALUES = {
+    ("training.dataset", "c4"): f" (torchtitan's c4 is the Hugging Face hub dataset: training.{_C4.replace(', ', ', training.')})",
+    ("validation.dataset", "c4_validation"): (
+        f" (torchtitan's c4_validation is the hub dataset's validation split: validation.{_C4.replace(', ', ', validation.')})"
+    ),
+    ("training.dataset", "c4_test"): (
+        " (torchtitan's c4_test is a small copy of c4 in its repository: training.dataset = \"local\" with "
+        "training.dataset_path naming those files)"
+    ),
+}
+
+# torchtitan keys for what we deliberately do not have, with what to use instead.
+_TORCHTITAN_UNSUPPORTED = {
+    "metrics.enable_wandb": (
+        "Weights & Biases is not supported (not a dependency, and training nodes often have no network): the "
+        "metrics go to TensorBoard (metrics.enable_tensorboard) and to metrics.jsonl in the dump folder"
+    ),
+}
+
 # Keys whose value is a filesystem path: a leading ~ is the user's home, as in a shell.
 PATH_KEYS = (
     "job.config_file", "job.dump_folder", "model.tokenizer_path", "training.dataset_path", "validation.dataset_path",
@@ -271,6 +292,8 @@ PATH_KEYS = (
 
 
 def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
+    if dotted in _TORCHTITAN_UNSUPPORTED:
+        return ConfigError(f"{origin}: unknown key '{dotted}': {_TORCHTITAN_UNSUPPORTED[dotted]}")
     if dotted in _TORCHTITAN_FORMER:
         return ConfigError(f"{origin}: unknown key '{dotted}' (torchtitan's former name: use "
                            f"'{_TORCHTITAN_FORMER[dotted]}')")
