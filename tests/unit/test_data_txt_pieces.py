@@ -153,3 +153,27 @@ def test_invalid_utf8_in_a_long_txt_names_its_line(tmp_path):
     path.write_bytes(("line\n" * 1000).encode() + b"bad \xff byte\n" + b"more\n" * 1000)
     with pytest.raises(DataError, match=r"big\.txt:1001: invalid UTF-8 \(invalid start byte at byte 5004\)"):
         list(LocalSource(str(path), "text").documents(0, 0))
+
+
+def test_the_training_loader_resumes_inside_a_split_document(tok, corpus):
+    """Through build_dataloader (StatefulDataLoader and its nested state), as the trainer checkpoints it."""
+    from torchtitan_like.config.schema import Training
+    from torchtitan_like.data import build_dataloader
+
+    folder, _ = corpus
+
+    def loader():
+        training = Training(dataset="local", dataset_path=folder, local_batch_size=2, global_batch_size=GBS, seq_len=SEQ)
+        return build_dataloader(training=training, tokenizer=tok, vocab_size=2000, dp_rank=0, dp_degree=1, seed=0)
+
+    straight = loader()
+    it = iter(straight)
+    for _ in range(2 * 12):  # 12 steps of 2 microbatches: inside b.txt
+        next(it)
+    state = straight.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = iter(resumed)
+    for _ in range(2 * 20):  # on through b.txt's later pieces, c.txt and into the next epoch
+        a, b = next(it), next(rest)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
