@@ -177,3 +177,49 @@ def test_the_training_loader_resumes_inside_a_split_document(tok, corpus):
     for _ in range(2 * 20):  # on through b.txt's later pieces, c.txt and into the next epoch
         a, b = next(it), next(rest)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("read_bytes, content, line, byte", [
+    # A character cut by a read, then a bad byte: the position is the bad byte's, not the cut's.
+    (4, b"ab" + "日".encode() + b"\xff\n" + b"y\n" * 1000, 1, 5),
+    # A byte-order mark first (not text): positions still count it.
+    (1 << 20, b"\xef\xbb\xbf" + b"a\n\xff" + b"x" * 2000, 2, 5),
+    # The file ends inside a character: where that character starts.
+    (64, b"z" * 2000 + b"\xe6\x97", 1, 2000),
+], ids=["character-cut-by-a-read", "byte-order-mark", "cut-at-the-end"])
+def test_invalid_utf8_positions_in_a_long_txt(tmp_path, monkeypatch, read_bytes, content, line, byte):
+    monkeypatch.setattr(sources, "_READ_BYTES", read_bytes)
+    path = tmp_path / "big.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"big\.txt:{line}: invalid UTF-8 \(.* at byte {byte}\)"):
+        list(LocalSource(str(path), "text").documents(0, 0))
+    # The whole-file path (a short file) says the same for a byte-order mark first.
+    path.write_bytes(b"\xef\xbb\xbf" + b"a\n\xff")
+    with pytest.raises(DataError, match=r"big\.txt:2: invalid UTF-8 \(.* at byte 5\)"):
+        list(LocalSource(str(path), "text").documents(0, 0))
+
+
+def test_a_long_txt_of_whitespace_is_a_blank_document(tok, tmp_path):
+    """Blank documents are skipped; a long one was split into pieces, which have no bos and eos
+    together, and trained as [bos] whitespace [eos]."""
+    (tmp_path / "a.txt").write_text(" \n\t" * 2000, "utf-8")
+    source = LocalSource(str(tmp_path), "text")
+    assert [_tokens(tok, r) for r in source.documents(0, 0)] == [[]]
+    it = _iterator(tok, str(tmp_path))
+    with pytest.raises(DataError, match="the dataset is empty"):
+        next(it)
+    # Whitespace first, then text: split as usual, with the tokens of the whole.
+    text = " " * 2000 + _text(3, 4000)
+    (tmp_path / "a.txt").write_text(text, "utf-8")
+    records = list(source.documents(0, 0))
+    assert len(records) > 1 and [t for r in records for t in _tokens(tok, r)] == tok.encode(text, bos=True, eos=True)
+
+
+def test_a_position_saved_with_smaller_pieces_is_refused_even_where_nothing_splits_now(tok, corpus, monkeypatch):
+    folder, _ = corpus
+    it = _iterator(tok, folder)
+    _run(it, 3)
+    state = {**it.state_dict(), "txt_piece_chars": PIECE // 3}  # saved by a version with smaller pieces
+    monkeypatch.setattr(sources, "TXT_PIECE_CHUNKS", 1000)  # this version splits nothing in the corpus
+    with pytest.raises(DataError, match=r"positions count \.txt pieces of 500 characters"):
+        _iterator(tok, folder).load_state_dict(state)

@@ -254,8 +254,10 @@ class PackedIterator(_SliceIterator):
         self.epoch, self.doc_index = state["epoch"], state["doc_index"]
         self.tail = state.get("tail", 0)
         self.buffer = list(state["buffer"]) if "buffer" in state else None
-        saved_pieces = state.get("txt_piece_chars")
-        if saved_pieces != sources.txt_piece_chars() and getattr(self.source, "splits_documents", lambda: False)():
+        saved_pieces, pieces = state.get("txt_piece_chars"), sources.txt_piece_chars()
+        splits = getattr(self.source, "splits_documents", lambda piece_chars=None: False)
+        # (Positions differ where some file splits at either size: at the smaller one.)
+        if saved_pieces != pieces and splits(pieces if saved_pieces is None else min(saved_pieces, pieces)):
             if saved_pieces is not None:
                 raise DataError(
                     f"dataloader checkpoint: its positions count .txt pieces of {saved_pieces} characters, this "

@@ -74,30 +74,38 @@ def frame(text: str) -> tuple[bool, bool]:
 
 
 def _txt_records(path: Path) -> Iterator[str]:
-    """The records of one .txt file: the whole text, or its TextPieces when it is longer than a piece."""
+    """The records of one .txt file: the whole text, or its TextPieces when it is longer than a piece (a
+    file of whitespace only stays one blank record, skipped as a blank document is)."""
     size = txt_piece_chars()
     if path.stat().st_size <= size:  # never more characters than bytes
         yield _decode(path.read_bytes(), path, first_line=1)
         return
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a leading byte-order mark is not text
-    pending, first, offset, line = "", True, 0, 1
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, first, has_text, offset, line = "", True, False, 0, 1
+    started = False  # some text decoded (a leading byte-order mark is dropped from it: not text)
     with path.open("rb") as f:
         while True:
             raw = f.read(_READ_BYTES)
             final = not raw
+            held = len(decoder.getstate()[0])  # bytes of a character the previous read cut (no newline among them)
             try:
-                pending += decoder.decode(raw, final=final)
+                text = decoder.decode(raw, final=final)
             except UnicodeDecodeError as e:
-                at = max(e.start, 0)
-                where = line + raw.count(b"\n", 0, at)
+                at = e.start - held  # in `raw`; negative inside the held bytes
+                where = line + raw.count(b"\n", 0, max(at, 0))
                 raise DataError(f"{path}:{where}: invalid UTF-8 ({e.reason} at byte {offset + at})") from None
             offset, line = offset + len(raw), line + raw.count(b"\n")
-            # Emit a piece only once more text follows it: the last piece is the one that carries eos.
-            while len(pending) > size:
+            if not started and text:
+                started, text = True, text.removeprefix("\ufeff")
+            pending += text
+            has_text = has_text or (bool(text) and not text.isspace())
+            # Emit a piece only once more text follows it (the last piece carries eos), and only once the
+            # document has text: whitespace alone is a blank document.
+            while has_text and len(pending) > size:
                 yield TextPiece(pending[:size], bos=first, eos=False)
                 pending, first = pending[size:], False
             if final:
-                yield TextPiece(pending, bos=first, eos=True)
+                yield TextPiece(pending, bos=first, eos=True) if has_text else ""
                 return
 
 
@@ -150,9 +158,11 @@ class LocalSource:
         self.text_field = text_field
         self.files = _resolve_local_files(dataset_path, key=f"{section}.dataset_path")
 
-    def splits_documents(self) -> bool:
-        """Whether some .txt file may be read in several TextPieces (positions then count pieces)."""
-        return any(p.suffix == ".txt" and p.stat().st_size > txt_piece_chars() for p in self.files)
+    def splits_documents(self, piece_chars: int | None = None) -> bool:
+        """Whether some .txt file may be read in several TextPieces of `piece_chars` (default: this
+        version's txt_piece_chars()) characters: positions then count pieces."""
+        size = txt_piece_chars() if piece_chars is None else piece_chars
+        return any(p.suffix == ".txt" and p.stat().st_size > size for p in self.files)
 
     def documents(self, epoch: int, start: int) -> Iterator[str]:
         skip = start
@@ -267,8 +277,10 @@ def _decode(raw: bytes, path: Path, *, first_line: int) -> str:
         # A file's UTF-8 byte-order mark (Windows editors write one) is not text.
         return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        line = first_line + raw.count(b"\n", 0, e.start)
-        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+        # utf-8-sig reports positions after the byte-order mark it removed.
+        at = e.start + (len(codecs.BOM_UTF8) if first_line == 1 and raw.startswith(codecs.BOM_UTF8) else 0)
+        line = first_line + raw.count(b"\n", 0, at)
+        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {at})") from None
 
 
 def _parse_json(text: str, path: Path, lineno: int) -> Any:
