@@ -143,10 +143,11 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
                 what = ("the workers stopped at a step boundary (saving a checkpoint first when checkpoint.enable is "
                         "on: see the log)")
             else:
-                # (No status: torchrun killed them after its grace period, or they had already died.)
-                what = ("no worker reached a step boundary before torchrun's shutdown timeout ended them, so nothing "
-                        "was saved after the latest complete checkpoint (a step, a validation or a save took longer "
-                        "than the grace period: raise SHUTDOWN_TIMEOUT, torchrun's --shutdown-timeout)")
+                # (No status: the signal ended them before training started, when they do not handle it yet,
+                # or torchrun killed them after its grace period.)
+                what = ("no worker reached a step boundary, so nothing was saved after the latest complete checkpoint "
+                        "(the signal came before training started, or a step, a validation or a save took longer "
+                        "than torchrun's shutdown timeout: SHUTDOWN_TIMEOUT, --shutdown-timeout)")
             print(
                 f"run_train: got {name}; {what}; exit {EXIT_PREEMPTED}: run the same command again to resume",
                 file=sys.stderr,

@@ -708,7 +708,8 @@ class Trainer:
                     validation, validation_s = self._maybe_validate()
                     window_validation_s += validation_s
                     total_validation_s += validation_s
-                    if validation or self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                    # (A validation cut short by a pre-emption signal still gets its row: the run stops next.)
+                    if validation_s or self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         now = time.perf_counter()
@@ -766,7 +767,9 @@ class Trainer:
         # Its forward-only graphs (eval, no grad) compile once per block: not a training recompile.
         expected = self.compile_monitor.expected_recompiles() if self.compile_monitor else contextlib.nullcontext()
         with expected:
-            result = self.validator.validate(self.model_parts)
+            # The last step's validation is never cut short: the run ends with it anyway (a pre-emption
+            # signal does not stop a last step), and its val_loss could not be had again by a resume.
+            result = self.validator.validate(self.model_parts, interruptible=self.step < self.cfg.training.steps)
         return result, time.perf_counter() - t0
 
     def _apply_train_timeout(self) -> None:

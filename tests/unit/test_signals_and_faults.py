@@ -145,7 +145,7 @@ def test_a_signal_during_a_long_validation_stops_it_and_saves_the_step(tmp_path,
     seen: list[int] = []
     run = Validator._token_loss_sums
 
-    def signalled_midway(self, model_parts, t0):
+    def signalled_midway(self, model_parts, t0, **kwargs):
         model = model_parts[0]
 
         def count(_module, _inputs):
@@ -155,7 +155,7 @@ def test_a_signal_during_a_long_validation_stops_it_and_saves_the_step(tmp_path,
 
         hook = model.register_forward_pre_hook(count)
         try:
-            return run(self, model_parts, t0)
+            return run(self, model_parts, t0, **kwargs)
         finally:
             hook.remove()
 
@@ -172,3 +172,66 @@ def test_a_signal_during_a_long_validation_stops_it_and_saves_the_step(tmp_path,
     assert len(seen) == 3  # not the 1000 batches asked for
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and "val_loss" not in rows[-1]
+
+
+def test_the_last_steps_validation_is_never_cut_short(tmp_path, monkeypatch):
+    """The run ends with the last step anyway, and a resume could not compute that val_loss again."""
+    from torchtitan_like.components.validation import Validator
+
+    run = Validator._token_loss_sums
+
+    def signalled(self, model_parts, t0, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # before its first batch
+        return run(self, model_parts, t0, **kwargs)
+
+    monkeypatch.setattr(Validator, "_token_loss_sums", signalled)
+    code = train.main(argv(
+        tmp_path, "--training.steps", "2", "--validation.enable", "--validation.dataset", "synthetic",
+        "--validation.steps", "3", "--validation.freq", "2", "--validation.local_batch_size", "2",
+    ))
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "val_loss" in rows[-1]
+
+
+def test_a_validation_that_read_its_last_batch_is_kept():
+    """The stop check runs between global batches once the next one exists: a signal during the last
+    batch of the set does not throw the finished validation away."""
+    import contextlib
+
+    from torchtitan_like.components.validation import Validator
+    from torchtitan_like.config.schema import Validation
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.calls = 0
+
+        def forward(self, tokens):
+            self.calls += 1
+            return torch.zeros(*tokens.shape, 8) + self.w
+
+    data = [(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))] * 3
+    checks: list[int] = []
+
+    def validator(stop_after: int) -> Validator:
+        def stop_requested() -> bool:
+            checks.append(1)
+            return model.calls >= stop_after
+
+        return Validator(
+            Validation(enable=True, steps=-1, seq_len=4, local_batch_size=2), data, device=torch.device("cpu"),
+            loss_group=None, loss_context=contextlib.nullcontext, amp_context=contextlib.nullcontext,
+            stop_requested=stop_requested,
+        )
+
+    model = Model()
+    assert "val_loss" in validator(stop_after=3).validate([model])  # the signal came in the last batch
+    assert model.calls == 3 and len(checks) == 2  # between batches 1-2 and 2-3 only
+    model, checks[:] = Model(), []
+    assert validator(stop_after=1).validate([model]) == {}  # in the first batch: stops before the second
+    assert model.calls == 1
+    model, checks[:] = Model(), []
+    assert "val_loss" in validator(stop_after=1).validate([model], interruptible=False)
+    assert model.calls == 3 and checks == []

@@ -123,9 +123,10 @@ def build_validation_dataset(
     return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)
 
 
-def validation_global_batch(cfg: Validation, dp_degree: int) -> int:
+def validation_global_batch(cfg: Validation, dp_degree: int, *, pp: int = 1) -> int:
     """validation.global_batch_size resolved (-1 = local_batch_size x dp_degree) and checked: a whole
-    number of microbatches of local_batch_size on every data-parallel rank."""
+    number of microbatches of local_batch_size on every data-parallel rank (pp: the pipeline degree,
+    under which local_batch_size is training's and not a fix to offer)."""
     per_round = cfg.local_batch_size * dp_degree
     gbs = cfg.global_batch_size
     if gbs == -1:
@@ -133,7 +134,7 @@ def validation_global_batch(cfg: Validation, dp_degree: int) -> int:
     if gbs % per_round:
         lower = max(gbs // per_round, 1) * per_round
         hint = f"validation.global_batch_size={lower}"
-        if gbs % dp_degree == 0:
+        if gbs % dp_degree == 0 and pp == 1:
             per_rank = gbs // dp_degree
             hint += f", or validation.local_batch_size in {[d for d in range(1, per_rank + 1) if per_rank % d == 0]}"
         raise ConfigError(
@@ -172,7 +173,7 @@ def check_layout(
                 f"must equal training.seq_len={training.seq_len} and training.local_batch_size="
                 f"{training.local_batch_size} (the pipeline stages exchange activations of one microbatch shape)"
             )
-    validation_global_batch(cfg, dp)
+    validation_global_batch(cfg, dp, pp=pp)
     unit = tp * 2 * cp
     if (tp > 1 or cp > 1) and cfg.seq_len % unit:
         raise ConfigError(
@@ -242,16 +243,16 @@ class Validator:
             f"validation.global_batch_size, validation.local_batch_size or validation.seq_len, or use more data"
         )
 
-    def validate(self, model_parts: Sequence[nn.Module]) -> dict[str, float]:
+    def validate(self, model_parts: Sequence[nn.Module], *, interruptible: bool = True) -> dict[str, float]:
         """Held-out loss (mean over every token of every global batch taken) and perplexity; {} when a
-        pre-emption signal ended it early (see stop_requested)."""
+        pre-emption signal ended it early (see stop_requested; never when not `interruptible`)."""
         t0 = time.perf_counter()
         modes = [m.training for m in model_parts]
         for m in model_parts:
             m.eval()
         try:
             with torch.no_grad():
-                totals, batches = self._token_loss_sums(model_parts, t0)
+                totals, batches = self._token_loss_sums(model_parts, t0, interruptible=interruptible)
         finally:
             for m, mode in zip(model_parts, modes, strict=True):
                 m.train(mode)
@@ -279,14 +280,21 @@ class Validator:
         )
         return {"val_loss": loss, "val_ppl": ppl}
 
-    def _token_loss_sums(self, model_parts: Sequence[nn.Module], t0: float) -> tuple[torch.Tensor | None, int]:
+    def _token_loss_sums(
+        self, model_parts: Sequence[nn.Module], t0: float, *, interruptible: bool = True
+    ) -> tuple[torch.Tensor | None, int]:
         """(sum of token losses, token count) over every rank of the loss group, and batches taken; None
         for the sums when stop_requested ended the validation."""
+        stop_requested = self.stop_requested if interruptible else None
         model = model_parts[0]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         batches = micro = 0
         reported = t0
         for inputs, labels in self.dataset:  # a fresh iterator: every validation starts at the beginning
+            # Between two global batches (checked once the next one exists, so a validation that read its
+            # last batch is never thrown away): a collective, every rank agrees.
+            if micro and micro % self.microbatches_per_batch == 0 and stop_requested is not None and stop_requested():
+                return None, batches
             inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
             labels = labels.to(self.device, non_blocking=True)
             # Under CP, inputs and labels are this rank's sequence shards from here on (labels are counted
@@ -309,8 +317,6 @@ class Validator:
                 batches += 1  # a global batch ends (the finite stream only yields whole ones)
                 if batches == self.cfg.steps:
                     break
-                if self.stop_requested is not None and self.stop_requested():  # collective: all ranks agree
-                    return None, batches
                 if time.perf_counter() - reported >= PROGRESS_EVERY_S:
                     reported = time.perf_counter()
                     total = "the whole set" if self.cfg.steps == -1 else f"{self.cfg.steps}"
