@@ -277,13 +277,13 @@ def test_the_run_summary_leaves_validation_time_out_of_the_training_rate(tmp_pat
 
 
 def test_the_validation_batch_hint_under_pipeline_parallel_offers_no_local_batch():
-    from torchtitan_like.components.validation import check_layout
+    from torchtitan_like.components.validation import check_layout, validation_global_batch
     from torchtitan_like.config.schema import Training, Validation
 
-    training = Training(seq_len=64, local_batch_size=4)
     val = Validation(enable=True, seq_len=64, local_batch_size=4, global_batch_size=12)
     with pytest.raises(ConfigError) as e:
-        check_layout(val, tp=1, cp=1, pp=2, dp=2, training=training)  # PP fixes local_batch_size to training's
+        # (check_layout's own PP rules come first, some of them torch-version dependent: called directly.)
+        validation_global_batch(val, 2, pp=2)  # PP fixes local_batch_size to training's
     assert "try validation.global_batch_size=8; -1 means 8" in str(e.value) and "local_batch_size in" not in str(e.value)
     with pytest.raises(ConfigError, match=r"or validation.local_batch_size in \[1, 2, 3, 6\]"):
-        check_layout(val, tp=1, cp=1, pp=1, dp=2, training=training)
+        check_layout(val, tp=1, cp=1, pp=1, dp=2, training=Training(seq_len=64, local_batch_size=4))
