@@ -264,14 +264,17 @@ _TORCHTITAN_FORMER = {
 }
 
 # torchtitan's dataset names, as our sources read the same data.
-_C4 = 'dataset = "hf", dataset_path = "allenai/c4", dataset_config = "en"'
 _TORCHTITAN_VALUES = {
-    ("training.dataset", "c4"): f" (torchtitan's c4 is the Hugging Face hub dataset: training.{_C4.replace(', ', ', training.')})",
+    ("training.dataset", "c4"): (
+        ' (torchtitan\'s c4 is the Hugging Face hub dataset: training.dataset = "hf", training.dataset_path = '
+        '"allenai/c4", training.dataset_config = "en")'
+    ),
     ("validation.dataset", "c4_validation"): (
-        f" (torchtitan's c4_validation is the hub dataset's validation split: validation.{_C4.replace(', ', ', validation.')})"
+        ' (torchtitan\'s c4_validation is the hub dataset\'s validation split: validation.dataset = "hf", '
+        'validation.dataset_path = "allenai/c4", validation.dataset_config = "en")'
     ),
     ("training.dataset", "c4_test"): (
-        " (torchtitan's c4_test is a small copy of c4 in its repository: training.dataset = \"local\" with "
+        ' (torchtitan\'s c4_test is a small copy of c4 in its repository: training.dataset = "local" with '
         "training.dataset_path naming those files)"
     ),
 }
