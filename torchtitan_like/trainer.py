@@ -364,8 +364,9 @@ class Trainer:
             held_out = getattr(val_data, "source", None)
             if cfg.validation.steps == -1 and isinstance(held_out, HeldOutEmbeddedSource):
                 # The whole held-out standard library, at every validation: minutes on a CPU.
-                megabytes = held_out.total_bytes() / 1e6
-                batches = held_out.total_bytes() / HeldOutEmbeddedSource.BYTES_PER_TOKEN / (
+                size = held_out.total_bytes()
+                megabytes = size / 1e6
+                batches = size / HeldOutEmbeddedSource.BYTES_PER_TOKEN / (
                     self.validator.global_batch_size * (cfg.validation.seq_len + 1))
                 logger.warning(
                     "validation.steps=-1 validates the whole embedded held-out set (%.0f MB of Python source, about "

@@ -109,13 +109,6 @@ def _txt_records(path: Path) -> Iterator[str]:
                 return
 
 
-def _txt_record_count(path: Path) -> int:
-    """How many records _txt_records yields for `path` (reads the file only when it is split)."""
-    if path.stat().st_size <= txt_piece_chars():
-        return 1
-    return sum(1 for _ in _txt_records(path))
-
-
 class EmbeddedSource:
     """The Python standard library's own .py files (one file = one document), shuffled per epoch."""
 
@@ -168,12 +161,10 @@ class LocalSource:
         skip = start
         for path in self.files:
             if path.suffix == ".txt":
-                if skip:
-                    count = _txt_record_count(path)
-                    if skip >= count:
-                        skip -= count
-                        continue
-                for record in _txt_records(path):
+                if skip and path.stat().st_size <= txt_piece_chars():
+                    skip -= 1  # one record, not read
+                    continue
+                for record in _txt_records(path):  # (a split file is decoded once, skipped or not)
                     if skip:
                         skip -= 1
                         continue
