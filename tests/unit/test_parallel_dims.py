@@ -165,8 +165,9 @@ def test_global_batch_must_be_a_multiple_of_local_times_dp() -> None:
     pd = _dims(4, data_parallel_replicate_degree=2)  # dp degree 4
     msg = _error(pd.validate, model_args=DEBUG, training=Training(local_batch_size=3, global_batch_size=16))
     assert (
-        "training.global_batch_size=16 must be a positive multiple of local_batch_size(3) x "
-        "data-parallel degree(4) = 12 (or -1 for exactly 12); try 24"
+        "training.global_batch_size=16 must be a positive multiple of training.local_batch_size=3 x "
+        "data-parallel degree 4 = 12 (try training.global_batch_size=12 or 24, or training.local_batch_size in "
+        "[1, 2, 4]; -1 means 12)"
     ) in msg
     pd.validate(model_args=DEBUG, training=Training(local_batch_size=3, global_batch_size=24))
     pd.validate(model_args=DEBUG, training=Training(local_batch_size=3, global_batch_size=-1))

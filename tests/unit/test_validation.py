@@ -231,8 +231,8 @@ def test_a_validation_global_batch_that_does_not_divide_is_refused(tmp_path):
 
     cfg = load_config(argv(tmp_path, *VALIDATION, "--validation.local_batch_size", "4", "--validation.global_batch_size", "6"))
     with pytest.raises(ConfigError, match=re.escape(
-        "validation.global_batch_size=6 must be a multiple of validation.local_batch_size=4 x data-parallel degree 1 "
-        "= 4 (try validation.global_batch_size=4, or validation.local_batch_size in [1, 2, 3, 6]; -1 means 4)"
+        "validation.global_batch_size=6 must be a positive multiple of validation.local_batch_size=4 x data-parallel "
+        "degree 1 = 4 (try validation.global_batch_size=4 or 8, or validation.local_batch_size in [1, 2, 3, 6]; -1 means 4)"
     )):
         check_job(cfg, 1)
 
@@ -284,6 +284,6 @@ def test_the_validation_batch_hint_under_pipeline_parallel_offers_no_local_batch
     with pytest.raises(ConfigError) as e:
         # (check_layout's own PP rules come first, some of them torch-version dependent: called directly.)
         validation_global_batch(val, 2, pp=2)  # PP fixes local_batch_size to training's
-    assert "try validation.global_batch_size=8; -1 means 8" in str(e.value) and "local_batch_size in" not in str(e.value)
+    assert "try validation.global_batch_size=8 or 16; -1 means 8" in str(e.value) and "local_batch_size in" not in str(e.value)
     with pytest.raises(ConfigError, match=r"or validation.local_batch_size in \[1, 2, 3, 6\]"):
         check_layout(val, tp=1, cp=1, pp=1, dp=2, training=Training(seq_len=64, local_batch_size=4))

@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset
 from torchtitan_like.components.loss import IGNORE_INDEX, model_token_loss
 from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training, Validation
+from torchtitan_like.config.validate import resolve_global_batch
 from torchtitan_like.data.dataset import BatchLayout, PackedDataset, SyntheticDataset
 from torchtitan_like.data.sources import EMBEDDED_EXCLUDED_DIRS, DocumentSource, HFSource, LocalSource
 from torchtitan_like.distributed.pipeline import Pipeline, schedule_switches_modes
@@ -127,21 +128,7 @@ def validation_global_batch(cfg: Validation, dp_degree: int, *, pp: int = 1) -> 
     """validation.global_batch_size resolved (-1 = local_batch_size x dp_degree) and checked: a whole
     number of microbatches of local_batch_size on every data-parallel rank (pp: the pipeline degree,
     under which local_batch_size is training's and not a fix to offer)."""
-    per_round = cfg.local_batch_size * dp_degree
-    gbs = cfg.global_batch_size
-    if gbs == -1:
-        return per_round
-    if gbs % per_round:
-        lower = max(gbs // per_round, 1) * per_round
-        hint = f"validation.global_batch_size={lower}"
-        if gbs % dp_degree == 0 and pp == 1:
-            per_rank = gbs // dp_degree
-            hint += f", or validation.local_batch_size in {[d for d in range(1, per_rank + 1) if per_rank % d == 0]}"
-        raise ConfigError(
-            f"validation.global_batch_size={gbs} must be a multiple of validation.local_batch_size="
-            f"{cfg.local_batch_size} x data-parallel degree {dp_degree} = {per_round} (try {hint}; -1 means {per_round})"
-        )
-    return gbs
+    return resolve_global_batch("validation", cfg.local_batch_size, cfg.global_batch_size, dp_degree, offer_local=pp == 1)
 
 
 def check_layout(

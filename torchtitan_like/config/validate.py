@@ -115,6 +115,29 @@ def validate(cfg: JobConfig) -> None:
     _validate_features(cfg)
 
 
+def resolve_global_batch(section: str, local: int, global_batch: int, dp_degree: int, *, offer_local: bool = True) -> int:
+    """`{section}.global_batch_size` resolved (-1 = local x dp_degree) and checked: every data-parallel
+    rank reads a whole number of microbatches of `{section}.local_batch_size`. The error offers the
+    nearest global sizes and, with `offer_local` (not under pipeline parallel, where the local batch is
+    fixed), the local sizes that divide the requested global one."""
+    if local < 1:
+        raise ConfigError(f"{section}.local_batch_size={local} must be >= 1")
+    per_step = local * dp_degree
+    if global_batch == -1:
+        return per_step
+    if global_batch >= 1 and global_batch % per_step == 0:
+        return global_batch
+    lower = max(global_batch // per_step, 1) * per_step
+    hint = f"{section}.global_batch_size={lower}" + ("" if global_batch < lower else f" or {lower + per_step}")
+    if offer_local and global_batch >= 1 and global_batch % dp_degree == 0:
+        per_rank = global_batch // dp_degree
+        hint += f", or {section}.local_batch_size in {[d for d in range(1, per_rank + 1) if per_rank % d == 0]}"
+    raise ConfigError(
+        f"{section}.global_batch_size={global_batch} must be a positive multiple of {section}.local_batch_size={local} "
+        f"x data-parallel degree {dp_degree} = {per_step} (try {hint}; -1 means {per_step})"
+    )
+
+
 def _validate_profiling_and_validation(cfg: JobConfig) -> None:
     """[profiling] schedule and [validation] data rules. enable_memory_snapshot needs a GPU: checked by
     the trainer, which knows the device."""

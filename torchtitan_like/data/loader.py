@@ -12,6 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training
+from torchtitan_like.config.validate import resolve_global_batch
 from torchtitan_like.data.dataset import Batch, BatchLayout, PackedDataset, SyntheticDataset
 from torchtitan_like.data.sources import build_source
 from torchtitan_like.errors import ConfigError
@@ -19,26 +20,7 @@ from torchtitan_like.errors import ConfigError
 
 def global_batch_size(training: Training, dp_degree: int) -> int:
     """training.global_batch_size resolved (-1 = local_batch_size x dp_degree) and checked for divisibility."""
-    local = training.local_batch_size
-    if local < 1:
-        raise ConfigError(f"training.local_batch_size={local} must be >= 1")
-    gbs = training.global_batch_size
-    if gbs == -1:
-        return local * dp_degree
-    per_step = local * dp_degree
-    if gbs < 1 or gbs % per_step:
-        lower = max(gbs // per_step, 1) * per_step
-        fixes = [f"training.global_batch_size={lower}"] + ([] if gbs < lower else [f"{lower + per_step}"])
-        hint = " or ".join(fixes)
-        if gbs >= 1 and gbs % dp_degree == 0:
-            per_rank = gbs // dp_degree
-            locals_ = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
-            hint += f", or training.local_batch_size in {locals_}"
-        raise ConfigError(
-            f"training.global_batch_size={gbs} must be a positive multiple of training.local_batch_size={local} x "
-            f"data-parallel degree {dp_degree} = {per_step} (try {hint}; -1 means {per_step})"
-        )
-    return gbs
+    return resolve_global_batch("training", training.local_batch_size, training.global_batch_size, dp_degree)
 
 
 def grad_accum_steps(training: Training, dp_degree: int) -> int:

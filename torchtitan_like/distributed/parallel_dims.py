@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_like.config.schema import Parallelism, Training
+from torchtitan_like.config.validate import resolve_global_batch
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.models.llama3.args import TransformerArgs
 
@@ -191,16 +192,7 @@ class ParallelDims:
                 "already keeps the logits sharded on the vocabulary (or set parallelism.disable_loss_parallel=true "
                 "to chunk the gathered logits instead); set it to 0"
             )
-        if training.local_batch_size < 1:
-            raise ConfigError(f"training.local_batch_size={training.local_batch_size} must be >= 1")
-        per_step = training.local_batch_size * self.dp_degree
-        gbs = training.global_batch_size
-        if gbs != -1 and (gbs < 1 or gbs % per_step):
-            raise ConfigError(
-                f"training.global_batch_size={gbs} must be a positive multiple of local_batch_size("
-                f"{training.local_batch_size}) x data-parallel degree({self.dp_degree}) = {per_step} "
-                f"(or -1 for exactly {per_step}); try {max(per_step, _round_up(max(gbs, 1), per_step))}"
-            )
+        resolve_global_batch("training", training.local_batch_size, training.global_batch_size, self.dp_degree)
         if training.enable_cpu_offload and not self.fsdp_enabled:
             raise ConfigError(
                 "training.enable_cpu_offload=true needs FSDP (data_parallel_shard_degree > 1); "
