@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchtitan_like.components import checkpoint as ckpt_mod
 from torchtitan_like.components.checkpoint import COMPONENTS, CheckpointError, CheckpointManager, TrainState
 from torchtitan_like.components.lr_scheduler import build_lr_scheduler
-from torchtitan_like.components.manifest import MANIFEST, list_files, verify
+from torchtitan_like.components.manifest import MANIFEST, complete_steps, list_files, verify
 from torchtitan_like.config.schema import Checkpoint, LRScheduler
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.models.llama3 import Transformer, TransformerArgs
@@ -556,6 +556,59 @@ def test_staged_async_path_waits_for_staging_before_the_next_optimizer_step(tmp_
     assert manager(other, tmp_path).load() == 2
     for key in ("model", "optimizer", "scheduler", "loader", "train_state"):
         assert_same(snapshot(other)[key], expected[key], key)
+
+
+def test_staged_async_saves_again_and_again_when_each_staging_spends_the_stager(tmp_path, monkeypatch, caplog):
+    """torch 2.11's DefaultStager closes its StateDictStager at the end of every staging (torch 2.13's does
+    not): reused, the second save's staging raised KeyError(<class 'type'>) and the job died at its second
+    checkpoint. The manager replaces a spent stager; here one that behaves as torch 2.11's does."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    class SpentAfterEachStaging(DefaultStager):  # what torch 2.11's DefaultStager._stage does last
+        def _stage(self, state_dict, **kwargs):
+            out = super()._stage(state_dict, **kwargs)
+            self._state_dict_stager.close()
+            return out
+
+    made = []
+
+    def make_stager(self):
+        made.append(SpentAfterEachStaging(StagingOptions(False, False, True, False)))
+        return made[-1]
+
+    monkeypatch.setattr(ckpt_mod, "check_async_device", lambda cfg, device_type: None)
+    monkeypatch.setattr(CheckpointManager, "_make_stager", make_stager)
+    run = make_run()
+    mgr = manager(run, tmp_path, async_mode="async_with_pinned_mem", keep_latest_k=0)
+    with caplog.at_level(logging.INFO, logger=ckpt_mod.__name__):
+        for step in (1, 2, 3):
+            run.train(1)
+            mgr.maybe_save(step, force=True)
+        expected = snapshot(run)
+        mgr.close()
+    monkeypatch.undo()
+    assert len(made) == 3, "one stager per save: each staging spends it"
+    assert sum("stager is spent after each save" in r.getMessage() for r in caplog.records) == 1
+    assert sorted(complete_steps(tmp_path / "checkpoint")) == [1, 2, 3]
+    other = make_run(1)
+    assert manager(other, tmp_path).load() == 3
+    for key in ("model", "optimizer", "scheduler", "loader", "train_state"):
+        assert_same(snapshot(other)[key], expected[key], key)
+
+
+def test_this_torch_stager_keeps_the_table_that_tells_a_spent_one():
+    """CheckpointManager._renew_spent_stager reads StateDictStager._deepcopy_dispatch (private): a torch
+    without it would reuse a spent stager again."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(False, False, False, False))
+    table = stager._state_dict_stager._deepcopy_dispatch
+    assert isinstance(table, dict) and table
+    stager.stage({"x": torch.ones(2)})
+    if stager._state_dict_stager._deepcopy_dispatch == {}:  # a torch whose staging spends the stager (2.11)
+        with pytest.raises(KeyError):
+            stager.stage({"x": torch.ones(2)})
+    stager.close()
 
 
 def test_a_dataloader_state_that_differs_across_ranks_is_refused(tmp_path, monkeypatch):

@@ -222,6 +222,7 @@ class CheckpointManager:
         self._pending: Future | None = None
         self._staging: Future | None = None
         self._stager = None
+        self._stager_renewed = False
         self._hook = None
         if cfg.enable and cfg.async_mode == "async_with_pinned_mem":
             self._stager = self._make_stager()
@@ -317,7 +318,9 @@ class CheckpointManager:
             self._finish(*finish)
         else:
             try:
-                if self._stager is not None and torch.cuda.is_available():  # (async_with_pinned_mem)
+                if self._stager is not None:  # (async_with_pinned_mem)
+                    self._renew_spent_stager()
+                if self._stager is not None and torch.cuda.is_available():
                     # The stager copies on its own stream, which does not wait for the training stream: without
                     # this, the copy could read weights and moments the optimizer step is still writing.
                     torch.cuda.current_stream().synchronize()
@@ -341,12 +344,33 @@ class CheckpointManager:
             # step): drop it again so saving at step 0 does not change the training that follows.
             opt.state.clear()
 
+    def _renew_spent_stager(self) -> None:
+        """Replace a stager that cannot stage again (the previous save's staging is over: maybe_save waited).
+
+        torch 2.11's DefaultStager closes its StateDictStager at the end of every staging, which empties
+        the copy dispatch table: the next save's staging failed with KeyError(<class 'type'>), so a job
+        died at its second checkpoint. torch 2.13's keeps it, and its pinned buffers, across saves. (A
+        private attribute: tests/unit/test_checkpoint.py checks that this torch still has it.)
+        """
+        inner = getattr(self._stager, "_state_dict_stager", None)
+        if inner is None or getattr(inner, "_deepcopy_dispatch", None) != {}:
+            return
+        self._stager.close()
+        self._stager = self._make_stager()
+        if not self._stager_renewed:
+            self._stager_renewed = True
+            logger.info(
+                "checkpoint.async_mode=async_with_pinned_mem: torch %s's stager is spent after each save, so every "
+                "save stages into newly pinned host buffers (torch 2.13 reuses them)", torch.__version__,
+            )
+
     def _make_stager(self) -> Any:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        # Pinned host buffers (kept across saves), filled on a side CUDA stream in a background thread:
-        # the device-to-host copy overlaps the next forward/backward. Shared memory only serves the
-        # process-based checkpointer, which we do not use (it needs MASTER_ADDR/PORT and a re-import).
+        # Pinned host buffers (kept across saves where torch allows: _renew_spent_stager), filled on a side
+        # CUDA stream in a background thread: the device-to-host copy overlaps the next forward/backward.
+        # Shared memory only serves the process-based checkpointer, which we do not use (it needs
+        # MASTER_ADDR/PORT and a re-import).
         return DefaultStager(
             StagingOptions(
                 use_pinned_memory=True, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=True
