@@ -91,6 +91,7 @@ def test_a_signal_after_the_workers_finished_is_exit_0_not_pre_empted(monkeypatc
     (4, 3, "cuda:3"),
     (1, 5, "cuda:0"),  # a scheduler that binds one GPU per process: each sees only its own
     (4, 5, None),  # NGPU=8 on a node with 4 GPUs: ranks 4..7 would share GPUs 0..3
+    (1, 1, None),  # NGPU=2 on a one-GPU machine, nothing bound (CUDA_VISIBLE_DEVICES unset): both on GPU 0
 ])
 def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, local_rank, expected):
     import torch
@@ -101,15 +102,21 @@ def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, lo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
+    bound = expected is not None or visible > 1
+    if bound:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
+    else:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if expected is not None:
         assert str(local_device()) == expected
         return
     with pytest.raises(ConfigError) as e:
         local_device()
+    devices = "0,1,2,3" if bound else "unset"
     assert str(e.value) == (
-        "LOCAL_RANK=5, but this process sees 4 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3): two ranks would share a GPU; "
-        "start at most 4 processes per node (NGPU=4), or give each process its own GPU"
+        f"LOCAL_RANK={local_rank}, but this process sees {visible} GPU{'s' if visible > 1 else ''} (CUDA_VISIBLE_DEVICES="
+        f"{devices}): two ranks would share a GPU; start at most {visible} process{'es' if visible > 1 else ''} per "
+        f"node (NGPU={visible}), or give each process its own GPU"
     )
 
 

@@ -174,3 +174,24 @@ def test_clip_grad_norm_with_max_norm_zero_only_measures() -> None:
     norm = clip_grad_norm_(params, 0.0)
     assert norm == pytest.approx(torch.nn.utils.get_total_norm([p.grad for p in params]).item(), rel=1e-6)
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_a_pipeline_stage_without_gradients_still_joins_the_stages_norm_reduction(monkeypatch) -> None:
+    """Under PP every stage all-reduces its squared norm over the pp group: a stage with no gradient
+    returned zero without joining, and the other stages waited for it until the collective timeout."""
+    from torchtitan_like.distributed import utils
+    from torchtitan_like.distributed.utils import clip_grad_norm_
+
+    reduced = []
+
+    def all_reduce(tensor, op=None, group=None):
+        reduced.append((tensor.device.type, tensor.dtype, group))
+        tensor += 9.0  # the other stage's squared norm
+
+    monkeypatch.setattr(utils.dist, "all_reduce", all_reduce)
+    group = object()
+    frozen = [nn.Parameter(torch.ones(3), requires_grad=False)]
+    norm = clip_grad_norm_(frozen, 1.0, pp_group=group)
+    assert reduced == [("cpu", torch.float32, group)]
+    assert norm.item() == pytest.approx(3.0)
+    assert frozen[0].grad is None

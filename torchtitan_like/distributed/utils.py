@@ -21,16 +21,20 @@ def device_type() -> str:
 
 def local_device() -> torch.device:
     """This process's device: GPU LOCAL_RANK, or GPU 0 where each process sees only its own GPU (a
-    scheduler binding one GPU per task). More processes on a node than visible GPUs is refused: two
-    ranks on one GPU fail later inside NCCL ("Duplicate GPU detected") or run out of memory."""
+    scheduler binding one GPU per task: one visible GPU and CUDA_VISIBLE_DEVICES set). More processes on
+    a node than visible GPUs is refused otherwise: two ranks on one GPU fail later inside NCCL ("Duplicate
+    GPU detected") or run out of memory."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
-    if visible > 1 and local_rank >= visible:
+    # One visible GPU is a per-process binding only where something set CUDA_VISIBLE_DEVICES for it.
+    bound = visible == 1 and os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+    if local_rank >= visible and not bound:
+        gpus, processes = ("GPUs", "processes") if visible > 1 else ("GPU", "process")
         raise ConfigError(
-            f"LOCAL_RANK={local_rank}, but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+            f"LOCAL_RANK={local_rank}, but this process sees {visible} {gpus} (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would share a GPU; start at most "
-            f"{visible} processes per node (NGPU={visible}), or give each process its own GPU"
+            f"{visible} {processes} per node (NGPU={visible}), or give each process its own GPU"
         )
     return torch.device("cuda", local_rank % visible)
 
@@ -92,8 +96,25 @@ def clip_grad_norm_(
     `max_norm <= 0` only measures.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
+    if not grads:  # (a pipeline stage without gradients still joins the stages' reduction below)
+        device = parameters[0].device if parameters else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        total = _total_norm(grads, norm_type)
+    if pp_group is not None:
+        if norm_type == float("inf"):
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+        else:
+            total = total**norm_type
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
+            total = total ** (1.0 / norm_type)
+    if max_norm > 0 and grads:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total
+
+
+def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """This rank's gradients' norm, made whole across their meshes (DTensor)."""
     # On CPU, accumulate in float64: torch's CPU fp32 norm kernel (torch 2.13) is off by up to 1.4e-4
     # relative on the debug model's gradients (most of it from the 512k-element output projection),
     # while the smaller shards of a parallel layout come out nearly exact. The clip factor then differs
@@ -107,15 +128,6 @@ def clip_grad_norm_(
         total = total.full_tensor()
     if upcast:
         total = total.to(grads[0].dtype)
-    if pp_group is not None:
-        if norm_type == float("inf"):
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
-        else:
-            total = total**norm_type
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
-            total = total ** (1.0 / norm_type)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     return total
 
 
