@@ -307,19 +307,49 @@ def test_tp_plan_uses_float8_styles_for_converted_linears_only():
     assert not any("Float8" in type(style).__name__ for style in plain.values())
 
 
-def test_rowwise_with_gw_hp_under_autocast_is_refused_before_training():
+def test_rowwise_with_gw_hp_under_cpu_autocast_is_refused_before_training():
     # bf16 parameters on one process mean torch.autocast, which torchao's high-precision grad_weight
-    # path cannot take (the first backward would fail with a dtype mismatch).
+    # path cannot take on CPU (the first backward would fail with a dtype mismatch); CUDA's is fine
+    # (the next test).
     cfg = Float8(recipe_name="rowwise_with_gw_hp")
     with pytest.raises(ConfigError) as e:
         Float8Converter(cfg, parallel_dims=_one_process(), device=CPU, param_dtype=torch.bfloat16, check_device=False)
     msg = str(e.value)
-    assert 'recipe_name="rowwise_with_gw_hp" cannot train under torch.autocast' in msg
+    assert 'recipe_name="rowwise_with_gw_hp" cannot train under CPU torch.autocast' in msg
+    Float8Converter(cfg, parallel_dims=_one_process(), device=torch.device("cuda"), param_dtype=torch.bfloat16,
+                    check_device=False)  # fine
     assert "data_parallel_shard_degree > 1" in msg and "training.mixed_precision_param=float32" in msg
     Float8Converter(cfg, parallel_dims=_one_process(), device=CPU, param_dtype=torch.float32, check_device=False)  # fine
     fsdp = ParallelDims.from_config(Parallelism(data_parallel_shard_degree=2), 2)
     # FSDP casts the parameters instead of autocasting: fine.
     Float8Converter(cfg, parallel_dims=fsdp, device=CPU, param_dtype=torch.bfloat16, check_device=False)
+
+
+def test_rowwise_with_gw_hp_trains_under_autocast_that_float8_linear_sees(monkeypatch):
+    """Why CUDA autocast is allowed: Float8Linear casts its input to the autocast dtype when the argument-less
+    torch.is_autocast_enabled() (CUDA's) is true. Simulated on CPU: that function made to see CPU autocast,
+    and bf16 as the GPU autocast dtype. Without the simulation the same backward fails (the refusal above)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if not _cpu_rowwise_scaled_mm():
+        pytest.skip(f"torch {torch.__version__}'s CPU torch._scaled_mm has no per-row scales")
+
+    def train_once() -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64, bias=False))
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("rowwise_with_gw_hp"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(32, 64))
+        out.float().sum().backward()
+        return model[0].weight.grad
+
+    with pytest.raises(RuntimeError, match="same dtype"):
+        train_once()
+    seen = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: seen(*a) if a else seen("cpu"))
+    monkeypatch.setattr(torch, "get_autocast_gpu_dtype", lambda: torch.bfloat16)
+    grad = train_once()
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("all_gather", [False, True])

@@ -140,14 +140,16 @@ class Float8Converter:
                 "shard the model"
             )
         autocast = param_dtype != torch.float32 and not (parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled)
-        if cfg.recipe_name == "rowwise_with_gw_hp" and autocast:
-            # torchao (0.18) computes grad_weight from the saved fp32 input and the bf16 gradient, which
-            # fails at the first backward ("expected m1 and m2 to have the same dtype"); FSDP/DDP cast the
-            # parameters instead of autocasting, so the input is bf16 there.
+        if cfg.recipe_name == "rowwise_with_gw_hp" and autocast and device.type == "cpu":
+            # torchao (0.18) computes grad_weight from the saved input and the bf16 gradient. Float8Linear casts
+            # its input to the autocast dtype only where the argument-less torch.is_autocast_enabled() is true,
+            # which is CUDA's autocast: under CPU autocast the saved input stays fp32 and the first backward
+            # fails ("expected m1 and m2 to have the same dtype"). FSDP/DDP cast the parameters instead of
+            # autocasting, so the input is bf16 there.
             raise ConfigError(
-                f'quantize.linear.float8.recipe_name="rowwise_with_gw_hp" cannot train under torch.autocast, which '
-                f"{str(param_dtype).removeprefix('torch.')} parameters without FSDP or DDP use: shard the model "
-                "(data_parallel_shard_degree > 1), use recipe_name rowwise or tensorwise, or set "
+                f'quantize.linear.float8.recipe_name="rowwise_with_gw_hp" cannot train under CPU torch.autocast, '
+                f"which {str(param_dtype).removeprefix('torch.')} parameters without FSDP or DDP use: shard the "
+                "model (data_parallel_shard_degree > 1), use recipe_name rowwise or tensorwise, or set "
                 "training.mixed_precision_param=float32"
             )
         # The cross-key rules (recipe vs all-gather vs precompute) are in config/validate.py.
