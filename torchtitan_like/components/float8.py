@@ -15,9 +15,10 @@
   optimizer step, which computes every weight's scale in one all-reduce;
 - emulate: the float8 casts happen, the matmuls run in high precision (devices without float8).
 
-rowwise_with_gw_hp cannot train under torch.autocast (bf16 parameters without FSDP or DDP): torchao
-computes its high-precision weight gradient from the fp32 input and a bf16 gradient. The converter
-says so before training instead of failing at the first backward.
+rowwise_with_gw_hp cannot train under CPU torch.autocast (bf16 parameters without FSDP or DDP):
+torchao casts the input to the autocast dtype under CUDA's autocast only, so on CPU it computes the
+high-precision weight gradient from the fp32 input and a bf16 gradient. The converter says so before
+training instead of failing at the first backward.
 
 Hardware: CUDA needs compute capability >= 8.9 (Ada, Hopper or newer) for float8 matmuls; on an
 older GPU the converter stops with a ConfigError unless emulate is set. It never silently trains in
