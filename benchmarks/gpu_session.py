@@ -12,7 +12,7 @@ step that fails or times out does not stop the next.
 
 The steps write into `--work` (logs, `<step>/` result folders). After every step `--out` gets
 exactly two files, both rewritten atomically: `session.json` (name, issue, command, exit status,
-seconds, and each step's result JSON inlined) and `session.tar.gz` (the whole work folder, files over
+seconds, and each step's result JSON and metrics.jsonl rows inlined) and `session.tar.gz` (the whole work folder, files over
 8 MiB left out and listed): the device tool brings back at most 8 files of 16 MiB from $OUT, so a
 session cut short still returns every step that finished.
 
@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ def _env(ctx: Context) -> list[list[str]]:
     commands = [[PY, "-c", probe]]
     if shutil.which("nvidia-smi"):
         commands.insert(0, ["nvidia-smi"])
+    # checkpoint_1B writes two 15 GB saves at a time under the temp folder: the space it has, and the host memory.
+    if shutil.which("df"):
+        commands.append(["df", "-h", str(ctx.out), tempfile.gettempdir()])
+    if shutil.which("free"):
+        commands.append(["free", "-g"])
     return commands
 
 
@@ -146,7 +152,9 @@ def _long_sequence(ctx: Context) -> list[list[str]]:
 
 def _checkpoint(ctx: Context) -> list[list[str]]:
     size = (["--flavor", "debugmodel", "--seq-len", "64", "--saves", "2", "--interval", "2", "--modes", "async"]
-            if ctx.smoke else ["--modes", "async_with_pinned_mem,async,disabled"])
+            # Two saves per mode: the first and one after it (the summary's median). Each 1B save is ~15 GB
+            # written and re-hashed; three per mode came close to the step's cap.
+            if ctx.smoke else ["--modes", "async_with_pinned_mem,async,disabled", "--saves", "2"])
     return [[PY, str(BENCH / "bench_checkpoint.py"), *size, "--out", str(ctx.folder("checkpoint_1B"))]]
 
 
@@ -276,16 +284,20 @@ INLINE_MAX_BYTES = 256 * 2**10
 
 
 def _inline_results(record: dict[str, Any], folder: Path) -> None:
-    """Put the step's small result JSON files into its session.json record: the numbers travel in the
-    one file that is read first."""
+    """Put the step's small result files into its session.json record: the numbers travel in the one file
+    that is read first. JSON files as they are; JSON-lines files (a run's metrics.jsonl) as lists of rows."""
     results = {}
-    for f in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
+    found = sorted([*folder.rglob("*.json"), *folder.rglob("*.jsonl")]) if folder.is_dir() else []
+    for f in found:
         if f.name.endswith(".raw.json") or f.stat().st_size > INLINE_MAX_BYTES:
             continue
         try:
-            results[f.relative_to(folder).as_posix()] = json.loads(f.read_text())
+            text = f.read_text()
+            value = ([json.loads(line) for line in text.splitlines() if line.strip()] if f.suffix == ".jsonl"
+                     else json.loads(text))
         except (OSError, ValueError):
             continue
+        results[f.relative_to(folder).as_posix()] = value
     if results:
         record["results"] = results
 
@@ -361,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(a.work).resolve()
         work.mkdir(parents=True, exist_ok=True)
     else:
-        import tempfile
-
         work = Path(tempfile.mkdtemp(prefix="gpu_session_"))
     if work == out or out in work.parents:
         p.error(f"--work {work} must not be inside --out {out} (--out gets only the two bundle files)")

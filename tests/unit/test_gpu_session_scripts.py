@@ -44,8 +44,13 @@ def test_every_benchmarked_checkpoint_save_is_a_full_state_save(tmp_path):
     # The trainer calls maybe_save(step, last=step == training.steps), and a save with last=True is
     # model-only when checkpoint.last_save_model_only (CheckpointManager.maybe_save). The benchmark's
     # docstring and RESULTS.md promise a full-state save (model, optimizer, data loader, scheduler) each time.
-    for argv in ([], ["--flavor", "debugmodel", "--seq-len", "64", "--saves", "2", "--interval", "2"]):
+    session = [gpu_session._checkpoint(gpu_session.Context(out=tmp_path, peer_site=None, smoke=smoke))[0]
+               for smoke in (False, True)]
+    from_session = [cmd[cmd.index(str(ROOT / "benchmarks" / "bench_checkpoint.py")) + 1:cmd.index("--out")]
+                    for cmd in session]
+    for argv in ([], ["--flavor", "debugmodel", "--seq-len", "64", "--saves", "2", "--interval", "2"], *from_session):
         a = bench_checkpoint.parser().parse_args(argv)
+        assert a.saves >= 2, "the summary reports the first save and the median of those after it"
         for mode in bench_checkpoint.MODES:
             job = load_config(bench_checkpoint.trainer_args(a, mode, dump=str(tmp_path)))
             steps, interval = job.training.steps, job.checkpoint.interval
@@ -208,3 +213,18 @@ def test_a_session_whose_peer_site_lacks_torchtitan_runs_our_steps_without_it(tm
     assert "no torchtitan package there" in capsys.readouterr().err
     session = json.loads((tmp_path / "out" / "session.json").read_text())
     assert "no torchtitan package there" in session["peer_missing"]
+
+
+def test_a_steps_metrics_rows_travel_in_session_json(tmp_path):
+    """train_1B writes only metrics.jsonl (no result JSON): its rows are the step's numbers."""
+    folder = tmp_path / "train_1B"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 10, "tps": 9000.0}\n\n{"step": 20, "tps": 9100.0}\n')
+    (folder / "result.json").write_text('{"tokens_per_s": 1}')
+    (folder / "broken.jsonl").write_text('{"step": 1\n')
+    record: dict = {}
+    gpu_session._inline_results(record, folder)
+    assert record["results"] == {
+        "metrics.jsonl": [{"step": 10, "tps": 9000.0}, {"step": 20, "tps": 9100.0}],
+        "result.json": {"tokens_per_s": 1},
+    }
