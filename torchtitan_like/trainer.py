@@ -735,7 +735,9 @@ class Trainer:
                         )
                         window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
                         window_validation_s = 0.0
-                    self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+                    self.checkpointer.maybe_save(
+                        self.step, last=self.step == cfg.training.steps, first=self.step == first_step
+                    )
                     if profiler is not None:
                         profiler.step()
                     if snapshotter is not None:
@@ -788,13 +790,13 @@ class Trainer:
         if sig is None or self.step >= self.cfg.training.steps:
             return False  # no signal, or the run ends at this step anyway (with its usual final save)
         ckpt = self.cfg.checkpoint
-        if ckpt.enable:
-            if self.step % ckpt.interval != 0:  # else the interval save of this step already holds it
+        if ckpt.enable and not ckpt.load_only:
+            if self.checkpointer.saved_step != self.step:  # else this step's save (interval, first) holds it
                 self.checkpointer.maybe_save(self.step, force=True)
             self.checkpointer.wait()
             saved = f"checkpoint step-{self.step} saved (full state)"
         else:
-            saved = "checkpoint.enable=false, so nothing was saved"
+            saved = ("checkpoint.load_only=true" if ckpt.enable else "checkpoint.enable=false") + ", so nothing was saved"
         logger.warning(
             "pre-empted by %s: every rank stopped after step %d; %s; exiting with status %d "
             "(run the same command again to resume)", sig.name, self.step, saved, EXIT_PREEMPTED,

@@ -223,6 +223,8 @@ class CheckpointManager:
         self._staging: Future | None = None
         self._stager = None
         self._stager_renewed = False
+        self.saved_step: int | None = None
+        """The step of the latest save this run started (None before any)."""
         self._hook = None
         if cfg.enable and cfg.async_mode == "async_with_pinned_mem":
             self._stager = self._make_stager()
@@ -264,17 +266,22 @@ class CheckpointManager:
 
     # --- saving -----------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, *, last: bool = False, force: bool = False, seed: bool = False) -> None:
+    def maybe_save(
+        self, step: int, *, last: bool = False, force: bool = False, seed: bool = False, first: bool = False
+    ) -> None:
         """Save at every `interval`-th step and at the last one (model only if last_save_model_only).
 
         `force` saves the full state now, whatever the interval (a pre-empted run, to resume from).
         `seed` saves the model's weights now as they are, in full precision (create_seed_checkpoint:
         export_dtype and last_save_in_hf are for the final export, not for a run's starting point).
+        `first`: `step` is the first step this run trained, saved in full with enable_first_step_checkpoint.
+        Nothing is saved with load_only.
         """
-        if not self.cfg.enable or self._closed:
+        if not self.cfg.enable or self._closed or self.cfg.load_only:
             return
         interval = self.cfg.interval
-        if not (last or force or seed) and (interval <= 0 or step % interval != 0):
+        first = first and self.cfg.enable_first_step_checkpoint
+        if not (last or force or seed or first) and (interval <= 0 or step % interval != 0):
             return
         try:
             self.wait()  # one save in flight at a time
@@ -285,6 +292,7 @@ class CheckpointManager:
             # DCP reports a write failure on all ranks) is reported, not a reason to lose this state too.
             logger.error("%s; saving step %d now all the same (pre-emption)", e, step)
         t0 = time.perf_counter()
+        self.saved_step = step
         model_only = seed or (last and self.cfg.last_save_model_only)
         export_dtype = None if seed else self.export_dtype
         self._saves += 1

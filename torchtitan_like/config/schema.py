@@ -183,6 +183,10 @@ class Checkpoint:
     """Also export the final weights as Hugging Face safetensors (LlamaForCausalLM names)."""
     create_seed_checkpoint: bool = False
     """Only initialize the model and save it as step-0 (run on one process), then exit."""
+    enable_first_step_checkpoint: bool = False
+    """Also save the full state right after the run's first step (step 1, or the first after a resume): checks saving on new storage at once."""
+    load_only: bool = False
+    """Resume (or load initial_load_path) as usual, but never save: for evaluating or debugging from a checkpoint."""
 
 
 @dataclass

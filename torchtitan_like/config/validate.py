@@ -93,6 +93,16 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("checkpoint.create_seed_checkpoint=true needs checkpoint.enable=true")
     if c.last_save_in_hf and not c.enable:
         raise ConfigError("checkpoint.last_save_in_hf=true needs checkpoint.enable=true (it is part of the final save)")
+    for key in ("enable_first_step_checkpoint", "load_only"):
+        if getattr(c, key) and not c.enable:
+            raise ConfigError(f"checkpoint.{key}=true needs checkpoint.enable=true")
+    if c.load_only:
+        saving = [k for k in ("create_seed_checkpoint", "enable_first_step_checkpoint", "last_save_in_hf") if getattr(c, k)]
+        if saving:
+            raise ConfigError(
+                f"checkpoint.load_only=true never saves, but checkpoint.{saving[0]}=true asks for a save: set one of "
+                "them to false"
+            )
     # Settings of an initial load that has nothing to load would be silently ignored (a fine-tune
     # would start from random weights).
     if not c.initial_load_path and (c.initial_load_in_hf or not c.initial_load_model_only):
@@ -273,6 +283,8 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
         ("checkpoint", "enable", lambda c: c.enable, {"folder", "interval", "async_mode", "keep_latest_k",
                                                      "last_save_model_only", "last_save_in_hf", "export_dtype",
                                                      "load_step"}),
+        ("checkpoint", "load_only", lambda c: not c.load_only, {"interval", "async_mode", "keep_latest_k",
+                                                                 "last_save_model_only", "export_dtype"}),
     ]
     for section, switch, on, keys in switched:
         value, default = getattr(cfg, section), type(getattr(cfg, section))()

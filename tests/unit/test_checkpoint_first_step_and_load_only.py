@@ -1,0 +1,88 @@
+"""torchtitan's checkpoint.enable_first_step_checkpoint (a full save right after the run's first step,
+to check saving on new storage at once) and checkpoint.load_only (resume or load, never save), through
+train.main as `python -m torchtitan_like.train` runs them in one process."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from test_signals_and_faults import argv, signal_self_at
+from torchtitan_like import train
+from torchtitan_like.components.manifest import complete_steps
+from torchtitan_like.config.loader import load_config
+from torchtitan_like.config.validate import ignored_settings
+from torchtitan_like.distributed.preemption import EXIT_PREEMPTED
+from torchtitan_like.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (tests/conftest.py)
+
+CKPT = ("--checkpoint.enable", "--checkpoint.interval", "4")
+
+
+def _manifest(dump: Path, step: int) -> dict:
+    return json.loads((dump / "checkpoint" / f"step-{step}" / "manifest.json").read_text())
+
+
+def _steps_logged(dump: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_first_step_of_a_run_and_of_its_resume_is_saved_in_full(tmp_path):
+    first = ("--checkpoint.enable_first_step_checkpoint", "--checkpoint.keep_latest_k", "0")
+    assert train.main(argv(tmp_path, *CKPT, "--training.steps", "5", *first)) == 0
+    assert sorted(complete_steps(tmp_path / "checkpoint")) == [1, 4, 5]
+    assert _manifest(tmp_path, 1)["model_only"] is False and "optimizer" in _manifest(tmp_path, 1)["contents"]
+    # Resumed from step 4 (the final save of 5 holds only the model): its first step is 5, saved in full.
+    (tmp_path / "checkpoint" / "step-5").rename(tmp_path / "step-5.final")
+    assert train.main(argv(tmp_path, *CKPT, "--training.steps", "6", *first)) == 0
+    assert sorted(complete_steps(tmp_path / "checkpoint")) == [1, 4, 5, 6]
+    assert _manifest(tmp_path, 5)["model_only"] is False and _manifest(tmp_path, 6)["model_only"] is True
+    # Without the key, no step-1.
+    assert train.main(argv(tmp_path / "plain", *CKPT, "--training.steps", "5")) == 0
+    assert sorted(complete_steps(tmp_path / "plain" / "checkpoint")) == [4, 5]
+
+
+def test_a_preemption_at_the_first_step_does_not_save_it_twice(tmp_path, monkeypatch, capsys):
+    signal_self_at(monkeypatch, 1, signal.SIGTERM)
+    code = train.main(argv(tmp_path, *CKPT, "--checkpoint.enable_first_step_checkpoint"))
+    assert code == EXIT_PREEMPTED
+    assert sorted(complete_steps(tmp_path / "checkpoint")) == [1]
+    out = capsys.readouterr().out
+    assert out.count("saved checkpoint") == 1 and "checkpoint step-1 saved (full state)" in out
+
+
+def test_load_only_resumes_and_never_saves(tmp_path, monkeypatch, capsys):
+    assert train.main(argv(tmp_path, *CKPT, "--training.steps", "4")) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoint").iterdir()}
+    assert sorted(before) == ["step-4"]
+    # More steps from step-4, nothing saved: not at step 8 (interval), not at the end, not on pre-emption.
+    assert train.main(argv(tmp_path, *CKPT, "--checkpoint.load_only", "--training.steps", "9")) == 0
+    assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    signal_self_at(monkeypatch, 6, signal.SIGUSR1)
+    assert train.main(argv(tmp_path, *CKPT, "--checkpoint.load_only", "--training.steps", "9")) == EXIT_PREEMPTED
+    assert "checkpoint.load_only=true, so nothing was saved" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoint").iterdir()} == before
+    # It did resume (from step 4, not from scratch): the metrics rows after 4 were dropped and rewritten.
+    assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint.load_only"], "checkpoint.load_only=true needs checkpoint.enable=true"),
+    (["--checkpoint.enable_first_step_checkpoint"], "checkpoint.enable_first_step_checkpoint=true needs checkpoint.enable=true"),
+    (["--checkpoint.enable", "--checkpoint.load_only", "--checkpoint.last_save_in_hf"],
+     "checkpoint.load_only=true never saves, but checkpoint.last_save_in_hf=true asks for a save: set one of them to false"),
+    (["--checkpoint.enable", "--checkpoint.load_only", "--checkpoint.enable_first_step_checkpoint"],
+     "checkpoint.load_only=true never saves, but checkpoint.enable_first_step_checkpoint=true asks for a save"),
+])
+def test_settings_that_cannot_work_together_are_refused(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(argv(tmp_path, *extra))
+
+
+def test_saving_settings_under_load_only_are_named_as_unused(tmp_path):
+    cfg = load_config(argv(tmp_path, "--checkpoint.enable", "--checkpoint.load_only", "--checkpoint.interval", "7"))
+    assert "checkpoint.interval (checkpoint.load_only=true)" in ignored_settings(cfg, pp=1)
