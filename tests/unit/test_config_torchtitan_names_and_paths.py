@@ -136,3 +136,41 @@ def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, mon
     assert cfg.training.steps == 7
     assert cfg.job.dump_folder == str(home / "runs" / "x")
     assert cfg.training.dataset_path == str(home / "data")
+
+
+# --- torchtitan keys we do not have: each names what to use here ------------------------------------
+# (A fuzzy match sent checkpoint.load_only to load_step, comm.save_traces_folder to profiling's folder,
+# pipeline_parallel_split_points to the schedule CSV and lr_min's users nowhere at all.)
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("checkpoint.model_weights_only", "(torchtitan's former name: use 'checkpoint.last_save_model_only')"),
+    ("training.batch_size", "(torchtitan's former name: use 'training.local_batch_size')"),
+    ("lr_scheduler.lr_min", "use lr_scheduler.min_lr_factor"),
+    ("comm.save_traces_folder", "set TORCH_FR_BUFFER_SIZE"),
+    ("parallelism.pipeline_parallel_split_points", "parallelism.pipeline_parallel_layers_per_stage"),
+    ("parallelism.expert_tensor_parallel_degree", "mixture-of-experts models are not supported"),
+    ("fault_tolerance.enable", "unknown section [fault_tolerance]: TorchFT is not supported"),
+    ("memory_estimation.enabled", "tools/plan.py"),
+])
+def test_torchtitan_keys_we_lack_name_what_to_use(key: str, expected: str, tmp_path: Path) -> None:
+    section, _, name = key.rpartition(".")
+    msg = _toml_error(tmp_path, f"[{section}]\n{name} = 1\n")
+    assert expected in msg and "did you mean" not in msg, msg
+
+
+def test_every_key_the_torchtitan_hints_name_exists() -> None:
+    import re
+
+    from torchtitan_like.config import loader
+
+    ours = set(loader.keys())
+    sections = set(loader.sections())
+    assert set(loader._TORCHTITAN_FORMER.values()) <= ours
+    texts = [*loader._TORCHTITAN_UNSUPPORTED.values(), *loader._TORCHTITAN_UNSUPPORTED_SECTIONS.values()]
+    named = {m for text in texts for m in re.findall(r"\b[a-z_0-9]+(?:\.[a-z_0-9]+)+\b", text)
+             if m.rpartition(".")[0] in sections and m != "metrics.jsonl"}
+    assert named and named <= ours | sections, sorted(named - ours - sections)
+    # None of them is a key we have: those would never reach the unknown-key message.
+    assert not (set(loader._TORCHTITAN_UNSUPPORTED) | set(loader._TORCHTITAN_FORMER)) & ours
+    assert not set(loader._TORCHTITAN_UNSUPPORTED_SECTIONS) & sections

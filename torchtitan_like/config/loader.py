@@ -88,6 +88,8 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
             path = f"{prefix}{k}"
             if isinstance(v, dict) and path not in keys():
                 if path not in known and not any(s.startswith(path + ".") for s in known):
+                    if path in _TORCHTITAN_UNSUPPORTED_SECTIONS:
+                        raise ConfigError(f"{p}: unknown section [{path}]: {_TORCHTITAN_UNSUPPORTED_SECTIONS[path]}")
                     candidates = list(known) if not prefix else [s for s in known if s.startswith(prefix)]
                     raise ConfigError(f"{p}: unknown section [{path}]{_closest(path, candidates)}")
                 walk(v, path + ".")
@@ -260,7 +262,11 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
 # came out as create_seed_checkpoint, which saves a seed checkpoint and exits).
 _TORCHTITAN_FORMER = {
     "checkpoint.enable_checkpoint": "checkpoint.enable",
+    "checkpoint.model_weights_only": "checkpoint.last_save_model_only",
     "training.compile": "compile.enable",
+    "training.batch_size": "training.local_batch_size",
+    "validation.enabled": "validation.enable",
+    "job.print_args": "job.print_config",
 }
 
 # torchtitan's dataset names, as our sources read the same data.
@@ -280,11 +286,59 @@ _TORCHTITAN_VALUES = {
 }
 
 # torchtitan keys for what we deliberately do not have, with what to use instead.
+_MOE = "mixture-of-experts models are not supported (parallelism.expert_parallel_degree is reserved for them)"
 _TORCHTITAN_UNSUPPORTED = {
     "metrics.enable_wandb": (
         "Weights & Biases is not supported (not a dependency, and training nodes often have no network): the "
         "metrics go to TensorBoard (metrics.enable_tensorboard) and to metrics.jsonl in the dump folder"
     ),
+    "metrics.save_for_all_ranks": "not supported: rank 0 writes the job's metrics (metrics.jsonl, TensorBoard)",
+    "metrics.disable_color_printing": "not needed: the log has no colors",
+    "lr_scheduler.lr_min": (
+        "torchtitan's name for the final learning rate as a fraction of optimizer.lr: use lr_scheduler.min_lr_factor"
+    ),
+    "model.hf_assets_path": (
+        "not supported: set model.tokenizer_path to that folder's tokenizer file, and checkpoint.initial_load_path "
+        "(with checkpoint.initial_load_in_hf=true) to its safetensors to start from those weights"
+    ),
+    "model.print_after_conversion": "not supported: the start-up log summarizes the model and its float8 conversion",
+    "job.use_for_integration_test": "torchtitan's marker for its own test suite: remove it",
+    "training.gc_debug": "not supported: training.gc_freq schedules the garbage collection",
+    "optimizer.early_step_in_backward": (
+        "not supported: the optimizer steps after the whole backward, which gradient clipping needs"
+    ),
+    "parallelism.enable_compiled_autograd": (
+        "not supported: compile.enable compiles each block's forward and, through AOTAutograd, its backward"
+    ),
+    "parallelism.pipeline_parallel_split_points": (
+        "not supported: set parallelism.pipeline_parallel_layers_per_stage, or name each stage's modules with "
+        "parallelism.module_fqns_per_model_part"
+    ),
+    "parallelism.expert_tensor_parallel_degree": _MOE,
+    "debug.moe_force_load_balance": _MOE,
+    "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": (
+        "not supported: it serves the router of mixture-of-experts models, which this trainer does not have"
+    ),
+    **{f"activation_checkpoint.{k}": "not supported: use mode = \"selective\" (selective_ac_option) or \"full\""
+       for k in ("memory_budget", "early_stop", "visualize_memory_budget_pareto")},
+    **{f"comm.{k}": (
+        "the NCCL flight recorder is not configured by this trainer: set TORCH_FR_BUFFER_SIZE (with "
+        "TORCH_NCCL_DUMP_ON_TIMEOUT=1 and TORCH_FR_DUMP_TEMP_FILE=<folder>/rank_) in the job's environment"
+    ) for k in ("trace_buf_size", "save_traces_folder", "save_traces_file_prefix")},
+}
+
+# torchtitan sections for what we deliberately do not have.
+_TORCHTITAN_UNSUPPORTED_SECTIONS = {
+    "memory_estimation": (
+        "not supported: the dry run (COMM_MODE=fake_backend, see README) and tools/plan.py estimate each "
+        "rank's memory before a job starts"
+    ),
+    "fault_tolerance": (
+        "TorchFT is not supported: a failed or pre-empted job resumes from its latest complete checkpoint "
+        "(torchrun restarts, MAX_RESTARTS)"
+    ),
+    "experimental": "not supported: models are registered in torchtitan_like/models (MODELS)",
+    "mx": "MXFP8 is not supported (it needs Blackwell GPUs): float8 is under [quantize.linear.float8]",
 }
 
 # Keys whose value is a filesystem path: a leading ~ is the user's home, as in a shell.
@@ -301,6 +355,8 @@ def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
         return ConfigError(f"{origin}: unknown key '{dotted}' (torchtitan's former name: use "
                            f"'{_TORCHTITAN_FORMER[dotted]}')")
     section, _, name = dotted.rpartition(".")
+    if section in _TORCHTITAN_UNSUPPORTED_SECTIONS:
+        return ConfigError(f"{origin}: unknown section '{section}': {_TORCHTITAN_UNSUPPORTED_SECTIONS[section]}")
     if section and section not in sections():
         return ConfigError(f"{origin}: unknown section '{section}'{_closest(section, list(sections()))}")
     # The same key name in another section (torchtitan keeps some keys elsewhere, e.g. training.seed
