@@ -116,15 +116,20 @@ def _fail_fast(e: Exception) -> NoReturn:
 
     import torch.distributed as dist
 
+    from torchtitan_like.distributed.health import dump_flight_recorder
     from torchtitan_like.distributed.preemption import PREEMPTION_SIGNALS
 
     for sig in PREEMPTION_SIGNALS:  # torchrun's SIGTERM to the survivors must not cut the report short
         signal.signal(sig, signal.SIG_IGN)
+    rank = dist.get_rank()
     logger.error(
-        "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", dist.get_rank(), type(e).__name__, e,
+        "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", rank, type(e).__name__, e,
         exc_info=True,
     )
     _record_for_launcher(e)
+    trace = dump_flight_recorder(rank)
+    if trace is not None:
+        logger.error("%s", trace)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

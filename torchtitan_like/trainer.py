@@ -60,7 +60,14 @@ from torchtitan_like.data.prefetch import PrefetchingLoader
 from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
-from torchtitan_like.distributed.health import check_collectives, log_ranks, named_meshes, set_pg_timeouts, straggler_stats
+from torchtitan_like.distributed.health import (
+    check_collectives,
+    configure_flight_recorder,
+    log_ranks,
+    named_meshes,
+    set_pg_timeouts,
+    straggler_stats,
+)
 from torchtitan_like.distributed.parallel_dims import ParallelDims
 from torchtitan_like.distributed.pipeline import (
     Pipeline,
@@ -180,10 +187,18 @@ class Trainer:
         layout and HF config), as the real run does, without reading any weights or training data."""
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
+        recorder = None
+        if not self.dry_run and "RANK" in os.environ:  # (before the process groups exist)
+            recorder = configure_flight_recorder(
+                cfg.comm.trace_buf_size,
+                Path(cfg.job.dump_folder) / cfg.comm.save_traces_folder / cfg.comm.save_traces_file_prefix,
+            )
         self.rank, self.world_size = init_distributed(
             timeout_s=cfg.comm.init_timeout_seconds, cpu_backend=cfg.training.enable_cpu_offload
         )
         self.device = torch.device(dry_run_device) if dry_run_device is not None else local_device()
+        if recorder and self.rank == 0:
+            logger.info("%s", recorder)
         self.train_state = TrainState()
         self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_STEPS)
         """The last HISTORY_STEPS steps' loss, grad norm and lr (benchmarks and tests read it; the metrics

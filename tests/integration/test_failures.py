@@ -7,6 +7,8 @@ collective timed out, the test would fail on its limit instead of passing slowly
 
 from __future__ import annotations
 
+import pickle
+
 from jobs import RunningJob, read_metrics
 
 COLLECTIVE_TIMEOUT_S = 900
@@ -39,3 +41,10 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
     # Rank 0 did not wait for the timeout: it failed on its next collective with the dead peer.
     assert "rank 0 failed:" in out, out[-6000:]
     assert [row["step"] for row in read_metrics(dump)] == [1, 2]
+    # Both failing ranks wrote their flight recorder (comm.trace_buf_size is on by default): the last
+    # collectives each issued, in torch's format; rank 0's log names its last one.
+    assert "flight recorder: rank 0's last collectives written to" in out and "; the last: gloo:" in out, out[-6000:]
+    for rank in (0, 1):
+        trace = pickle.loads((dump / "comm_traces" / f"rank_{rank}").read_bytes())
+        names = {entry["profiling_name"] for entry in trace["entries"]}
+        assert "gloo:all_reduce" in names, (rank, names)

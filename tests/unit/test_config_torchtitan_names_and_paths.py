@@ -139,15 +139,14 @@ def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, mon
 
 
 # --- torchtitan keys we do not have: each names what to use here ------------------------------------
-# (A fuzzy match sent checkpoint.load_only to load_step, comm.save_traces_folder to profiling's folder,
-# pipeline_parallel_split_points to the schedule CSV and lr_min's users nowhere at all.)
+# (A fuzzy match sent pipeline_parallel_split_points to the schedule CSV, model_weights_only to
+# last_save_model_only without saying it is the same setting, and lr_min nowhere at all.)
 
 
 @pytest.mark.parametrize("key, expected", [
     ("checkpoint.model_weights_only", "(torchtitan's former name: use 'checkpoint.last_save_model_only')"),
     ("training.batch_size", "(torchtitan's former name: use 'training.local_batch_size')"),
     ("lr_scheduler.lr_min", "use lr_scheduler.min_lr_factor"),
-    ("comm.save_traces_folder", "set TORCH_FR_BUFFER_SIZE"),
     ("parallelism.pipeline_parallel_split_points", "parallelism.pipeline_parallel_layers_per_stage"),
     ("parallelism.expert_tensor_parallel_degree", "mixture-of-experts models are not supported"),
     ("fault_tolerance.enable", "unknown section [fault_tolerance]: TorchFT is not supported"),

@@ -321,10 +321,6 @@ _TORCHTITAN_UNSUPPORTED = {
     ),
     **{f"activation_checkpoint.{k}": "not supported: use mode = \"selective\" (selective_ac_option) or \"full\""
        for k in ("memory_budget", "early_stop", "visualize_memory_budget_pareto")},
-    **{f"comm.{k}": (
-        "the NCCL flight recorder is not configured by this trainer: set TORCH_FR_BUFFER_SIZE (with "
-        "TORCH_NCCL_DUMP_ON_TIMEOUT=1 and TORCH_FR_DUMP_TEMP_FILE=<folder>/rank_) in the job's environment"
-    ) for k in ("trace_buf_size", "save_traces_folder", "save_traces_file_prefix")},
 }
 
 # torchtitan sections for what we deliberately do not have.

@@ -239,6 +239,12 @@ class Comm:
     """Process-group timeout until the first step has finished (start-up, first compile)."""
     train_timeout_seconds: int = 100
     """Process-group timeout from the second step on: a collective stuck this long fails the job."""
+    trace_buf_size: int = 20000
+    """Flight recorder: keep the last N collectives of every process group (0 = off); a failing rank (and NCCL on a timeout) writes them to save_traces_folder."""
+    save_traces_folder: str = "comm_traces"
+    """Flight recorder files, relative to job.dump_folder: save_traces_file_prefix + rank; read them with python -m torch.distributed.flight_recorder.fr_trace FOLDER."""
+    save_traces_file_prefix: str = "rank_"
+    """Flight recorder file name before the rank number."""
 
 
 @dataclass

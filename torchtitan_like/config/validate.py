@@ -39,6 +39,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "checkpoint.load_step": ("-1 (latest) or >= 0", lambda v: v >= -1),
     "comm.init_timeout_seconds": (">= 1", lambda v: v >= 1),
     "comm.train_timeout_seconds": (">= 1", lambda v: v >= 1),
+    "comm.trace_buf_size": (">= 0 (0 = off)", lambda v: v >= 0),
     "profiling.profile_freq": (">= 1", lambda v: v >= 1),
     "profiling.profiler_warmup": (">= 0", lambda v: v >= 0),
     "profiling.profiler_active": (">= 1", lambda v: v >= 1),

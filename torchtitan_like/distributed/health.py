@@ -8,6 +8,11 @@
   step times are equal on every rank, since all wait for the slowest inside the collectives.
 - `set_pg_timeouts`: the process-group timeout of the default group and of every mesh group
   (comm.train_timeout_seconds once the first step, which may compile, is over).
+- `configure_flight_recorder` / `dump_flight_recorder`: torch's flight recorder keeps the last
+  comm.trace_buf_size collectives of every process group (NCCL and gloo); a rank that fails writes
+  them to comm.save_traces_folder (NCCL's watchdog also does on a collective timeout), where
+  `python -m torch.distributed.flight_recorder.fr_trace FOLDER` finds the collective the ranks
+  disagree on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import statistics
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -200,3 +206,67 @@ def set_pg_timeouts(parallel_dims: ParallelDims, timeout_s: float) -> int:
     for group in groups:
         _set_pg_timeout(timedelta(seconds=timeout_s), group)
     return len(groups)
+
+
+# --- hangs: torch's flight recorder ----------------------------------------------------------------
+
+FR_BUFFER_ENV = "TORCH_FR_BUFFER_SIZE"
+FR_BUFFER_ENV_NCCL = "TORCH_NCCL_TRACE_BUFFER_SIZE"  # its older name, still read
+FR_FILE_ENV = "TORCH_FR_DUMP_TEMP_FILE"
+NCCL_DUMP_ON_TIMEOUT_ENV = "TORCH_NCCL_DUMP_ON_TIMEOUT"
+
+
+def configure_flight_recorder(buffer_size: int, prefix: Path) -> str | None:
+    """Before the process groups exist: record the last `buffer_size` collectives of each (0 = off), to be
+    dumped as `{prefix}{rank}`. Variables the job's environment already sets win (and are named).
+    Returns a line for the log, or None when the recorder is off."""
+    given = {k: os.environ[k] for k in (FR_BUFFER_ENV, FR_BUFFER_ENV_NCCL, FR_FILE_ENV) if k in os.environ}
+    if buffer_size <= 0 and not given:
+        return None
+    if FR_BUFFER_ENV not in os.environ and FR_BUFFER_ENV_NCCL not in os.environ:
+        os.environ[FR_BUFFER_ENV] = str(buffer_size)
+    if FR_FILE_ENV not in os.environ:
+        os.environ[FR_FILE_ENV] = str(prefix)
+    os.environ.setdefault(NCCL_DUMP_ON_TIMEOUT_ENV, "1")
+    size = os.environ.get(FR_BUFFER_ENV, os.environ.get(FR_BUFFER_ENV_NCCL, "0"))
+    if int(size or 0) <= 0:
+        return None
+    Path(os.environ[FR_FILE_ENV]).parent.mkdir(parents=True, exist_ok=True)
+    note = f" (from the environment: {', '.join(f'{k}={v}' for k, v in given.items())})" if given else ""
+    return (f"flight recorder: the last {size} collectives of each process group; a failing rank writes them to "
+            f"{os.environ[FR_FILE_ENV]}<rank>{note}")
+
+
+def dump_flight_recorder(rank: int) -> str | None:
+    """Write this rank's flight-recorder ring (torch's pickle format, as NCCL's own dumps) to the file
+    configure_flight_recorder named. Returns a line for the log naming the file and this rank's last
+    recorded collective (ranks that stopped at different ones show who fell behind), or None when the
+    recorder is off or the dump failed: a failing rank's report must never fail on this."""
+    prefix = os.environ.get(FR_FILE_ENV)
+    size = os.environ.get(FR_BUFFER_ENV, os.environ.get(FR_BUFFER_ENV_NCCL, "0"))
+    if not prefix or not size.isdigit() or int(size) <= 0:
+        return None
+    path = Path(f"{prefix}{rank}")
+    try:
+        raw = torch._C._distributed_c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+        last = _last_collective(raw)
+    except Exception:  # noqa: BLE001 (private API; the rank is already failing with its own error)
+        logger.warning("flight recorder: could not write %s", path, exc_info=True)
+        return None
+    return (f"flight recorder: rank {rank}'s last collectives written to {path}{last} (torch's "
+            f"python -m torch.distributed.flight_recorder.fr_trace {path.parent} compares NCCL ranks' files)")
+
+
+def _last_collective(raw: bytes) -> str:
+    import pickle
+
+    entries = pickle.loads(raw).get("entries") or []
+    if not entries:
+        return ""
+    e = entries[-1]
+    group = e.get("process_group") or ("?", "?")
+    return (f"; the last: {e.get('profiling_name')} #{e.get('collective_seq_id')} on process group {group[0]} "
+            f"({group[1]}), {e.get('state')}")

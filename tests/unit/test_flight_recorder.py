@@ -1,0 +1,76 @@
+"""comm.trace_buf_size / save_traces_folder / save_traces_file_prefix: torch's flight recorder, set up
+before the process groups exist (environment variables torch reads), and the dump a failing rank
+writes (distributed/health.py; the job-level run is in tests/integration/test_failures.py)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchtitan_like.distributed import health
+
+ENV = (health.FR_BUFFER_ENV, health.FR_BUFFER_ENV_NCCL, health.FR_FILE_ENV, health.NCCL_DUMP_ON_TIMEOUT_ENV)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for k in ENV:
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_the_recorder_is_configured_from_the_config(tmp_path):
+    line = health.configure_flight_recorder(20000, tmp_path / "comm_traces" / "rank_")
+    assert os.environ[health.FR_BUFFER_ENV] == "20000"
+    assert os.environ[health.FR_FILE_ENV] == str(tmp_path / "comm_traces" / "rank_")
+    assert os.environ[health.NCCL_DUMP_ON_TIMEOUT_ENV] == "1"
+    assert (tmp_path / "comm_traces").is_dir()
+    assert line == (f"flight recorder: the last 20000 collectives of each process group; a failing rank writes them "
+                    f"to {tmp_path / 'comm_traces' / 'rank_'}<rank>")
+
+
+def test_zero_turns_it_off(tmp_path):
+    assert health.configure_flight_recorder(0, tmp_path / "rank_") is None
+    assert not any(k in os.environ for k in ENV)
+    assert health.dump_flight_recorder(0) is None
+
+
+def test_the_jobs_own_environment_wins_and_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(health.FR_BUFFER_ENV_NCCL, "500")
+    monkeypatch.setenv(health.FR_FILE_ENV, str(tmp_path / "mine" / "trace_"))
+    line = health.configure_flight_recorder(20000, tmp_path / "comm_traces" / "rank_")
+    assert health.FR_BUFFER_ENV not in os.environ
+    assert line.startswith("flight recorder: the last 500 collectives") and str(tmp_path / "mine" / "trace_") in line
+    assert "(from the environment: TORCH_NCCL_TRACE_BUFFER_SIZE=500, TORCH_FR_DUMP_TEMP_FILE=" in line
+
+
+_DUMP_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+from pathlib import Path
+from torchtitan_like.distributed import health
+health.configure_flight_recorder(100, Path(sys.argv[1]) / "traces" / "rank_")
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+t = torch.ones(4)
+dist.all_reduce(t)
+dist.broadcast(t, src=0)
+print(health.dump_flight_recorder(0))
+dist.destroy_process_group()
+"""
+
+
+def test_a_dump_holds_the_collectives_and_names_the_last(tmp_path):
+    """In a fresh process: torch reads the buffer size once, when a process creates its first group (as
+    the trainer's processes do, configured before)."""
+    out = subprocess.run([sys.executable, "-c", _DUMP_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    path = tmp_path / "traces" / "rank_0"
+    assert out.startswith(f"flight recorder: rank 0's last collectives written to {path}"), out
+    assert "; the last: gloo:broadcast #2 on process group 0" in out, out
+    entries = pickle.loads(Path(path).read_bytes())["entries"]
+    assert [e["profiling_name"] for e in entries] == ["gloo:all_reduce", "gloo:broadcast"]
+    assert not list(path.parent.glob("*.tmp"))
