@@ -86,3 +86,12 @@ def test_settings_that_cannot_work_together_are_refused(tmp_path, extra, message
 def test_saving_settings_under_load_only_are_named_as_unused(tmp_path):
     cfg = load_config(argv(tmp_path, "--checkpoint.enable", "--checkpoint.load_only", "--checkpoint.interval", "7"))
     assert "checkpoint.interval (checkpoint.load_only=true)" in ignored_settings(cfg, pp=1)
+
+
+def test_load_only_with_nothing_to_load_is_refused(tmp_path, capsys):
+    # A wrong dump folder would otherwise train from scratch and throw the result away.
+    assert train.main(argv(tmp_path, "--checkpoint.enable", "--checkpoint.load_only")) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.load_only=true, but there is nothing to load:" in err
+    assert "checkpoint.initial_load_path is unset" in err
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -615,6 +615,12 @@ class CheckpointManager:
                 return step
         if self.cfg.initial_load_path:
             return self._load_initial(Path(self.cfg.initial_load_path))
+        if self.cfg.load_only:  # (every rank reached this: the folder scan above is agreed)
+            raise ConfigError(
+                f"checkpoint.load_only=true, but there is nothing to load: {self.folder} holds no complete "
+                "checkpoint and checkpoint.initial_load_path is unset (a run that never saves would start from "
+                "scratch); point job.dump_folder / checkpoint.folder at the run to load, or set initial_load_path"
+            )
         return None
 
     def _verify_everywhere(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
