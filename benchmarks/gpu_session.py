@@ -125,10 +125,12 @@ def check_snapshots(folder: Path) -> int:
 
 
 def _gpu_tests(ctx: Context) -> list[list[str]]:
-    # The suite's CUDA-only tests (fused AdamW, memory snapshots incl. on out-of-memory); the GPU image has
+    # The suite's CUDA-only tests (fused AdamW, memory snapshots incl. on out-of-memory, an NCCL flight-recorder
+    # dump read by torch's analyzer); the GPU image has
     # pytest (tools/fetch_gpu_wheels.sh's install line adds one only where it is missing).
     return [[PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "tests/unit/test_optimizer.py",
-             "tests/unit/test_profiling.py", "--junitxml", str(ctx.folder("gpu_tests") / "junit.xml")]]
+             "tests/unit/test_profiling.py", "tests/unit/test_flight_recorder.py",
+             "--junitxml", str(ctx.folder("gpu_tests") / "junit.xml")]]
 
 
 def _bench(name: str, smoke_name: str = "debug_cpu") -> Callable[[Context], list[list[str]]]:
@@ -179,8 +181,8 @@ class Step:
 
 STEPS: list[Step] = [
     Step("env", "all", "nvidia-smi; torch, CUDA, torchao, torchdata, torchtitan versions", _env, cap_s=60, min_s=5),
-    Step("gpu_tests", "8", "the suite's CUDA-only tests: fused AdamW, CUDA memory snapshots (also on OOM)", _gpu_tests,
-         cap_s=120, min_s=30),
+    Step("gpu_tests", "8", "the suite's CUDA-only tests: fused AdamW, CUDA memory snapshots (also on OOM), NCCL flight "
+         "recorder", _gpu_tests, cap_s=120, min_s=30),
     Step("train_1B", "3", "NGPU=1 ./run_train.sh, 1B at seq 8192, bf16, 30 steps: metrics.jsonl (tps, MFU, memory)",
          _train, cap_s=240),
     Step("bench_8B_slice8_compile_bf16", "5", "the headline matrix row, beside torchtitan with --peer-site",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchtitan_like.distributed import health
 
@@ -74,3 +75,31 @@ def test_a_dump_holds_the_collectives_and_names_the_last(tmp_path):
     entries = pickle.loads(Path(path).read_bytes())["entries"]
     assert [e["profiling_name"] for e in entries] == ["gloo:all_reduce", "gloo:broadcast"]
     assert not list(path.parent.glob("*.tmp"))
+
+
+_NCCL_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+from pathlib import Path
+from torchtitan_like.distributed import health
+health.configure_flight_recorder(100, Path(sys.argv[1]) / "rank_")
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+t = torch.ones(4, device="cuda")
+dist.all_reduce(t)
+torch.cuda.synchronize()
+print(health.dump_flight_recorder(0))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_nccl_dump_is_read_by_torchs_analyzer(tmp_path):
+    """On NCCL the dump has the group table torch's fr_trace needs (gloo's lacks it in torch 2.13)."""
+    out = subprocess.run([sys.executable, "-c", _NCCL_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert "; the last: nccl:all_reduce #" in out, out
+    analyzed = subprocess.run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(tmp_path),
+                               "--prefix", "rank_"], capture_output=True, text=True, timeout=300)
+    assert analyzed.returncode == 0, analyzed.stdout[-3000:] + analyzed.stderr[-3000:]
