@@ -180,7 +180,8 @@ class Step:
 
 
 STEPS: list[Step] = [
-    Step("env", "all", "nvidia-smi; torch, CUDA, torchao, torchdata, torchtitan versions", _env, cap_s=60, min_s=5),
+    Step("env", "all", "nvidia-smi; torch, CUDA, torchao, torchdata, torchtitan versions; free disk and memory", _env,
+         cap_s=60, min_s=5),
     Step("gpu_tests", "8", "the suite's CUDA-only tests: fused AdamW, CUDA memory snapshots (also on OOM), NCCL flight "
          "recorder", _gpu_tests, cap_s=120, min_s=30),
     Step("train_1B", "3", "NGPU=1 ./run_train.sh, 1B at seq 8192, bf16, 30 steps: metrics.jsonl (tps, MFU, memory)",
