@@ -20,8 +20,13 @@ ENV = (health.FR_BUFFER_ENV, health.FR_BUFFER_ENV_NCCL, health.FR_FILE_ENV, heal
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
+    """No recorder variables before, and none left after (they would reach later tests' subprocesses)."""
     for k in ENV:
         monkeypatch.delenv(k, raising=False)
+    yield
+    for k in ENV:
+        os.environ.pop(k, None)
+    health._SET_HERE.clear()
 
 
 def test_the_recorder_is_configured_from_the_config(tmp_path):
@@ -103,3 +108,12 @@ def test_an_nccl_dump_is_read_by_torchs_analyzer(tmp_path):
     analyzed = subprocess.run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(tmp_path),
                                "--prefix", "rank_"], capture_output=True, text=True, timeout=300)
     assert analyzed.returncode == 0, analyzed.stdout[-3000:] + analyzed.stderr[-3000:]
+
+
+def test_a_second_trainer_in_the_process_dumps_into_its_own_folder(tmp_path):
+    health.configure_flight_recorder(100, tmp_path / "first" / "rank_")
+    line = health.configure_flight_recorder(200, tmp_path / "second" / "rank_")
+    assert os.environ[health.FR_FILE_ENV] == str(tmp_path / "second" / "rank_")
+    assert os.environ[health.FR_BUFFER_ENV] == "200" and "from the environment" not in line
+    assert health.configure_flight_recorder(0, tmp_path / "third" / "rank_") is None
+    assert not any(k in os.environ for k in ENV)

@@ -216,18 +216,29 @@ FR_FILE_ENV = "TORCH_FR_DUMP_TEMP_FILE"
 NCCL_DUMP_ON_TIMEOUT_ENV = "TORCH_NCCL_DUMP_ON_TIMEOUT"
 
 
+_SET_HERE: dict[str, str] = {}
+"""The variables configure_flight_recorder set in this process: an earlier Trainer's, not the job's own."""
+
+
 def configure_flight_recorder(buffer_size: int, prefix: Path) -> str | None:
     """Before the process groups exist: record the last `buffer_size` collectives of each (0 = off), to be
     dumped as `{prefix}{rank}`. Variables the job's environment already sets win (and are named).
     Returns a line for the log, or None when the recorder is off."""
+    for k, v in _SET_HERE.items():  # a second Trainer in this process configures afresh
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _SET_HERE.clear()
     given = {k: os.environ[k] for k in (FR_BUFFER_ENV, FR_BUFFER_ENV_NCCL, FR_FILE_ENV) if k in os.environ}
     if buffer_size <= 0 and not given:
         return None
+    ours = {NCCL_DUMP_ON_TIMEOUT_ENV: "1"}
     if FR_BUFFER_ENV not in os.environ and FR_BUFFER_ENV_NCCL not in os.environ:
-        os.environ[FR_BUFFER_ENV] = str(buffer_size)
+        ours[FR_BUFFER_ENV] = str(buffer_size)
     if FR_FILE_ENV not in os.environ:
-        os.environ[FR_FILE_ENV] = str(prefix)
-    os.environ.setdefault(NCCL_DUMP_ON_TIMEOUT_ENV, "1")
+        ours[FR_FILE_ENV] = str(prefix)
+    for k, v in ours.items():
+        if k not in os.environ:
+            os.environ[k] = _SET_HERE[k] = v
     size = os.environ.get(FR_BUFFER_ENV, os.environ.get(FR_BUFFER_ENV_NCCL, "0"))
     if int(size or 0) <= 0:
         return None
