@@ -286,6 +286,17 @@ BUNDLE_MAX_BYTES = 14 * 2**20
 INLINE_MAX_BYTES = 256 * 2**10
 
 
+def _jsonl_rows(text: str) -> list[Any]:
+    """The rows that parse: a step killed at its cap may leave its last line cut short."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def _inline_results(record: dict[str, Any], folder: Path) -> None:
     """Put the step's small result files into its session.json record: the numbers travel in the one file
     that is read first. JSON files as they are; JSON-lines files (a run's metrics.jsonl) as lists of rows."""
@@ -296,11 +307,11 @@ def _inline_results(record: dict[str, Any], folder: Path) -> None:
             continue
         try:
             text = f.read_text()
-            value = ([json.loads(line) for line in text.splitlines() if line.strip()] if f.suffix == ".jsonl"
-                     else json.loads(text))
+            value = _jsonl_rows(text) if f.suffix == ".jsonl" else json.loads(text)
         except (OSError, ValueError):
             continue
-        results[f.relative_to(folder).as_posix()] = value
+        if value or f.suffix != ".jsonl":
+            results[f.relative_to(folder).as_posix()] = value
     if results:
         record["results"] = results
 

@@ -175,6 +175,10 @@ def _check_held_out(train_source: Any, val_source: Any) -> None:
         )
 
 
+LOAD_ONLY_FOLDER = "load_only"
+"""The dump folder's subfolder for the config and metrics of a checkpoint.load_only run."""
+
+
 class Trainer:
     """One training job. `train()` runs it; `close()` releases files and the process group."""
 
@@ -188,7 +192,8 @@ class Trainer:
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
         recorder = None
-        if not self.dry_run and "RANK" in os.environ:  # (before the process groups exist)
+        # Before the process groups exist. (A world of one has no peer to fall behind: its failures are not dumped.)
+        if not self.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             recorder = configure_flight_recorder(
                 cfg.comm.trace_buf_size,
                 Path(cfg.job.dump_folder) / cfg.comm.save_traces_folder / cfg.comm.save_traces_file_prefix,
@@ -275,7 +280,7 @@ class Trainer:
         tokens_per_step = self._global_batch_size() * cfg.training.seq_len
         self.metrics = MetricsLogger(
             cfg.metrics,
-            cfg.job.dump_folder,
+            str(self._output_folder()),
             enabled=self.rank == 0,
             flops_per_token=model_flops_per_token(self.model_args, cfg.training.seq_len),
             peak_flops_per_s=_peak_flops(self.device, cfg.metrics.peak_tflops),
@@ -285,6 +290,11 @@ class Trainer:
         self.tokens_per_step = tokens_per_step
         if self.rank == 0:
             self._write_config()
+            if self._output_folder() != Path(cfg.job.dump_folder):
+                logger.info(
+                    "checkpoint.load_only: this run's config.toml and metrics go to %s (the loaded run's own stay as "
+                    "they are)", self._output_folder(),
+                )
 
         # 4. Checkpoints: resume from the run's own latest complete step, else initial_load_path.
         self.checkpointer = CheckpointManager(
@@ -452,6 +462,13 @@ class Trainer:
     def tokens_seen(self) -> int:
         return self.train_state.tokens_seen
 
+    def _output_folder(self) -> Path:
+        """Where config.toml, metrics.jsonl and the TensorBoard events go: the dump folder, or under
+        checkpoint.load_only its `load_only` subfolder, so a run that evaluates a checkpoint leaves the
+        loaded run's own files (and their steps after the one loaded) as they were."""
+        dump = Path(self.cfg.job.dump_folder)
+        return dump / LOAD_ONLY_FOLDER if self.cfg.checkpoint.enable and self.cfg.checkpoint.load_only else dump
+
     def _fingerprint(self) -> dict[str, Any]:
         pd = self.parallel_dims
         return {
@@ -484,7 +501,7 @@ class Trainer:
         )
 
     def _write_config(self) -> None:
-        folder = Path(self.cfg.job.dump_folder)
+        folder = self._output_folder()
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "config.toml.tmp"
         tmp.write_text(to_toml(self.cfg), encoding="utf-8")
@@ -810,11 +827,13 @@ class Trainer:
                 self.checkpointer.maybe_save(self.step, force=True)
             self.checkpointer.wait()
             saved = f"checkpoint step-{self.step} saved (full state)"
+            again = "run the same command again to resume"
         else:
             saved = ("checkpoint.load_only=true" if ckpt.enable else "checkpoint.enable=false") + ", so nothing was saved"
+            again = "the same command, run again, starts over" + (" from the checkpoint it loaded" if ckpt.enable else "")
         logger.warning(
-            "pre-empted by %s: every rank stopped after step %d; %s; exiting with status %d "
-            "(run the same command again to resume)", sig.name, self.step, saved, EXIT_PREEMPTED,
+            "pre-empted by %s: every rank stopped after step %d; %s; exiting with status %d (%s)",
+            sig.name, self.step, saved, EXIT_PREEMPTED, again,
         )
         self.stopped_by = sig
         return True

@@ -55,19 +55,26 @@ def test_a_preemption_at_the_first_step_does_not_save_it_twice(tmp_path, monkeyp
     assert out.count("saved checkpoint") == 1 and "checkpoint step-1 saved (full state)" in out
 
 
-def test_load_only_resumes_and_never_saves(tmp_path, monkeypatch, capsys):
-    assert train.main(argv(tmp_path, *CKPT, "--training.steps", "4")) == 0
+def test_load_only_resumes_never_saves_and_leaves_the_loaded_runs_files(tmp_path, monkeypatch, capsys):
+    assert train.main(argv(tmp_path, *CKPT, "--training.steps", "8", "--checkpoint.keep_latest_k", "0")) == 0
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoint").iterdir()}
-    assert sorted(before) == ["step-4"]
-    # More steps from step-4, nothing saved: not at step 8 (interval), not at the end, not on pre-emption.
-    assert train.main(argv(tmp_path, *CKPT, "--checkpoint.load_only", "--training.steps", "9")) == 0
-    assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(before) == ["step-4", "step-8"]
+    metrics, config = (tmp_path / "metrics.jsonl").read_text(), (tmp_path / "config.toml").read_text()
+    # From step-4 (going back past step-8) to step 9, nothing saved: not at step 8 (interval), not at the end,
+    # not on pre-emption; the loaded run's metrics (steps 1-8) and config stay as they were.
+    job = argv(tmp_path, *CKPT, "--checkpoint.load_only", "--checkpoint.load_step", "4", "--training.steps", "9")
+    assert train.main(job) == 0
+    assert _steps_logged(tmp_path / "load_only") == [5, 6, 7, 8, 9]  # it did resume from step 4
     signal_self_at(monkeypatch, 6, signal.SIGUSR1)
-    assert train.main(argv(tmp_path, *CKPT, "--checkpoint.load_only", "--training.steps", "9")) == EXIT_PREEMPTED
-    assert "checkpoint.load_only=true, so nothing was saved" in capsys.readouterr().out
+    assert train.main(job) == EXIT_PREEMPTED
+    out = capsys.readouterr().out
+    assert ("checkpoint.load_only=true, so nothing was saved; exiting with status 75 (the same command, run again, "
+            "starts over from the checkpoint it loaded)") in out
+    assert "checkpoint.load_step=4 with load_only: the newer checkpoints [8] stay" in out
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoint").iterdir()} == before
-    # It did resume (from step 4, not from scratch): the metrics rows after 4 were dropped and rewritten.
-    assert _steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics and (tmp_path / "config.toml").read_text() == config
+    assert _steps_logged(tmp_path / "load_only") == [5, 6]  # a rerun's rows replace the last one's
+    assert "load_only = true" in (tmp_path / "load_only" / "config.toml").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -151,6 +151,7 @@ def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, mon
     ("parallelism.expert_tensor_parallel_degree", "mixture-of-experts models are not supported"),
     ("fault_tolerance.enable", "unknown section [fault_tolerance]: TorchFT is not supported"),
     ("memory_estimation.enabled", "tools/plan.py"),
+    ("quantize.linear.mx.recipe_name", "unknown section [quantize.linear.mx]: MXFP8 is not supported"),
 ])
 def test_torchtitan_keys_we_lack_name_what_to_use(key: str, expected: str, tmp_path: Path) -> None:
     section, _, name = key.rpartition(".")

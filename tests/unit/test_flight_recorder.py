@@ -15,7 +15,8 @@ import torch
 
 from torchtitan_like.distributed import health
 
-ENV = (health.FR_BUFFER_ENV, health.FR_BUFFER_ENV_NCCL, health.FR_FILE_ENV, health.NCCL_DUMP_ON_TIMEOUT_ENV)
+ENV = (health.FR_BUFFER_ENV, health.FR_BUFFER_ENV_NCCL, health.FR_FILE_ENV, health.FR_FILE_ENV_NCCL,
+       health.NCCL_DUMP_ON_TIMEOUT_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -40,18 +41,34 @@ def test_the_recorder_is_configured_from_the_config(tmp_path):
 
 
 def test_zero_turns_it_off(tmp_path):
+    # torch records 2000 collectives when nothing says otherwise: 0 must be said.
     assert health.configure_flight_recorder(0, tmp_path / "rank_") is None
-    assert not any(k in os.environ for k in ENV)
+    assert os.environ[health.FR_BUFFER_ENV] == "0"
     assert health.dump_flight_recorder(0) is None
 
 
-def test_the_jobs_own_environment_wins_and_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("file_env", [health.FR_FILE_ENV, health.FR_FILE_ENV_NCCL])
+def test_the_jobs_own_environment_wins_and_is_named(tmp_path, monkeypatch, file_env):
+    """Under either of the names torch reads (torchtitan sets the older file name)."""
     monkeypatch.setenv(health.FR_BUFFER_ENV_NCCL, "500")
-    monkeypatch.setenv(health.FR_FILE_ENV, str(tmp_path / "mine" / "trace_"))
+    monkeypatch.setenv(file_env, str(tmp_path / "mine" / "trace_"))
     line = health.configure_flight_recorder(20000, tmp_path / "comm_traces" / "rank_")
-    assert health.FR_BUFFER_ENV not in os.environ
-    assert line.startswith("flight recorder: the last 500 collectives") and str(tmp_path / "mine" / "trace_") in line
-    assert "(from the environment: TORCH_NCCL_TRACE_BUFFER_SIZE=500, TORCH_FR_DUMP_TEMP_FILE=" in line
+    assert health.FR_BUFFER_ENV not in os.environ and (file_env == health.FR_FILE_ENV) == (health.FR_FILE_ENV in os.environ)
+    assert line.startswith(f"flight recorder: the last 500 collectives of each process group; a failing rank writes "
+                           f"them to {tmp_path / 'mine' / 'trace_'}<rank>")
+    assert f"(from the environment: TORCH_NCCL_TRACE_BUFFER_SIZE=500, {file_env}=" in line
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "comm_traces").exists()
+
+
+def test_a_folder_that_cannot_be_made_or_a_size_that_is_no_number_is_one_config_error(tmp_path, monkeypatch):
+    from torchtitan_like.errors import ConfigError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"flight recorder: cannot create .*file/comm_traces \(comm.save_traces_folder\)"):
+        health.configure_flight_recorder(100, tmp_path / "file" / "comm_traces" / "rank_")
+    monkeypatch.setenv(health.FR_BUFFER_ENV, "20k")
+    with pytest.raises(ConfigError, match="TORCH_FR_BUFFER_SIZE='20k' in the environment is not a number"):
+        health.configure_flight_recorder(100, tmp_path / "ok" / "rank_")
 
 
 _DUMP_SCRIPT = """
@@ -69,6 +86,20 @@ dist.destroy_process_group()
 """
 
 
+def test_zero_records_nothing_where_torch_would_record(tmp_path):
+    script = _DUMP_SCRIPT.replace("configure_flight_recorder(100,", "configure_flight_recorder(0,").replace(
+        "print(health.dump_flight_recorder(0))",
+        "import pickle; print(len(pickle.loads(torch._C._distributed_c10d._dump_fr_trace())['entries']))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "0"
+    unconfigured = script.replace('health.configure_flight_recorder(0, Path(sys.argv[1]) / "traces" / "rank_")', "")
+    assert unconfigured != script
+    default = subprocess.run([sys.executable, "-c", unconfigured, str(tmp_path)], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+    assert default.strip() == "2", "torch's own default records: the test above would not show a change"
+
+
 def test_a_dump_holds_the_collectives_and_names_the_last(tmp_path):
     """In a fresh process: torch reads the buffer size once, when a process creates its first group (as
     the trainer's processes do, configured before)."""
@@ -76,7 +107,7 @@ def test_a_dump_holds_the_collectives_and_names_the_last(tmp_path):
                          timeout=120, check=True).stdout
     path = tmp_path / "traces" / "rank_0"
     assert out.startswith(f"flight recorder: rank 0's last collectives written to {path}"), out
-    assert "; the last: gloo:broadcast #2 on process group 0" in out, out
+    assert "; the last: gloo:broadcast #2 on process group 0 (default_pg) (torch's" in out, out  # (no gloo state)
     entries = pickle.loads(Path(path).read_bytes())["entries"]
     assert [e["profiling_name"] for e in entries] == ["gloo:all_reduce", "gloo:broadcast"]
     assert not list(path.parent.glob("*.tmp"))
@@ -111,9 +142,10 @@ def test_an_nccl_dump_is_read_by_torchs_analyzer(tmp_path):
 
 
 def test_a_second_trainer_in_the_process_dumps_into_its_own_folder(tmp_path):
+    # (torch sizes the recorder once per process: the buffer variable of the second is not a new size.)
     health.configure_flight_recorder(100, tmp_path / "first" / "rank_")
     line = health.configure_flight_recorder(200, tmp_path / "second" / "rank_")
     assert os.environ[health.FR_FILE_ENV] == str(tmp_path / "second" / "rank_")
-    assert os.environ[health.FR_BUFFER_ENV] == "200" and "from the environment" not in line
+    assert "from the environment" not in line
     assert health.configure_flight_recorder(0, tmp_path / "third" / "rank_") is None
-    assert not any(k in os.environ for k in ENV)
+    assert os.environ[health.FR_BUFFER_ENV] == "0" and os.environ[health.FR_FILE_ENV] == str(tmp_path / "third" / "rank_")

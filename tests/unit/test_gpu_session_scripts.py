@@ -221,10 +221,12 @@ def test_a_steps_metrics_rows_travel_in_session_json(tmp_path):
     folder.mkdir()
     (folder / "metrics.jsonl").write_text('{"step": 10, "tps": 9000.0}\n\n{"step": 20, "tps": 9100.0}\n')
     (folder / "result.json").write_text('{"tokens_per_s": 1}')
+    (folder / "cut.jsonl").write_text('{"step": 1}\n{"step": 2, "tp')  # a step killed mid-write
     (folder / "broken.jsonl").write_text('{"step": 1\n')
     record: dict = {}
     gpu_session._inline_results(record, folder)
     assert record["results"] == {
         "metrics.jsonl": [{"step": 10, "tps": 9000.0}, {"step": 20, "tps": 9100.0}],
+        "cut.jsonl": [{"step": 1}],
         "result.json": {"tokens_per_s": 1},
     }

@@ -213,7 +213,7 @@ class CheckpointManager:
         checkpoint that records one), written into every manifest: a restart of the same command finds
         the checkpoints that continue it, and does not go back to load_step every time."""
 
-        self._async = cfg.enable and cfg.async_mode != "disabled"
+        self._async = cfg.enable and not cfg.load_only and cfg.async_mode != "disabled"
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-finish") if self._async else None
         self._purger = ThreadPoolExecutor(1, thread_name_prefix="ckpt-purge")
         self._publish_lock = threading.Lock()
@@ -226,7 +226,7 @@ class CheckpointManager:
         self.saved_step: int | None = None
         """The step of the latest save this run started (None before any)."""
         self._hook = None
-        if cfg.enable and cfg.async_mode == "async_with_pinned_mem":
+        if self._async and cfg.async_mode == "async_with_pinned_mem":
             self._stager = self._make_stager()
             # The parameters must not change while they are being copied: every optimizer step first
             # waits for the staging of the previous save (a no-op when none is running).
@@ -678,7 +678,9 @@ class CheckpointManager:
             if error:
                 raise CheckpointError(f"checkpoint.load_step={step}: {error}")
             newer = sorted(s for s in folders if s > step)
-            if newer:
+            if newer and self.cfg.load_only:
+                logger.info("checkpoint.load_step=%d with load_only: the newer checkpoints %s stay", step, newer)
+            elif newer:
                 logger.warning(
                     "checkpoint.load_step=%d: going back from %s; the newer checkpoints %s belong to the "
                     "trajectory left behind and are replaced as this run saves those steps (keep load_step in "
@@ -992,7 +994,7 @@ def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
 
 def check_async_device(cfg: Checkpoint, *, device_type: str) -> None:
     """async_with_pinned_mem needs the job to run on CUDA (checked by the dry run too, for its device)."""
-    if cfg.enable and cfg.async_mode == "async_with_pinned_mem" and device_type != "cuda":
+    if cfg.enable and not cfg.load_only and cfg.async_mode == "async_with_pinned_mem" and device_type != "cuda":
         raise ConfigError(
             "checkpoint.async_mode='async_with_pinned_mem' needs CUDA: it stages GPU tensors into pinned host memory "
             "on a side stream, and no CUDA device is available here; use async_mode='async' (background save from a "

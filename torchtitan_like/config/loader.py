@@ -335,6 +335,7 @@ _TORCHTITAN_UNSUPPORTED_SECTIONS = {
     ),
     "experimental": "not supported: models are registered in torchtitan_like/models (MODELS)",
     "mx": "MXFP8 is not supported (it needs Blackwell GPUs): float8 is under [quantize.linear.float8]",
+    "quantize.linear.mx": "MXFP8 is not supported (it needs Blackwell GPUs): float8 is under [quantize.linear.float8]",
 }
 
 # Keys whose value is a filesystem path: a leading ~ is the user's home, as in a shell.

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from torchtitan_like.distributed.parallel_dims import ParallelDims
+from torchtitan_like.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -210,42 +211,73 @@ def set_pg_timeouts(parallel_dims: ParallelDims, timeout_s: float) -> int:
 
 # --- hangs: torch's flight recorder ----------------------------------------------------------------
 
+# torch reads each setting under two names, the first of each pair winning; its buffer default is 2000.
 FR_BUFFER_ENV = "TORCH_FR_BUFFER_SIZE"
-FR_BUFFER_ENV_NCCL = "TORCH_NCCL_TRACE_BUFFER_SIZE"  # its older name, still read
+FR_BUFFER_ENV_NCCL = "TORCH_NCCL_TRACE_BUFFER_SIZE"
 FR_FILE_ENV = "TORCH_FR_DUMP_TEMP_FILE"
+FR_FILE_ENV_NCCL = "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"
 NCCL_DUMP_ON_TIMEOUT_ENV = "TORCH_NCCL_DUMP_ON_TIMEOUT"
-
+_FR_BUFFER = (FR_BUFFER_ENV, FR_BUFFER_ENV_NCCL)
+_FR_FILE = (FR_FILE_ENV, FR_FILE_ENV_NCCL)
 
 _SET_HERE: dict[str, str] = {}
 """The variables configure_flight_recorder set in this process: an earlier Trainer's, not the job's own."""
 
 
+def _env_first(names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, value) of the first of `names` set in the environment, in torch's order of precedence."""
+    return next(((k, os.environ[k]) for k in names if k in os.environ), None)
+
+
+def _buffer_size() -> int | None:
+    found = _env_first(_FR_BUFFER)
+    if found is None:
+        return None
+    try:
+        return int(found[1])
+    except ValueError:
+        raise ConfigError(
+            f"{found[0]}={found[1]!r} in the environment is not a number of flight-recorder entries: unset it (and "
+            "use comm.trace_buf_size) or give an integer"
+        ) from None
+
+
 def configure_flight_recorder(buffer_size: int, prefix: Path) -> str | None:
-    """Before the process groups exist: record the last `buffer_size` collectives of each (0 = off), to be
-    dumped as `{prefix}{rank}`. Variables the job's environment already sets win (and are named).
-    Returns a line for the log, or None when the recorder is off."""
+    """Before the process groups exist: record the last `buffer_size` collectives of each (0 = off, which
+    torch's own default of 2000 is not), to be dumped as `{prefix}{rank}`. Variables the job's environment
+    already sets win (and are named). Returns a line for the log, or None when the recorder is off.
+
+    torch sizes the recorder once per process, at its first process group: a second Trainer in the same
+    process gets its own dump file, not a new size."""
     for k, v in _SET_HERE.items():  # a second Trainer in this process configures afresh
         if os.environ.get(k) == v:
             del os.environ[k]
     _SET_HERE.clear()
-    given = {k: os.environ[k] for k in (FR_BUFFER_ENV, FR_BUFFER_ENV_NCCL, FR_FILE_ENV) if k in os.environ}
-    if buffer_size <= 0 and not given:
-        return None
+    given = {k: os.environ[k] for k in (*_FR_BUFFER, *_FR_FILE) if k in os.environ}
     ours = {NCCL_DUMP_ON_TIMEOUT_ENV: "1"}
-    if FR_BUFFER_ENV not in os.environ and FR_BUFFER_ENV_NCCL not in os.environ:
+    if _env_first(_FR_BUFFER) is None:
         ours[FR_BUFFER_ENV] = str(buffer_size)
-    if FR_FILE_ENV not in os.environ:
+    if _env_first(_FR_FILE) is None:
         ours[FR_FILE_ENV] = str(prefix)
     for k, v in ours.items():
         if k not in os.environ:
             os.environ[k] = _SET_HERE[k] = v
-    size = os.environ.get(FR_BUFFER_ENV, os.environ.get(FR_BUFFER_ENV_NCCL, "0"))
-    if int(size or 0) <= 0:
+    size = _buffer_size()
+    if not size or size <= 0:
         return None
-    Path(os.environ[FR_FILE_ENV]).parent.mkdir(parents=True, exist_ok=True)
+    name, file_prefix = _env_first(_FR_FILE)  # type: ignore[misc]
+    folder = Path(file_prefix).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f"{name} in the environment" if name in given else "comm.save_traces_folder"
+        raise ConfigError(
+            f"flight recorder: cannot create {folder} ({where}): {e.strerror or e}; choose a writable folder, or set "
+            "comm.trace_buf_size = 0"
+        ) from None
     note = f" (from the environment: {', '.join(f'{k}={v}' for k, v in given.items())})" if given else ""
     return (f"flight recorder: the last {size} collectives of each process group; a failing rank writes them to "
-            f"{os.environ[FR_FILE_ENV]}<rank>{note}")
+            f"{file_prefix}<rank>{note}")
 
 
 def dump_flight_recorder(rank: int) -> str | None:
@@ -253,11 +285,14 @@ def dump_flight_recorder(rank: int) -> str | None:
     configure_flight_recorder named. Returns a line for the log naming the file and this rank's last
     recorded collective (ranks that stopped at different ones show who fell behind), or None when the
     recorder is off or the dump failed: a failing rank's report must never fail on this."""
-    prefix = os.environ.get(FR_FILE_ENV)
-    size = os.environ.get(FR_BUFFER_ENV, os.environ.get(FR_BUFFER_ENV_NCCL, "0"))
-    if not prefix or not size.isdigit() or int(size) <= 0:
+    found = _env_first(_FR_FILE)
+    try:
+        size = _buffer_size()
+    except ConfigError:
         return None
-    path = Path(f"{prefix}{rank}")
+    if found is None or not size or size <= 0:
+        return None
+    path = Path(f"{found[1]}{rank}")
     try:
         raw = torch._C._distributed_c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -279,5 +314,7 @@ def _last_collective(raw: bytes) -> str:
         return ""
     e = entries[-1]
     group = e.get("process_group") or ("?", "?")
-    return (f"; the last: {e.get('profiling_name')} #{e.get('collective_seq_id')} on process group {group[0]} "
-            f"({group[1]}), {e.get('state')}")
+    name = str(e.get("profiling_name"))
+    # (gloo's entries stay "scheduled" even once complete, in torch 2.11 and 2.13: only NCCL's state means anything.)
+    state = f", {e.get('state')}" if name.startswith("nccl:") else ""
+    return f"; the last: {name} #{e.get('collective_seq_id')} on process group {group[0]} ({group[1]}){state}"
