@@ -196,7 +196,7 @@ class Trainer:
         if not self.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             recorder = configure_flight_recorder(
                 cfg.comm.trace_buf_size,
-                Path(cfg.job.dump_folder) / cfg.comm.save_traces_folder / cfg.comm.save_traces_file_prefix,
+                self._output_folder() / cfg.comm.save_traces_folder / cfg.comm.save_traces_file_prefix,
             )
         self.rank, self.world_size = init_distributed(
             timeout_s=cfg.comm.init_timeout_seconds, cpu_backend=cfg.training.enable_cpu_offload
@@ -292,8 +292,8 @@ class Trainer:
             self._write_config()
             if self._output_folder() != Path(cfg.job.dump_folder):
                 logger.info(
-                    "checkpoint.load_only: this run's config.toml and metrics go to %s (the loaded run's own stay as "
-                    "they are)", self._output_folder(),
+                    "checkpoint.load_only: this run's config.toml, metrics, traces and snapshots go to %s (the loaded "
+                    "run's own stay as they are)", self._output_folder(),
                 )
 
         # 4. Checkpoints: resume from the run's own latest complete step, else initial_load_path.
@@ -463,9 +463,10 @@ class Trainer:
         return self.train_state.tokens_seen
 
     def _output_folder(self) -> Path:
-        """Where config.toml, metrics.jsonl and the TensorBoard events go: the dump folder, or under
-        checkpoint.load_only its `load_only` subfolder, so a run that evaluates a checkpoint leaves the
-        loaded run's own files (and their steps after the one loaded) as they were."""
+        """Where this run's own files go (config.toml, metrics.jsonl, TensorBoard events, profiler traces,
+        memory snapshots, flight-recorder dumps): the dump folder, or under checkpoint.load_only its
+        `load_only` subfolder, so a run that evaluates a checkpoint leaves the loaded run's files (and
+        their steps after the one loaded) as they were."""
         dump = Path(self.cfg.job.dump_folder)
         return dump / LOAD_ONLY_FOLDER if self.cfg.checkpoint.enable and self.cfg.checkpoint.load_only else dump
 
@@ -710,7 +711,9 @@ class Trainer:
         window_steps = window_tokens = 0
         data_wait = 0.0
         first_step = self.step + 1
-        prof_kwargs = {"dump_folder": cfg.job.dump_folder, "rank": self.rank, "device": self.device, "global_step": self.step}
+        prof_kwargs = {
+            "dump_folder": str(self._output_folder()), "rank": self.rank, "device": self.device, "global_step": self.step,
+        }
         self.preemption.install()
         try:
             with contextlib.ExitStack() as stack:

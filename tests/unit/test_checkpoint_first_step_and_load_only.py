@@ -55,6 +55,7 @@ def test_a_preemption_at_the_first_step_does_not_save_it_twice(tmp_path, monkeyp
     assert out.count("saved checkpoint") == 1 and "checkpoint step-1 saved (full state)" in out
 
 
+@pytest.mark.filterwarnings("ignore:Warning. Profiler clears events:UserWarning")
 def test_load_only_resumes_never_saves_and_leaves_the_loaded_runs_files(tmp_path, monkeypatch, capsys):
     assert train.main(argv(tmp_path, *CKPT, "--training.steps", "8", "--checkpoint.keep_latest_k", "0")) == 0
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoint").iterdir()}
@@ -63,8 +64,10 @@ def test_load_only_resumes_never_saves_and_leaves_the_loaded_runs_files(tmp_path
     # From step-4 (going back past step-8) to step 9, nothing saved: not at step 8 (interval), not at the end,
     # not on pre-emption; the loaded run's metrics (steps 1-8) and config stay as they were.
     job = argv(tmp_path, *CKPT, "--checkpoint.load_only", "--checkpoint.load_step", "4", "--training.steps", "9")
-    assert train.main(job) == 0
+    assert train.main([*job, "--profiling.enable_profiling", "--profiling.profile_freq", "4"]) == 0
     assert _steps_logged(tmp_path / "load_only") == [5, 6, 7, 8, 9]  # it did resume from step 4
+    assert list((tmp_path / "load_only" / "profile_traces").glob("iteration_8/rank0_trace.json"))
+    assert not (tmp_path / "profile_traces").exists()
     signal_self_at(monkeypatch, 6, signal.SIGUSR1)
     assert train.main(job) == EXIT_PREEMPTED
     out = capsys.readouterr().out
