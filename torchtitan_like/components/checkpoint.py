@@ -746,7 +746,8 @@ class CheckpointManager:
         if self._branch is None:
             self._branch = manifest.get("branch")  # resuming a run that started from a load_step: still that run
         if manifest.get("config_hash") != self.fingerprint.get("config_hash"):
-            logger.warning(
+            # (Expected under load_only, which is itself a change of config: said, not warned.)
+            (logger.info if self.cfg.load_only else logger.warning)(
                 "%s was saved with a different config (hash %s, now %s): resuming anyway",
                 path,
                 manifest.get("config_hash"),
