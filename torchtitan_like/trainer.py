@@ -290,7 +290,7 @@ class Trainer:
         self.tokens_per_step = tokens_per_step
         if self.rank == 0:
             self._write_config()
-            if self._output_folder() != Path(cfg.job.dump_folder):
+            if cfg.checkpoint.load_only:
                 logger.info(
                     "checkpoint.load_only: this run's config.toml, metrics, traces and snapshots go to %s (the loaded "
                     "run's own stay as they are)", self._output_folder(),
@@ -468,7 +468,7 @@ class Trainer:
         `load_only` subfolder, so a run that evaluates a checkpoint leaves the loaded run's files (and
         their steps after the one loaded) as they were."""
         dump = Path(self.cfg.job.dump_folder)
-        return dump / LOAD_ONLY_FOLDER if self.cfg.checkpoint.enable and self.cfg.checkpoint.load_only else dump
+        return dump / LOAD_ONLY_FOLDER if self.cfg.checkpoint.load_only else dump  # (load_only needs checkpoint.enable)
 
     def _fingerprint(self) -> dict[str, Any]:
         pd = self.parallel_dims

@@ -316,9 +316,9 @@ def test_rowwise_with_gw_hp_under_cpu_autocast_is_refused_before_training():
         Float8Converter(cfg, parallel_dims=_one_process(), device=CPU, param_dtype=torch.bfloat16, check_device=False)
     msg = str(e.value)
     assert 'recipe_name="rowwise_with_gw_hp" cannot train under CPU torch.autocast' in msg
+    assert "data_parallel_shard_degree > 1" in msg and "training.mixed_precision_param=float32" in msg
     Float8Converter(cfg, parallel_dims=_one_process(), device=torch.device("cuda"), param_dtype=torch.bfloat16,
                     check_device=False)  # fine
-    assert "data_parallel_shard_degree > 1" in msg and "training.mixed_precision_param=float32" in msg
     Float8Converter(cfg, parallel_dims=_one_process(), device=CPU, param_dtype=torch.float32, check_device=False)  # fine
     fsdp = ParallelDims.from_config(Parallelism(data_parallel_shard_degree=2), 2)
     # FSDP casts the parameters instead of autocasting: fine.
