@@ -136,6 +136,37 @@ def test_a_replace_killed_between_its_renames_is_restored_at_load(tmp_path):
         assert torch.equal(v, weights[k]), k
 
 
+def test_load_only_reads_an_interrupted_replace_in_place_and_renames_nothing(tmp_path):
+    """Evaluating a run (load_only) whose last replace was interrupted: its storage may be read-only or
+    still in use, so the aside `step-N.old-*` is loaded where it lies; the folder is left as it was."""
+    run = _Model()
+    mgr = run.manager(tmp_path)
+    run.save_at(mgr, 2)
+    run.save_at(mgr, 4)
+    mgr.close()
+    folder = _folder(tmp_path)
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    os.rename(folder / "step-4", folder / "step-4.old-0badc0de-7")
+    before = sorted(p.name for p in folder.iterdir())
+    other = _Model(seed=1)
+    manager = other.manager(tmp_path, load_only=True)
+    try:
+        assert manager.load() == 4  # the newest step, read from its aside folder
+    finally:
+        manager.close()
+    assert sorted(p.name for p in folder.iterdir()) == before
+    for k, v in other.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    # A run that saves puts it back, as before.
+    resumed = _Model(seed=2)
+    manager = resumed.manager(tmp_path)
+    try:
+        assert manager.load() == 4
+    finally:
+        manager.close()
+    assert sorted(complete_steps(folder)) == [2, 4]
+
+
 # --- the background purge ---------------------------------------------------------------------------
 
 

@@ -638,31 +638,43 @@ class CheckpointManager:
         more = f" (and {len(everyone) - 1} more)" if len(everyone) > 1 else ""
         return None, everyone[0] + more
 
-    def _recover_replaced(self) -> None:
+    def _recover_replaced(self) -> dict[int, Path]:
         """Rank 0: a run killed between the two renames of a replace left `step-N.old-*` (the old,
-        complete checkpoint) and no step-N: put it back, if it verifies, before looking for checkpoints."""
-        error = None
+        complete checkpoint) and no step-N: put it back, if it verifies, before looking for checkpoints.
+        load_only renames nothing (the loaded run's storage may be read-only, or still in use): such a
+        folder is read where it lies. Returns the steps read in place (the same on every rank)."""
+        error, in_place = None, {}
         if self.rank == 0 and self.folder.is_dir():
             try:
                 present = step_folders(self.folder)
                 for p in sorted(self.folder.iterdir(), key=lambda p: p.name):
                     m = re.match(r"^step-(\d+)\.old-[0-9a-f]+-\d+$", p.name)
-                    if not m or int(m.group(1)) in present or not (p / MANIFEST).is_file():
+                    step = int(m.group(1)) if m else None
+                    if step is None or step in present or step in in_place or not (p / MANIFEST).is_file():
                         continue
                     if verify_errors(p, read_manifest(p)):
                         continue  # (half deleted: it stays a partial folder, removed at the next save)
-                    final = self.folder / f"step-{m.group(1)}"
+                    if self.cfg.load_only:
+                        in_place[step] = str(p)
+                        logger.warning(
+                            "%s holds step %d (a replace of it was interrupted); load_only reads it there and "
+                            "renames nothing (the next run that saves into %s puts it back as step-%d)",
+                            p, step, self.folder, step,
+                        )
+                        continue
+                    final = self.folder / f"step-{step}"
                     os.rename(p, final)
                     fsync_dir(self.folder)
-                    present[int(m.group(1))] = final
+                    present[step] = final
                     logger.warning("restored %s from %s (a replace of it was interrupted)", final, p.name)
             except (OSError, CheckpointError) as e:
                 error = f"restoring an interrupted replace in {self.folder} failed: {e}"
         self._agree(error)
+        return {step: Path(p) for step, p in self._broadcast(in_place).items()}
 
     def _load_own(self) -> int | None:
-        self._recover_replaced()
-        folders = step_folders(self.folder)
+        in_place = self._recover_replaced()
+        folders = step_folders(self.folder) | in_place
         if self.cfg.load_step >= 0:
             step = self.cfg.load_step
             resumed = self._continue_branch(folders, step)
