@@ -87,13 +87,15 @@ def test_a_signal_after_the_workers_finished_is_exit_0_not_pre_empted(monkeypatc
     assert not os.path.exists(seen["dir"]) and EXIT_STATUS_DIR_ENV not in os.environ
 
 
-@pytest.mark.parametrize("visible, local_rank, expected", [
-    (4, 3, "cuda:3"),
-    (1, 5, "cuda:0"),  # a scheduler that binds one GPU per process: each sees only its own
-    (4, 5, None),  # NGPU=8 on a node with 4 GPUs: ranks 4..7 would share GPUs 0..3
-    (1, 1, None),  # NGPU=2 on a one-GPU machine, nothing bound (CUDA_VISIBLE_DEVICES unset): both on GPU 0
+@pytest.mark.parametrize("visible, local_rank, devices, torchrun, expected", [
+    (4, 3, "0,1,2,3", True, "cuda:3"),
+    (1, 5, "5", False, "cuda:0"),  # a launcher that binds one GPU per process: each sees only its own
+    (1, 0, "5", True, "cuda:0"),  # torchrun --virtual-local-rank: one GPU per worker, LOCAL_RANK 0
+    (4, 5, "0,1,2,3", True, None),  # NGPU=8 on a node with 4 GPUs: ranks 4..7 would share GPUs 0..3
+    (1, 1, None, True, None),  # NGPU=2 on a one-GPU machine, nothing bound: both on GPU 0
+    (1, 1, "0", True, None),  # CUDA_VISIBLE_DEVICES=0 NGPU=2: torchrun gives both workers that GPU
 ])
-def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, local_rank, expected):
+def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, local_rank, devices, torchrun, expected):
     import torch
 
     from torchtitan_like.distributed.utils import local_device
@@ -102,21 +104,21 @@ def test_each_rank_gets_its_own_gpu_or_a_one_line_error(monkeypatch, visible, lo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-    bound = expected is not None or visible > 1
-    if bound:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible))))
-    else:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for var, value in (("CUDA_VISIBLE_DEVICES", devices), ("TORCHELASTIC_RUN_ID", "job" if torchrun else None)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
     if expected is not None:
         assert str(local_device()) == expected
         return
     with pytest.raises(ConfigError) as e:
         local_device()
-    devices = "0,1,2,3" if bound else "unset"
+    shared = ", as every torchrun worker on this node does" if devices is not None else ""
     assert str(e.value) == (
         f"LOCAL_RANK={local_rank}, but this process sees {visible} GPU{'s' if visible > 1 else ''} (CUDA_VISIBLE_DEVICES="
-        f"{devices}): two ranks would share a GPU; start at most {visible} process{'es' if visible > 1 else ''} per "
-        f"node (NGPU={visible}), or give each process its own GPU"
+        f"{devices or 'unset'}{shared}): two ranks would share a GPU; start at most {visible} "
+        f"process{'es' if visible > 1 else ''} per node (NGPU={visible}), or give each process its own GPU"
     )
 
 

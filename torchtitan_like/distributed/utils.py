@@ -21,20 +21,26 @@ def device_type() -> str:
 
 def local_device() -> torch.device:
     """This process's device: GPU LOCAL_RANK, or GPU 0 where each process sees only its own GPU (a
-    scheduler binding one GPU per task: one visible GPU and CUDA_VISIBLE_DEVICES set). More processes on
-    a node than visible GPUs is refused otherwise: two ranks on one GPU fail later inside NCCL ("Duplicate
-    GPU detected") or run out of memory."""
+    launcher binding one GPU per process: one visible GPU and CUDA_VISIBLE_DEVICES set, outside torchrun,
+    whose workers on a node all inherit its CUDA_VISIBLE_DEVICES). More processes on a node than visible
+    GPUs is refused otherwise: two ranks on one GPU fail later inside NCCL ("Duplicate GPU detected") or
+    run out of memory."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     visible, local_rank = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
-    # One visible GPU is a per-process binding only where something set CUDA_VISIBLE_DEVICES for it.
-    bound = visible == 1 and os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # One visible GPU is a per-process binding only where something set CUDA_VISIBLE_DEVICES for this
+    # process alone: not torchrun (TORCHELASTIC_RUN_ID), which gives every local worker the same value
+    # (its --virtual-local-rank mode does bind one GPU per worker, with LOCAL_RANK 0 for each).
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    bound = visible == 1 and devices is not None and not torchrun
     if local_rank >= visible and not bound:
         gpus, processes = ("GPUs", "processes") if visible > 1 else ("GPU", "process")
+        shared = ", as every torchrun worker on this node does" if torchrun and devices is not None else ""
         raise ConfigError(
             f"LOCAL_RANK={local_rank}, but this process sees {visible} {gpus} (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would share a GPU; start at most "
-            f"{visible} {processes} per node (NGPU={visible}), or give each process its own GPU"
+            f"{'unset' if devices is None else devices}{shared}): two ranks would share a GPU; start at most {visible} {processes} "
+            f"per node (NGPU={visible}), or give each process its own GPU"
         )
     return torch.device("cuda", local_rank % visible)
 
