@@ -287,6 +287,10 @@ def test_error_in_a_parent_names_the_parent_file(tmp_path: Path) -> None:
         ("[trainig]\nsteps = 5\n", ["unknown section [trainig]", "did you mean 'training'"]),
         ("[training]\nstpes = 5\n", ["unknown key 'training.stpes'", "did you mean 'training.steps'"]),
         ("steps = 5\n", ["unknown top-level key 'steps'", "keys belong in a [section]"]),
+        ("training = 5\n", ["'training' is a section, not a key: write [training] and its keys under it"]),
+        ("[quantize]\nlinear = 3\n", ["'quantize.linear' is a section, not a key"]),
+        ("[lr_scheduler]\ndecay_type = ['cosine']\n",
+         ["lr_scheduler.decay_type=['cosine'] is not one of 'linear', 'sqrt', 'cosine'"]),  # (was a TypeError)
         ("[training]\nsteps = 'ten'\n", ["training.steps must be an integer, got 'ten'"]),
         ("[training]\nsteps = 10.0\n", ["training.steps must be an integer, got 10.0"]),
         ("[training]\nsteps = true\n", ["training.steps must be an integer, got True"]),

@@ -77,6 +77,10 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
     return base
 
 
+def _array_of_tables(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]:
     """{"quantize": {"linear": {"float8": {...}}}} -> {"quantize.linear.float8": {...}}; checks names."""
     known = sections()
@@ -93,8 +97,10 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
                     candidates = list(known) if not prefix else [s for s in known if s.startswith(prefix)]
                     raise ConfigError(f"{p}: unknown section [{path}]{_closest(path, candidates)}")
                 walk(v, path + ".")
+            elif (path in known or any(s.startswith(path + ".") for s in known)) and not _array_of_tables(v):
+                raise ConfigError(f"{p}: '{path}' is a section, not a key: write [{path}] and its keys under it (got {path} = {v!r})")
             elif not prefix:
-                if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                if _array_of_tables(v):
                     raise ConfigError(f"{p}: [[{k}]] is an array of tables; write [{k}] (single brackets)")
                 owners = sorted({kk.rpartition(".")[0] for kk in keys() if kk.rpartition(".")[2] == k})
                 hint = (f" (put it under [{owners[0]}])" if len(owners) == 1
@@ -197,7 +203,8 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
     choices = literal_choices(tp)
     if choices is not None:
         if value not in choices:
-            hint = _TORCHTITAN_VALUES.get((key.dotted, value)) or _closest(str(value), [str(c) for c in choices])
+            known = _TORCHTITAN_VALUES.get((key.dotted, value)) if isinstance(value, str) else None  # (a list is unhashable)
+            hint = known or _closest(str(value), [str(c) for c in choices])
             raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, choices))}{hint}")
         return value
     if get_origin(tp) is list:
