@@ -8,6 +8,7 @@ once with status 1, without waiting on the other ranks (torchrun then stops them
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
@@ -22,6 +23,7 @@ EXIT_CONFIG_OR_DATA = 2
 EXIT_TRAINING = 3
 EXIT_FAILURE = 1
 EXIT_PREEMPTED = 75  # torchtitan_like.distributed.preemption.EXIT_PREEMPTED (not imported: --help stays torch-free)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 EXIT_STATUS_DIR_ENV = "TORCHTITAN_LIKE_EXIT_STATUS_DIR"
 """Set by the launcher (launch.py): each rank writes its exit status there as it leaves, so a launcher
 that got SIGTERM can tell a finished job (exit 0) from a pre-empted one (75)."""
@@ -75,6 +77,16 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     except Exception as e:
         if _distributed():
             _fail_fast(e)  # no close(): it could wait on collectives that the other ranks never join
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            # A full disk or quota, in one line: the traceback of whichever write hit it adds nothing.
+            where = f" writing {e.filename}" if e.filename else ""
+            print(
+                f"error: {e.strerror}{where}: free space there or point job.dump_folder at another disk "
+                "(complete checkpoints are intact; a rerun resumes from the newest)",
+                file=sys.stderr, flush=True,
+            )
+            _record_for_launcher(e)
+            return EXIT_FAILURE
         _record_for_launcher(e)  # (a world of one under torchrun: the launcher's line shows it too)
         raise
     finally:

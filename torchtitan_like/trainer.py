@@ -44,6 +44,7 @@ from torchtitan_like.components.checkpoint import (
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
 from torchtitan_like.components.optimizer import build_optimizers, check_optimizer
+from torchtitan_like.components.run_lock import RunLock
 from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
 from torchtitan_like.components.validation import (
@@ -191,6 +192,7 @@ class Trainer:
         layout and HF config), as the real run does, without reading any weights or training data."""
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
+        self._run_lock: RunLock | None = None
         recorder = None
         # Before the process groups exist. (A world of one has no peer to fall behind: its failures are not dumped.)
         if not self.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -242,6 +244,8 @@ class Trainer:
                     check_initial_load(cfg.checkpoint, self.model_args)
             self._build_model_parts()
             return
+        # Before anything is written there: one run per output folder (run_lock.py).
+        self._run_lock = self._lock_output_folder()
         self._build_data()
         log_ranks(self.device)
         check_collectives(
@@ -469,6 +473,22 @@ class Trainer:
         their steps after the one loaded) as they were."""
         dump = Path(self.cfg.job.dump_folder)
         return dump / LOAD_ONLY_FOLDER if self.cfg.checkpoint.load_only else dump  # (load_only needs checkpoint.enable)
+
+    def _lock_output_folder(self) -> RunLock | None:
+        """Rank 0 locks the output folder; every rank raises the same ConfigError if it cannot."""
+        lock, error = None, None
+        if self.rank == 0:
+            try:
+                lock = RunLock.acquire(self._output_folder(), key="job.dump_folder")
+            except ConfigError as e:
+                error = str(e)
+        if self.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ConfigError(error)
+        return lock
 
     def _fingerprint(self) -> dict[str, Any]:
         pd = self.parallel_dims
@@ -860,6 +880,8 @@ class Trainer:
                 self.compile_monitor.close()
             if isinstance(self.dataloader, PrefetchingLoader):
                 self.dataloader.close()
+            if self._run_lock is not None:
+                self._run_lock.release()
 
 
 class InjectedFault(RuntimeError):

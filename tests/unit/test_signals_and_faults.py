@@ -134,6 +134,10 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
     assert metrics.drop_after(3) == 2
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert metrics.drop_after(3) == 0
+    # Nothing is lost: a folder reused by a new run without checkpoints keeps the old rows aside.
+    assert metrics.drop_after(0) == 3
+    aside = [json.loads(line)["step"] for line in (tmp_path / "metrics.dropped.jsonl").read_text().splitlines()]
+    assert aside == [4, 5, 1, 2, 3]
 
 
 def test_a_signal_during_a_long_validation_stops_it_and_saves_the_step(tmp_path, monkeypatch, capsys):

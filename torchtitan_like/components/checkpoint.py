@@ -322,6 +322,7 @@ class CheckpointManager:
                 with self._quiet():
                     dcp.save(state, storage_writer=writer, **pg_kwargs)
             except (Exception, CheckpointException) as e:
+                self._discard_failed(tmp)
                 raise CheckpointError(f"saving step {step} into {tmp} failed: {_describe(e)}") from e
             self._finish(*finish)
         else:
@@ -334,6 +335,7 @@ class CheckpointManager:
                     torch.cuda.current_stream().synchronize()
                 response = dcp.async_save(state, storage_writer=writer, async_stager=self._stager, **pg_kwargs)
             except (Exception, CheckpointException) as e:
+                self._discard_failed(tmp)
                 raise CheckpointError(
                     f"starting the async save of step {step} into {tmp} failed: {_describe(e)}"
                 ) from e
@@ -449,6 +451,7 @@ class CheckpointManager:
         try:
             upload.result()
         except (Exception, CheckpointException) as e:
+            self._discard_failed(tmp)
             raise CheckpointError(f"async save of step {step} into {tmp} failed: {_describe(e)}") from e
         self._finish(*finish)
 
@@ -472,6 +475,7 @@ class CheckpointManager:
                 status = f"finishing checkpoint step {step} in {tmp} failed: {type(e).__name__}: {e}"
         status = self._broadcast(status)
         if status:
+            self._discard_failed(tmp)
             raise CheckpointError(status)
         if self.rank == 0 and self.cfg.keep_latest_k > 0:
             self._purger.submit(self._purge, step)
@@ -504,6 +508,14 @@ class CheckpointManager:
         if aside is not None:
             self._purger.submit(_rmtree_quietly, aside)
         fsync_dir(self.folder)
+
+    def _discard_failed(self, tmp: Path) -> None:
+        """Rank 0, after a save failed on every rank (DCP gathers the failure, so no rank still writes):
+        delete its partial folder now, not at the next save. A disk that filled up is freed at once, and the
+        rerun does not find it still full."""
+        if self.rank == 0 and tmp.exists():
+            _rmtree_quietly(tmp)
+            logger.info("removed the failed save's partial folder %s", tmp)
 
     def _remove_partials(self) -> None:
         """Rank 0, at the start of a save (none in flight): delete leftovers of interrupted saves."""

@@ -18,6 +18,9 @@ from torchtitan_like.config.schema import Metrics
 logger = logging.getLogger(__name__)
 
 _GIB = 1024**3
+
+DROPPED_JSONL = "metrics.dropped.jsonl"
+"""Where drop_after keeps the rows it takes out of metrics.jsonl (appended, attempt after attempt)."""
 # Token budgets for the "time to train" estimates in the end-of-run summary.
 _SUMMARY_BUDGETS: tuple[tuple[str, int], ...] = (("1B", 10**9), ("100B", 10**11), ("1T", 10**12))
 
@@ -239,7 +242,8 @@ class MetricsLogger:
         self._writer.flush()
 
     def drop_after(self, step: int) -> int:
-        """Remove metrics.jsonl rows of steps after `step` (the step a run resumes from); returns how many.
+        """Move metrics.jsonl rows of steps after `step` (the step a run resumes from) to the end of
+        metrics.dropped.jsonl; returns how many.
 
         A run that died after logging steps its last checkpoint does not hold would otherwise list
         those steps twice once it resumes: the file keeps one row per step of the resumed timeline.
@@ -259,11 +263,20 @@ class MetricsLogger:
         kept = [line for line in lines if _step_of(line) <= step]
         dropped = len(lines) - len(kept)
         if dropped:
+            # Kept aside, not deleted: they may be a whole earlier run's (a folder reused without checkpoints).
+            aside = os.path.join(os.path.dirname(self.jsonl_path), DROPPED_JSONL)
+            with open(aside, "a") as f:
+                f.write("".join(line + "\n" for line in lines if _step_of(line) > step))
+                f.flush()
+                os.fsync(f.fileno())
             tmp = self.jsonl_path + ".tmp"
             with open(tmp, "w") as f:
                 f.write("".join(line + "\n" for line in kept))
             os.replace(tmp, self.jsonl_path)
-            logger.info("metrics.jsonl: dropped %d row(s) after step %d, from an attempt that did not reach a checkpoint", dropped, step)
+            logger.info(
+                "metrics.jsonl: %d row(s) after step %d, of an earlier attempt past the step this run starts from, "
+                "moved to %s", dropped, step, aside,
+            )
         return dropped
 
     def summary(self, total_tokens_seen_global: int, elapsed_s: float, *, validation_s: float = 0.0) -> dict[str, Any]:

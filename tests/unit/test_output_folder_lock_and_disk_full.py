@@ -1,0 +1,96 @@
+"""One run per output folder (components/run_lock.py): a second job started in a folder a live job uses
+is refused, naming the holder; the lock ends with its process however it ends (no stale lock after a
+crash), is not kept alive by forked children, and an uncreatable dump folder is one error line, as is a
+disk that fills up (a save's partial folder is deleted at once: test_checkpoint.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from test_signals_and_faults import argv
+from torchtitan_like import train
+from torchtitan_like.components.run_lock import RunLock
+from torchtitan_like.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (tests/conftest.py)
+
+# A process that locks the folder, says so, then (fork=1) forks a child that outlives it, or waits.
+HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from torchtitan_like.components.run_lock import RunLock
+    lock = RunLock.acquire(Path(sys.argv[1]), key="job.dump_folder")
+    if sys.argv[2] == "1":
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        sys.exit(0)
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def _holder(folder, fork: bool) -> subprocess.Popen:
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), "1" if fork else "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    p.first_line = p.stdout.readline().strip()  # type: ignore[attr-defined]
+    return p
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path):
+    holder = _holder(tmp_path, fork=False)
+    try:
+        assert holder.first_line == "locked"
+        with pytest.raises(ConfigError) as e:
+            RunLock.acquire(tmp_path, key="job.dump_folder")
+        assert str(e.value).startswith(f"{tmp_path} (job.dump_folder) is in use by another run (host ")
+        assert f"pid {holder.pid} since " in str(e.value)
+        assert str(e.value).endswith("wait for it to end, stop it, or set another job.dump_folder")
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: nothing runs to unlock
+        holder.wait(timeout=30)
+    RunLock.acquire(tmp_path, key="job.dump_folder").release()
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
+    # Data loader or compile workers forked by a run must not block its restart after the run died.
+    holder = _holder(tmp_path, fork=True)
+    child = int(holder.first_line)
+    try:
+        assert holder.wait(timeout=30) == 0
+        os.kill(child, 0)  # (still alive)
+        RunLock.acquire(tmp_path, key="job.dump_folder").release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_dump_folder_that_cannot_be_created_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert train.main(argv(tmp_path / "afile" / "sub", "--training.steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot create {tmp_path / 'afile' / 'sub'} (job.dump_folder): Not a directory; choose a writable folder"]
+
+
+def test_a_full_disk_is_one_error_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    from torchtitan_like.components.metrics import MetricsLogger
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(MetricsLogger, "log", full)
+    assert train.main(argv(tmp_path, "--training.steps", "1")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: No space left on device writing {tmp_path / 'metrics.jsonl'}: free space there or point "
+        "job.dump_folder at another disk (complete checkpoints are intact; a rerun resumes from the newest)"
+    ]
