@@ -43,6 +43,26 @@ def test_initial_load_of_a_deeper_model_is_refused(tmp_path):
                 initial_load_model_only=True).load()
 
 
+def test_an_untied_checkpoint_is_refused_by_a_tied_flavor_and_a_tied_one_loads(tmp_path):
+    """A tied model names its one matrix twice (tok_embeddings, output): an untied checkpoint's output
+    head loaded over its embeddings without a word. The manifest now says whether the model was tied."""
+    untied = make_run(0)
+    mgr = manager(untied, tmp_path / "untied", interval=1)
+    untied.train(1, mgr)
+    mgr.close()
+    tied_args = dataclasses.replace(ARGS, tie_word_embeddings=True)
+    for kwargs in ({}, {"initial_load_path": str(ckpt_dir(tmp_path / "untied") / "step-1")}):
+        dump = tmp_path / ("untied" if not kwargs else "new")
+        with pytest.raises(CheckpointError, match=r"saved from a model with an output head of its own "
+                           r"\(tie_word_embeddings=false\), but this model.flavor ties"):
+            manager(make_run(1, tied_args), dump, **kwargs).load()
+    tied = make_run(0, tied_args)
+    mgr = manager(tied, tmp_path / "tied", interval=1)
+    tied.train(1, mgr)
+    mgr.close()
+    assert manager(make_run(1, tied_args), tmp_path / "tied").load() == 1
+
+
 def test_zero_padded_step_folders_are_purged(tmp_path):
     run = make_run()
     mgr = manager(run, tmp_path, interval=1, keep_latest_k=1)

@@ -465,7 +465,8 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 files = {k: v for part in hashes for k, v in part.items()}
-                extra = {"model_only": model_only, "model_dtype": model_dtype, "branch": self._branch}
+                extra = {"model_only": model_only, "model_dtype": model_dtype, "branch": self._branch,
+                         "tie_word_embeddings": getattr(self.model_args, "tie_word_embeddings", None)}
                 manifest = build_manifest(
                     step=step, files=files, fingerprint=self.fingerprint, contents=contents, extra=extra
                 )
@@ -897,6 +898,18 @@ class CheckpointManager:
                 f"{path} holds model weights that this model.flavor does not have: {extra[:5]}"
                 f"{' ...' if len(extra) > 5 else ''} (saved from a deeper or different model? choose the matching "
                 "model.flavor)"
+            )
+        # A tied model's state dict names its one matrix twice (tok_embeddings and output): an untied
+        # checkpoint's two matrices would both load into it, the output head's last, without a word.
+        try:
+            saved_tied = read_manifest(path).get("tie_word_embeddings") if (path / MANIFEST).is_file() else None
+        except CheckpointError:
+            saved_tied = None  # (verified before loading: a damaged manifest is reported there)
+        if self.model_args.tie_word_embeddings and saved_tied is False:
+            raise CheckpointError(
+                f"{path} was saved from a model with an output head of its own (tie_word_embeddings=false), but this "
+                "model.flavor ties the output head to the token embeddings: loading would overwrite the embeddings "
+                "with the output head; choose the untied flavor it was trained with"
             )
 
     def _load_hf(self, path: Path) -> None:
