@@ -12,6 +12,7 @@ import errno
 import faulthandler
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -22,6 +23,7 @@ logger = logging.getLogger("torchtitan_like")
 EXIT_CONFIG_OR_DATA = 2
 EXIT_TRAINING = 3
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as a shell reports it
 EXIT_PREEMPTED = 75  # torchtitan_like.distributed.preemption.EXIT_PREEMPTED (not imported: --help stays torch-free)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 EXIT_STATUS_DIR_ENV = "TORCHTITAN_LIKE_EXIT_STATUS_DIR"
@@ -70,6 +72,20 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         # one-line error and exit 2 (or fail-fast), not a traceback out of `finally`.
         finished, trainer = trainer, None
         finished.close(exiting=exiting)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank (and torchrun, which forwards it again): stop now, in one line.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        where = f"after step {trainer.step}" if trainer is not None and hasattr(trainer, "checkpointer") else "at start-up"
+        trainer = None  # no close(): it could wait on a save's collectives that interrupted ranks never join
+        print(
+            f"error: interrupted by SIGINT {where}: stopped without saving (a rerun resumes from the newest "
+            "complete checkpoint; SIGTERM or SIGUSR1 stop at a step boundary and save first)",
+            file=sys.stderr, flush=True,
+        )
+        if _distributed():
+            _exit_now(EXIT_INTERRUPTED)
+        signal.signal(signal.SIGINT, previous)
+        return EXIT_INTERRUPTED
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         _record_for_launcher(e)
@@ -124,8 +140,6 @@ def _fail_fast(e: Exception) -> NoReturn:
     a barrier, a checkpoint or the process group's destructor, is what turns one rank's error into a
     job that hangs until the collective timeout.
     """
-    import signal
-
     import torch.distributed as dist
 
     from torchtitan_like.distributed.health import dump_flight_recorder
@@ -142,10 +156,15 @@ def _fail_fast(e: Exception) -> NoReturn:
     trace = dump_flight_recorder(rank)
     if trace is not None:
         logger.error("%s", trace)
+    _exit_now(EXIT_FAILURE)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush and leave at once: no close(), no barrier, no process-group teardown (the others may be stuck)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_FAILURE)
+    os._exit(code)
 
 
 def _record_for_launcher(e: BaseException) -> None:

@@ -1,7 +1,7 @@
 """One run per output folder (components/run_lock.py): a second job started in a folder a live job uses
 is refused, naming the holder; the lock ends with its process however it ends (no stale lock after a
-crash), is not kept alive by forked children, and an uncreatable dump folder is one error line, as is a
-disk that fills up (a save's partial folder is deleted at once: test_checkpoint.py)."""
+crash), is not kept alive by forked children, and an uncreatable dump folder is one error line, as are a
+disk that fills up (a save's partial folder is deleted at once: test_checkpoint.py) and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -94,3 +94,19 @@ def test_a_full_disk_is_one_error_line_and_exit_1(tmp_path, monkeypatch, capsys)
         f"error: No space left on device writing {tmp_path / 'metrics.jsonl'}: free space there or point "
         "job.dump_folder at another disk (complete checkpoints are intact; a rerun resumes from the newest)"
     ]
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_leaves_the_checkpoints(tmp_path, monkeypatch, capsys):
+    from test_signals_and_faults import signal_self_at
+
+    from torchtitan_like.components.manifest import complete_steps
+
+    signal_self_at(monkeypatch, 3, signal.SIGINT)  # Python's default handler: KeyboardInterrupt
+    assert train.main(argv(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "2")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: interrupted by SIGINT after step 3: stopped without saving (a rerun resumes from the newest complete "
+        "checkpoint; SIGTERM or SIGUSR1 stop at a step boundary and save first)"
+    ]
+    assert sorted(complete_steps(tmp_path / "checkpoint")) == [2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (put back)
