@@ -128,6 +128,29 @@ def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
     return state
 
 
+def _load_pt(src: Path) -> Any:
+    """torch.load, weights only; its errors (several lines, some asking for a PyTorch issue) as one line."""
+    import re
+
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled objects weights_only refuses
+        text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        raise CheckpointError(
+            f"{src} holds a pickled {refused.group(1)}, which weights-only loading refuses: save a plain state dict "
+            "(parameter name -> tensor) with torch.save"
+        )
+    with open(src, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip archive, damaged or cut short
+        first = text.splitlines()[0].split(". ")[0] if text else "unreadable"
+        raise CheckpointError(f"{src} is a damaged or truncated torch checkpoint ({first}): copy or save it again")
+    what = "an empty file" if not head else "not a zip archive written by torch.save"
+    raise CheckpointError(f"not a torch checkpoint: {src} ({what}): pass a .pt state dict saved with torch.save")
+
+
 def _cast(sd: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return sd
@@ -195,13 +218,52 @@ def _special_tokens(tokenizer_path: str | None, margs: Any) -> tuple[int, int] |
     return tok.bos_id, tok.eos_id
 
 
-def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str) -> None:
+def _other_tying_flavor(margs: Any) -> str:
+    """The flavor that is `margs` with the other tie_word_embeddings, for a message's fix."""
+    import dataclasses
+
+    from torchtitan_like.models.llama3 import LLAMA3_FLAVORS
+
+    other = dataclasses.replace(margs, tie_word_embeddings=not margs.tie_word_embeddings)
+    for name, args in LLAMA3_FLAVORS.items():
+        if args == other:
+            return f"--flavor {name}"
+    return f"a flavor with tie_word_embeddings={not margs.tie_word_embeddings}"
+
+
+def _check_tying(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str, hf: bool = False) -> None:
+    """Tied weights go with a tied flavor only, and an output head of its own with an untied one: a tied
+    flavor would drop a trained output.weight, an untied one would turn the shared table into two (the
+    loader refuses the same mismatch from a config.json's tie_word_embeddings)."""
+    out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+    out_name, emb_name = "output.weight", "tok_embeddings.weight"
+    if hf:
+        out_name, emb_name = "lm_head.weight", "model.embed_tokens.weight"
+    if emb is None:
+        return  # the flavor check names the missing embedding
+    tied = out is None or (out.shape == emb.shape and torch.equal(out, emb))
+    if margs.tie_word_embeddings and not tied:
+        raise CheckpointError(
+            f"{src} has an output head of its own ({out_name} differs from {emb_name}), but --flavor "
+            f"{flavor} ties them (tie_word_embeddings) and would drop the trained {out_name}: convert with "
+            f"{_other_tying_flavor(margs)}"
+        )
+    if not margs.tie_word_embeddings and tied:
+        how = f"has no {out_name}" if out is None else f"has {out_name} equal to {emb_name}"
+        raise CheckpointError(
+            f"{src} {how} (tied embeddings), but --flavor {flavor} has an output head of its own "
+            f"(tie_word_embeddings=False): convert with {_other_tying_flavor(margs)}"
+        )
+
+
+def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str, hf: bool = False) -> None:
     """The weights are the flavor's, name for name and shape for shape: the config.json written next to
     them describes the flavor (a missing layer would be filled with random weights by transformers)."""
     from torchtitan_like.models.llama3.model import Transformer
 
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in Transformer(margs).state_dict().items()}
+    _check_tying(sd, margs, src=src, flavor=flavor, hf=hf)
     if margs.tie_word_embeddings:
         want.pop("output.weight", None)
         sd = {k: v for k, v in sd.items() if k != "output.weight"}
@@ -219,8 +281,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     # A file by its suffix; anything else is a folder, dots included (Llama-3.2-1B-hf, export_v1.0).
     dst_suffix = dst.suffix.lower() if dst.suffix.lower() in (".pt", ".safetensors") else ""
+    if args.step is not None and args.step < 0:
+        raise CheckpointError(f"--step {args.step} is negative: give the training step of these weights (0 or more)")
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
+    if args.step is not None and _is_dcp(src):
+        raise CheckpointError(f"--step applies to a DCP destination; {src} is a DCP checkpoint and keeps its own step")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst} already exists: pick a new destination")
     if _is_dcp(src) and dst.resolve().is_relative_to(src.resolve()):
@@ -267,10 +333,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if src.suffix.lower() == ".pt":
             if args.hf:
                 raise CheckpointError("--hf applies to .safetensors files and HF folders, not .pt")
-            try:
-                loaded = torch.load(src, map_location="cpu", weights_only=True)
-            except Exception as e:  # truncated, not a torch file, or pickled objects weights_only refuses
-                raise CheckpointError(f"{src} is not a readable .pt file ({type(e).__name__}: {e})") from None
+            loaded = _load_pt(src)
             state = loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
             model = state["model"]
             if not (isinstance(model, dict) and model and all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -283,7 +346,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 state = {"model": state["model"]}
             state["model"] = _cast(state["model"], args.dtype)
             if step is None and isinstance(state.get("train_state"), dict):
-                step = int(state["train_state"].get("step", 0))
+                saved = state["train_state"].get("step", 0)
+                if isinstance(saved, torch.Tensor) and saved.numel() == 1:
+                    saved = saved.item()
+                if isinstance(saved, bool) or not isinstance(saved, int) or saved < 0:
+                    raise CheckpointError(f"{src}: train_state step {saved!r} is not a step number: pass --step N")
+                step = saved
         elif src.suffix.lower() == ".safetensors" or src.is_dir():
             from torchtitan_like.models.llama3.state_dict_adapter import from_hf, load_hf_safetensors
 
@@ -294,8 +362,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 margs = _model_args(args.flavor)
                 config = read_hf_config(src)
                 if config is not None:
-                    check_hf_config(config, margs, where=str(src))
+                    where = (src if src.is_dir() else src.parent) / "config.json"
+                    check_hf_config(config, margs, where=str(where))
                 sd = from_hf(sd, margs)
+                # Without a config.json only the weights tell (shapes, tying): checked as an export's are.
+                _check_flavor(sd, margs, src=src, flavor=args.flavor, hf=True)
             state = {"model": _cast(sd, args.dtype)}
         else:
             raise CheckpointError(f"{src}: expected a DCP folder, a .pt or .safetensors file, or an HF folder")

@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import base64
 import heapq
+import math
+import os
+import secrets
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -40,6 +44,10 @@ def corpus_chunks(max_bytes: int | None) -> Counter[bytes]:
     return counts
 
 
+class CorpusTooSmall(ValueError):
+    """The corpus has no pair left to merge before the wanted number of tokens."""
+
+
 def train_bpe(counts: Counter[bytes], n_tokens: int) -> list[bytes]:
     """Token byte strings in rank order: the 256 single bytes, then merges until there are `n_tokens`."""
     vocab = [bytes([b]) for b in range(256)]
@@ -57,7 +65,7 @@ def train_bpe(counts: Counter[bytes], n_tokens: int) -> list[bytes]:
     heapq.heapify(heap)
     while len(vocab) < n_tokens:
         if not heap:
-            raise SystemExit(f"corpus too small: only {len(vocab)} tokens learned (wanted {n_tokens})")
+            raise CorpusTooSmall(f"corpus too small: only {len(vocab)} tokens learned (wanted {n_tokens})")
         neg, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg or neg == 0:
             continue  # stale heap entry: its count changed after it was pushed
@@ -95,29 +103,68 @@ def train_bpe(counts: Counter[bytes], n_tokens: int) -> list[bytes]:
 
 
 def write_tokenizer_model(vocab: list[bytes], path: Path) -> None:
-    """One `base64(token) rank` line per token, in rank order (Llama 3 / tiktoken format)."""
+    """One `base64(token) rank` line per token, in rank order (Llama 3 / tiktoken format). Written beside
+    `path` and renamed onto it: a failed write (a full disk) never replaces a good tokenizer.model."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        for rank, tok in enumerate(vocab):
-            f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            for rank, tok in enumerate(vocab):
+                f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def output_problem(path: Path) -> str | None:
+    """Why --output cannot be written, checked before training (seconds to minutes) rather than after."""
+    if path.is_dir():
+        return f"--output {path} is a folder: give the file to write, e.g. {path / 'tokenizer.model'}"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"--output {path}: {parent} is a file, not a folder: pick another output path"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"--output {path}: {parent} is not writable: pick another output path"
+            return None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 with one error line (a bad argument, a corpus too small, an unwritable output)."""
+    parser = argparse.ArgumentParser(prog="tools/train_tokenizer.py", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_TOKENIZER_PATH)
-    parser.add_argument("--base-tokens", type=int, default=1744, help="256 bytes + merges")
+    parser.add_argument("--base-tokens", type=int, default=1744, help="256 bytes + merges (at least 256)")
     parser.add_argument("--max-mb", type=float, default=None, help="train on this many corpus MB (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.base_tokens < 256:
+        parser.error(f"--base-tokens {args.base_tokens} is below 256: the 256 byte tokens come first, merges on top "
+                     "(e.g. 1744, the default)")
+    if args.max_mb is not None and not (math.isfinite(args.max_mb) and args.max_mb > 0):
+        parser.error(f"--max-mb {args.max_mb} must be a positive number of megabytes (leave it out for all the corpus)")
+    problem = output_problem(args.output)
+    if problem:
+        parser.error(problem)
     t0 = time.perf_counter()
     counts = corpus_chunks(None if args.max_mb is None else int(args.max_mb * 1e6))
     t1 = time.perf_counter()
-    vocab = train_bpe(counts, args.base_tokens)
-    write_tokenizer_model(vocab, args.output)
+    try:
+        vocab = train_bpe(counts, args.base_tokens)
+    except CorpusTooSmall as e:
+        more = " (raise --max-mb or lower --base-tokens)" if args.max_mb is not None else " (lower --base-tokens)"
+        parser.error(f"{e}{more}")
+    try:
+        write_tokenizer_model(vocab, args.output)
+    except OSError as e:  # a full disk, a permission: the old file, if any, is untouched
+        print(f"error: cannot write --output {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(
         f"{len(counts)} unique chunks ({t1 - t0:.1f} s), {len(vocab)} base tokens ({time.perf_counter() - t1:.1f} s)"
         f" -> {args.output}"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -277,9 +277,57 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any] | None:
     if not cfg.is_file():
         return None
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
+        config = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg} is not valid JSON ({e})") from e
+    _check_config_types(config, cfg)
+    return config
+
+
+# What check_hf_config reads, by JSON type (null = not stated). A string "256" would otherwise be
+# reported as "hidden_size=256 but the model flavor has 256".
+_CONFIG_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    **{
+        key: ("an integer", (int,))
+        for key in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "num_hidden_layers", "head_dim", "vocab_size",
+        )
+    },
+    "rope_theta": ("a number", (int, float)),
+    "rms_norm_eps": ("a number", (int, float)),
+    "tie_word_embeddings": ("true or false", (bool,)),
+    "hidden_act": ("a string", (str,)),
+    "rope_scaling": ("an object", (dict,)),
+    "rope_parameters": ("an object", (dict,)),
+}
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a decimal number"}
+
+
+def _check_config_types(config: Any, cfg: Path) -> None:
+    """Raise CheckpointError naming the file and the key when a config.json value has the wrong JSON type."""
+    if not isinstance(config, dict):
+        what = _JSON_NAMES.get(type(config), "null")
+        raise CheckpointError(f"{cfg} holds {what}, not a JSON object of model settings: is it a Hugging Face config?")
+    for key, (expected, types) in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        # (bool is an int in Python, not in JSON: "hidden_size": true is not a size)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise CheckpointError(
+                f"{cfg}: \"{key}\" is {json.dumps(value)} ({_JSON_NAMES.get(type(value), 'null')}), expected "
+                f"{expected}: fix that value in the file"
+            )
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_theta") is not None and (
+        isinstance(rope["rope_theta"], bool) or not isinstance(rope["rope_theta"], (int, float))
+    ):
+        raise CheckpointError(
+            f"{cfg}: \"rope_parameters.rope_theta\" is {json.dumps(rope['rope_theta'])}, expected a number: "
+            "fix that value in the file"
+        )
 
 
 def save_hf_safetensors(
