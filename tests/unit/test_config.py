@@ -381,6 +381,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.toml"
     msg = config_error(["--job.config_file", str(path)])
     assert f"config file not found: {path}" in msg and "job.config_file" in msg
+    # A folder (CONFIG_FILE=train_configs) is not "not found".
+    msg = config_error(["--job.config_file", str(tmp_path)])
+    assert f"config file {tmp_path} is a folder, not a TOML file (job.config_file / CONFIG_FILE)" in msg
 
 
 @pytest.mark.parametrize("dataset", ["local", "hf"])

@@ -118,7 +118,9 @@ def test_missing_file(tmp_path):
     missing = tmp_path / "nope" / "tokenizer.model"
     with pytest.raises(DataError, match="model.tokenizer_path") as exc:
         build_tokenizer(str(missing))
-    assert str(missing) in str(exc.value)
+    assert str(missing) in str(exc.value) and "not found" in str(exc.value)
+    with pytest.raises(DataError, match=r"tokenizer file '/dev/null' is not a regular file"):
+        build_tokenizer("/dev/null")  # (it exists: "not found" misled)
 
 
 @pytest.mark.parametrize("bad_line", [b"!!notbase64!! 256", b"aGk= notanint", b"aGk=", b"aGk= 1 2"])

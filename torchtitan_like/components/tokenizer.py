@@ -148,8 +148,9 @@ def build_tokenizer(tokenizer_path: str) -> Tokenizer:
             )
         path = found[0]
     if not path.is_file():
+        what = "is not a regular file (a device or pipe)" if path.exists() else "not found"
         raise DataError(
-            f"model.tokenizer_path: tokenizer file {str(path)!r} not found (leave it empty for the embedded tokenizer)"
+            f"model.tokenizer_path: tokenizer file {str(path)!r} {what} (leave it empty for the embedded tokenizer)"
         )
     with open(path, "rb") as f:
         head = f.read(64).lstrip()

@@ -55,7 +55,8 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
         raise ConfigError(f"config 'extends' cycle: {cycle}")
     if not p.is_file():
         via = f" (extended by {_chain[-1]})" if _chain else " (job.config_file / CONFIG_FILE)"
-        raise ConfigError(f"config file not found: {path}{via}")
+        what = "is a folder, not a TOML file" if p.is_dir() else "is not a regular file" if p.exists() else None
+        raise ConfigError(f"config file {path} {what}{via}" if what else f"config file not found: {path}{via}")
     try:
         text = p.read_text(encoding="utf-8-sig")  # a BOM (some Windows editors write one) is not TOML
         raw = tomllib.loads(text)
