@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     except Exception as e:
         if _distributed():
             _fail_fast(e)  # no close(): it could wait on collectives that the other ranks never join
+        advice = _out_of_memory(e)
+        if advice is not None:
+            print(f"error: {advice}", file=sys.stderr, flush=True)
+            _record_for_launcher(e)
+            return EXIT_FAILURE
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             # A full disk or quota, in one line: the traceback of whichever write hit it adds nothing.
             where = f" writing {e.filename}" if e.filename else ""
@@ -152,11 +157,30 @@ def _fail_fast(e: Exception) -> NoReturn:
         "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", rank, type(e).__name__, e,
         exc_info=True,
     )
+    advice = _out_of_memory(e)
+    if advice is not None:
+        logger.error("rank %d: %s", rank, advice)
     _record_for_launcher(e)
     trace = dump_flight_recorder(rank)
     if trace is not None:
         logger.error("%s", trace)
     _exit_now(EXIT_FAILURE)
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """What to change after an allocation failure (a GPU's OutOfMemoryError, or the CPU allocator's
+    RuntimeError), in one line; None for any other error."""
+    torch = sys.modules.get("torch")
+    gpu = torch is not None and isinstance(e, torch.OutOfMemoryError)
+    if not gpu and not (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (
+        f"out of {'GPU' if gpu else 'host'} memory ({first}): lower training.local_batch_size (with "
+        "training.global_batch_size set, gradient accumulation keeps the batch), set activation_checkpoint.mode = "
+        "\"full\", shard more (parallelism.data_parallel_shard_degree, tensor_parallel_degree) or ask tools/plan.py "
+        "for a layout that fits; profiling.enable_memory_snapshot records what held the memory"
+    )
 
 
 def _exit_now(code: int) -> NoReturn:

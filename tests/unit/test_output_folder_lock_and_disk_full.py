@@ -1,7 +1,8 @@
 """One run per output folder (components/run_lock.py): a second job started in a folder a live job uses
 is refused, naming the holder; the lock ends with its process however it ends (no stale lock after a
 crash), is not kept alive by forked children, and an uncreatable dump folder is one error line, as are a
-disk that fills up (a save's partial folder is deleted at once: test_checkpoint.py) and Ctrl-C."""
+disk that fills up (a save's partial folder is deleted at once: test_checkpoint.py), running out of
+memory and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -110,3 +111,22 @@ def test_ctrl_c_is_one_line_and_exit_130_and_leaves_the_checkpoints(tmp_path, mo
     ]
     assert sorted(complete_steps(tmp_path / "checkpoint")) == [2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (put back)
+
+
+@pytest.mark.parametrize("error, where", [
+    (lambda: RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+        "123 bytes. Error code 12 (Cannot allocate memory)"), "host"),
+    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), "GPU"),
+])
+def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch, capsys, error, where):
+    from torchtitan_like.trainer import Trainer
+
+    def train_step(self, batches):
+        raise error()
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert train.main(argv(tmp_path, "--training.steps", "1")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: out of {where} memory (")
+    assert "lower training.local_batch_size" in err[0] and "tools/plan.py" in err[0]
