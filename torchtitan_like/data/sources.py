@@ -204,7 +204,9 @@ def _resolve_local_files(dataset_path: str, *, key: str) -> list[Path]:
     """The files `dataset_path` names (file, directory or glob), sorted; errors name the path. A path
     that exists is that file or directory, even with glob characters in its name (`data[1].jsonl`)."""
     if any(c in dataset_path for c in "*?[") and not Path(dataset_path).exists():
-        matched = sorted(Path(p) for p in glob.glob(dataset_path, recursive=True) if Path(p).is_file())
+        listed = glob.glob(dataset_path, recursive=True)
+        _refuse_broken_links(Path(p) for p in listed)
+        matched = sorted(Path(p) for p in listed if Path(p).is_file())
         files = [p for p in matched if p.suffix in LOCAL_SUFFIXES]
         if not files:
             others = f" (it matches {len(matched)} other file(s): {_names(matched)})" if matched else ""
@@ -260,7 +262,19 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
         for n in names:
             if not n.startswith(".") and Path(folder, n).is_file():
                 (files if Path(n).suffix in LOCAL_SUFFIXES else skipped).append(Path(folder, n))
+        _refuse_broken_links(Path(folder, n) for n in names if not n.startswith("."))
     return files, skipped
+
+
+def _refuse_broken_links(paths: Any) -> None:
+    """A data file linked from a disk that is not mounted (or was moved) is part of the dataset that would
+    be left out without a word: an error, naming the link and its target."""
+    for p in paths:
+        if p.suffix in LOCAL_SUFFIXES and p.is_symlink() and not p.exists():
+            raise DataError(
+                f"{p} is a link to {os.readlink(p)}, which does not exist: that part of the dataset is missing "
+                "(mount its disk, or remove the link)"
+            )
 
 
 def _decode(raw: bytes, path: Path, *, first_line: int) -> str:
