@@ -6,7 +6,8 @@
 #   NNODES           nodes in the job (default: 1)
 #   NODE_RANK        this node's index, 0..NNODES-1 (default: 0)
 #   RDZV_ENDPOINT    host:port of the rendezvous, the same on every node (default: MASTER_ADDR:MASTER_PORT;
-#                    on one node without them, localhost and a free port)
+#                    on one node without them, localhost and a free port). Without :port, torchrun's 29400; an
+#                    IPv6 address in brackets ([::1]:29500). The host must resolve on this node (checked first)
 #   MASTER_ADDR      rendezvous host when RDZV_ENDPOINT is unset; MASTER_PORT its port (default: 29500)
 #   RDZV_ID          job id, the same on every node (default: torchrun's "none"; tools/slurm_train.sbatch
 #                    passes SLURM_JOB_ID)
@@ -19,10 +20,13 @@
 #                    runs on the meta device, it reports the rank's parameter/gradient/optimizer bytes and
 #                    exits without training (DRY_RUN_DEVICE: cuda (default) or cpu; DRY_RUN_JSON: write
 #                    the report there; DRY_RUN_SKIP_FILES=1: do not check the tokenizer, dataset and
-#                    initial checkpoint files, when this machine lacks them). Unset: a real run.
+#                    initial checkpoint files, when this machine lacks them; 0, the default: check them).
+#                    Unset: a real run.
+# Every variable is checked before anything starts: a bad value is one `error: VAR=value ...` line, exit 2.
+# Numbers are decimal (a leading zero is not octal: NGPU=08 is 8).
 # Extra arguments are config overrides: --section.key value.
 # Exit status: 0 done; 2 config or data error; 3 diverged; 75 pre-empted (SIGTERM/SIGUSR1: rerun to resume);
-# 1 (or the worker's status) any other failure.
+# 130 interrupted (SIGINT, Ctrl-C: nothing saved); 1 (or the worker's status) any other failure.
 # Relative paths (CONFIG_FILE, DRY_RUN_JSON, and the config's own: job.dump_folder, model.tokenizer_path,
 # dataset paths) are relative to the directory run_train.sh is started from, as for any command.
 set -euo pipefail
@@ -33,40 +37,96 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
+# need_int VAR MIN MAX WHAT: $VAR must be a decimal whole number in MIN..MAX (MAX empty: no upper bound), else
+# one error line naming it and what it is (WHAT), and exit 2. Leading zeros are decimal (NGPU=08 is 8: bash
+# arithmetic would read them as octal), and the variable is rewritten without them.
+need_int() {
+  local name=$1 min=$2 max=$3 what=$4 value=${!1}
+  if [[ "$value" =~ ^[0-9]{1,9}$ ]] && (( 10#$value >= min )) && { [[ -z "$max" ]] || (( 10#$value <= max )); }; then
+    printf -v "$name" '%d' "$((10#$value))"
+    return 0
+  fi
+  local range=">= $min"
+  if [[ -n "$max" ]]; then range="in $min..$max"; fi
+  if [[ "$value" =~ ^[0-9]{10,}$ ]]; then range="$range of at most 9 digits"; fi
+  echo "error: $name=$value must be a whole number $range: $what" >&2
+  exit 2
+}
+
+# Every variable is checked here, before anything starts: a bad value is one error line and exit 2.
 if [[ -z "${NGPU:-}" ]]; then
   NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)
 fi
+need_int NGPU 1 "" "the processes to start on this node (default: the visible GPUs, else 1), e.g. NGPU=8"
 CONFIG_FILE=${CONFIG_FILE:-$ROOT/train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
 NNODES=${NNODES:-1}
+need_int NNODES 1 "" "the nodes in the job, each running run_train.sh (default 1)"
 NODE_RANK=${NODE_RANK:-0}
+need_int NODE_RANK 0 $((NNODES - 1)) "this node's index among NNODES=$NNODES node(s) (default 0)"
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+need_int MAX_RESTARTS 0 "" "the times torchrun restarts the workers after a failure (default 0)"
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-60}
+need_int SHUTDOWN_TIMEOUT 0 "" "the seconds the workers get to checkpoint and stop after SIGTERM/SIGUSR1 (default 60)"
 
 if [[ ! "$LOG_RANK" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
   echo "error: LOG_RANK=$LOG_RANK must be local rank numbers, comma-separated (e.g. 0 or 0,1)" >&2
   exit 2
 fi
+IFS=, read -ra log_ranks <<< "$LOG_RANK"
+for r in "${log_ranks[@]}"; do
+  # (A rank no process has would hide every line of output.)
+  if [[ ${#r} -gt 9 ]] || (( 10#$r >= NGPU )); then
+    echo "error: LOG_RANK=$LOG_RANK names local rank $r, but NGPU=$NGPU starts local ranks 0..$((NGPU - 1)) on" \
+      "each node: name ranks in that range (e.g. LOG_RANK=0)" >&2
+    exit 2
+  fi
+done
 
 case "${COMM_MODE:-}" in
   "") ;;
   fake_backend)
+    world=$((NGPU * NNODES))
+    DRY_RUN_RANK=${DRY_RUN_RANK:-0}
+    need_int DRY_RUN_RANK 0 $((world - 1)) "the rank of the NGPU x NNODES = $world ranks the dry run stands in for"
     extra=()
     if [[ -n "${DRY_RUN_JSON:-}" ]]; then extra=(--json "$DRY_RUN_JSON"); fi
-    if [[ "${DRY_RUN_SKIP_FILES:-0}" == 1 ]]; then extra+=(--skip-files); fi
+    case "${DRY_RUN_SKIP_FILES:-0}" in
+      0) ;;
+      1) extra+=(--skip-files) ;;
+      *)
+        echo "error: DRY_RUN_SKIP_FILES=$DRY_RUN_SKIP_FILES must be 1 (skip the tokenizer, dataset and initial" \
+          "checkpoint file checks) or 0 (check them, the default)" >&2
+        exit 2
+        ;;
+    esac
+    DRY_RUN_DEVICE=${DRY_RUN_DEVICE:-cuda}
+    if [[ "$DRY_RUN_DEVICE" != cuda && "$DRY_RUN_DEVICE" != cpu ]]; then
+      echo "error: DRY_RUN_DEVICE=$DRY_RUN_DEVICE is not a device type the dry run plans for: use cuda (the default)" \
+        "or cpu" >&2
+      exit 2
+    fi
     export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=${TORCHAO_FORCE_SKIP_LOADING_SO_FILES:-1}
-    exec "$PYTHON" -m torchtitan_like.dry_run --world-size "$((NGPU * NNODES))" --rank "${DRY_RUN_RANK:-0}" \
-      --device "${DRY_RUN_DEVICE:-cuda}" ${extra[@]+"${extra[@]}"} --job.config_file "$CONFIG_FILE" "$@"
+    exec "$PYTHON" -m torchtitan_like.dry_run --world-size "$world" --rank "$DRY_RUN_RANK" \
+      --device "$DRY_RUN_DEVICE" ${extra[@]+"${extra[@]}"} --job.config_file "$CONFIG_FILE" "$@"
     ;;
   *)
     echo "error: COMM_MODE=$COMM_MODE is not a mode: use COMM_MODE=fake_backend for a dry run, or unset it" >&2
     exit 2
     ;;
 esac
+# Reached in a dry run only when the command above never ran: bash abandons a compound command whose expansion
+# fails (even under set -e) and carries on with the next one, which must not be the real launch below.
+if [[ "${COMM_MODE:-}" == fake_backend ]]; then
+  echo "error: the dry run did not start (see the message above)" >&2
+  exit 1
+fi
 
 if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
   if [[ -n "${MASTER_ADDR:-}" ]]; then
-    RDZV_ENDPOINT="${MASTER_ADDR}:${MASTER_PORT:-29500}"
+    MASTER_PORT=${MASTER_PORT:-29500}
+    need_int MASTER_PORT 0 65535 "the rendezvous port on MASTER_ADDR=$MASTER_ADDR (default 29500)"
+    RDZV_ENDPOINT="${MASTER_ADDR}:${MASTER_PORT}"
   elif [[ "$NNODES" == 1 ]]; then
     RDZV_ENDPOINT="localhost:0"  # port 0: the agent picks a free one
   else

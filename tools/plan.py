@@ -81,8 +81,13 @@ def _run(args: argparse.Namespace) -> int:
     from torchtitan_like.planner.layout import FEATURES, PlanInputs
     from torchtitan_like.planner.plan import GIB, explain, make_plan, table, winner_toml
 
+    from torchtitan_like.dry_run import check_output_file, write_text_atomically
+
     if args.ngpu < 1:
         raise ConfigError(f"--ngpu {args.ngpu} must be >= 1")
+    for flag, path, example in (("--out", args.out, "plan.toml"), ("--json", args.json, "plan.json")):
+        if path is not None:  # (before planning, which takes a while)
+            check_output_file(path, f"{flag} {path}", example=example)
     if args.model:
         name, _, flavor = args.model.partition(":")
         if name not in MODELS or flavor not in MODELS[name].flavors:
@@ -146,8 +151,7 @@ def _run(args: argparse.Namespace) -> int:
                  "tokens_per_s_per_gpu": p.speed.tokens_per_s_per_gpu, "tflops_per_gpu": p.speed.tflops_per_gpu,
                  "mfu": p.speed.mfu, "memory_bytes": p.memory.items(), "step_s": p.step.items()}
                 for i, p in enumerate(plan.ranked, 1)]
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps(rows, indent=2) + "\n", f"--json {args.json}", example="plan.json")
     if not plan.ranked and not plan.too_big:
         reasons = "; ".join(f"{n} x {reason}" for reason, n in plan.refused.most_common(3))
         raise ConfigError(
@@ -167,10 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         print(explain(plan.ranked[args.explain - 1], hw))
     best = plan.ranked[0]
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(winner_toml(best))
-        os.replace(tmp, args.out)
+        write_text_atomically(args.out, winner_toml(best), f"--out {args.out}", example="plan.toml")
         print(f"wrote {args.out}: {best.layout.describe()}")
         if not args.no_verify:
             from torchtitan_like.dry_run import dry_run

@@ -15,6 +15,11 @@
   each worker writes its exit status into a folder this launcher names (EXIT_STATUS_DIR_ENV), so a
   finished job is not reported, and requeued, as pre-empted.
 
+Before torchrun starts, the rendezvous endpoint is checked (`check_rendezvous_endpoint`): host[:port] with a
+port in 0..65535 (without one, torchrun's 29400; an IPv6 address in brackets), a fixed port when the job
+has several nodes, and a host that resolves here. torchrun itself would retry an unresolvable host until
+its rendezvous timeout. A bad one is one `error:` line naming run_train.sh's variable, and status 2.
+
 torchrun of torch 2.11 (the oldest torch supported) has no `--shutdown-timeout`: there the option is
 accepted and dropped with a warning naming the fixed grace period the workers get instead.
 """
@@ -25,6 +30,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -32,9 +38,11 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, run
 
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS
+from torchtitan_like.errors import ConfigError
 from torchtitan_like.train import EXIT_STATUS_DIR_ENV
 
 
@@ -70,6 +78,50 @@ def warn_fixed_shutdown_timeout(args: argparse.Namespace) -> None:
         )
 
 
+# torchrun's port for an endpoint without one (torch.distributed.elastic's c10d rendezvous handler).
+DEFAULT_RDZV_PORT = 29400
+
+
+def _endpoint_source(endpoint: str) -> str:
+    """How the user spelled `endpoint`: run_train.sh's variable it came from, else torchrun's option."""
+    if os.environ.get("RDZV_ENDPOINT", "").strip() == endpoint:
+        return f"RDZV_ENDPOINT={endpoint}"
+    addr = os.environ.get("MASTER_ADDR")
+    if addr and endpoint == f"{addr}:{os.environ.get('MASTER_PORT') or 29500}":
+        return f"MASTER_ADDR={addr} (rendezvous {endpoint})"
+    return f"--rdzv-endpoint={endpoint}"
+
+
+def check_rendezvous_endpoint(endpoint: str, nnodes: str) -> None:
+    """Raise ConfigError unless `endpoint` is host[:port] with a usable port and a host that resolves here."""
+    endpoint = endpoint.strip()
+    if not endpoint:
+        return  # torchrun's own default (localhost:29400)
+    name = _endpoint_source(endpoint)
+    try:
+        host, port = parse_rendezvous_endpoint(endpoint, default_port=DEFAULT_RDZV_PORT)
+    except ValueError:
+        raise ConfigError(
+            f"{name} is not host[:port] with a port in 0..65535: use e.g. node0:29500 (an IPv6 address in "
+            "brackets: [::1]:29500)"
+        ) from None
+    max_nodes = nnodes.rsplit(":", 1)[-1]
+    if port == 0 and max_nodes.isdigit() and int(max_nodes) > 1:
+        raise ConfigError(
+            f"{name}: port 0 (a free port picked on one node) cannot be found by the other nodes of NNODES={nnodes}: "
+            f"name a fixed port every node uses, e.g. {host}:29500"
+        )
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        hint = " (an IPv6 address goes in brackets: [::1]:29500)" if ":" in host and not endpoint.startswith("[") else ""
+        raise ConfigError(
+            f"{name}: host {host!r} does not resolve here ({reason}){hint}: name a host every node reaches (usually "
+            "node 0's hostname or address), or on one node unset RDZV_ENDPOINT and MASTER_ADDR"
+        ) from None
+
+
 def _when(failure: Any) -> tuple[float, float]:
     try:
         return (failure.timestamp, os.stat(failure.error_file).st_mtime_ns)
@@ -99,6 +151,12 @@ def _workers_finished(status_dir: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = torchrun_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rdzv_backend != "static":  # (static reads --master-addr / --master-port instead)
+        try:
+            check_rendezvous_endpoint(args.rdzv_endpoint, args.nnodes)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     warn_fixed_shutdown_timeout(args)
     status_dir = tempfile.mkdtemp(prefix="torchtitan_like_exit_")
     previous = os.environ.get(EXIT_STATUS_DIR_ENV)
