@@ -532,3 +532,18 @@ def test_a_toml_file_with_a_utf8_bom_loads(tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
     path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")  # some Windows editors start files with a BOM
     assert load_config(["--job.config_file", str(path)]).training.steps == 7
+
+
+def test_a_key_given_twice_an_empty_file_and_a_nul_character(tmp_path: Path, caplog) -> None:
+    """Accepted but said: a key given twice on the command line (the last wins), a config file that sets
+    nothing. Refused: a NUL character, which no path can hold (open() raised ValueError mid-run)."""
+    empty = write(tmp_path / "empty.toml", "")
+    with caplog.at_level("WARNING", logger="torchtitan_like.config.loader"):
+        cfg = load_file(empty, "--optimizer.lr", "1e-3", "--optimizer.lr", "2e-3", "--training.steps", "5",
+                        "--training.steps", "5")
+    assert cfg.optimizer.lr == 2e-3
+    assert f"config file {empty.resolve()} sets nothing: every key takes its default" in caplog.text
+    assert "--optimizer.lr is given twice on the command line (0.001, then 0.002): the last one wins" in caplog.text
+    assert "training.steps is given twice" not in caplog.text  # (the same value twice changes nothing)
+    nul = write(tmp_path / "nul.toml", '[job]\ndump_folder = "out\\u0000put"\n')
+    assert "job.dump_folder='out\\x00put' contains a NUL character" in config_error(["--job.config_file", str(nul)])

@@ -7,6 +7,7 @@ naming the key and the closest valid name. Nothing is silently dropped or change
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,8 @@ else:  # pragma: no cover
 from torchtitan_like.config.fields import Key, keys, literal_choices, sections, type_name, unwrap_optional
 from torchtitan_like.config.schema import JobConfig
 from torchtitan_like.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -68,6 +71,8 @@ def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, dict
         raise ConfigError(f"config file {p} is not valid UTF-8: {e}") from None
 
     base: dict[str, dict[str, Any]] = {}
+    if not raw:
+        logger.warning("config file %s sets nothing: every key takes its default", p)
     parent = raw.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str):
@@ -262,6 +267,8 @@ def coerce(key: Key, value: Any, *, from_cli: bool) -> Any:
             value.encode("utf-8")
         except UnicodeEncodeError:  # e.g. a Latin-1 file name in argv: config.toml could not hold it
             raise ConfigError(f"{where}={value!r} is not valid UTF-8 (rename the file or folder)") from None
+        if "\x00" in value:  # (no path can hold one: open() would raise a ValueError mid-run)
+            raise ConfigError(f"{where}={value!r} contains a NUL character")
         return value
     raise AssertionError(f"config type {type_name(key.type)} of {key.dotted} has no parser")
 
@@ -398,6 +405,7 @@ def load_config(argv: list[str]) -> JobConfig:
                 if key is None:
                     raise _unknown_key(dotted, origin=str(config_file))
                 values[dotted] = coerce(key, value, from_cli=False)
+    given_on_cli: dict[str, Any] = {}
     for name, raw in overrides:
         target = name
         negated = _negated(name)
@@ -411,7 +419,12 @@ def load_config(argv: list[str]) -> JobConfig:
             raise _unknown_key(name, origin="command line")
         if raw is None:
             raw = "true"
-        values[target] = coerce(key, raw, from_cli=True)
+        value = coerce(key, raw, from_cli=True)
+        if target in given_on_cli and given_on_cli[target] != value:
+            # (A script's overrides followed by the user's: legitimate, but never silently.)
+            logger.warning("--%s is given twice on the command line (%r, then %r): the last one wins", target,
+                           given_on_cli[target], value)
+        given_on_cli[target] = values[target] = value
     for dotted in PATH_KEYS:
         if isinstance(values.get(dotted), str) and values[dotted].startswith("~"):
             values[dotted] = os.path.expanduser(values[dotted])
