@@ -312,3 +312,14 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(tmp_path, caplo
         "the checkpoint resumed is at step 2 and training.steps=2: nothing to train (raise training.steps to continue "
         "the run; a final export is written by the run that reaches training.steps)"
     ]
+
+
+def test_a_stray_file_named_like_a_step_is_replaced_without_leftovers(tmp_path):
+    run = _Model()
+    mgr = run.manager(tmp_path)
+    run.save_at(mgr, 2)
+    (_folder(tmp_path) / "step-4").write_text("not a checkpoint")
+    run.save_at(mgr, 4)
+    mgr.close()
+    assert sorted(p.name for p in _folder(tmp_path).iterdir()) == ["step-2", "step-4"]
+    verify(_folder(tmp_path) / "step-4")

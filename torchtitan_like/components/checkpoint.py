@@ -144,6 +144,9 @@ class TrainState(Stateful):
 
 def _rmtree_quietly(path: Path) -> None:
     try:
+        if path.is_symlink() or not path.is_dir():  # (a stray file named step-N is replaced like a folder)
+            path.unlink()
+            return
         shutil.rmtree(path)
     except FileNotFoundError:
         pass
