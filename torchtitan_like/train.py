@@ -75,16 +75,16 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     except KeyboardInterrupt:
         # Ctrl-C reaches every rank (and torchrun, which forwards it again): stop now, in one line.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        where = f"after step {trainer.step}" if trainer is not None and hasattr(trainer, "checkpointer") else "at start-up"
-        trainer = None  # no close(): it could wait on a save's collectives that interrupted ranks never join
+        run = trainer if trainer is not None else finished
+        where = f"after step {run.step}" if run is not None else "at start-up"
         print(
             f"error: interrupted by SIGINT {where}: stopped without saving (a rerun resumes from the newest "
             "complete checkpoint; SIGTERM or SIGUSR1 stop at a step boundary and save first)",
             file=sys.stderr, flush=True,
         )
-        if _distributed():
+        if _distributed():  # no close(): it could wait on a save's collectives that interrupted ranks never join
             _exit_now(EXIT_INTERRUPTED)
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)  # (alone, close() below finishes a save in flight and unlocks)
         return EXIT_INTERRUPTED
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
