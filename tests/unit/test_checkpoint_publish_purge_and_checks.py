@@ -112,58 +112,49 @@ def test_a_failed_publish_over_an_existing_step_keeps_the_old_one(tmp_path, monk
         assert torch.equal(v, old_weights[k]), k
 
 
-def test_a_replace_killed_between_its_renames_is_restored_at_load(tmp_path):
-    """A kill after step-N was moved aside and before the new one was renamed into place leaves only
-    `step-N.old-*`: the next start puts it back (when it verifies) instead of finding no checkpoint."""
+def _interrupted_replace(dump: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Saves at steps 2 and 4, then leaves what a kill between the two renames of replacing step-4 leaves:
+    only `step-4.old-*`. Returns the checkpoint folder and the step-4 weights."""
     run = _Model()
-    mgr = run.manager(tmp_path)
+    mgr = run.manager(dump)
     run.save_at(mgr, 2)
     run.save_at(mgr, 4)
     mgr.close()
-    folder = _folder(tmp_path)
-    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
-    os.rename(folder / "step-4", folder / "step-4.old-0badc0de-7")  # the state the kill left
-    (folder / "step-2" / "extra").write_text("")  # and a damaged aside copy is never restored:
-    os.rename(folder / "step-2", folder / "step-2.old-0badc0de-6")
+    folder = _folder(dump)
+    os.rename(folder / "step-4", folder / "step-4.old-0badc0de-7")
+    return folder, {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+def _load_and_compare(dump: Path, weights: dict[str, torch.Tensor], **cfg: Any) -> None:
+    """A fresh model loads step 4 from `dump` and ends with `weights`."""
     other = _Model(seed=1)
-    manager = other.manager(tmp_path)
+    manager = other.manager(dump, **cfg)
     try:
         assert manager.load() == 4
     finally:
         manager.close()
-    assert sorted(complete_steps(folder)) == [4]
     for k, v in other.model.state_dict().items():
         assert torch.equal(v, weights[k]), k
+
+
+def test_a_replace_killed_between_its_renames_is_restored_at_load(tmp_path):
+    """A kill after step-N was moved aside and before the new one was renamed into place leaves only
+    `step-N.old-*`: the next start puts it back (when it verifies) instead of finding no checkpoint."""
+    folder, weights = _interrupted_replace(tmp_path)
+    (folder / "step-2" / "extra").write_text("")  # and a damaged aside copy is never restored:
+    os.rename(folder / "step-2", folder / "step-2.old-0badc0de-6")
+    _load_and_compare(tmp_path, weights)
+    assert sorted(complete_steps(folder)) == [4]
 
 
 def test_load_only_reads_an_interrupted_replace_in_place_and_renames_nothing(tmp_path):
     """Evaluating a run (load_only) whose last replace was interrupted: its storage may be read-only or
     still in use, so the aside `step-N.old-*` is loaded where it lies; the folder is left as it was."""
-    run = _Model()
-    mgr = run.manager(tmp_path)
-    run.save_at(mgr, 2)
-    run.save_at(mgr, 4)
-    mgr.close()
-    folder = _folder(tmp_path)
-    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
-    os.rename(folder / "step-4", folder / "step-4.old-0badc0de-7")
+    folder, weights = _interrupted_replace(tmp_path)
     before = sorted(p.name for p in folder.iterdir())
-    other = _Model(seed=1)
-    manager = other.manager(tmp_path, load_only=True)
-    try:
-        assert manager.load() == 4  # the newest step, read from its aside folder
-    finally:
-        manager.close()
+    _load_and_compare(tmp_path, weights, load_only=True)  # the newest step, read from its aside folder
     assert sorted(p.name for p in folder.iterdir()) == before
-    for k, v in other.model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    # A run that saves puts it back, as before.
-    resumed = _Model(seed=2)
-    manager = resumed.manager(tmp_path)
-    try:
-        assert manager.load() == 4
-    finally:
-        manager.close()
+    _load_and_compare(tmp_path, weights)  # a run that saves puts it back, as before
     assert sorted(complete_steps(folder)) == [2, 4]
 
 
