@@ -103,7 +103,8 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
                     candidates = list(known) if not prefix else [s for s in known if s.startswith(prefix)]
                     raise ConfigError(f"{p}: unknown section [{path}]{_closest(path, candidates)}")
                 walk(v, path + ".")
-            elif (path in known or any(s.startswith(path + ".") for s in known)) and not _array_of_tables(v):
+            elif (path in known or any(s.startswith(path + ".") for s in known)) and path not in keys() \
+                    and not _array_of_tables(v):
                 raise ConfigError(f"{p}: '{path}' is a section, not a key: write [{path}] and its keys under it (got {path} = {v!r})")
             elif not prefix:
                 if _array_of_tables(v):
