@@ -76,3 +76,12 @@ def test_a_tied_hf_checkpoint_that_stores_a_copy_of_the_embedding_loads(tmp_path
     tied.init_weights(1)
     _load_into(tied, folder, tmp_path)
     assert torch.equal(tied.tok_embeddings.weight, source.tok_embeddings.weight)
+
+
+def test_tied_hf_weights_without_a_config_into_an_untied_flavor_name_the_tying(tmp_path):
+    folder = _hf_folder_without_config(tmp_path, TransformerArgs(**{**ARGS.__dict__, "tie_word_embeddings": True}))
+    untied = Transformer(ARGS)
+    untied.init_weights(1)
+    with pytest.raises(CheckpointError, match=r"has no lm_head\.weight \(tied embeddings\), but this model\.flavor "
+                       r"has an output head of its own"):
+        _load_into(untied, folder, tmp_path)

@@ -930,6 +930,11 @@ class CheckpointManager:
                 check_initial_load(self.cfg, self.model_args)  # the files and config.json, as the dry run checks
                 full = from_hf(load_hf_safetensors(path), self.model_args)
                 wanted = {k for t in targets for k in t}
+                if wanted - set(full) == {"output.weight"} and not self.model_args.tie_word_embeddings:
+                    raise CheckpointError(
+                        f"{path} has no lm_head.weight (tied embeddings), but this model.flavor has an output head "
+                        "of its own (tie_word_embeddings=false): choose the tied flavor it was trained with"
+                    )
                 if wanted - set(full):
                     raise CheckpointError(f"{path} lacks {sorted(wanted - set(full))[:5]} (model.flavor mismatch?)")
                 # (HF loading is refused under PP: these parts are the whole model.) Without a config.json to
