@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     from torchtitan_like.planner.layout import FEATURES, PlanInputs
     from torchtitan_like.planner.plan import GIB, explain, make_plan, table, winner_toml
 
-    from torchtitan_like.dry_run import check_output_file, write_text_atomically
+    from torchtitan_like.output_files import check_output_file, write_text_atomically
 
     if args.ngpu < 1:
         raise ConfigError(f"--ngpu {args.ngpu} must be >= 1")

@@ -33,40 +33,10 @@ import sys
 from pathlib import Path
 
 from torchtitan_like.errors import ConfigError, TrainerError
+from torchtitan_like.output_files import check_output_file, write_text_atomically
 from torchtitan_like.train import EXIT_CONFIG_OR_DATA, _setup_logging
 
 logger = logging.getLogger("torchtitan_like")
-
-
-def check_output_file(path: Path, name: str, *, example: str = "report.json") -> None:
-    """Raise ConfigError unless `path` can be written as a file: it is no folder, and no file stands where one
-    of its folders would be. `name` is how the user gave it (`--json out.json`, `DRY_RUN_JSON=out.json`)."""
-    if path.is_dir():
-        raise ConfigError(f"{name} is a folder: name the file to write, e.g. {path / example}")
-    for folder in path.parents:
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                raise ConfigError(f"{name}: {folder} is a file, not a folder: choose a path whose folders are "
-                                  "folders or do not exist yet")
-            return
-
-
-def write_text_atomically(path: Path, text: str, name: str, *, example: str = "report.json") -> None:
-    """Write `text` to `path` through a temporary file beside it and a rename, creating the folders: a reader
-    never sees half a file, and a failed write leaves neither the temporary file nor a changed `path`.
-    Raises ConfigError (one line naming `name`) when it cannot."""
-    check_output_file(path, name, example=example)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise ConfigError(f"{name}: cannot write it ({e.strerror or e}): choose a path this user can write") from None
 
 
 def _json_name(path: Path) -> str:

@@ -176,7 +176,7 @@ def test_dry_run_report_path_that_cannot_be_a_file_is_refused_before_the_run(tmp
 
 
 def test_atomic_write_creates_folders_and_leaves_no_temp_file_on_failure(tmp_path: Path, monkeypatch) -> None:
-    from torchtitan_like.dry_run import write_text_atomically
+    from torchtitan_like.output_files import write_text_atomically
     from torchtitan_like.errors import ConfigError
 
     out = tmp_path / "new" / "r.json"
