@@ -20,11 +20,11 @@ import torch
 from harness import run_on_ranks
 from trainer_runs import LAYOUTS, assert_same_training, assert_state_matches_dry_run, series, train_run, trainer_argv
 
-STEPS = 10
+STEPS = 6
 # Float8 against fp32: the loss and first-step grad-norm tolerances of tests/unit/test_float8.py (reasons
 # there). Seen here: loss <= 0.05%, grad norm 0.3% at step 1. The later grad norms are not compared:
 # with the output projection in float8 too (which the default filter keeps in high precision) a
-# spiky step differs by up to 36% (step 8: torch 2.13 one process float8 vs fp32, and torch 2.11).
+# spiky step differs by up to 36% (step 8 of 10: torch 2.13 one process float8 vs fp32, and torch 2.11).
 REL_TOL = 0.015
 GRAD_NORM_FIRST_TOL = 0.01
 TIED = ("--model.flavor", "debugmodel_tied")
@@ -73,11 +73,11 @@ def test_tied_float8_output_with_fsdp_float8_all_gather(reference: dict, tmp_pat
 
 def test_tied_checkpoint_resumes_in_another_layout(reference: dict, tmp_path) -> None:
     dump = tmp_path / "run"
-    every = ("--checkpoint.enable", "--checkpoint.interval", "5")
-    _, crashed = _run("fsdp2xtp2", dump, tmp_path / "a", *every, crash_at_step=6)
+    every = ("--checkpoint.enable", "--checkpoint.interval", "3")
+    _, crashed = _run("fsdp2xtp2", dump, tmp_path / "a", *every, crash_at_step=4)
     assert all(r["crashed"] for r in crashed)
     _, resumed = _run("tp2", dump, tmp_path / "b", *every)
     got = resumed[0]
-    assert [h["step"] for h in got["history"]] == list(range(6, STEPS + 1))
-    tail = {"history": reference["history"][5:], "params": reference["params"]}
+    assert [h["step"] for h in got["history"]] == list(range(4, STEPS + 1))
+    tail = {"history": reference["history"][3:], "params": reference["params"]}
     assert_same_training(got, tail, "fsdp2xtp2 -> tp2 resume", params=got["params"])

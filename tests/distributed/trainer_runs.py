@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan_like.models.llama3.model import _WRAPPER_PARTS
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 20
+STEPS = 10
 
 # name: (world size, CLI overrides). Global batch 8 everywhere; "accumulates" = microbatches per step.
 LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {

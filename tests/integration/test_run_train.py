@@ -30,7 +30,7 @@ def read_metrics(folder: Path) -> list[dict]:
 
 
 def test_debug_model_trains_end_to_end(tmp_path):
-    steps = 60
+    steps = 20
     r = run_train(tmp_path, "--training.steps", str(steps), "--training.seq_len", "128")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
@@ -41,8 +41,9 @@ def test_debug_model_trains_end_to_end(tmp_path):
         assert key in rows[0], key
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
-    # ln(2000) = 7.6 at init; the embedded corpus (Python source) is very learnable.
-    assert first > 6.5 and last < first - 2.0, (first, last)
+    # ln(2000) = 7.6 at init; the embedded corpus (Python source) is very learnable. Seen: 7.97 -> 5.96
+    # (steps 1-5 -> 16-20); a model that does not learn stays near 7.9.
+    assert first > 6.5 and last < first - 1.5, (first, last)
     assert all(r["tps"] > 0 and r["step_time"] > 0 for r in rows)
 
     # The console shows one line per step (log_freq = 1 in debug_model.toml).

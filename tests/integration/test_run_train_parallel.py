@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-STEPS = 10
+STEPS = 6
 # The same global batch (8 x 64 tokens) on every layout: one process accumulates 2 microbatches of
 # 4, FSDP(2) x TP(2) gives each of its 2 data-parallel ranks one microbatch of 4.
 SHORT_RUN = (
