@@ -192,7 +192,7 @@ class Trainer:
         layout and HF config), as the real run does, without reading any weights or training data."""
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
-        self._run_lock: RunLock | None = None
+        self._run_locks: list[RunLock] = []
         recorder = None
         # Before the process groups exist. (A world of one has no peer to fall behind: its failures are not dumped.)
         if not self.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -245,7 +245,7 @@ class Trainer:
             self._build_model_parts()
             return
         # Before anything is written there: one run per output folder (run_lock.py).
-        self._run_lock = self._lock_output_folder()
+        self._run_locks = self._lock_run_folders()
         self._build_data()
         log_ranks(self.device)
         check_collectives(
@@ -474,21 +474,34 @@ class Trainer:
         dump = Path(self.cfg.job.dump_folder)
         return dump / LOAD_ONLY_FOLDER if self.cfg.checkpoint.load_only else dump  # (load_only needs checkpoint.enable)
 
-    def _lock_output_folder(self) -> RunLock | None:
-        """Rank 0 locks the output folder; every rank raises the same ConfigError if it cannot."""
-        lock, error = None, None
+    def _lock_run_folders(self) -> list[RunLock]:
+        """Rank 0 locks the output folder, and the checkpoint folder where it lies outside it (an absolute
+        checkpoint.folder two runs with their own dump folders could share); every rank raises the same
+        ConfigError if it cannot."""
+        locks, error = [], None
         if self.rank == 0:
+            output = self._output_folder()
+            folders = [(output, "job.dump_folder")]
+            ckpt = self.cfg.checkpoint
+            if ckpt.enable and not ckpt.load_only:  # (load_only only reads the checkpoints: it may share them)
+                folder = Path(self.cfg.job.dump_folder) / ckpt.folder
+                if not folder.resolve().is_relative_to(output.resolve()):
+                    folders.append((folder, "checkpoint.folder"))
             try:
-                lock = RunLock.acquire(self._output_folder(), key="job.dump_folder")
+                for folder, key in folders:
+                    locks.append(RunLock.acquire(folder, key=key))
             except ConfigError as e:
                 error = str(e)
+                for lock in locks:
+                    lock.release()
+                locks = []
         if self.world_size > 1:
             box = [error]
             dist.broadcast_object_list(box, src=0)
             error = box[0]
         if error is not None:
             raise ConfigError(error)
-        return lock
+        return locks
 
     def _fingerprint(self) -> dict[str, Any]:
         pd = self.parallel_dims
@@ -880,8 +893,8 @@ class Trainer:
                 self.compile_monitor.close()
             if isinstance(self.dataloader, PrefetchingLoader):
                 self.dataloader.close()
-            if self._run_lock is not None:
-                self._run_lock.release()
+            for lock in self._run_locks:
+                lock.release()
 
 
 class InjectedFault(RuntimeError):

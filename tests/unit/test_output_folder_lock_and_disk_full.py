@@ -63,6 +63,28 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_dead_holder_leaves_
     RunLock.acquire(tmp_path, key="job.dump_folder").release()
 
 
+def test_a_checkpoint_folder_outside_the_dump_folder_is_locked_too(tmp_path, capsys):
+    # Two jobs with dump folders of their own and one absolute checkpoint.folder would resume from and
+    # replace each other's checkpoints as surely as two jobs in one dump folder.
+    shared = tmp_path / "shared_ckpt"
+    holder = _holder(shared, fork=False)
+    try:
+        assert holder.first_line == "locked"
+        run = argv(tmp_path / "b", "--training.steps", "1", "--checkpoint.enable", "--checkpoint.folder", str(shared))
+        assert train.main(run) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {shared} (checkpoint.folder) is in use by another run"), err
+        assert err[0].endswith("or set another checkpoint.folder")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    # The refused run let go of its dump folder; a checkpoint folder inside the dump folder gets no lock file.
+    assert train.main(argv(tmp_path / "b", "--training.steps", "1", "--checkpoint.enable")) == 0
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoint").iterdir()) == ["step-1"]
+    assert train.main(run) == 0
+    assert sorted(p.name for p in shared.iterdir()) == [".run.lock", "step-1"]
+
+
 def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
     # Data loader or compile workers forked by a run must not block its restart after the run died.
     holder = _holder(tmp_path, fork=True)
