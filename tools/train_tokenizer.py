@@ -29,6 +29,8 @@ import regex
 
 from torchtitan_like.components.tokenizer import DEFAULT_TOKENIZER_PATH, LLAMA3_PAT_STR
 from torchtitan_like.data.sources import EmbeddedSource
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.output_files import check_output_file
 
 
 def corpus_chunks(max_bytes: int | None) -> Counter[bytes]:
@@ -117,20 +119,6 @@ def write_tokenizer_model(vocab: list[bytes], path: Path) -> None:
         raise
 
 
-def output_problem(path: Path) -> str | None:
-    """Why --output cannot be written, checked before training (seconds to minutes) rather than after."""
-    if path.is_dir():
-        return f"--output {path} is a folder: give the file to write, e.g. {path / 'tokenizer.model'}"
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"--output {path}: {parent} is a file, not a folder: pick another output path"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"--output {path}: {parent} is not writable: pick another output path"
-            return None
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, or 2 with one error line (a bad argument, a corpus too small, an unwritable output)."""
     parser = argparse.ArgumentParser(prog="tools/train_tokenizer.py", description=__doc__.splitlines()[0])
@@ -143,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                      "(e.g. 1744, the default)")
     if args.max_mb is not None and not (math.isfinite(args.max_mb) and args.max_mb > 0):
         parser.error(f"--max-mb {args.max_mb} must be a positive number of megabytes (leave it out for all the corpus)")
-    problem = output_problem(args.output)
-    if problem:
-        parser.error(problem)
+    try:  # before training (seconds to minutes) rather than after
+        check_output_file(args.output, f"--output {args.output}", example="tokenizer.model")
+    except ConfigError as e:
+        parser.error(str(e))
     t0 = time.perf_counter()
     counts = corpus_chunks(None if args.max_mb is None else int(args.max_mb * 1e6))
     t1 = time.perf_counter()

@@ -11,8 +11,9 @@ from torchtitan_like.errors import ConfigError
 
 
 def check_output_file(path: Path, name: str, *, example: str = "report.json") -> None:
-    """Raise ConfigError unless `path` can be written as a file: it is no folder, and no file stands where one
-    of its folders would be. `name` is how the user gave it (`--json out.json`, `DRY_RUN_JSON=out.json`)."""
+    """Raise ConfigError unless `path` can be written as a file: it is no folder, no file stands where one
+    of its folders would be, and the nearest existing folder is writable. `name` is how the user gave it
+    (`--json out.json`, `DRY_RUN_JSON=out.json`)."""
     if path.is_dir():
         raise ConfigError(f"{name} is a folder: name the file to write, e.g. {path / example}")
     for folder in path.parents:
@@ -20,6 +21,8 @@ def check_output_file(path: Path, name: str, *, example: str = "report.json") ->
             if not folder.is_dir():
                 raise ConfigError(f"{name}: {folder} is a file, not a folder: choose a path whose folders are "
                                   "folders or do not exist yet")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"{name}: {folder} is not writable by this user: choose a path this user can write")
             return
 
 

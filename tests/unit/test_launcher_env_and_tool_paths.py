@@ -175,6 +175,17 @@ def test_dry_run_report_path_that_cannot_be_a_file_is_refused_before_the_run(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "somefolder"]  # no .tmp left behind
 
 
+def test_an_output_under_a_folder_this_user_cannot_write_is_refused_before_the_work(tmp_path: Path, monkeypatch) -> None:
+    from torchtitan_like.errors import ConfigError
+    from torchtitan_like.output_files import check_output_file
+
+    check_output_file(tmp_path / "new" / "r.json", "--json r.json")  # (the nearest existing folder: tmp_path)
+    # (Simulated: root, who runs this suite here, may write anywhere.)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=rf"^--json r.json: {tmp_path} is not writable by this user: choose a path"):
+        check_output_file(tmp_path / "new" / "r.json", "--json r.json")
+
+
 def test_atomic_write_creates_folders_and_leaves_no_temp_file_on_failure(tmp_path: Path, monkeypatch) -> None:
     from torchtitan_like.output_files import write_text_atomically
     from torchtitan_like.errors import ConfigError

@@ -179,7 +179,7 @@ def tok():
         (["--max-mb", "-1"], "--max-mb -1.0 must be a positive number"),
         (["--max-mb", "nan"], "--max-mb nan must be a positive number"),
         (["--output", "{file}/tokenizer.model"], "is a file, not a folder"),
-        (["--output", "{dir}"], "is a folder: give the file to write"),
+        (["--output", "{dir}"], "is a folder: name the file to write"),
         (["--max-mb", "0.005", "--base-tokens", "100000"], "corpus too small"),
     ],
 )
