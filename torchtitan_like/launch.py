@@ -47,8 +47,13 @@ from torchtitan_like.train import EXIT_STATUS_DIR_ENV
 
 
 def _first_line(message: object) -> str:
+    """The first line of a worker's recorded error; with the next one where the first is only a heading
+    ("RuntimeError:", as torch's pipelining errors begin)."""
     text = message.get("message", "") if isinstance(message, dict) else str(message or "")
-    return text.strip().splitlines()[0] if text.strip() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
 
 
 # torchrun's fixed grace period where it has no --shutdown-timeout (torch.distributed.elastic's

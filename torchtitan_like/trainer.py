@@ -80,7 +80,7 @@ from torchtitan_like.distributed.pipeline import (
     split_model,
 )
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from torchtitan_like.distributed.tensor_parallel import match_grad_placements
+from torchtitan_like.distributed.tensor_parallel import match_grad_placements, settle_grad_placements
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
 from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
@@ -193,6 +193,7 @@ class Trainer:
         self.cfg = cfg
         self.dry_run = dry_run_device is not None
         self._run_locks: list[RunLock] = []
+        self._tp_grad_hooks = False  # match_grad_placements hooked the parameters (TP without data parallel)
         recorder = None
         # Before the process groups exist. (A world of one has no peer to fall behind: its failures are not dumped.)
         if not self.dry_run and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -455,6 +456,7 @@ class Trainer:
                     self.parallel_dims.fsdp_enabled or self.parallel_dims.dp_replicate_enabled
                 ):
                     match_grad_placements(part)
+                    self._tp_grad_hooks = True
             part.train()
             self.model_parts.append(part)
 
@@ -664,6 +666,8 @@ class Trainer:
                 self.pipeline.step(inputs, labels, losses, denominator=total_tokens)
             for loss in losses:
                 loss_sum += _plain(loss.detach()).to(torch.float64)
+        if self._tp_grad_hooks:  # (a zero-bubble schedule, or a CSV one with W actions, wrote weight gradients itself)
+            settle_grad_placements(self.model_parts)
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the compute clock reads CUDA events
         self._pp_time_s += time.perf_counter() - t0

@@ -81,7 +81,11 @@ def test_pp_composes_with_fsdp_and_tp(layout: str, reference: dict, tmp_path: Pa
     world, _ = LAYOUTS[layout]
     # pp2 x fsdp2 runs the interleaved schedule (2 stages per rank, each its own FSDP root), with the
     # last stage's loss chunked over the sequence (its forward stops before `output`, the loss applies it).
-    schedule, chunk = ("Interleaved1F1B", ("--training.loss_chunk_size", "16")) if layout == "pp2xfsdp2" else ("1F1B", ())
+    # pp2 x tp2 runs a zero-bubble schedule: its input backward frees each stage output's graph in place,
+    # which a stage under TP once returned as a view (tensor_parallel.py: _settle_stage_output).
+    schedule, chunk = (
+        ("Interleaved1F1B", ("--training.loss_chunk_size", "16")) if layout == "pp2xfsdp2" else ("InterleavedZeroBubble", ())
+    )
     argv = trainer_argv(
         tmp_path / "run", layout, "--parallelism.pipeline_parallel_schedule", schedule, *chunk, steps=STEPS
     )

@@ -157,3 +157,13 @@ def test_setup_sh_keeps_exactly_the_torch_builds_that_pip_keeps(tmp_path):
     # (Today: ['2.11.0a0+git5a1b2c3']: setup.sh prints nothing and skips its pinned install, then
     # `pip install -e .` finds torch>=2.11 unmet and pulls torch 2.13 from the index into .venv.)
     assert differ == [], differ
+
+
+def test_a_worker_error_whose_message_starts_on_its_second_line_is_still_named() -> None:
+    from torchtitan_like.launch import _first_line
+
+    # torch's pipelining errors begin with a newline: the 'rank R exited' line said only "RuntimeError:".
+    recorded = {"message": "RuntimeError: \n        Failed to run stage backward input:\n        Stage output: (...)"}
+    assert _first_line(recorded) == "RuntimeError: Failed to run stage backward input:"
+    assert _first_line({"message": "ValueError: bad value\nmore"}) == "ValueError: bad value"
+    assert _first_line({"message": "  \n"}) == "" and _first_line(None) == ""

@@ -60,6 +60,14 @@ def _settle_stage_input(module: nn.Module, args: tuple) -> tuple:
     return (h.clone() if isinstance(h, DTensor) else h, *rest)
 
 
+def _settle_stage_output(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+    """A pipeline stage's output leaves as a tensor of its own, not the view of the DTensor's local shard
+    that `to_local()` returns: the zero-bubble schedules free a stage's output graph after the input
+    backward with an in-place `detach_()`, which autograd refuses on a view ("Can't detach views
+    in-place"). Nothing is saved for the copy's backward, so the shard it copies is not kept alive."""
+    return output.clone() if output._is_view() else output
+
+
 def apply_tp(
     model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, async_tp: bool, float8: bool = False
 ) -> None:
@@ -111,6 +119,7 @@ def apply_tp(
             model, tp_mesh,
             PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Shard(1), use_local_output=True),
         )
+        model.register_forward_hook(_settle_stage_output)  # runs after PrepareModuleOutput's hook
     if tied:
         # parallelize_module made a separate DTensor parameter for each module; both are
         # Shard(0) over the vocab (row-wise embedding, column-wise output), so they can be one again.
@@ -219,6 +228,16 @@ def match_grad_placements(model: nn.Module) -> int:
             p.register_post_accumulate_grad_hook(_match_grad_placements)
             count += 1
     return count
+
+
+def settle_grad_placements(parts: list[nn.Module]) -> None:
+    """What match_grad_placements' hook does, for gradients written without autograd's accumulation: a
+    zero-bubble pipeline schedule's weight backward computes the weights' gradients itself and assigns
+    or adds them to `.grad` (torch.distributed.pipelining), so no post-accumulate hook runs and the
+    norm weights' gradients stayed Partial. Call after the backward, before the clip."""
+    for part in parts:
+        for p in part.parameters():
+            _match_grad_placements(p)
 
 
 def _match_grad_placements(p: torch.Tensor) -> None:
