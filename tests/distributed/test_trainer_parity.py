@@ -83,3 +83,27 @@ def test_trainer_matches_one_process(layout: str, reference: dict, tmp_path) -> 
         )
     # The state memory each rank held is what the dry run and the planner say it holds.
     assert_state_matches_dry_run(argv, world, ranks, check_ranks=sorted({0, world - 1}))
+
+
+# Compiled TP blocks with whole-block activation checkpoints: torch 2.13 could not compile a checkpointed
+# DTensor block (parallelize.py), so the checkpoint wraps the compiled block there. Block 1 of 2, 3, ...
+# under selective "2": checkpointed and plain compiled blocks side by side, under FSDP too.
+TP_AC_COMPILE = {
+    "tp2_full": ("tp2", ("--activation_checkpoint.mode", "full")),
+    "fsdp2xtp2_every_2nd": (
+        "fsdp2xtp2", ("--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TP_AC_COMPILE))
+def test_compiled_tp_blocks_with_activation_checkpoints_match_one_process(case: str, reference: dict, tmp_path) -> None:
+    from trainer_runs import assert_same_training
+
+    layout, ac = TP_AC_COMPILE[case]
+    world, _ = LAYOUTS[layout]
+    argv = trainer_argv(tmp_path / "run", layout, *ac, "--compile.enable", "--compile.backend", "aot_eager", steps=STEPS)
+    ranks = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
+    for r, out in enumerate(ranks):
+        assert_same_training(out, reference, f"{case} rank {r}")
+    assert_same_training(ranks[0], reference, case, params=ranks[0]["params"])

@@ -10,7 +10,12 @@
    dp_shard x cp, so the cp ranks' partial gradients are summed by its reduce-scatter;
    (the pipeline split happens before this file: with PP it is called once per model part);
 3. activation checkpointing: wraps each block, so compile traces the recomputation too;
-4. torch.compile per block (fullgraph), on the (checkpoint-wrapped) TP block;
+4. torch.compile per block (fullgraph), on the (checkpoint-wrapped) TP block. Except where a TP
+   block is checkpointed whole (full AC, or selective every N blocks): there each block is compiled
+   first and the checkpoint wraps the compiled block, because torch 2.13 cannot compile a
+   checkpointed DTensor block (its partitioner saves the DeviceMesh for backward among the tensors:
+   "expected all tensors_saved_with_vc_check to be Tensors"). The recomputation then runs the
+   compiled forward again;
 5. data parallel last, because FSDP2 shards whatever parameters it finds (plain or TP DTensors):
    FSDP / HSDP (fully_shard per block, then [norm, output], then the root), or DDP (replicate)
    when the only data-parallel dim is dp_replicate. Its hooks wrap the compiled blocks from outside.
@@ -24,7 +29,7 @@ from __future__ import annotations
 import logging
 
 from torchtitan_like.config.schema import ActivationCheckpoint, Compile, Parallelism, Training
-from torchtitan_like.distributed.activation_checkpoint import apply_ac
+from torchtitan_like.distributed.activation_checkpoint import apply_ac, parse_selective_option
 from torchtitan_like.distributed.compile import apply_compile
 from torchtitan_like.distributed.fsdp import apply_ddp, apply_fsdp
 from torchtitan_like.distributed.parallel_dims import ParallelDims
@@ -73,10 +78,23 @@ def parallelize_llama(
             float8=float8_tensorwise,
         )
 
-    if activation_checkpoint is not None:
-        apply_ac(model, activation_checkpoint)
-    if compile_config is not None and compile_config.enable and "model" in compile_config.components:
+    compile_model = compile_config is not None and compile_config.enable and "model" in compile_config.components
+    whole_blocks = activation_checkpoint is not None and (
+        activation_checkpoint.mode == "full"
+        or (activation_checkpoint.mode == "selective" and parse_selective_option(activation_checkpoint.selective_ac_option))
+    )
+    if compile_model and whole_blocks and parallel_dims.tp_enabled:
+        assert compile_config is not None and activation_checkpoint is not None
         apply_compile(model, backend=compile_config.backend)
+        apply_ac(model, activation_checkpoint)
+        logger.info("the activation checkpoints wrap the compiled TP blocks (torch cannot compile a checkpointed "
+                    "DTensor block: parallelize.py)")
+    else:
+        if activation_checkpoint is not None:
+            apply_ac(model, activation_checkpoint)
+        if compile_model:
+            assert compile_config is not None
+            apply_compile(model, backend=compile_config.backend)
 
     mp = {
         "param_dtype": param_dtype(training.mixed_precision_param, device_type),
