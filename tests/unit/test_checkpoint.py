@@ -655,8 +655,11 @@ def test_hf_import_export_under_pipeline_parallel_is_refused_before_any_build(ke
         "--parallelism.pipeline_parallel_degree", "2", "--checkpoint.enable", f"--checkpoint.{key}",
         "--checkpoint.initial_load_path", "/hf/llama",
     ])
+    # An import converts the HF folder into DCP first; an export converts a saved step afterwards.
+    how = r"convert the Hugging Face folder into a DCP checkpoint first \(tools/checkpoint\.py convert HF_FOLDER" if key == \
+        "initial_load_in_hf" else r"export a saved DCP checkpoint afterwards \(tools/checkpoint\.py convert STEP_FOLDER"
     with pytest.raises(ConfigError, match=rf"checkpoint\.{key}=true with parallelism\.pipeline_parallel_degree=2: "
-                                          r"Hugging Face import/export is not supported.*tools/checkpoint\.py convert"):
+                                          rf"Hugging Face import/export is not supported.*; set checkpoint\.{key}=false and {how}"):
         check_job(cfg, world_size=2)
     cfg.checkpoint.initial_load_in_hf = cfg.checkpoint.last_save_in_hf = False
     assert check_job(cfg, world_size=2).pp_plan is not None

@@ -78,8 +78,8 @@ def test_chunking_is_refused_with_loss_parallel_only() -> None:
     pd = ParallelDims.from_config(Parallelism(tensor_parallel_degree=2, data_parallel_shard_degree=1), 2)
     with pytest.raises(ConfigError) as e:
         pd.validate(model_args=LLAMA3_FLAVORS["debugmodel"], training=chunked)
-    assert "training.loss_chunk_size=16 does not work with this layout" in str(e.value)
-    assert "loss parallel already keeps the logits" in str(e.value)
+    assert "training.loss_chunk_size=16 does not work with loss parallel" in str(e.value)
+    assert "already keeps the logits sharded on the vocabulary: set it to 0, or set parallelism.disable_loss_parallel=true" in str(e.value)
     # Without loss parallel, TP gathers the logits and chunking applies; under PP the last stage chunks
     # (tests/distributed/test_pipeline.py trains it).
     for ok in (

@@ -241,7 +241,7 @@ def test_float8_all_gather_needs_fsdp():
     with pytest.raises(ConfigError) as e:
         Float8Converter(Float8(enable_fsdp_float8_all_gather=True), parallel_dims=_one_process(), device=CPU)
     msg = str(e.value)
-    assert "enable_fsdp_float8_all_gather=true needs FSDP" in msg and "data_parallel_shard_degree > 1" in msg
+    assert "enable_fsdp_float8_all_gather=true needs FSDP" in msg and "data_parallel_shard_degree x context_parallel_degree > 1; this layout has 1 x 1" in msg
 
 
 def test_gpu_without_float8_stops_unless_emulated(monkeypatch):

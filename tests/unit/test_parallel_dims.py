@@ -186,7 +186,7 @@ def test_local_batch_must_be_positive() -> None:
 def test_cpu_offload_needs_fsdp() -> None:
     pd = _dims(2, data_parallel_replicate_degree=2, data_parallel_shard_degree=1)
     msg = _error(pd.validate, model_args=DEBUG, training=Training(enable_cpu_offload=True))
-    assert "training.enable_cpu_offload=true needs FSDP (data_parallel_shard_degree > 1)" in msg
+    assert "training.enable_cpu_offload=true needs FSDP (data_parallel_shard_degree x context_parallel_degree > 1)" in msg
     _dims(2).validate(model_args=DEBUG, training=Training(enable_cpu_offload=True))
 
 

@@ -1008,10 +1008,15 @@ def check_checkpoint_config(cfg: Checkpoint, *, pp: int = 1) -> None:
     hf = [k for k in ("initial_load_in_hf", "last_save_in_hf") if getattr(cfg, k)]
     if pp > 1 and hf:
         # Refused at start, not when the last save of a long run reaches the export.
+        how = (
+            "convert the Hugging Face folder into a DCP checkpoint first (tools/checkpoint.py convert HF_FOLDER "
+            "DCP_FOLDER --hf --flavor F) and load that with checkpoint.initial_load_path"
+            if hf[0] == "initial_load_in_hf" else
+            "export a saved DCP checkpoint afterwards (tools/checkpoint.py convert STEP_FOLDER OUT_FOLDER --hf --flavor F)"
+        )
         raise ConfigError(
             f"checkpoint.{hf[0]}=true with parallelism.pipeline_parallel_degree={pp}: Hugging Face import/export "
-            f"is not supported under pipeline parallel; set checkpoint.{hf[0]}=false and convert the DCP checkpoint "
-            f"offline with tools/checkpoint.py convert"
+            f"is not supported under pipeline parallel; set checkpoint.{hf[0]}=false and {how}"
         )
 
 

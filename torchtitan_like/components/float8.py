@@ -137,8 +137,8 @@ class Float8Converter:
         if cfg.enable_fsdp_float8_all_gather and not parallel_dims.fsdp_enabled:
             raise ConfigError(
                 "quantize.linear.float8.enable_fsdp_float8_all_gather=true needs FSDP (parameters sharded over "
-                f"data_parallel_shard_degree > 1; this layout has {parallel_dims.dp_shard}): set it to false or "
-                "shard the model"
+                "data_parallel_shard_degree x context_parallel_degree > 1; this layout has "
+                f"{parallel_dims.dp_shard} x {parallel_dims.cp}): set it to false or shard the model"
             )
         autocast = param_dtype != torch.float32 and not (parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled)
         if cfg.recipe_name == "rowwise_with_gw_hp" and autocast and device.type == "cpu":

@@ -212,7 +212,7 @@ class Float8:
     recipe_name: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
     """torchao float8 recipe: tensorwise (one scale per tensor), rowwise, or rowwise_with_gw_hp (grad_weight in high precision)."""
     enable_fsdp_float8_all_gather: bool = False
-    """FSDP all-gathers the weights in float8 (tensorwise only; needs data_parallel_shard_degree > 1)."""
+    """FSDP all-gathers the weights in float8 (tensorwise only; needs FSDP: data_parallel_shard_degree x context_parallel_degree > 1)."""
     precompute_float8_dynamic_scale_for_fsdp: bool = False
     """Compute every weight's float8 scale in one all-reduce after optimizer.step (needs enable_fsdp_float8_all_gather)."""
     filter_fqns: list[str] = field(default_factory=lambda: ["output"])

@@ -188,14 +188,14 @@ class ParallelDims:
             )
         if training.loss_chunk_size and self.loss_parallel_enabled:
             raise ConfigError(
-                f"training.loss_chunk_size={training.loss_chunk_size} does not work with this layout: loss parallel "
-                "already keeps the logits sharded on the vocabulary (or set parallelism.disable_loss_parallel=true "
-                "to chunk the gathered logits instead); set it to 0"
+                f"training.loss_chunk_size={training.loss_chunk_size} does not work with loss parallel, which already "
+                "keeps the logits sharded on the vocabulary: set it to 0, or set parallelism.disable_loss_parallel=true "
+                "to chunk the gathered logits instead"
             )
         resolve_global_batch("training", training.local_batch_size, training.global_batch_size, self.dp_degree)
         if training.enable_cpu_offload and not self.fsdp_enabled:
             raise ConfigError(
-                "training.enable_cpu_offload=true needs FSDP (data_parallel_shard_degree > 1); "
+                "training.enable_cpu_offload=true needs FSDP (data_parallel_shard_degree x context_parallel_degree > 1); "
                 "set it to false or shard the model"
             )
 
