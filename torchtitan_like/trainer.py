@@ -666,7 +666,7 @@ class Trainer:
                 self.pipeline.step(inputs, labels, losses, denominator=total_tokens)
             for loss in losses:
                 loss_sum += _plain(loss.detach()).to(torch.float64)
-        if self._tp_grad_hooks:  # (a zero-bubble schedule, or a CSV one with W actions, wrote weight gradients itself)
+        if self._tp_grad_hooks and self.pipeline.plan.splits_backward:  # (the schedule wrote weight gradients itself)
             settle_grad_placements(self.model_parts)
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the compute clock reads CUDA events

@@ -125,6 +125,9 @@ class PipelinePlan:
     microbatch_size: int
     n_microbatches: int
     """Microbatches per schedule step (= training.local_batch_size // microbatch_size)."""
+    splits_backward: bool = False
+    """Each backward runs as an input part and a weight part (zero-bubble schedules, a CSV with I/W
+    actions): the weight part assigns the weights' `.grad` itself, without autograd's accumulate hooks."""
 
     @property
     def num_stages(self) -> int:
@@ -333,6 +336,7 @@ def plan_pipeline(
         stage_ranks=tuple(stage_ranks),
         microbatch_size=mbs,
         n_microbatches=n_mb,
+        splits_backward=splits_backward,
     )
 
 
