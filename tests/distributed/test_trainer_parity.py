@@ -102,8 +102,16 @@ def test_compiled_tp_blocks_with_activation_checkpoints_match_one_process(case: 
 
     layout, ac = TP_AC_COMPILE[case]
     world, _ = LAYOUTS[layout]
-    argv = trainer_argv(tmp_path / "run", layout, *ac, "--compile.enable", "--compile.backend", "aot_eager", steps=STEPS)
+    argv = trainer_argv(tmp_path / "run", layout, *ac, "--compile.enable", "--compile.backend", "aot_eager",
+                        "--checkpoint.enable", steps=STEPS)
     ranks = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
     for r, out in enumerate(ranks):
         assert_same_training(out, reference, f"{case} rank {r}")
     assert_same_training(ranks[0], reference, case, params=ranks[0]["params"])
+    # The final save holds the block's own names, which every other layout loads: a checkpoint wrapping a
+    # compiled module once saved them as "layers.0._orig_mod.attention.wq.weight".
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(tmp_path / "run" / "checkpoint" / f"step-{STEPS}")).read_metadata()
+    names = {k.removeprefix("model.") for k in saved.state_dict_metadata}
+    assert names == set(reference["params"]), sorted(names ^ set(reference["params"]))[:4]

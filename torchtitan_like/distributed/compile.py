@@ -30,16 +30,29 @@ from torchtitan_like.models.llama3.model import Transformer
 logger = logging.getLogger(__name__)
 
 
-def apply_compile(model: Transformer, *, backend: str) -> None:
+def apply_compile(model: Transformer, *, backend: str, under_checkpoints: bool = False) -> None:
     """Replace every block of `model` by its torch.compile'd module (fullgraph), in place.
 
     The compiled module wraps the block as `_orig_mod`; state dicts and init_weights strip that
     part of the names again.
+
+    under_checkpoints: a block that an activation checkpoint wraps is compiled inside the wrapper
+    instead (`nn.Module.compile`, in place), so the checkpoint runs, and recomputes, the compiled
+    block. The names stay the block's: a checkpoint wrapper around a compiled module would put
+    `_orig_mod` into them (torch strips it only from a compiled module's own children), and the
+    checkpoints saved would read `layers.0._orig_mod.attention.wq.weight`.
     """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    inside = 0
     for layer_id, block in list(model.layers.items()):
-        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=True))
-    logger.info("compiling each of the %d transformer blocks with torch.compile (backend %s, fullgraph)",
-                len(model.layers), backend)
+        if under_checkpoints and isinstance(block, CheckpointWrapper):
+            block._checkpoint_wrapped_module.compile(backend=backend, fullgraph=True)
+            inside += 1
+        else:
+            model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=True))
+    logger.info("compiling each of the %d transformer blocks with torch.compile (backend %s, fullgraph%s)",
+                len(model.layers), backend, f"; {inside} inside their activation checkpoint" if inside else "")
 
 
 def compile_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:

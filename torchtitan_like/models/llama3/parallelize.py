@@ -11,11 +11,11 @@
    (the pipeline split happens before this file: with PP it is called once per model part);
 3. activation checkpointing: wraps each block, so compile traces the recomputation too;
 4. torch.compile per block (fullgraph), on the (checkpoint-wrapped) TP block. Except where a TP
-   block is checkpointed whole (full AC, or selective every N blocks): there each block is compiled
-   first and the checkpoint wraps the compiled block, because torch 2.13 cannot compile a
-   checkpointed DTensor block (its partitioner saves the DeviceMesh for backward among the tensors:
-   "expected all tensors_saved_with_vc_check to be Tensors"). The recomputation then runs the
-   compiled forward again;
+   block is checkpointed whole (full AC, or selective every N blocks): there the block is compiled
+   inside its checkpoint wrapper (in place, so its names do not change), because torch 2.13 cannot
+   compile a checkpointed DTensor block (its partitioner saves the DeviceMesh for backward among
+   the tensors: "expected all tensors_saved_with_vc_check to be Tensors"). The recomputation then
+   runs the compiled forward again;
 5. data parallel last, because FSDP2 shards whatever parameters it finds (plain or TP DTensors):
    FSDP / HSDP (fully_shard per block, then [norm, output], then the root), or DDP (replicate)
    when the only data-parallel dim is dp_replicate. Its hooks wrap the compiled blocks from outside.
@@ -83,18 +83,15 @@ def parallelize_llama(
         activation_checkpoint.mode == "full"
         or (activation_checkpoint.mode == "selective" and parse_selective_option(activation_checkpoint.selective_ac_option))
     )
-    if compile_model and whole_blocks and parallel_dims.tp_enabled:
-        assert compile_config is not None and activation_checkpoint is not None
-        apply_compile(model, backend=compile_config.backend)
+    if activation_checkpoint is not None:
         apply_ac(model, activation_checkpoint)
-        logger.info("the activation checkpoints wrap the compiled TP blocks (torch cannot compile a checkpointed "
-                    "DTensor block: parallelize.py)")
-    else:
-        if activation_checkpoint is not None:
-            apply_ac(model, activation_checkpoint)
-        if compile_model:
-            assert compile_config is not None
-            apply_compile(model, backend=compile_config.backend)
+    if compile_model:
+        assert compile_config is not None
+        under_checkpoints = whole_blocks and parallel_dims.tp_enabled
+        apply_compile(model, backend=compile_config.backend, under_checkpoints=under_checkpoints)
+        if under_checkpoints:
+            logger.info("the activation checkpoints wrap the compiled TP blocks (torch cannot compile a checkpointed "
+                        "DTensor block: parallelize.py)")
 
     mp = {
         "param_dtype": param_dtype(training.mixed_precision_param, device_type),
