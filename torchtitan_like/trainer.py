@@ -59,7 +59,7 @@ from torchtitan_like.config.validate import ignored_settings
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.data.prefetch import PrefetchingLoader
 from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
-from torchtitan_like.distributed.compile import CompileMonitor, compile_loss
+from torchtitan_like.distributed.compile import CompileMonitor, compile_loss, separate_compile_caches
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
 from torchtitan_like.distributed.health import (
     check_collectives,
@@ -235,6 +235,11 @@ class Trainer:
             # init_device_mesh makes its groups with torch's default timeout (gloo 1800 s, NCCL 600 s), not
             # the default group's: the start-up timeout holds for them too until the first step ends.
             set_pg_timeouts(self.parallel_dims, cfg.comm.init_timeout_seconds)
+            meshes = named_meshes(self.parallel_dims)
+            if cfg.compile.enable and meshes:
+                # Before anything compiles: compiled code names its process groups (distributed/compile.py).
+                tag = separate_compile_caches({d: m.get_group().group_name for d, m in meshes.items()})
+                logger.info("torch.compile caches keyed by this rank's process groups (cache_key_tag %r)", tag)
         self.grad_accum = grad_accum_steps(cfg.training, self.parallel_dims.dp_degree)
         if self.dry_run:
             check_optimizer(cfg.optimizer, device_type=self.device.type)

@@ -174,3 +174,20 @@ def test_async_tp_on_a_cpu_job_is_refused_before_anything_is_built(monkeypatch):
     argv = ["--parallelism.tensor_parallel_degree", "2", "--compile.enable", "--parallelism.enable_async_tensor_parallel"]
     with pytest.raises(ConfigError, match=r"enable_async_tensor_parallel=true needs CUDA .*not cpu"):
         dry_run(argv, world_size=2, rank=0, device="cpu")
+
+
+def test_compile_caches_are_keyed_by_process_group_names_after_the_users_tag(monkeypatch):
+    import torch.compiler.config
+
+    from torchtitan_like.distributed.compile import CACHE_KEY_TAG_ENV, separate_compile_caches
+
+    before = torch.compiler.config.cache_key_tag
+    try:
+        monkeypatch.delenv(CACHE_KEY_TAG_ENV, raising=False)
+        assert separate_compile_caches({"tp": "4", "dp_shard": "2"}) == "process groups dp_shard=2,tp=4"
+        assert torch.compiler.config.cache_key_tag == "process groups dp_shard=2,tp=4"
+        # A second trainer in the process replaces the tag rather than adding to it; a user's own tag stays first.
+        monkeypatch.setenv(CACHE_KEY_TAG_ENV, "mine")
+        assert separate_compile_caches({"tp": "3"}) == "mine;process groups tp=3"
+    finally:
+        torch.compiler.config.cache_key_tag = before

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -53,6 +54,29 @@ def apply_compile(model: Transformer, *, backend: str, under_checkpoints: bool =
             model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=True))
     logger.info("compiling each of the %d transformer blocks with torch.compile (backend %s, fullgraph%s)",
                 len(model.layers), backend, f"; {inside} inside their activation checkpoint" if inside else "")
+
+
+CACHE_KEY_TAG_ENV = "TORCH_COMPILE_CACHE_KEY_TAG"
+"""torch's own variable for torch.compiler.config.cache_key_tag; a user's value is kept in front of ours."""
+
+
+def separate_compile_caches(group_names: dict[str, str]) -> str:
+    """Key torch.compile's on-disk caches by this process's process-group names; returns the tag.
+
+    Compiled collectives (TP's all-reduces, float8's amax all-reduce, ...) name their process group
+    in the generated code, and these names differ between ranks: the TP group of ranks 0-1 is "3",
+    that of ranks 2-3 is "4". torch 2.13 leaves the group out of its FX graph and AOTAutograd cache
+    keys, so once a run has filled the cache (/tmp/torchinductor_$USER, shared by every rank on a
+    node), the next run on that node, a resume, loads one rank's code into every rank: "Could not
+    resolve the process group registered under the name 3" on the others, or a collective over another
+    group of that name. Adding {mesh dim: group name} to torch.compiler.config.cache_key_tag (part of
+    both keys) shares a cached graph only between processes whose groups have the same names."""
+    import torch.compiler.config
+
+    base = os.environ.get(CACHE_KEY_TAG_ENV, "")
+    ours = "process groups " + ",".join(f"{dim}={name}" for dim, name in sorted(group_names.items()))
+    torch.compiler.config.cache_key_tag = f"{base};{ours}" if base else ours
+    return torch.compiler.config.cache_key_tag
 
 
 def compile_loss(loss_fn: Callable[..., torch.Tensor], *, backend: str) -> Callable[..., torch.Tensor]:
