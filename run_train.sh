@@ -20,7 +20,10 @@
 #                    runs on the meta device, it reports the rank's parameter/gradient/optimizer bytes and
 #                    exits without training (DRY_RUN_DEVICE: cuda (default) or cpu; DRY_RUN_JSON: write
 #                    the report there; DRY_RUN_SKIP_FILES=1: do not check the tokenizer, dataset and
-#                    initial checkpoint files, when this machine lacks them; 0, the default: check them).
+#                    initial checkpoint files, when this machine lacks them; 0, the default: check them;
+#                    DRY_RUN_STEP_CHECK=1: then train the job's features and layout, shrunk to the debug model
+#                    on at most DRY_RUN_STEP_CHECK_RANKS CPU processes (default 8), for 2 steps, saving and
+#                    resuming where the job does: it catches what fails at the first step; 0, the default: skip).
 #                    Unset: a real run.
 # Every variable is checked before anything starts: a bad value is one `error: VAR=value ...` line, exit 2.
 # Numbers are decimal (a leading zero is not octal: NGPU=08 is 8).
@@ -97,6 +100,19 @@ case "${COMM_MODE:-}" in
       *)
         echo "error: DRY_RUN_SKIP_FILES=$DRY_RUN_SKIP_FILES must be 1 (skip the tokenizer, dataset and initial" \
           "checkpoint file checks) or 0 (check them, the default)" >&2
+        exit 2
+        ;;
+    esac
+    case "${DRY_RUN_STEP_CHECK:-0}" in
+      0) ;;
+      1)
+        DRY_RUN_STEP_CHECK_RANKS=${DRY_RUN_STEP_CHECK_RANKS:-8}
+        need_int DRY_RUN_STEP_CHECK_RANKS 1 "" "the CPU processes the step check may start (default 8)"
+        extra+=(--step-check --step-check-ranks "$DRY_RUN_STEP_CHECK_RANKS")
+        ;;
+      *)
+        echo "error: DRY_RUN_STEP_CHECK=$DRY_RUN_STEP_CHECK must be 1 (after the dry run, train the job's features" \
+          "and layout shrunk on CPU processes) or 0 (do not, the default)" >&2
         exit 2
         ;;
     esac

@@ -19,6 +19,10 @@ pass for `--device`.
 It reports the bytes of parameters, gradients and optimizer states this rank would hold, from the
 local shapes of its (DTensor) parameters, and writes them as JSON with `--json`.
 
+It never runs a step. `--step-check` (DRY_RUN_STEP_CHECK=1) then does: it trains the job's features
+and layout, shrunk to at most `--step-check-ranks` CPU processes, for a few steps, saving and resuming
+where the job does (`torchtitan_like/step_check.py`).
+
 The fake process group is torch's own (`torch.testing._internal.distributed.fake_pg`, the one torch's
 tests and torchtitan's dry run use): a private module, present in torch 2.4 through 2.13.
 """
@@ -53,6 +57,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--json", type=Path, default=None, help="write the report to this JSON file")
     parser.add_argument("--skip-files", action="store_true",
                         help="do not check the tokenizer, dataset and initial checkpoint files (not on this machine)")
+    parser.add_argument("--step-check", action="store_true",
+                        help="then train the job's features and layout, shrunk, on CPU processes (torchtitan_like.step_check)")
+    parser.add_argument("--step-check-ranks", type=int, default=None,
+                        help="CPU processes the step check may start (default 8)")
     return parser.parse_known_args(argv)
 
 
@@ -126,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_text_atomically(args.json, json.dumps(report, indent=2) + "\n", _json_name(args.json))
         except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG_OR_DATA
+    if args.step_check:
+        from torchtitan_like.config.loader import load_config
+        from torchtitan_like.step_check import DEFAULT_MAX_RANKS, step_check
+
+        try:
+            return step_check(load_config(rest), report["layout"], device=args.device,
+                              max_ranks=args.step_check_ranks or DEFAULT_MAX_RANKS)
+        except TrainerError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG_OR_DATA
     return 0

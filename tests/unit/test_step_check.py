@@ -1,0 +1,139 @@
+"""The step check's rehearsal (torchtitan_like/step_check.py): which layout and config it trains, and
+how a failed launch is reported. The launch itself is covered end to end by
+tests/integration/test_step_check_run.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from torchtitan_like.config.loader import load_config, to_toml
+from torchtitan_like.errors import ConfigError
+from torchtitan_like.step_check import Rehearsal, rehearsal, resolved_layout, run_rehearsal
+from torchtitan_like.trainer import check_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(*args: str, config: str = "debug_model.toml"):
+    return load_config(["--job.config_file", str(ROOT / "train_configs" / config), *args])
+
+
+@pytest.mark.parametrize(
+    ("config", "world"),
+    [("llama3_8b.toml", 8), ("llama3_70b.toml", 64), ("llama3_405b.toml", 512)],
+)
+def test_shipped_configs_shrink_to_a_layout_the_trainer_accepts(config: str, world: int) -> None:
+    cfg = _cfg(config=config)
+    layout = resolved_layout(cfg, world)
+    reh = rehearsal(cfg, layout)
+    # Every degree the job uses is rehearsed at 2; the rest stay 1.
+    assert reh.layout == {d: (2 if n > 1 else 1) for d, n in layout.items()}
+    assert reh.cfg.model.flavor in ("debugmodel", "debugmodel_tied")
+    # The trainer's own checks pass for the rehearsal at its rank count (no "the rehearsal is broken").
+    checked = check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)
+    assert (checked.parallel_dims.tp, checked.parallel_dims.dp_shard) == (reh.layout["tp"], reh.layout["dp_shard"])
+    # The job's features are kept as it sets them.
+    assert reh.cfg.activation_checkpoint == cfg.activation_checkpoint
+    assert (reh.cfg.compile.enable, reh.cfg.compile.backend) == (cfg.compile.enable, cfg.compile.backend)
+    assert reh.cfg.model.converters == cfg.model.converters
+    assert reh.cfg.checkpoint.async_mode == cfg.checkpoint.async_mode
+
+
+def _write(reh: Rehearsal) -> str:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    reh.cfg.job.dump_folder = str(folder / "run")
+    path = folder / "config.toml"
+    path.write_text(to_toml(reh.cfg))
+    return str(path)
+
+
+def test_405b_rehearsal_runs_the_jobs_features_on_cpu_with_its_own_files_and_folders() -> None:
+    cfg = _cfg("--job.dump_folder", "/cluster/runs/405b", "--metrics.save_tb_folder", "/cluster/tb",
+               "--comm.save_traces_folder", "/cluster/traces", "--checkpoint.folder", "/cluster/ckpt",
+               "--checkpoint.initial_load_path", "/cluster/seed/step-0", "--checkpoint.keep_latest_k", "3",
+               config="llama3_405b.toml")
+    reh = rehearsal(cfg, resolved_layout(cfg, 512))
+    c = reh.cfg
+    assert reh.ranks == 4 and reh.layout["tp"] == 2 and reh.layout["dp_shard"] == 2
+    assert (c.training.seq_len, c.training.dataset, c.training.dataset_path) == (64, "embedded", None)
+    assert c.model.tokenizer_path == "" and c.model.flavor == "debugmodel"
+    # Nothing the job owns is written or read: every folder is relative to the rehearsal's dump folder.
+    assert (c.checkpoint.folder, c.metrics.save_tb_folder, c.comm.save_traces_folder) == ("checkpoint", "tb",
+                                                                                          "comm_traces")
+    assert c.checkpoint.initial_load_path is None and c.checkpoint.interval == 1
+    assert c.checkpoint.keep_latest_k == 3  # the job's purge runs too
+    # bf16 as on the job's GPUs; float8 casts and all-gathers run, the matmuls are emulated (and said so).
+    assert c.training.mixed_precision_param == "bfloat16"
+    assert c.quantize.linear.float8.emulate and c.quantize.linear.float8.enable_fsdp_float8_all_gather
+    said = "; ".join(reh.not_rehearsed)
+    assert "initial_load_path" in said and "emulated" in said and "tensor-parallel styles" in said
+    assert "FSDP" in reh.features and "AC full" in reh.features
+    # The job's config is not touched.
+    assert cfg.training.seq_len == 8192 and cfg.checkpoint.folder == "/cluster/ckpt"
+
+
+def test_five_dims_drop_replicate_then_shard_to_fit_the_rank_limit() -> None:
+    cfg = _cfg("--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "4",
+               "--parallelism.context_parallel_degree", "2", "--parallelism.tensor_parallel_degree", "2",
+               "--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2")
+    layout = resolved_layout(cfg, 64)
+    reh = rehearsal(cfg, layout, max_ranks=8)
+    assert reh.layout == {"pp": 2, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 2}
+    assert "dp_replicate 2, dp_shard 4 (dropped to 1 to fit 8 ranks)" in reh.not_rehearsed
+    assert "FSDP" in reh.features  # over cp
+    assert rehearsal(cfg, layout, max_ranks=16).layout["dp_shard"] == 2
+    assert rehearsal(cfg, layout, max_ranks=32).ranks == 32
+    with pytest.raises(ConfigError, match="DRY_RUN_STEP_CHECK_RANKS=4"):
+        rehearsal(cfg, layout, max_ranks=3)
+
+
+def test_tied_flavor_accumulation_and_cuda_only_settings() -> None:
+    cfg = _cfg("--model.flavor", "1B", "--training.local_batch_size", "2", "--training.global_batch_size", "64",
+               "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel",
+               "--compile.enable", "--checkpoint.enable", "--checkpoint.async_mode", "async_with_pinned_mem",
+               "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "10")
+    reh = rehearsal(cfg, resolved_layout(cfg, 4))
+    c = reh.cfg
+    assert c.model.flavor == "debugmodel_tied"
+    # 64 = 2 x dp 2 x 16 microbatches: rehearsed with 2 of them.
+    assert (c.training.local_batch_size, c.training.global_batch_size) == (2, 2 * 2 * 2)
+    assert not c.parallelism.enable_async_tensor_parallel and c.checkpoint.async_mode == "async"
+    assert c.activation_checkpoint.selective_ac_option == "6"
+    said = "; ".join(reh.not_rehearsed)
+    for what in ("gradient accumulation 16", "async tensor parallel", "pinned-memory", "every 10 blocks"):
+        assert what in said, (what, said)
+    check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)
+
+
+def test_a_pipeline_split_for_the_jobs_depth_becomes_the_debug_models_even_split() -> None:
+    cfg = _cfg("--model.flavor", "8B", "--parallelism.pipeline_parallel_degree", "4",
+               "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+               "--parallelism.pipeline_parallel_layers_per_stage", "4", "--training.local_batch_size", "8",
+               "--parallelism.pipeline_parallel_first_stage_less_layers", "0",
+               "--parallelism.pipeline_parallel_last_stage_less_layers", "0")
+    reh = rehearsal(cfg, resolved_layout(cfg, 8))
+    p = reh.cfg.parallelism
+    assert (p.pipeline_parallel_degree, p.pipeline_parallel_schedule) == (2, "Interleaved1F1B")
+    assert p.pipeline_parallel_layers_per_stage is None and p.module_fqns_per_model_part is None
+    assert (p.pipeline_parallel_first_stage_less_layers, p.pipeline_parallel_last_stage_less_layers) == (1, 1)
+    assert any("pipeline_parallel_layers_per_stage" in n for n in reh.not_rehearsed)
+    checked = check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)
+    assert checked.pp_plan is not None and checked.pp_plan.stages_per_rank == 2
+
+
+def test_a_failed_launch_names_the_error_and_keeps_the_log(tmp_path: Path) -> None:
+    cfg = _cfg("--training.dataset", "synthetic", "--training.local_batch_size", "2")
+    reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cpu")
+    reh.cfg.debug.fail_at_step = 2  # (rehearsal() clears the job's; set here to make the launch fail)
+    outcome = run_rehearsal(reh, tmp_path, timeout_s=300)
+    assert not outcome.ok
+    assert outcome.failure.startswith("train (steps 1..2) exited 1"), outcome.failure
+    assert "debug.fail_at_step=2" in outcome.failure, outcome.failure
+    log = (tmp_path / "step_check.log").read_text()
+    assert re.search(r"step: +1 +loss", log), log[-2000:]  # (step 1 trained; the log is every rank's output)
+    assert (tmp_path / "config.toml").is_file()
