@@ -58,7 +58,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--skip-files", action="store_true",
                         help="do not check the tokenizer, dataset and initial checkpoint files (not on this machine)")
     parser.add_argument("--step-check", action="store_true",
-                        help="then train the job's features and layout, shrunk, on CPU processes (torchtitan_like.step_check)")
+                        help="then train the job's features and layout, shrunk, on CPU processes "
+                             "(torchtitan_like.step_check)")
     parser.add_argument("--step-check-ranks", type=int, default=None,
                         help="CPU processes the step check may start (default 8)")
     return parser.parse_known_args(argv)

@@ -1,7 +1,8 @@
 """Step check: the job's features and layout train for real, shrunk to a few CPU processes.
 
     COMM_MODE=fake_backend DRY_RUN_STEP_CHECK=1 NGPU=64 CONFIG_FILE=train_configs/llama3_70b.toml ./run_train.sh
-    python -m torchtitan_like.step_check --world-size 64 [--max-ranks 8] --job.config_file FILE [--section.key value ...]
+    python -m torchtitan_like.step_check --world-size 64 [--max-ranks 8] --job.config_file FILE \
+        [--section.key value ...]
 
 The dry run builds the model and checks the config, but never runs a step: a combination of features
 that crashes in the first forward or backward (a compile, checkpointing or pipeline schedule that does
@@ -257,7 +258,8 @@ def _features(cfg: JobConfig, layout: dict[str, int]) -> list[str]:
     if cfg.validation.enable:
         out.append("validation")
     if cfg.checkpoint.enable:
-        out.append(f"checkpoint save ({'sync' if cfg.checkpoint.async_mode == 'disabled' else cfg.checkpoint.async_mode}) + resume")
+        mode = "sync" if cfg.checkpoint.async_mode == "disabled" else cfg.checkpoint.async_mode
+        out.append(f"checkpoint save ({mode}) + resume")
     return out
 
 
@@ -283,6 +285,7 @@ class Outcome:
 def run_rehearsal(reh: Rehearsal, folder: Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Outcome:
     """Train `reh` in `folder` (its dump folder, config and log): 2 steps, then, where the job saves
     checkpoints, a second launch that resumes and trains step 3."""
+    from torchtitan_like.components.metrics import DROPPED_JSONL
     from torchtitan_like.config.loader import to_toml
 
     t0 = time.monotonic()
@@ -309,6 +312,11 @@ def run_rehearsal(reh: Rehearsal, folder: Path, *, timeout_s: float = DEFAULT_TI
         if missing:
             return Outcome(False, time.monotonic() - t0, folder,
                            f"{phase}: exited 0 but metrics.jsonl has no finite loss for step(s) {missing}")
+        if phase == "resume" and (Path(cfg.job.dump_folder) / DROPPED_JSONL).exists():
+            # (A run that starts before step 2 moves the later metrics rows aside: it did not resume there.)
+            return Outcome(False, time.monotonic() - t0, folder,
+                           f"resume: exited 0 but did not resume from step {REHEARSAL_STEPS}'s checkpoint "
+                           f"(it trained from an earlier step: see {DROPPED_JSONL} and the log)")
     return Outcome(True, time.monotonic() - t0, folder)
 
 
