@@ -346,7 +346,8 @@ def _launch(config: Path, ranks: int, log: Path, *, phase: str, timeout_s: float
             rc = proc.wait(timeout=max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
             _stop(proc)
-            return 124, f"did not finish within {timeout_s:.0f} s (a hang, or a slow compile: --timeout)"
+            return 124, (f"did not finish within {timeout_s:.0f} s (a hang, or a slow compile: "
+                         "python -m torchtitan_like.step_check --timeout S allows more)")
         except BaseException:  # Ctrl-C (the launch has a session of its own: the terminal's SIGINT missed it)
             _stop(proc)
             raise
@@ -412,8 +413,9 @@ def step_check(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda", 
         logger.info("step check passed in %.0f s: %s%s", outcome.seconds, plan, skipped)
         return 0
     print(
-        f"error: step check FAILED after {outcome.seconds:.0f} s, {outcome.failure}. The job would fail the same "
-        f"way; rehearsal: {plan}{skipped}. Every rank's log: {folder / 'step_check.log'}",
+        f"error: step check FAILED after {outcome.seconds:.0f} s, {outcome.failure}. The job, with these features "
+        f"and this layout, would likely fail the same way; rehearsal: {plan}{skipped}. Every rank's log: "
+        f"{folder / 'step_check.log'}",
         file=sys.stderr, flush=True,
     )
     return 1
