@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchtitan_like.components.float8 import float8_requested
 from torchtitan_like.config.schema import JobConfig
 from torchtitan_like.errors import ConfigError, TrainerError
 
@@ -177,7 +178,7 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         ac.selective_ac_option = str(n_layers)
 
     f8 = cfg.quantize.linear.float8
-    float8 = any(c in ("float8", "quantize.linear.float8") for c in cfg.model.converters)
+    float8 = float8_requested(cfg.model.converters)
     if float8 and not f8.emulate:
         f8.emulate = True
         notes.append("float8 matmuls (emulated on CPU; casts, scales and all-gathers run)")
@@ -238,7 +239,7 @@ def _features(cfg: JobConfig, layout: dict[str, int]) -> list[str]:
         out.append(f"CP {p.context_parallel_rotate_method}")
     if layout["tp"] > 1:
         out.append("TP" + (" + loss parallel" if not p.disable_loss_parallel else ""))
-    if any(c in ("float8", "quantize.linear.float8") for c in cfg.model.converters):
+    if float8_requested(cfg.model.converters):
         f8 = cfg.quantize.linear.float8
         out.append(f"float8 {f8.recipe_name}" + (" all-gather" if f8.enable_fsdp_float8_all_gather else ""))
     ac = cfg.activation_checkpoint
