@@ -88,14 +88,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- convert ---------------------------------------------------------------------------------------
 
 
-def _model_args(flavor: str | None):
-    from torchtitan_like.models.llama3 import LLAMA3_FLAVORS
+def _model_args(flavor: str | None, n_layers: int | None = None):
+    from torchtitan_like.models import MODELS
 
+    spec = MODELS["llama3"]
     if flavor is None:
         raise CheckpointError("--hf needs --flavor (the llama3 flavor the weights belong to, e.g. debugmodel or 8B)")
-    if flavor not in LLAMA3_FLAVORS:
-        raise CheckpointError(f"--flavor {flavor!r} is not a llama3 flavor ({', '.join(LLAMA3_FLAVORS)})")
-    return LLAMA3_FLAVORS[flavor]
+    if flavor not in spec.flavors:
+        raise CheckpointError(f"--flavor {flavor!r} is not a llama3 flavor ({', '.join(spec.flavors)})")
+    if n_layers is not None and n_layers < 1:
+        raise CheckpointError(f"--n-layers {n_layers} must be >= 1")
+    return spec.args(flavor, n_layers=n_layers)
 
 
 def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
@@ -256,7 +259,8 @@ def _check_tying(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: 
         )
 
 
-def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str, hf: bool = False) -> None:
+def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor: str, hf: bool = False,
+                  n_layers_set: bool = False) -> None:
     """The weights are the flavor's, name for name and shape for shape: the config.json written next to
     them describes the flavor (a missing layer would be filled with random weights by transformers)."""
     from torchtitan_like.models.llama3.model import Transformer
@@ -272,8 +276,9 @@ def _check_flavor(sd: dict[str, torch.Tensor], margs: Any, *, src: Path, flavor:
     for what, names in (("lacks", missing), ("has weights the flavor does not have:", extra), ("has other shapes for", wrong)):
         if names:
             raise CheckpointError(
-                f"{src} {what} {names[:3]}{' ...' if len(names) > 3 else ''} of --flavor {flavor}: pick the flavor "
-                "these weights were trained as"
+                f"{src} {what} {names[:3]}{' ...' if len(names) > 3 else ''} of --flavor {flavor}"
+                f"{f' --n-layers {margs.n_layers}' if n_layers_set else ''}: pick the flavor these weights were "
+                "trained as (and --n-layers N where the job set model.n_layers)"
             )
 
 
@@ -285,6 +290,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"--step {args.step} is negative: give the training step of these weights (0 or more)")
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
+    if args.n_layers is not None and not args.hf:
+        raise CheckpointError("--n-layers applies with --hf (it sets the block count of --flavor): add --hf --flavor F")
     if args.step is not None and _is_dcp(src):
         raise CheckpointError(f"--step applies to a DCP destination; {src} is a DCP checkpoint and keeps its own step")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -307,9 +314,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             from torchtitan_like.models.llama3.state_dict_adapter import HF_SINGLE, save_hf_safetensors, to_hf
 
             sd = _cast(_read_dcp(src, model_only=True)["model"], args.dtype)
-            margs = _model_args(args.flavor) if args.hf else None
+            margs = _model_args(args.flavor, args.n_layers) if args.hf else None
             if margs is not None:
-                _check_flavor(sd, margs, src=src, flavor=args.flavor)
+                _check_flavor(sd, margs, src=src, flavor=args.flavor, n_layers_set=args.n_layers is not None)
                 sd = to_hf(sd, margs)
             if dst_suffix == ".safetensors":
                 from safetensors.torch import save_file
@@ -359,14 +366,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if args.hf:
                 from torchtitan_like.models.llama3.state_dict_adapter import check_hf_config, read_hf_config
 
-                margs = _model_args(args.flavor)
+                margs = _model_args(args.flavor, args.n_layers)
                 config = read_hf_config(src)
                 if config is not None:
                     where = (src if src.is_dir() else src.parent) / "config.json"
                     check_hf_config(config, margs, where=str(where))
                 sd = from_hf(sd, margs)
                 # Without a config.json only the weights tell (shapes, tying): checked as an export's are.
-                _check_flavor(sd, margs, src=src, flavor=args.flavor, hf=True)
+                _check_flavor(sd, margs, src=src, flavor=args.flavor, hf=True, n_layers_set=args.n_layers is not None)
             state = {"model": _cast(sd, args.dtype)}
         else:
             raise CheckpointError(f"{src}: expected a DCP folder, a .pt or .safetensors file, or an HF folder")
@@ -403,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--hf", action="store_true", help="Hugging Face LlamaForCausalLM names (needs --flavor)")
     c.add_argument("--flavor", help="llama3 flavor of the weights, for --hf (e.g. debugmodel, 8B)")
+    c.add_argument("--n-layers", type=int, default=None,
+                   help="with --hf: the weights' block count, where the job set model.n_layers (default: the flavor's)")
     c.add_argument("--tokenizer", default=None,
                    help="with --hf: the tokenizer.model the run trained with, for config.json's bos/eos ids "
                         "(default: the built-in tokenizer; Llama 3's ids for a 128256 vocabulary)")

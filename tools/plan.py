@@ -136,8 +136,9 @@ def _run(args: argparse.Namespace) -> int:
         base_argv=tuple(base), world_size=args.ngpu, hardware=hw, seq_len=seq, global_batch_size=gbs,
         compile=_compiled(args, cfg), allow=frozenset(allow), max_local_batch_size=args.max_local_batch,
     )
-    model_args = MODELS[cfg.model.name].flavors[cfg.model.flavor]
-    print(f"planning {cfg.model.name} {cfg.model.flavor} on {args.ngpu} x {hw.name} ({hw.gpus_per_node} per node), "
+    model_args = MODELS[cfg.model.name].args(cfg.model.flavor, n_layers=cfg.model.n_layers)
+    layers = f" ({model_args.n_layers} layers: model.n_layers)" if cfg.model.n_layers is not None else ""
+    print(f"planning {cfg.model.name} {cfg.model.flavor}{layers} on {args.ngpu} x {hw.name} ({hw.gpus_per_node} per node), "
           f"seq {seq}, global batch {gbs} sequences, {'compiled' if inputs.compile else 'eager'}, "
           f"features: {', '.join(sorted(allow))}")
     plan = make_plan(inputs, model_args.n_layers)

@@ -94,7 +94,8 @@ def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "c
             "world_size": world_size,
             "rank": rank,
             "device": device,
-            "model": f"{cfg.model.name} {cfg.model.flavor}",
+            "model": f"{cfg.model.name} {cfg.model.flavor}"
+            + (f" ({cfg.model.n_layers} layers)" if cfg.model.n_layers is not None else ""),
             "layout": {"dp_replicate": pd.dp_replicate, "dp_shard": pd.dp_shard, "cp": pd.cp, "tp": pd.tp,
                        "pp": pd.pp},
             "coords": coords,

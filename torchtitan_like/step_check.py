@@ -120,7 +120,7 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
     if flavor not in spec.flavors:
         raise ConfigError(f"step check: model.name={cfg.model.name!r} has no {flavor!r} flavor to rehearse with")
     n_layers = spec.flavors[flavor].n_layers
-    cfg.model.flavor = flavor
+    cfg.model.flavor, cfg.model.n_layers = flavor, None
     cfg.model.tokenizer_path = ""
     seq = REHEARSAL_SEQ_LEN
     if job.model.max_seq_len is not None:

@@ -105,11 +105,20 @@ class CheckedJob:
     pp_plan: PipelinePlan | None
 
 
+def _layers_source(cfg: JobConfig) -> str:
+    """The key that set the model's block count, for messages."""
+    if cfg.model.n_layers is not None:
+        return f"model.n_layers={cfg.model.n_layers}"
+    return f"model.flavor={cfg.model.flavor!r}"
+
+
 def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
     """Every check of a job that needs neither a process group nor a model: raises ConfigError naming
     the keys. The trainer runs it first; the planner runs it on each layout it considers."""
     spec = MODELS[cfg.model.name]
-    model_args = spec.flavors[cfg.model.flavor].with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len)
+    model_args = spec.args(cfg.model.flavor, n_layers=cfg.model.n_layers).with_seq_len(
+        cfg.model.max_seq_len or cfg.training.seq_len
+    )
     if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
         raise ConfigError(
             f"checkpoint.create_seed_checkpoint=true runs on one process, not {world_size}: use NGPU=1 "
@@ -125,7 +134,7 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
     if every is not None and every > model_args.n_layers:
         raise ConfigError(
             f"activation_checkpoint.selective_ac_option={ac.selective_ac_option!r} checkpoints every {every}-th block, "
-            f"but model.flavor={cfg.model.flavor!r} has {model_args.n_layers}: no block would be checkpointed; use "
+            f"but the model has {model_args.n_layers} ({_layers_source(cfg)}): no block would be checkpointed; use "
             f'1..{model_args.n_layers}, "op", or mode="none"'
         )
     parallel_dims = ParallelDims.from_config(cfg.parallelism, world_size)

@@ -18,7 +18,7 @@ def test_tp_blocks_compile_once_on_every_stage(tmp_path: Path) -> None:
     world, _ = LAYOUTS["pp2xtp2"]
     argv = trainer_argv(
         tmp_path / "run", "pp2xtp2", "--compile.enable", "--compile.backend", "aot_eager", "--metrics.log_freq", "1",
-        steps=2,
+        steps=2, n_layers=4,  # 2 blocks a stage: the second one's input is a block's output, the first one's not
     )
     ranks = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
     assert all(len(r["history"]) == 2 for r in ranks)

@@ -72,6 +72,7 @@ def argv(dump: Path, layout: str, data: Path) -> list[str]:
     return [
         "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml"),
         "--job.dump_folder", str(dump),
+        "--model.n_layers", "4",  # a layer for each of pp2_interleaved's 4 stages
         "--training.seq_len", "64",
         "--training.local_batch_size", local,
         "--training.global_batch_size", str(GLOBAL_BATCH),

@@ -3,8 +3,8 @@
     ranks = run_on_ranks(train_run, world_size=4, tmp_path=tmp_path, args=(trainer_argv(dump, "fsdp2xtp2"),))
     ranks[0]["history"], ranks[0]["params"]
 
-Every run is the debug model in fp32 with deterministic algorithms, seq_len 64 and a global batch of
-8 sequences, so every layout trains on the same global batches (the loader deals them out
+Every run is the debug model, cut to 2 blocks unless a test asks for more (`n_layers`: model.n_layers), in
+fp32 with deterministic algorithms, seq_len 64 and a global batch of 8 sequences, so every layout trains on the same global batches (the loader deals them out
 independently of the layout) and must give the same training. A layout only says how the batch is
 split: `local_batch_size` per layout, with gradient accumulation where it is smaller than the
 layout's share of the global batch.
@@ -157,12 +157,21 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 
 
-def trainer_argv(dump_folder: Path, layout: str, *overrides: str, steps: int = STEPS) -> list[str]:
+# Blocks of the debug model in these runs: every per-block pass (TP plan, FSDP unit, AC, compile) still
+# runs on more than one block, at a third of the 6-block model's CPU time per step (DTensor dispatch
+# dominates on CPU). Pipeline tests that need a block per stage, or several per stage, ask for more.
+N_LAYERS = 2
+
+
+def trainer_argv(
+    dump_folder: Path, layout: str, *overrides: str, steps: int = STEPS, n_layers: int = N_LAYERS
+) -> list[str]:
     """The command line (as run_train.sh passes it) of a debug-model run under `layout`."""
     _, layout_args = LAYOUTS[layout]
     return [
         "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml"),
         "--job.dump_folder", str(dump_folder),
+        "--model.n_layers", str(n_layers),
         "--training.seq_len", "64",
         "--training.global_batch_size", "8",
         "--training.steps", str(steps),

@@ -111,7 +111,7 @@ def test_selective_ac_every_n_beyond_the_layer_count_is_a_config_error(tmp_path)
     ])
     assert cfg.model.flavor == "debugmodel"
     with pytest.raises(ConfigError, match=r"activation_checkpoint\.selective_ac_option='7' checkpoints every 7-th "
-                                          r"block, but model\.flavor='debugmodel' has 6"):
+                                          r"block, but the model has 6 \(model\.flavor='debugmodel'\)"):
         check_job(cfg, 1)
 
 

@@ -33,6 +33,8 @@ class Model:
     """Llama 3 format tokenizer.model (base64 token + rank per line), or a Hugging Face download folder (its original/tokenizer.model); empty = the embedded tokenizer."""
     max_seq_len: int | None = None
     """Override the flavor's RoPE table length (defaults to training.seq_len)."""
+    n_layers: int | None = None
+    """Override the flavor's number of transformer blocks, keeping its width: a few layers of a large flavor for a quick run or benchmark; unset = the flavor's."""
     converters: list[Literal["float8", "quantize.linear.float8"]] = field(default_factory=list)
     """Model converters applied to the meta model before any parallelism: float8 (alias quantize.linear.float8)."""
 

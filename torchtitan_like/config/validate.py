@@ -34,6 +34,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "metrics.log_freq": (">= 1", lambda v: v >= 1),
     "metrics.peak_tflops": ("> 0", lambda v: v > 0),
     "model.max_seq_len": (">= 2", lambda v: v >= 2),
+    "model.n_layers": (">= 1", lambda v: v >= 1),
     "checkpoint.interval": (">= 1", lambda v: v >= 1),
     "checkpoint.keep_latest_k": (">= 0 (0 keeps all)", lambda v: v >= 0),
     "checkpoint.load_step": ("-1 (latest) or >= 0", lambda v: v >= -1),
