@@ -4,10 +4,10 @@
     ranks[0]["history"], ranks[0]["params"]
 
 Every run is the debug model, cut to 2 blocks unless a test asks for more (`n_layers`: model.n_layers), in
-fp32 with deterministic algorithms, seq_len 64 and a global batch of 8 sequences, so every layout trains on the same global batches (the loader deals them out
-independently of the layout) and must give the same training. A layout only says how the batch is
-split: `local_batch_size` per layout, with gradient accumulation where it is smaller than the
-layout's share of the global batch.
+fp32 with deterministic algorithms, seq_len 64 and a global batch of 8 sequences, so every layout trains on
+the same global batches (the loader deals them out independently of the layout) and must give the same
+training. A layout only says how the batch is split: `local_batch_size` per layout, with gradient
+accumulation where it is smaller than the layout's share of the global batch.
 """
 
 from __future__ import annotations

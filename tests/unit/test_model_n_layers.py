@@ -3,6 +3,7 @@ used: the trainer's checks and model, the dry run, the planner and the checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_the_dry_run_and_the_planner_size_the_cut_model(tmp_path, capsys) -> Non
     assert got["model"] == "llama3 8B (4 layers)"
     # 4 of 8B's 32 blocks, plus its embedding, output and final norm, in 8 shards.
     full = check_job(load_config(["--job.config_file", str(ROOT / "train_configs/llama3_8b.toml")]), 8).model_args
-    cut = full.__class__(**{**full.__dict__, "n_layers": 4})
+    cut = dataclasses.replace(full, n_layers=4)
     assert got["state_bytes"]["n_elements"] == pytest.approx(cut.num_params() / 8, rel=0.01)
 
     toml = tmp_path / "job.toml"

@@ -56,7 +56,7 @@ def test_every_test_file_the_docs_cite_exists():
         cited |= set(re.findall(r"\b(test_[a-z0-9_]+\.py)\b", text))
         cited |= {p.rpartition("/")[2] for p in re.findall(r"\btests/[a-z_/]+\.py\b", text)}
     assert cited, "the docs cite no test file: the regex is broken"
-    existing = {p.name for p in (ROOT / "tests").rglob("test_*.py")}
+    existing = {p.name for p in (ROOT / "tests").rglob("*.py")}  # (conftest.py, harness modules too)
     assert not cited - existing, f"docs cite test files that do not exist: {sorted(cited - existing)}"
 
 
