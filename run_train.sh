@@ -23,7 +23,8 @@
 #                    initial checkpoint files, when this machine lacks them; 0, the default: check them;
 #                    DRY_RUN_STEP_CHECK=1: then train the job's features and layout, shrunk to the debug model
 #                    on at most DRY_RUN_STEP_CHECK_RANKS CPU processes (default 8), for 2 steps, saving and
-#                    resuming where the job does: it catches what fails at the first step; 0, the default: skip).
+#                    resuming where the job does: it catches what fails at the first step; 0, the default: skip;
+#                    DRY_RUN_STEP_CHECK_TIMEOUT: seconds each of its launches may take, default 1200).
 #                    Unset: a real run.
 # Every variable is checked before anything starts: a bad value is one `error: VAR=value ...` line, exit 2.
 # Numbers are decimal (a leading zero is not octal: NGPU=08 is 8).
@@ -109,6 +110,10 @@ case "${COMM_MODE:-}" in
         DRY_RUN_STEP_CHECK_RANKS=${DRY_RUN_STEP_CHECK_RANKS:-8}
         need_int DRY_RUN_STEP_CHECK_RANKS 1 "" "the CPU processes the step check may start (default 8)"
         extra+=(--step-check --step-check-ranks "$DRY_RUN_STEP_CHECK_RANKS")
+        if [[ -n "${DRY_RUN_STEP_CHECK_TIMEOUT:-}" ]]; then
+          need_int DRY_RUN_STEP_CHECK_TIMEOUT 1 "" "the seconds each step-check launch may take (default 1200)"
+          extra+=(--step-check-timeout "$DRY_RUN_STEP_CHECK_TIMEOUT")
+        fi
         ;;
       *)
         echo "error: DRY_RUN_STEP_CHECK=$DRY_RUN_STEP_CHECK must be 1 (after the dry run, train the job's features" \

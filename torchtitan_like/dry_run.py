@@ -62,6 +62,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "(torchtitan_like.step_check)")
     parser.add_argument("--step-check-ranks", type=int, default=None,
                         help="CPU processes the step check may start (default 8)")
+    parser.add_argument("--step-check-timeout", type=float, default=None,
+                        help="seconds each step-check launch may take (default 1200)")
     return parser.parse_known_args(argv)
 
 
@@ -140,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG_OR_DATA
     if args.step_check:
         from torchtitan_like.config.loader import load_config
-        from torchtitan_like.step_check import DEFAULT_MAX_RANKS, step_check
+        from torchtitan_like.step_check import DEFAULT_MAX_RANKS, DEFAULT_TIMEOUT_S, step_check
 
         try:
             return step_check(load_config(rest), report["layout"], device=args.device,
-                              max_ranks=args.step_check_ranks or DEFAULT_MAX_RANKS)
+                              max_ranks=args.step_check_ranks or DEFAULT_MAX_RANKS,
+                              timeout_s=args.step_check_timeout or DEFAULT_TIMEOUT_S)
         except TrainerError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG_OR_DATA

@@ -1,7 +1,7 @@
 """Step check: the job's features and layout train for real, shrunk to a few CPU processes.
 
     COMM_MODE=fake_backend DRY_RUN_STEP_CHECK=1 NGPU=64 CONFIG_FILE=train_configs/llama3_70b.toml ./run_train.sh
-    python -m torchtitan_like.step_check --world-size 64 [--max-ranks 8] --job.config_file FILE \
+    python -m torchtitan_like.step_check --world-size 64 [--max-ranks 8] [--timeout S] --job.config_file FILE \
         [--section.key value ...]
 
 The dry run builds the model and checks the config, but never runs a step: a combination of features
@@ -348,7 +348,8 @@ def _launch(config: Path, ranks: int, log: Path, *, phase: str, timeout_s: float
         except subprocess.TimeoutExpired:
             _stop(proc)
             return 124, (f"did not finish within {timeout_s:.0f} s (a hang, or a slow compile: "
-                         "python -m torchtitan_like.step_check --timeout S allows more)")
+                         "DRY_RUN_STEP_CHECK_TIMEOUT=S for run_train.sh, or --timeout S for "
+                         "python -m torchtitan_like.step_check, allows S seconds per launch)")
         except BaseException:  # Ctrl-C (the launch has a session of its own: the terminal's SIGINT missed it)
             _stop(proc)
             raise

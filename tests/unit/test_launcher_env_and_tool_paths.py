@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (tests/conftest.py: dry_run.main sets up logging)
 LAUNCH_VARS = ("NGPU", "NNODES", "NODE_RANK", "LOG_RANK", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT", "RDZV_ENDPOINT",
                "MASTER_ADDR", "MASTER_PORT", "COMM_MODE", "DRY_RUN_RANK", "DRY_RUN_DEVICE", "DRY_RUN_JSON",
-               "DRY_RUN_SKIP_FILES")
+               "DRY_RUN_SKIP_FILES", "DRY_RUN_STEP_CHECK", "DRY_RUN_STEP_CHECK_RANKS", "DRY_RUN_STEP_CHECK_TIMEOUT")
 
 
 @pytest.fixture
@@ -66,6 +66,10 @@ def run_train(fake_python: Path, **env: str) -> tuple[subprocess.CompletedProces
                                                                                      " a whole number in 0..3"),
     ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_DEVICE": "tpu"}, "error: DRY_RUN_DEVICE=tpu is not a"
                                                                           " device type"),
+    ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_STEP_CHECK": "1", "DRY_RUN_STEP_CHECK_TIMEOUT": "20m"},
+     "error: DRY_RUN_STEP_CHECK_TIMEOUT=20m must be a whole number >= 1: the seconds each step-check launch"),
+    ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_STEP_CHECK": "1", "DRY_RUN_STEP_CHECK_TIMEOUT": "0"},
+     "error: DRY_RUN_STEP_CHECK_TIMEOUT=0 must be a whole number >= 1"),
 ], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else None)
 def test_a_bad_variable_is_one_error_line_and_nothing_starts(fake_python: Path, env: dict[str, str],
                                                              message: str) -> None:
@@ -80,6 +84,8 @@ def test_a_bad_variable_is_one_error_line_and_nothing_starts(fake_python: Path, 
     ({"COMM_MODE": "fake_backend", "NGPU": "2", "NNODES": "2", "DRY_RUN_RANK": "3", "DRY_RUN_SKIP_FILES": "1"},
      "--world-size 4 --rank 3 --device cuda --skip-files"),
     ({"NGPU": "02", "LOG_RANK": "0,1", "MAX_RESTARTS": "0"}, "--nproc-per-node=2"),
+    ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_STEP_CHECK": "1", "DRY_RUN_STEP_CHECK_TIMEOUT": "03600"},
+     "--step-check --step-check-ranks 8 --step-check-timeout 3600"),
     ({"NGPU": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "029500"}, "--rdzv-endpoint=node0:29500"),
     ({"NGPU": "4", "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "node0:29500"}, "--node-rank=1"),
 ])

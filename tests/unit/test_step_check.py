@@ -137,3 +137,26 @@ def test_a_failed_launch_names_the_error_and_keeps_the_log(tmp_path: Path) -> No
     log = (tmp_path / "step_check.log").read_text()
     assert re.search(r"step: +1 +loss", log), log[-2000:]  # (step 1 trained; the log is every rank's output)
     assert (tmp_path / "config.toml").is_file()
+
+
+def test_a_launch_past_its_timeout_is_stopped_and_names_the_setting_that_allows_more(tmp_path: Path) -> None:
+    cfg = _cfg("--training.dataset", "synthetic", "--training.local_batch_size", "2")
+    reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cpu")
+    outcome = run_rehearsal(reh, tmp_path, timeout_s=1)  # (torchrun alone takes longer to start)
+    assert not outcome.ok and outcome.seconds < 60, outcome
+    assert outcome.failure.startswith("train (steps 1..2) did not finish within 1 s"), outcome.failure
+    assert "DRY_RUN_STEP_CHECK_TIMEOUT=S for run_train.sh, or --timeout S for python -m" in outcome.failure
+
+
+@pytest.mark.usefixtures("restore_root_logger")  # (dry_run.main sets up logging)
+def test_the_dry_runs_step_check_timeout_reaches_the_step_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchtitan_like.step_check as sc
+    from torchtitan_like.dry_run import main as dry_run
+
+    seen: list[dict] = []
+    monkeypatch.setattr(sc, "step_check", lambda cfg, layout, **kw: seen.append(kw) or 0)
+    base = ["--world-size", "1", "--device", "cpu", "--skip-files", "--step-check",
+            "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml")]
+    assert dry_run([*base, "--step-check-timeout", "3600"]) == 0
+    assert dry_run(base) == 0
+    assert [kw["timeout_s"] for kw in seen] == [3600, sc.DEFAULT_TIMEOUT_S], seen
