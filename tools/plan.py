@@ -138,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     model_args = MODELS[cfg.model.name].args(cfg.model.flavor, n_layers=cfg.model.n_layers)
     layers = f" ({model_args.n_layers} layers: model.n_layers)" if cfg.model.n_layers is not None else ""
-    print(f"planning {cfg.model.name} {cfg.model.flavor}{layers} on {args.ngpu} x {hw.name} ({hw.gpus_per_node} per node), "
+    print(f"planning {cfg.model.name} {cfg.model.flavor}{layers} on {args.ngpu} x {hw.name} "
+          f"({hw.gpus_per_node} per node), "
           f"seq {seq}, global batch {gbs} sequences, {'compiled' if inputs.compile else 'eager'}, "
           f"features: {', '.join(sorted(allow))}")
     plan = make_plan(inputs, model_args.n_layers)

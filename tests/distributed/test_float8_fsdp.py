@@ -61,7 +61,8 @@ def _argv(dump: Path, *overrides: str) -> list[str]:
     return [
         "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
         "--job.dump_folder", str(dump),
-        "--model.n_layers", "2",  # two float8 blocks, each its own FSDP unit (CPU time: tests/distributed/trainer_runs.py)
+        # Two float8 blocks, each its own FSDP unit (CPU time: tests/distributed/trainer_runs.py).
+        "--model.n_layers", "2",
         "--training.seq_len", "32",
         "--training.local_batch_size", "2",
         "--training.steps", str(STEPS),

@@ -51,7 +51,8 @@ CSV_RUN = "csv"  # GPipe written out as a CSV: 4 accumulation steps of 2 microba
 def reference(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("reference")
     (ref,) = run_on_ranks(
-        train_run, world_size=1, tmp_path=tmp, args=(trainer_argv(tmp / "run", "one", steps=STEPS, n_layers=SCHEDULE_LAYERS),)
+        train_run, world_size=1, tmp_path=tmp,
+        args=(trainer_argv(tmp / "run", "one", steps=STEPS, n_layers=SCHEDULE_LAYERS),)
     )
     assert max(h["grad_norm"] for h in ref["history"]) > 1.0, "the clip must be active for the norm check to bite"
     return ref

@@ -66,7 +66,8 @@ def test_a_run_with_two_blocks_exports_two_and_the_tool_needs_the_same_count(tmp
     assert "lacks ['layers.2." in err and "--n-layers N where the job set model.n_layers" in err, err
     assert not (tmp_path / "hf6").exists()
 
-    assert convert(["convert", str(step), str(tmp_path / "hf"), "--hf", "--flavor", "debugmodel", "--n-layers", "2"]) == 0
+    hf = ["--hf", "--flavor", "debugmodel", "--n-layers", "2"]
+    assert convert(["convert", str(step), str(tmp_path / "hf"), *hf]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
 
     # Without --hf nothing would read it: refused rather than ignored.
