@@ -1,12 +1,14 @@
 """Shared by every test: one CPU thread per process, the root-logger fixture, and the xdist grouping."""
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import torch  # noqa: E402
+from multiprocess_group import ENV, in_group  # noqa: E402
 
 # The env var only applies if torch was not imported yet; tiny matmuls on 2 busy cores run ~100x
 # slower with two OpenMP threads than with one.
@@ -23,25 +25,23 @@ def restore_root_logger() -> Iterator[None]:
     root.setLevel(level)
 
 
-MULTIPROCESS = (
-    "distributed",
-    "integration/test_multinode.py",
-    "integration/test_preemption.py",
-    "integration/test_run_train_parallel.py",
-    "integration/test_step_check_run.py",
-)
-"""Tests (folders or files under tests/) that each run a world of 2-8 ranks: on CI's 2 cores they run one
-at a time. Single-process ones, and those of 2 ranks that finish in seconds, may run beside them."""
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `pytest -n 2 --dist loadgroup` (the README's command), every test in MULTIPROCESS goes to one
-    xdist worker, in order, as in a serial run; the other worker runs the rest beside them, most of
-    which use one core (torch.set_num_threads(1) above) and would otherwise leave the second core idle.
-    Without xdist the marker does nothing."""
-    tests = Path(__file__).parent
+    """Under `pytest -n 2 --dist loadgroup` (the README's command), every test of more than 2 ranks (see
+    multiprocess_group.py) goes to one xdist worker, in order, as in a serial run; the other worker runs
+    the rest beside them, most of which use one core (torch.set_num_threads(1) above) and would otherwise
+    leave the second core idle. Without xdist the marker does nothing."""
     for item in items:
-        path = item.path.relative_to(tests).as_posix()
-        if any(path == p or path.startswith(p + "/") for p in MULTIPROCESS):
+        if _grouped(item):
             item.add_marker(pytest.mark.xdist_group("multiprocess"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tell the launch helpers whether this test is in the group (multiprocess_group.require_group)."""
+    os.environ[ENV] = "1" if _grouped(item) else "0"
+
+
+def _grouped(item: pytest.Item) -> bool:
+    path = item.path.relative_to(Path(__file__).parent).as_posix()
+    return in_group(path, marked=item.get_closest_marker("multiprocess") is not None)

@@ -65,6 +65,9 @@ def run_on_ranks(
     env: extra environment variables for the ranks. Pass them here, not through os.environ: the
     ranks are forked from a server started once per session, with the environment of that moment.
     """
+    from multiprocess_group import require_group  # tests/, which conftest.py puts on sys.path
+
+    require_group(world_size, "run_on_ranks")
     run_dir = Path(tmp_path) / f"ranks_{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
     # forkserver instead of spawn: the server imports torch once, then each rank is a fork of it

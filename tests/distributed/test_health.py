@@ -101,6 +101,9 @@ def stuck_tp_check() -> str | None:
     from torchtitan_like.distributed.health import check_collectives
 
     tp = _OneGroupMesh(dist.new_group([0, 1], backend="gloo"))
+    # Start both checks together: a rank that reached this point seconds late (a busy CI core) would
+    # otherwise fail rank 0's short world check instead of the "tp" one.
+    dist.barrier()
     if dist.get_rank() == 1:
         check_collectives({}, CPU, timeout_s=30)  # the world check only
         return None

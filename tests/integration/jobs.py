@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from multiprocess_group import require_group
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -69,6 +71,9 @@ class RunningJob:
     def __init__(self, log_path: Path, args: list[str], *, env: dict[str, str]) -> None:
         self.log_path = log_path
         full_env = dict(os.environ, PYTHON=sys.executable, **env)
+        # NNODES may be an elastic range, "1:2"; each of its nodes is a job of NGPU ranks running at once.
+        ranks = int(full_env.get("NGPU", "1")) * int(full_env.get("NNODES", "1").split(":")[-1])
+        require_group(ranks, "run_train.sh (NGPU x NNODES)")
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [str(ROOT / "run_train.sh"), *args],

@@ -124,6 +124,7 @@ def timeouts_after_start_up(dump: str) -> dict[str, list[float]]:
     return {"groups": groups, "checkpoint": ckpt}
 
 
+@pytest.mark.multiprocess  # 4 ranks
 def test_init_timeout_applies_to_every_group_until_the_first_step(tmp_path):
     results = run_on_ranks(
         timeouts_after_start_up, world_size=4, tmp_path=tmp_path, args=(str(tmp_path / "out"),),
