@@ -27,6 +27,8 @@
 #                    DRY_RUN_STEP_CHECK_TIMEOUT: seconds each of its launches may take, default 1200).
 #                    Unset: a real run.
 # Every variable is checked before anything starts: a bad value is one `error: VAR=value ...` line, exit 2.
+# DRY_RUN_* variables that do nothing in this launch (no COMM_MODE; the step check's without DRY_RUN_STEP_CHECK=1)
+# are named in one `run_train: warning: ...` line on stderr, and the launch goes on.
 # Numbers are decimal (a leading zero is not octal: NGPU=08 is 8).
 # Extra arguments are config overrides: --section.key value.
 # Exit status: 0 done; 2 config or data error; 3 diverged; 75 pre-empted (SIGTERM/SIGUSR1: rerun to resume);
@@ -55,6 +57,16 @@ need_int() {
   if [[ "$value" =~ ^[0-9]{10,}$ ]]; then range="$range of at most 9 digits"; fi
   echo "error: $name=$value must be a whole number $range: $what" >&2
   exit 2
+}
+
+# warn_unused "VAR..." WHY: one warning line naming those of the variables that are set, which do nothing in
+# this launch (WHY says so). A warning rather than an error: they may be exported for every job.
+warn_unused() {
+  local name set_vars=()
+  for name in $1; do
+    if [[ -n "${!name:-}" ]]; then set_vars+=("$name=${!name}"); fi
+  done
+  if ((${#set_vars[@]})); then echo "run_train: warning: ${set_vars[*]} $2" >&2; fi
 }
 
 # Every variable is checked here, before anything starts: a bad value is one error line and exit 2.
@@ -88,7 +100,10 @@ for r in "${log_ranks[@]}"; do
 done
 
 case "${COMM_MODE:-}" in
-  "") ;;
+  "")
+    warn_unused "DRY_RUN_RANK DRY_RUN_DEVICE DRY_RUN_JSON DRY_RUN_SKIP_FILES DRY_RUN_STEP_CHECK DRY_RUN_STEP_CHECK_RANKS
+      DRY_RUN_STEP_CHECK_TIMEOUT" "do nothing without COMM_MODE=fake_backend: this is the real launch, not a dry run"
+    ;;
   fake_backend)
     world=$((NGPU * NNODES))
     DRY_RUN_RANK=${DRY_RUN_RANK:-0}
@@ -105,7 +120,10 @@ case "${COMM_MODE:-}" in
         ;;
     esac
     case "${DRY_RUN_STEP_CHECK:-0}" in
-      0) ;;
+      0)
+        warn_unused "DRY_RUN_STEP_CHECK_RANKS DRY_RUN_STEP_CHECK_TIMEOUT" \
+          "do nothing without DRY_RUN_STEP_CHECK=1: no step check runs after this dry run"
+        ;;
       1)
         DRY_RUN_STEP_CHECK_RANKS=${DRY_RUN_STEP_CHECK_RANKS:-8}
         need_int DRY_RUN_STEP_CHECK_RANKS 1 "" "the CPU processes the step check may start (default 8)"

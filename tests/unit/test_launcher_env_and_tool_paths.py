@@ -96,6 +96,22 @@ def test_valid_values_start_as_before(fake_python: Path, env: dict[str, str], ex
     assert ("torchtitan_like.dry_run" in started) == (env.get("COMM_MODE") == "fake_backend"), started
 
 
+@pytest.mark.parametrize("env, warning, expected", [
+    # Once silently ignored: a DRY_RUN_STEP_CHECK=1 without COMM_MODE started the real job with no word.
+    ({"NGPU": "1", "DRY_RUN_STEP_CHECK": "1", "DRY_RUN_JSON": "plan.json"},
+     "run_train: warning: DRY_RUN_JSON=plan.json DRY_RUN_STEP_CHECK=1 do nothing without COMM_MODE=fake_backend: "
+     "this is the real launch, not a dry run", "--nproc-per-node=1"),
+    ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_STEP_CHECK_RANKS": "4", "DRY_RUN_STEP_CHECK_TIMEOUT": "60"},
+     "run_train: warning: DRY_RUN_STEP_CHECK_RANKS=4 DRY_RUN_STEP_CHECK_TIMEOUT=60 do nothing without "
+     "DRY_RUN_STEP_CHECK=1: no step check runs after this dry run", "--world-size 1 --rank 0 --device cuda"),
+])
+def test_variables_that_do_nothing_in_this_launch_are_named_in_one_warning(fake_python: Path, env: dict[str, str],
+                                                                          warning: str, expected: str) -> None:
+    r, started = run_train(fake_python, **env)
+    assert r.returncode == 0 and r.stderr == warning + "\n", r.stderr
+    assert started is not None and expected in started and "--step-check" not in started, started
+
+
 # ---- launch.py: the rendezvous endpoint, before torchrun retries it until its timeout ------------------
 
 
