@@ -134,3 +134,25 @@ def test_a_float8_gemm_cuda_cannot_run_after_the_tp_split_is_refused_at_start():
                 files=False)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_a_dry_run_of_a_cuda_job_applies_the_float8_tp_styles_without_a_gpu(caplog):
+    """The dry run's mesh is on the CPU on a machine without GPUs; the TP styles are still the ones the
+    CUDA job will run (they once fell back to the plain styles, as on a gloo job, for any dry run)."""
+    from torchtitan_like.dry_run import dry_run
+
+    root = Path(__file__).resolve().parents[2]
+    argv = ["--job.config_file", str(root / "train_configs/debug_model.toml"), "--training.dataset", "synthetic",
+            "--model.converters", "float8", "--parallelism.tensor_parallel_degree", "2",
+            "--compile.enable", "--activation_checkpoint.mode", "full"]
+    lines = {}
+    for device in ("cuda", "cpu"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="torchtitan_like.distributed.tensor_parallel"):
+            dry_run(argv, world_size=4, rank=1, device=device, files=False)
+        (lines[device],) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("applied tensor")]
+    from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS
+
+    n = LLAMA3_FLAVORS["debugmodel"].n_layers
+    assert lines["cuda"].endswith(f"float8 styles in {n} of {n} blocks)"), lines
+    assert lines["cpu"].endswith("float8 styles off on cpu (gloo cannot all-gather float8))"), lines

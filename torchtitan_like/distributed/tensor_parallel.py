@@ -69,7 +69,13 @@ def _settle_stage_output(module: nn.Module, inputs: object, output: torch.Tensor
 
 
 def apply_tp(
-    model: Transformer, tp_mesh: DeviceMesh, *, loss_parallel: bool, async_tp: bool, float8: bool = False
+    model: Transformer,
+    tp_mesh: DeviceMesh,
+    *,
+    loss_parallel: bool,
+    async_tp: bool,
+    float8: bool = False,
+    device_type: str | None = None,
 ) -> None:
     """Shard `model` (on any device, meta included) over `tp_mesh`, in place.
 
@@ -77,17 +83,20 @@ def apply_tp(
     (Shard(-1)); the caller computes the loss inside `torch.distributed.tensor.parallel.loss_parallel()`.
     Otherwise the logits are gathered into a plain tensor.
     float8: the model was converted with the float8 tensorwise recipe (float8-aware styles).
+    device_type: the job's device type (default: the mesh's). A dry run of a CUDA job on a machine
+    without GPUs builds its mesh on the CPU but must still apply the styles the job will run.
     async_tp: overlap the TP collectives with the matmuls (an inductor pass over the compiled blocks;
     config validation made sure compile is on, parallelize that the device is CUDA).
     """
     tied = model.args.tie_word_embeddings and model.tok_embeddings is not None and model.output is not None
     float8_note = ""
-    if float8 and tp_mesh.device_type != "cuda":
+    device_type = device_type or tp_mesh.device_type
+    if float8 and device_type != "cuda":
         # gloo has no float8 dtypes: all-gathering float8 activations fails with "Invalid scalar
         # type" (torch 2.13). The plain styles gather in high precision instead; the Float8Linear
         # layers still compute in float8, with the same tensorwise scale (amax of the whole input).
         float8 = False
-        float8_note = f", float8 styles off on {tp_mesh.device_type} (gloo cannot all-gather float8)"
+        float8_note = f", float8 styles off on {device_type} (gloo cannot all-gather float8)"
 
     top: dict[str, ParallelStyle] = {}
     if model.tok_embeddings is not None:

@@ -76,6 +76,7 @@ def parallelize_llama(
             loss_parallel=parallel_dims.loss_parallel_enabled,
             async_tp=parallelism.enable_async_tensor_parallel,
             float8=float8_tensorwise,
+            device_type=device_type,
         )
 
     compile_model = compile_config is not None and compile_config.enable and "model" in compile_config.components
