@@ -1,5 +1,6 @@
 """Pipeline parallel trains exactly like one process: every torch schedule (and a CSV one), with FSDP,
-with TP, with activation checkpointing + compile + float8, and across checkpoint resumes.
+with TP, with both (3D, 8 ranks), with activation checkpointing + compile + float8, and across checkpoint
+resumes.
 
 Every run is the real Trainer (trainer_runs.py): the debug model (4 layers where a schedule places 2
 stages per rank, else 2) in fp32 with
@@ -44,6 +45,8 @@ SCHEDULE_RUNS: dict[str, tuple[str, ...]] = {
         "tok_embeddings,layers.0;layers.1;layers.2;layers.3,norm,output",
     ),
 }
+V_ON_GLOO = hasattr(PipelineStage, "_is_same_rank")
+"""False on torch 2.11, where gloo jobs refuse the V schedules (tests/unit/test_pipeline_plan.py checks the error)."""
 CSV_RUN = "csv"  # GPipe written out as a CSV: 4 accumulation steps of 2 microbatches of 1
 
 
@@ -64,8 +67,7 @@ def test_every_schedule_matches_one_process(reference: dict, tmp_path: Path) -> 
     runs = dict(SCHEDULE_RUNS)
     runs[CSV_RUN] = ("--parallelism.pipeline_parallel_schedule_csv", str(csv), "--training.local_batch_size", "2")
     names = list(runs)
-    if not hasattr(PipelineStage, "_is_same_rank"):
-        # torch 2.11 on gloo: V schedules are refused (tests/unit/test_pipeline_plan.py checks the error).
+    if not V_ON_GLOO:
         names = [n for n in names if n not in V_SCHEDULES]
     for name in names:
         # One launch per run: a Trainer's process groups are only ever released by ending the process.
@@ -81,26 +83,36 @@ def test_every_schedule_matches_one_process(reference: dict, tmp_path: Path) -> 
         assert ("output.weight" in stage0) == v_schedule and "tok_embeddings.weight" in stage0, name
 
 
-@pytest.mark.parametrize("layout", ["pp2xfsdp2", "pp2xtp2"])
+COMPOSED: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Interleaved (2 stages per rank, each its own FSDP root), with the last stage's loss chunked over the
+    # sequence (its forward stops before `output`, the loss applies it).
+    "pp2xfsdp2": ("Interleaved1F1B", ("--training.loss_chunk_size", "16")),
+    # Zero bubble: its input backward frees each stage output's graph in place, which a stage under TP once
+    # returned as a view (tensor_parallel.py: _settle_stage_output).
+    "pp2xtp2": ("InterleavedZeroBubble", ()),
+    # 3D on 8 ranks, a V zero-bubble schedule: the first and the last stage on pipeline rank 0, and each
+    # stage's FSDP reduce-scatter after the weight backward that the schedule runs last.
+    "pp2xfsdp2xtp2": ("ZBVZeroBubble" if V_ON_GLOO else "InterleavedZeroBubble", ()),
+}
+
+
+@pytest.mark.parametrize("layout", list(COMPOSED))
 def test_pp_composes_with_fsdp_and_tp(layout: str, reference: dict, tmp_path: Path) -> None:
     world, _ = LAYOUTS[layout]
-    # pp2 x fsdp2 runs the interleaved schedule (2 stages per rank, each its own FSDP root), with the
-    # last stage's loss chunked over the sequence (its forward stops before `output`, the loss applies it).
-    # pp2 x tp2 runs a zero-bubble schedule: its input backward frees each stage output's graph in place,
-    # which a stage under TP once returned as a view (tensor_parallel.py: _settle_stage_output).
-    schedule, chunk = (
-        ("Interleaved1F1B", ("--training.loss_chunk_size", "16")) if layout == "pp2xfsdp2" else ("InterleavedZeroBubble", ())
-    )
+    schedule, chunk = COMPOSED[layout]
     argv = trainer_argv(
         tmp_path / "run", layout, "--parallelism.pipeline_parallel_schedule", schedule, *chunk, steps=STEPS,
         n_layers=SCHEDULE_LAYERS,
     )
     ranks = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
     assert_same_training(ranks[0], reference, layout, params=merged_params(ranks))
-    assert_state_matches_dry_run(argv, world, ranks, check_ranks=[0, world - 1])
+    # The 3D layout's ranks all differ (stages, TP and FSDP split each): check every one.
+    check = list(range(world)) if world == 8 else [0, world - 1]
+    assert_state_matches_dry_run(argv, world, ranks, check_ranks=check)
     # The output projection runs on the last stage's ranks only, on chunks of 16 positions where asked.
     assert sorted({p for r in ranks for p in r["output_positions"]}) == [16 if chunk else 64]
-    assert [bool(r["output_positions"]) for r in ranks] == [False] * (world // 2) + [True] * (world // 2)
+    v = schedule in V_SCHEDULES  # the last stage is on pipeline rank 0 (the first half of the ranks)
+    assert [bool(r["output_positions"]) for r in ranks] == [v] * (world // 2) + [not v] * (world // 2)
 
 
 FEATURES = (
