@@ -1,6 +1,6 @@
 """Context parallel trains exactly like one process: CP(2) with both rotate methods and with activation
-checkpointing + compile, CP(4), CP with FSDP (and the loss chunked over the sequence), TP and PP, and
-checkpoints moving between CP(2) and one process in both directions.
+checkpointing + compile, CP(4), CP with FSDP (and the loss chunked over the sequence), TP and PP, CP x FSDP
+x TP on 8 ranks, and checkpoints moving between CP(2) and one process in both directions.
 
 Every run is the real Trainer (trainer_runs.py): debug model in fp32, deterministic, seq 64 (= the
 RoPE length, as CP requires), global batch 8, 6 steps, compared per step (loss, grad norm) and on
@@ -75,18 +75,18 @@ def test_cp2_rotate_methods_ac_compile_and_resume_both_ways(reference: dict, tmp
     assert_same_training(one, tail, "cp2 step 3 -> one process", params=one["params"])
 
 
-def test_cp_on_4_ranks_alone_and_with_fsdp_tp_pp(reference: dict, tmp_path: Path) -> None:
-    layouts = ["cp4", "cp2xfsdp2", "cp2xtp2", "cp2xpp2"]
-    assert all(LAYOUTS[name][0] == 4 for name in layouts)
+def test_cp_on_4_ranks_alone_and_with_fsdp_tp_pp_and_on_8_with_fsdp_x_tp(reference: dict, tmp_path: Path) -> None:
+    layouts = ["cp4", "cp2xfsdp2", "cp2xtp2", "cp2xpp2", "cp2xfsdp2xtp2"]
     # The long-context combination: CP x FSDP with the loss chunked over each rank's sequence shard
     # (the output projection runs once per chunk, and again in backward, under FSDP's hooks).
     extra = {"cp2xfsdp2": ("--training.loss_chunk_size", "16")}
     for name in layouts:
+        world, _ = LAYOUTS[name]
         argv = trainer_argv(tmp_path / name, name, *extra.get(name, ()), steps=STEPS)
-        per_rank = run_on_ranks(train_run, world_size=4, tmp_path=tmp_path, args=(argv,), timeout_s=300)
+        per_rank = run_on_ranks(train_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
         for r, out in enumerate(per_rank):
             assert_same_training(out, reference, f"{name} (rank {r})")
         assert_same_training(per_rank[0], reference, name, params=merged_params(per_rank))
         if name in extra:  # each cp rank's 32 positions, projected 16 at a time
             assert all(out["output_positions"] == [16] for out in per_rank), [o["output_positions"] for o in per_rank]
-        assert_state_matches_dry_run(argv, 4, per_rank, check_ranks=[0, 3])
+        assert_state_matches_dry_run(argv, world, per_rank, check_ranks=[0, world - 1])

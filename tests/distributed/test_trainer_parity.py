@@ -33,7 +33,9 @@ PARAM_ATOL = 2e-5
 
 # Every layout of the issue; global batch 8 in all. fsdp2 and ddp2 accumulate 2 microbatches per
 # step, the others take one (the reference takes one of 8: the split never changes the math).
-PARALLEL_LAYOUTS = ["fsdp2", "fsdp2_offload", "fsdp4", "hsdp2x2", "ddp2", "tp2", "fsdp2xtp2", "ddp2xtp2"]
+PARALLEL_LAYOUTS = [
+    "fsdp2", "fsdp2_offload", "fsdp4", "hsdp2x2", "ddp2", "tp2", "fsdp2xtp2", "ddp2xtp2", "hsdp2x2xtp2",
+]
 
 
 @pytest.fixture(scope="module")

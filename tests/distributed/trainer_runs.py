@@ -74,6 +74,16 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--training.local_batch_size", "4",
         ),
     ),
+    # HSDP(2x2) x TP(2) on 8 ranks: replicated across the pair of FSDP groups, sharded inside each, TP inside.
+    "hsdp2x2xtp2": (
+        8,
+        (
+            "--parallelism.data_parallel_replicate_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "2",
+        ),
+    ),
     # Pipeline parallel (schedule 1F1B unless overridden): 8 microbatches of 1 per step.
     "pp2": (
         2,
@@ -143,6 +153,16 @@ LAYOUTS: dict[str, tuple[int, tuple[str, ...]]] = {
             "--parallelism.tensor_parallel_degree", "2",
             "--parallelism.data_parallel_shard_degree", "1",
             "--training.local_batch_size", "8",
+        ),
+    ),
+    # CP(2) x FSDP(2) x TP(2) on 8 ranks: FSDP shards over dp_shard x cp, TP inside.
+    "cp2xfsdp2xtp2": (
+        8,
+        (
+            "--parallelism.context_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--training.local_batch_size", "4",
         ),
     ),
     "cp2xpp2": (
