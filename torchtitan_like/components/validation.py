@@ -40,6 +40,7 @@ from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training, Validation
 from torchtitan_like.config.validate import resolve_global_batch
 from torchtitan_like.data.dataset import BatchLayout, PackedDataset, SyntheticDataset
+from torchtitan_like.data.indexed import IndexedDataset, IndexedTokens
 from torchtitan_like.data.sources import EMBEDDED_EXCLUDED_DIRS, DocumentSource, HFSource, LocalSource
 from torchtitan_like.distributed.pipeline import Pipeline, schedule_switches_modes
 from torchtitan_like.errors import ConfigError, DataError
@@ -119,6 +120,10 @@ def build_validation_dataset(
     )
     if cfg.dataset == "synthetic":
         return SyntheticDataset(seed=seed + SYNTHETIC_SEED_OFFSET, seq_len=cfg.seq_len, vocab_size=vocab_size, layout=layout)
+    if cfg.dataset == "indexed":
+        assert cfg.dataset_path  # (config validation)
+        tokens = IndexedTokens(cfg.dataset_path, section="validation")
+        return IndexedDataset(tokens=tokens, seq_len=cfg.seq_len, layout=layout, infinite=False, vocab_size=vocab_size)
     assert tokenizer is not None, f"validation.dataset={cfg.dataset!r} needs a tokenizer"
     source = build_validation_source(cfg, text_field=text_field, seed=seed)
     return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)

@@ -83,10 +83,10 @@ class Training:
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still reported)."""
     steps: int = 10000
     """Optimizer steps to train."""
-    dataset: Literal["embedded", "synthetic", "local", "hf"] = "embedded"
-    """Data source: embedded (Python standard library sources), synthetic (random tokens), local files, or an HF hub dataset."""
+    dataset: Literal["embedded", "synthetic", "local", "hf", "indexed"] = "embedded"
+    """Data source: embedded (Python standard library sources), synthetic (random tokens), local files, an HF hub dataset, or indexed (pre-tokenized PREFIX.bin + PREFIX.idx, Megatron-LM's format)."""
     dataset_path: str | None = None
-    """For local: a .txt/.jsonl/.json file, a directory or a glob. For hf: the hub dataset name."""
+    """For local: a .txt/.jsonl/.json file, a directory or a glob. For hf: the hub dataset name. For indexed: PREFIX."""
     dataset_text_field: str = "text"
     """Field holding the document text in .jsonl/.json records and HF datasets."""
     dataset_split: str = "train"
@@ -271,10 +271,10 @@ class Profiling:
 class Validation:
     enable: bool = False
     """Compute the loss and perplexity on held-out data every freq steps (val_loss, val_ppl in the metrics)."""
-    dataset: Literal["embedded", "synthetic", "local", "hf"] = "embedded"
-    """Held-out data: embedded (stdlib tests and tools, never trained on), synthetic (another seed), local files, or HF hub."""
+    dataset: Literal["embedded", "synthetic", "local", "hf", "indexed"] = "embedded"
+    """Held-out data: embedded (stdlib tests and tools, never trained on), synthetic (another seed), local files, HF hub, or indexed."""
     dataset_path: str | None = None
-    """For local: a .txt/.jsonl/.json file, a directory or a glob (text in training.dataset_text_field). For hf: the hub name."""
+    """For local: a .txt/.jsonl/.json file, a directory or a glob (text in training.dataset_text_field). For hf: the hub name. For indexed: PREFIX."""
     dataset_split: str = "validation"
     """Split to read from an HF hub dataset."""
     dataset_config: str | None = None

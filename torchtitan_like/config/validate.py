@@ -88,8 +88,11 @@ def validate(cfg: JobConfig) -> None:
             f"model.flavor={cfg.model.flavor!r} is not a {cfg.model.name} flavor; available: {', '.join(spec.flavors)}"
         )
     t = cfg.training
-    if t.dataset in ("local", "hf") and not t.dataset_path:
-        raise ConfigError(f"training.dataset={t.dataset!r} needs training.dataset_path (a file, folder or glob for local; a hub name for hf)")
+    if t.dataset in ("local", "hf", "indexed") and not t.dataset_path:
+        raise ConfigError(
+            f"training.dataset={t.dataset!r} needs training.dataset_path (a file, folder or glob for local; a hub name "
+            "for hf; PREFIX of PREFIX.bin + PREFIX.idx for indexed)"
+        )
     c = cfg.checkpoint
     if c.create_seed_checkpoint and not c.enable:
         raise ConfigError("checkpoint.create_seed_checkpoint=true needs checkpoint.enable=true")
@@ -163,9 +166,10 @@ def _validate_profiling_and_validation(cfg: JobConfig) -> None:
     v = cfg.validation
     if not v.enable:
         return
-    if v.dataset in ("local", "hf") and not v.dataset_path:
+    if v.dataset in ("local", "hf", "indexed") and not v.dataset_path:
         raise ConfigError(
-            f"validation.dataset={v.dataset!r} needs validation.dataset_path (a file, folder or glob for local; a hub name for hf)"
+            f"validation.dataset={v.dataset!r} needs validation.dataset_path (a file, folder or glob for local; a hub "
+            "name for hf; PREFIX of PREFIX.bin + PREFIX.idx for indexed)"
         )
     if v.dataset == "synthetic" and v.steps == -1:
         raise ConfigError(

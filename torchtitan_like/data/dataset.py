@@ -247,7 +247,7 @@ class PackedIterator(_SliceIterator):
             # E.g. a run that trained on training.dataset = "synthetic" resumed with documents.
             raise DataError(
                 "the checkpoint's data loader state holds no document position (it was saved with synthetic "
-                "tokens): resume with the same training.dataset, or add \"dataloader\" to "
+                "tokens or an indexed dataset): resume with the same training.dataset, or add \"dataloader\" to "
                 "checkpoint.exclude_from_loading to read this dataset from its beginning"
             )
         self._load_cursor(state)

@@ -1,4 +1,4 @@
-"""The training/validation dataloader: a torchdata StatefulDataLoader over a packed or synthetic stream.
+"""The training/validation dataloader: a torchdata StatefulDataLoader over a packed, indexed or synthetic stream.
 
 `state_dict()` is the same on every DP rank at a step boundary (it records the stream position, not
 the rank's slice), so it can be saved once and loaded with a different number of DP ranks.
@@ -14,6 +14,7 @@ from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training
 from torchtitan_like.config.validate import resolve_global_batch
 from torchtitan_like.data.dataset import Batch, BatchLayout, PackedDataset, SyntheticDataset
+from torchtitan_like.data.indexed import IndexedDataset, IndexedTokens
 from torchtitan_like.data.sources import build_source
 from torchtitan_like.errors import ConfigError
 
@@ -54,6 +55,12 @@ def build_dataloader(
     )
     if training.dataset == "synthetic":
         dataset = SyntheticDataset(seed=seed, seq_len=training.seq_len, vocab_size=vocab_size, layout=layout)
+    elif training.dataset == "indexed":
+        assert training.dataset_path  # (config validation)
+        dataset = IndexedDataset(
+            tokens=IndexedTokens(training.dataset_path, section="training"), seq_len=training.seq_len, layout=layout,
+            infinite=infinite, vocab_size=vocab_size,
+        )
     else:
         assert tokenizer is not None, f"training.dataset={training.dataset!r} needs a tokenizer"
         dataset = PackedDataset(

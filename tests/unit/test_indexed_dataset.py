@@ -1,0 +1,290 @@
+"""training.dataset = "indexed": pre-tokenized PREFIX.bin + PREFIX.idx (Megatron-LM's layout), written by
+tools/pretokenize.py. The same batches as the source it was tokenized from, under any data-parallel
+degree; exact resume; wrap-around; the file layout byte for byte; and one-line errors for bad data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import struct
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer
+from torchtitan_like.config.schema import Training, Validation
+from torchtitan_like.data import build_dataloader
+from torchtitan_like.data.indexed import IndexedTokens, write_indexed
+from torchtitan_like.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[2]
+SEQ, GBS, VOCAB = 16, 8, 2000
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return build_tokenizer("")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(1)
+    words = ["alpha", "beta", "def", "return", "(x)", "héllo", "日本", "\n"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(40)]
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def pretokenize(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "tools/pretokenize.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def prefix(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("indexed") / "sub" / "docs"
+    r = pretokenize("--out", str(out), "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
+                    "--training.dataset", "local", "--training.dataset_path", str(corpus))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{out}.bin + .idx: 40 records, ") and 'training.dataset_path = "' in r.stdout, r.stdout
+    return out
+
+
+def loader(dataset: str, path: Path, *, rank: int = 0, dp: int = 1, **kw):
+    training = Training(dataset=dataset, dataset_path=str(path), local_batch_size=2, global_batch_size=GBS, seq_len=SEQ)
+    return build_dataloader(training=training, tokenizer=build_tokenizer(""), vocab_size=VOCAB, dp_rank=rank,
+                            dp_degree=dp, seed=0, **kw)
+
+
+def batches(dl, n: int) -> list[torch.Tensor]:
+    return [torch.cat([x, y[:, -1:]], dim=1) for x, y in islice(iter(dl), n)]
+
+
+def test_the_idx_is_megatrons_layout_and_the_bin_the_packers_stream(prefix, corpus, tok):
+    records = [tok.encode(json.loads(line)["text"], bos=True, eos=True) for line in corpus.read_text().splitlines()]
+    idx = Path(f"{prefix}.idx").read_bytes()
+    magic, version, code, n_seq, n_doc = struct.unpack_from("<9sQBQQ", idx)
+    assert (magic, version, code, n_seq, n_doc) == (b"MMIDIDX\x00\x00", 1, 8, 40, 41)  # 8 = uint16
+    off = 34
+    lengths = list(struct.unpack_from(f"<{n_seq}i", idx, off))
+    pointers = list(struct.unpack_from(f"<{n_seq}q", idx, off + 4 * n_seq))
+    documents = list(struct.unpack_from(f"<{n_doc}q", idx, off + 12 * n_seq))
+    assert len(idx) == off + 12 * n_seq + 8 * n_doc
+    assert lengths == [len(r) for r in records]
+    assert pointers == [2 * sum(lengths[:i]) for i in range(n_seq)] and documents == list(range(41))
+    stream = [t for r in records for t in r]
+    assert list(struct.unpack(f"<{len(stream)}H", Path(f"{prefix}.bin").read_bytes())) == stream
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_the_same_batches_as_the_source_under_any_data_parallel_degree(prefix, corpus, dp):
+    n = 5  # global batches: 5 x 8 x 17 tokens, within the first epoch
+    want = batches(loader("local", corpus), n * GBS // 2)  # dp 1: 4 microbatches of 2 per global batch
+    for rank in range(dp):
+        got = batches(loader("indexed", prefix, rank=rank, dp=dp), n * GBS // (2 * dp))
+        per = GBS // (2 * dp)  # this rank's microbatches per global batch
+        for g in range(n):
+            mine = torch.cat(got[g * per : (g + 1) * per])
+            whole = torch.cat(want[g * (GBS // 2) : (g + 1) * (GBS // 2)])
+            assert torch.equal(mine, whole[rank * GBS // dp : (rank + 1) * GBS // dp]), (dp, rank, g)
+
+
+def test_a_resume_continues_exactly_under_another_degree_and_past_the_end(prefix, caplog):
+    n_tokens = IndexedTokens(str(prefix), section="training").n_tokens
+    per_batch = GBS * (SEQ + 1)
+    total = n_tokens // per_batch + 3  # global batches: past the end of the stream, into epoch 1
+    whole = torch.cat(batches(loader("indexed", prefix), total * GBS // 2))
+    # Sample i is tokens [17 i, 17 i + 17) of the stream, modulo its length.
+    stream = torch.cat([IndexedTokens(str(prefix), section="training").read(0, n_tokens)] * 2)
+    assert torch.equal(whole.flatten(), torch.cat([stream] * 2)[: whole.numel()])
+    first = loader("indexed", prefix)
+    it = iter(first)
+    for _ in range(3 * GBS // 2):  # 3 global batches
+        next(it)
+    state = first.state_dict()
+    got = []
+    for rank in range(2):
+        resumed = loader("indexed", prefix.with_suffix(".bin"), rank=rank, dp=2)  # PREFIX.bin names it too
+        resumed.load_state_dict(state)
+        got.append(batches(resumed, (total - 3) * GBS // 4))
+    with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
+        batches(loader("indexed", prefix), total * GBS // 2)
+    opened, *epochs = [r.getMessage() for r in caplog.records]
+    assert opened == (f"data: {prefix}.bin, {n_tokens} tokens in 40 sequences (uint16), "
+                      f"{n_tokens / per_batch:.1f} global batches of 8 x 17 per epoch")
+    assert epochs == [f"data: {prefix}.bin read to its end, starting epoch 1"]
+    for g in range(total - 3):
+        expect = whole[(3 + g) * GBS : (4 + g) * GBS]
+        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
+
+
+def test_validation_reads_it_once_and_drops_the_incomplete_last_batch(prefix):
+    from torchtitan_like.components.validation import build_validation_dataset
+
+    cfg = Validation(enable=True, dataset="indexed", dataset_path=str(prefix), local_batch_size=2,
+                     global_batch_size=GBS, seq_len=SEQ)
+    data = build_validation_dataset(cfg, tokenizer=None, vocab_size=VOCAB, text_field="text", dp_rank=0, dp_degree=1,
+                                    seed=0)
+    n_tokens = IndexedTokens(str(prefix), section="validation").n_tokens
+    assert len(list(iter(data))) == n_tokens // (GBS * (SEQ + 1)) * GBS // 2
+
+
+def _state_after_one_batch(dl) -> dict:
+    next(iter(dl))
+    return dl.state_dict()
+
+
+def _with_tokens(state: dict, n: int) -> dict:
+    fetcher = state["fetcher_state"]
+    return {**state, "fetcher_state": {**fetcher, "dataset_iter_state": {**fetcher["dataset_iter_state"],
+                                                                         "indexed_tokens": n}}}
+
+
+def test_a_checkpoint_of_another_dataset_or_of_other_data_is_refused(prefix, corpus):
+    state = _state_after_one_batch(loader("indexed", prefix))
+    local = _state_after_one_batch(loader("local", corpus))
+    cases = [
+        ("indexed", prefix, local, "not a position in an indexed dataset .*exclude_from_loading"),
+        ("indexed", prefix, _with_tokens(state, 12),
+         r"an indexed dataset of 12 tokens, but .*docs.bin holds \d+: the dataset changed"),
+        ("local", corpus, state, "holds no document position .*indexed dataset"),
+    ]
+    for dataset, path, saved, message in cases:
+        dl = loader(dataset, path)
+        dl.load_state_dict(saved)
+        with pytest.raises(DataError, match=message):
+            next(iter(dl))  # (the loader applies a loaded state when it starts iterating)
+
+
+def _write(path: Path, records: list[list[int]], vocab: int = VOCAB) -> Path:
+    write_indexed(path, records, vocab_size=vocab)
+    return path
+
+
+def test_bad_data_is_one_error_naming_the_file(tmp_path):
+    good = _write(tmp_path / "good", [[1, 2, 3] * 20, [4, 5] * 30])
+    with pytest.raises(DataError, match=r"missing.idx does not exist; an indexed dataset is the pair PREFIX.bin \+ "
+                                         r"PREFIX.idx \(set the path to PREFIX; write them with tools/pretokenize.py"):
+        IndexedTokens(str(tmp_path / "missing"), section="training")
+    (tmp_path / "junk.idx").write_bytes(b"not an index at all, longer than its header")
+    (tmp_path / "junk.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"junk.idx is not an indexed-dataset index \(it does not start with"):
+        IndexedTokens(str(tmp_path / "junk"), section="training")
+    idx = Path(f"{good}.idx").read_bytes()
+    for name, data, message in [
+        ("float", idx[:17] + bytes([6]) + idx[18:], "dtype code 6, a float type: token ids must be integers"),
+        ("v2", idx[:9] + struct.pack("<Q", 2) + idx[17:], "is index version 2; only version 1 is read"),
+        ("cut", idx[:-8], r"holds \d+ bytes, but its header \(2 sequences, 3 document indices\) needs \d+: truncated"),
+    ]:
+        (tmp_path / f"{name}.idx").write_bytes(data)
+        (tmp_path / f"{name}.bin").write_bytes(Path(f"{good}.bin").read_bytes())
+        with pytest.raises(DataError, match=message):
+            IndexedTokens(str(tmp_path / name), section="training")
+    Path(f"{good}.bin").write_bytes(Path(f"{good}.bin").read_bytes()[:-2])  # one token short
+    with pytest.raises(DataError, match=r"good.bin holds 238 bytes, but its index ends the last sequence at byte 240: "
+                                         r"truncated, or the two files are from different runs"):
+        IndexedTokens(str(good), section="training")
+
+
+def test_token_ids_outside_the_vocabulary_and_too_little_data_are_refused(tmp_path):
+    big = _write(tmp_path / "big", [list(range(1990, 2010)) * 2], vocab=65536)
+    with pytest.raises(DataError, match=r"token 2000 at position 10 of .*big.bin is outside the model's vocabulary "
+                                         r"\(0..1999\): the data was tokenized with another tokenizer"):
+        next(iter(loader("indexed", big)))
+    small = _write(tmp_path / "small", [[1] * SEQ])
+    with pytest.raises(DataError, match=r"small.bin holds 16 tokens, fewer than one sample of seq_len \+ 1 = 17"):
+        loader("indexed", small)
+    with pytest.raises(ValueError, match="no tokens: the dataset is empty"):
+        write_indexed(tmp_path / "empty", [[], []], vocab_size=VOCAB)
+    assert not list(tmp_path.glob("empty*"))  # nothing left behind
+    wide = tmp_path / "wide"
+    write_indexed(wide, [[70000, 1, 2]], vocab_size=128256)  # int32 where ids pass uint16
+    assert struct.unpack_from("<B", Path(f"{wide}.idx").read_bytes(), 17) == (4,)
+    assert IndexedTokens(str(wide), section="training").read(0, 5).tolist() == [70000, 1, 2, 70000, 1]
+
+
+def test_config_and_tool_errors_are_one_line(tmp_path, corpus):
+    from torchtitan_like.config.loader import load_config
+
+    with pytest.raises(ConfigError, match=r"training.dataset='indexed' needs training.dataset_path \(.*PREFIX of "
+                                          r"PREFIX.bin \+ PREFIX.idx for indexed\)"):
+        load_config(["--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
+                     "--training.dataset", "indexed"])
+    r = pretokenize("--out", str(tmp_path / "x"), "--training.dataset", "synthetic")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: training.dataset='synthetic' has no documents to tokenize: set it to embedded, local or hf (with its "
+        "dataset_path)"], r.stderr
+    r = pretokenize("--out", str(tmp_path / "x"), "--training.dataset", "local", "--training.dataset_path",
+                    str(tmp_path / "nothing.jsonl"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "nothing.jsonl" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("x*"))
+    # A sample of the source: stops at --max-tokens.
+    r = pretokenize("--out", str(tmp_path / "s"), "--max-tokens", "100", "--training.dataset", "local",
+                    "--training.dataset_path", str(corpus))
+    assert r.returncode == 0 and IndexedTokens(str(tmp_path / "s"), section="training").n_tokens == 100, r.stderr
+
+
+def test_the_trainer_trains_on_it_as_on_its_source_and_validates_on_another(tmp_path, corpus, prefix):
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import Trainer
+
+    def run(name: str, *data: str) -> list[float]:
+        dump = tmp_path / name
+        trainer = Trainer(load_config([
+            "--job.config_file", str(ROOT / "train_configs/debug_model.toml"), "--job.dump_folder", str(dump),
+            "--model.n_layers", "2", "--training.seq_len", "32", "--training.local_batch_size", "2",
+            "--training.steps", "3", "--metrics.no_enable_tensorboard", "--metrics.log_freq", "1", *data,
+        ]))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+    held_out = _write(tmp_path / "held_out", [[1, 5, 9, 2] * 100])  # one global batch: 8 x 33 tokens
+    source = run("local", "--training.dataset", "local", "--training.dataset_path", str(corpus))
+    indexed = run("indexed", "--training.dataset", "indexed", "--training.dataset_path", str(prefix),
+                  "--validation.enable", "--validation.freq", "3", "--validation.steps", "1", "--validation.dataset",
+                  "indexed", "--validation.dataset_path", str(held_out), "--validation.seq_len", "32")
+    assert [r["loss"] for r in indexed] == [r["loss"] for r in source] and len(source) == 3
+    assert "val_loss" in indexed[-1] and indexed[-1]["val_loss"] > 0
+    with pytest.raises(ConfigError, match=r"share 1 file\(s\), e.g. .*docs.bin: the held-out data would be trained on"):
+        run("shared", "--training.dataset", "indexed", "--training.dataset_path", str(prefix), "--validation.enable",
+            "--validation.dataset", "indexed", "--validation.dataset_path", f"{prefix}.idx")
+
+
+def test_workers_write_the_same_files(tmp_path):
+    lines = [json.dumps({"text": f"record {i} " + "word " * (i % 7)}) for i in range(700)]  # 3 chunks of 256
+    (tmp_path / "many.jsonl").write_text("\n".join(lines) + "\n")
+    outs = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"w{workers}"
+        r = pretokenize("--out", str(out), "--workers", workers, "--training.dataset", "local",
+                        "--training.dataset_path", str(tmp_path / "many.jsonl"))
+        assert r.returncode == 0 and ": 700 records, " in r.stdout, r.stderr
+        outs.append([Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")])
+    assert outs[0] == outs[1]
+
+
+def test_records_keep_their_framing_on_the_way_to_a_worker(tok):
+    """A long .txt file's pieces carry bos / eos of their own; a worker gets them as plain values."""
+    import importlib.util
+
+    from torchtitan_like.data.dataset import _tokens
+    from torchtitan_like.data.sources import TextPiece
+
+    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools/pretokenize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool._start_worker("")
+    records = [TextPiece("first piece", bos=True, eos=False), TextPiece(" middle", bos=False, eos=False),
+               TextPiece(" last", bos=False, eos=True), "a whole document", "   "]
+    for record in records:
+        assert tool._encode(tool._framed(record)) == _tokens(tok, record), record
+    assert tool._encode(tool._framed(records[1])) == tok.encode(" middle", bos=False, eos=False)

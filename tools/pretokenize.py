@@ -1,0 +1,154 @@
+"""Tokenize a job's dataset once into an indexed dataset (PREFIX.bin + PREFIX.idx), to train on with
+`training.dataset = "indexed"` (or validate on with `validation.dataset = "indexed"`).
+
+    .venv/bin/python tools/pretokenize.py --out data/train --job.config_file job.toml \
+        --training.dataset local --training.dataset_path 'corpus/*.jsonl'
+
+The config arguments are the trainer's: the source is the one `--section`'s dataset settings name
+(training by default, or validation), read once in order (epoch 0), and each record is tokenized as the
+trainer's packer does ([bos] text [eos], with model.tokenizer_path), so training on the output gives the
+same batches as training on the source, through the first epoch. Token ids are stored as uint16 where
+the vocabulary fits, else int32. --max-tokens stops after that many tokens (a sample of a large hub
+dataset); --workers N tokenizes in N processes (the output is the same). The files are written through
+temporary files and renamed at the end: an interrupted run leaves an earlier pair as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+from torchtitan_like.errors import TrainerError
+from torchtitan_like.output_files import check_output_file
+
+
+def records(cfg, section: str, max_tokens: int | None, workers: int) -> Iterator[list[int]]:
+    """The tokens of each record of the source, in order (tokenized in `workers` processes when > 1)."""
+    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+    from torchtitan_like.components.validation import build_validation_source
+    from torchtitan_like.data.sources import build_source
+    from torchtitan_like.models import MODELS
+
+    args = MODELS[cfg.model.name].flavors[cfg.model.flavor]
+    check_vocab(build_tokenizer(cfg.model.tokenizer_path), args.vocab_size, cfg.model.flavor)
+    if section == "training":
+        source = build_source(cfg.training, cfg.debug.seed)
+    else:
+        source = build_validation_source(
+            cfg.validation, text_field=cfg.training.dataset_text_field, seed=cfg.debug.seed
+        )
+    texts = (_framed(text) for text in source.documents(0, 0))
+    if workers == 1:
+        _start_worker(cfg.model.tokenizer_path)
+        tokenized = (_encode(item) for item in texts)
+    else:
+        tokenized = _in_workers(texts, workers, cfg.model.tokenizer_path)
+    total = 0
+    for tokens in tokenized:
+        if max_tokens is not None and total + len(tokens) > max_tokens:
+            tokens = tokens[: max_tokens - total]
+        if tokens:
+            total += len(tokens)
+            yield tokens
+        if max_tokens is not None and total >= max_tokens:
+            return
+
+
+def _framed(text: str) -> tuple[str, bool, bool]:
+    """A record as plain values for another process (a long .txt file's pieces carry their bos / eos)."""
+    from torchtitan_like.data.sources import frame
+
+    return (str(text), *frame(text))
+
+
+_tokenizer = None  # each worker process's own
+
+
+def _start_worker(tokenizer_path: str) -> None:
+    global _tokenizer
+    from torchtitan_like.components.tokenizer import build_tokenizer
+
+    _tokenizer = build_tokenizer(tokenizer_path)
+
+
+def _encode(item: tuple[str, bool, bool]) -> list[int]:
+    """The record's tokens exactly as the trainer's packer makes them (data/dataset.py's _tokens)."""
+    from torchtitan_like.data.dataset import _tokens
+    from torchtitan_like.data.sources import TextPiece
+
+    text, bos, eos = item
+    return _tokens(_tokenizer, text if bos and eos else TextPiece(text, bos=bos, eos=eos))
+
+
+def _encode_chunk(items: list[tuple[str, bool, bool]]) -> list[list[int]]:
+    return [_encode(item) for item in items]
+
+
+def _in_workers(texts: Iterator[tuple[str, bool, bool]], workers: int, tokenizer_path: str) -> Iterator[list[int]]:
+    """Chunks of records tokenized in a pool, yielded in order, with a bounded number in flight (Pool.imap
+    would read the whole source ahead into its queue)."""
+    chunk_size, in_flight = 256, 4 * workers
+    with multiprocessing.get_context("spawn").Pool(workers, _start_worker, (tokenizer_path,)) as pool:
+        pending: deque = deque()
+        while True:
+            chunk = list(islice(texts, chunk_size))
+            if chunk:
+                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if pending and (len(pending) >= in_flight or not chunk):
+                yield from pending.popleft().get()
+            elif not chunk:
+                return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 with one error line (a bad argument or config, unreadable data, an unwritable output)."""
+    parser = argparse.ArgumentParser(prog="tools/pretokenize.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="PREFIX: writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--section", choices=("training", "validation"), default="training",
+                        help="whose dataset settings name the source (default training)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that tokenize (default 1)")
+    args, rest = parser.parse_known_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max-tokens {args.max_tokens} must be >= 1 (leave it out for the whole dataset)")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers} must be >= 1 (e.g. the machine's cores)")
+    prefix = args.out.removesuffix(".bin").removesuffix(".idx")
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.data.indexed import write_indexed
+    from torchtitan_like.models import MODELS
+
+    try:
+        for suffix in (".bin", ".idx"):  # before the tokenizing (minutes) rather than after
+            check_output_file(Path(prefix + suffix), f"--out {args.out}", example="data/train")
+        cfg = load_config(rest)
+        data = getattr(cfg, args.section)
+        if data.dataset in ("synthetic", "indexed"):
+            raise TrainerError(f"{args.section}.dataset={data.dataset!r} has no documents to tokenize: set it to "
+                               "embedded, local or hf (with its dataset_path)")
+        vocab_size = MODELS[cfg.model.name].flavors[cfg.model.flavor].vocab_size
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        n_records, n_tokens = write_indexed(prefix, records(cfg, args.section, args.max_tokens, args.workers),
+                                             vocab_size=vocab_size)
+    except (TrainerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission: an earlier pair, if any, is untouched
+        print(f"error: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    print(f"{prefix}.bin + .idx: {n_records} records, {n_tokens} tokens (vocab {vocab_size}), {seconds:.1f} s "
+          f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); train on it with training.dataset = \"indexed\", "
+          f"training.dataset_path = \"{prefix}\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

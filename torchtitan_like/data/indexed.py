@@ -1,0 +1,245 @@
+"""Pre-tokenized data in the indexed format that Megatron-LM's and NeMo's preprocess_data.py write:
+PREFIX.bin (the token ids of every document, one after another) and PREFIX.idx (their dtype, and each
+sequence's length and byte offset in PREFIX.bin).
+
+`dataset = "indexed"` reads PREFIX.bin as one token stream, in order, and cuts it into the windows of
+seq_len + 1 tokens that packed documents are cut into: sample i is tokens [i * (seq_len + 1),
+(i + 1) * (seq_len + 1)) of the stream, which wraps to its start when training runs past its end (the
+next epoch, in the same order). Nothing is tokenized at run time, and each rank reads only its slice of
+every global batch. The position is the loader's sample cursor, so a resume is exact, under any
+data-parallel degree. `tools/pretokenize.py` writes the pair from any dataset the trainer reads,
+tokenized as the packer does ([bos] doc [eos] per record), so the first epoch's batches are the same as
+training on that dataset directly.
+
+PREFIX.idx, little-endian: the 9 bytes b"MMIDIDX\\x00\\x00", u64 version (1), u8 dtype code (1 uint8,
+2 int8, 3 int16, 4 int32, 5 int64, 8 uint16; 6 and 7 are floats), u64 sequence count S, u64 document
+count D, then int32 lengths[S] (tokens), int64 pointers[S] (byte offsets into PREFIX.bin), int64
+document indices[D] (the first sequence of each document, then S).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import sys
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset
+
+from torchtitan_like.data.dataset import BatchLayout, _SliceIterator
+from torchtitan_like.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+# dtype code -> (torch dtype, bytes per token)
+DTYPES: dict[int, tuple[torch.dtype, int]] = {
+    1: (torch.uint8, 1), 2: (torch.int8, 1), 3: (torch.int16, 2), 4: (torch.int32, 4), 5: (torch.int64, 8),
+    8: (torch.uint16, 2),
+}
+_FLOAT_CODES = (6, 7)
+UINT16, INT32 = 8, 4  # what pretokenize writes: uint16 where every id fits, else int32
+
+
+def split_prefix(dataset_path: str) -> str:
+    """PREFIX from "PREFIX", "PREFIX.bin" or "PREFIX.idx"."""
+    for suffix in (".bin", ".idx"):
+        if dataset_path.endswith(suffix):
+            return dataset_path[: -len(suffix)]
+    return dataset_path
+
+
+class IndexedTokens:
+    """The token stream of one PREFIX.bin / PREFIX.idx pair, checked when opened: both files exist, the
+    index is one (header, version, an integer dtype, its size), and PREFIX.bin ends where the index says."""
+
+    def __init__(self, dataset_path: str, *, section: str) -> None:
+        self.label = f"{section}.dataset_path={dataset_path!r}"
+        prefix = split_prefix(dataset_path)
+        self.bin_path, self.idx_path = prefix + ".bin", prefix + ".idx"
+        self.files = [self.bin_path]  # (the trainer's held-out check compares these)
+        for path in (self.idx_path, self.bin_path):
+            if not os.path.isfile(path):
+                raise DataError(
+                    f"{self.label}: {path} does not exist; an indexed dataset is the pair PREFIX.bin + PREFIX.idx "
+                    "(set the path to PREFIX; write them with tools/pretokenize.py or Megatron-LM's preprocess_data.py)"
+                )
+        with open(self.idx_path, "rb") as f:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size or head[:9] != MAGIC:
+                raise DataError(f"{self.label}: {self.idx_path} is not an indexed-dataset index (it does not start "
+                                f"with {MAGIC!r})")
+            _, version, code, n_seq, n_docs = _HEADER.unpack(head)
+            if version != VERSION:
+                raise DataError(f"{self.label}: {self.idx_path} is index version {version}; only version {VERSION} "
+                                "is read")
+            if code not in DTYPES:
+                kind = "a float type" if code in _FLOAT_CODES else "not a known type"
+                raise DataError(f"{self.label}: {self.idx_path} stores tokens as dtype code {code}, {kind}: token ids "
+                                "must be integers (codes 1-5 or 8)")
+            self.dtype, self.itemsize = DTYPES[code]
+            want = _HEADER.size + 4 * n_seq + 8 * n_seq + 8 * n_docs
+            size = os.path.getsize(self.idx_path)
+            if size != want:
+                raise DataError(f"{self.label}: {self.idx_path} holds {size} bytes, but its header ({n_seq} sequences, "
+                                f"{n_docs} document indices) needs {want}: truncated or corrupt; write it again")
+            if n_seq == 0:
+                raise DataError(f"{self.label}: {self.idx_path} indexes no sequences: the dataset is empty")
+            f.seek(_HEADER.size + 4 * (n_seq - 1))
+            (last_len,) = struct.unpack("<i", f.read(4))
+            f.seek(_HEADER.size + 4 * n_seq + 8 * (n_seq - 1))
+            (last_ptr,) = struct.unpack("<q", f.read(8))
+        end = last_ptr + last_len * self.itemsize
+        size = os.path.getsize(self.bin_path)
+        if size != end:
+            raise DataError(
+                f"{self.label}: {self.bin_path} holds {size} bytes, but its index ends the last sequence at byte "
+                f"{end}: "
+                "truncated, or the two files are from different runs; write them again"
+            )
+        self.n_sequences, self.n_tokens = n_seq, size // self.itemsize
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        """Tokens [start, start + count) of the stream, wrapping past its end, as int64."""
+        parts, pos = [], start % self.n_tokens
+        with open(self.bin_path, "rb") as f:
+            while count > 0:
+                take = min(count, self.n_tokens - pos)
+                f.seek(pos * self.itemsize)
+                data = bytearray(f.read(take * self.itemsize))
+                if len(data) != take * self.itemsize:
+                    raise DataError(f"{self.label}: {self.bin_path} ended early (it shrank while training?)")
+                parts.append(torch.frombuffer(data, dtype=self.dtype).to(torch.int64))
+                count, pos = count - take, 0
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class IndexedIterator(_SliceIterator):
+    """This rank's microbatches of the windows of an indexed dataset's token stream."""
+
+    def __init__(
+        self, *, tokens: IndexedTokens, seq_len: int, layout: BatchLayout, infinite: bool, vocab_size: int
+    ) -> None:
+        super().__init__(layout)
+        self.tokens, self.seq_len, self.infinite, self.vocab_size = tokens, seq_len, infinite, vocab_size
+
+    def _read_slice(self) -> torch.Tensor:
+        w = self.seq_len + 1
+        n = self.tokens.n_tokens
+        if not self.infinite and (self.sample_index + self.global_batch_size) * w > n:
+            raise StopIteration  # finite mode drops a last, incomplete global batch
+        start = (self.sample_index + self.slice_start) * w
+        window = self.tokens.read(start, self.slice_size * w)
+        bad = (window < 0) | (window >= self.vocab_size)
+        if bool(bad.any()):
+            at = int(bad.nonzero()[0, 0])
+            raise DataError(
+                f"{self.tokens.label}: token {int(window[at])} at position {(start + at) % n} of "
+                f"{self.tokens.bin_path} "
+                f"is outside the model's vocabulary (0..{self.vocab_size - 1}): the data was tokenized with another "
+                "tokenizer than model.tokenizer_path (or for another model.flavor)"
+            )
+        batch = self.sample_index * w  # the global batch's first token: every rank logs the same epoch
+        if self.infinite and (batch + self.global_batch_size * w - 1) // n > batch // n:
+            logger.info("data: %s read to its end, starting epoch %d", self.tokens.bin_path, (batch // n) + 1)
+        return window.view(self.slice_size, w)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._cursor_state(), "indexed_tokens": self.tokens.n_tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("indexed_tokens")
+        if saved is None:
+            raise DataError(
+                "the checkpoint's data loader state is not a position in an indexed dataset (it was saved with "
+                "another training.dataset): resume with the same training.dataset, or add \"dataloader\" to "
+                "checkpoint.exclude_from_loading to read this dataset from its beginning"
+            )
+        if saved != self.tokens.n_tokens:
+            raise DataError(
+                f"dataloader checkpoint: it is a position in an indexed dataset of {saved} tokens, but "
+                f"{self.tokens.bin_path} holds {self.tokens.n_tokens}: the dataset changed since the checkpoint "
+                "(resume with the same data, or add \"dataloader\" to checkpoint.exclude_from_loading to start it over)"
+            )
+        self._load_cursor(state)
+
+
+class IndexedDataset(IterableDataset):
+    """An indexed dataset's windows; all state lives in the iterator, which StatefulDataLoader saves."""
+
+    def __init__(self, *, tokens: IndexedTokens, seq_len: int, layout: BatchLayout, infinite: bool, vocab_size: int):
+        self.source = tokens  # (as PackedDataset's: the trainer's held-out check reads its files)
+        self.seq_len, self.layout, self.infinite, self.vocab_size = seq_len, layout, infinite, vocab_size
+        if tokens.n_tokens < seq_len + 1:
+            raise DataError(
+                f"{tokens.label}: {tokens.bin_path} holds {tokens.n_tokens} tokens, fewer than one sample of "
+                f"seq_len + 1 = {seq_len + 1}"
+            )
+        per_epoch = tokens.n_tokens / ((seq_len + 1) * layout.global_batch_size)
+        logger.info(
+            "data: %s, %d tokens in %d sequences (%s), %.1f global batches of %d x %d per epoch", tokens.bin_path,
+            tokens.n_tokens, tokens.n_sequences, str(tokens.dtype).removeprefix("torch."), per_epoch,
+            layout.global_batch_size, seq_len + 1,
+        )
+
+    def __iter__(self) -> IndexedIterator:
+        return IndexedIterator(
+            tokens=self.source, seq_len=self.seq_len, layout=self.layout, infinite=self.infinite,
+            vocab_size=self.vocab_size,
+        )
+
+
+def write_indexed(prefix: str | Path, records: Iterable[list[int]], *, vocab_size: int) -> tuple[int, int]:
+    """Write `records` (each a list of token ids: one sequence and one document) as PREFIX.bin / PREFIX.idx;
+    return (records, tokens). Both go through temporary files renamed at the end, .bin first: an
+    interrupted write leaves any earlier pair as it was (a crash between the two renames leaves a new .bin
+    beside an old .idx, which the reader refuses, as it does any pair that does not match)."""
+    code = UINT16 if vocab_size <= 1 << 16 else INT32
+    itemsize = DTYPES[code][1]
+    typecode = "H" if code == UINT16 else "i"
+    assert array(typecode).itemsize == itemsize
+    prefix = str(prefix)
+    bin_tmp, idx_tmp = f"{prefix}.bin.tmp{os.getpid()}", f"{prefix}.idx.tmp{os.getpid()}"
+    lengths = array("i")
+    n_tokens = 0
+    try:
+        with open(bin_tmp, "wb") as f:
+            for tokens in records:
+                if not tokens:
+                    continue
+                if min(tokens) < 0 or max(tokens) >= vocab_size:
+                    raise ValueError(f"a token id outside 0..{vocab_size - 1}")
+                chunk = array(typecode, tokens)
+                if sys.byteorder != "little":
+                    chunk.byteswap()
+                f.write(chunk.tobytes())
+                lengths.append(len(tokens))
+                n_tokens += len(tokens)
+        if not lengths:
+            raise ValueError("no tokens: the dataset is empty")
+        pointers = array("q", [0] * len(lengths))
+        offset = 0
+        for i, n in enumerate(lengths):
+            pointers[i] = offset
+            offset += n * itemsize
+        documents = array("q", range(len(lengths) + 1))
+        with open(idx_tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, code, len(lengths), len(documents)))
+            for part in (lengths, pointers, documents):
+                if sys.byteorder != "little":
+                    part.byteswap()
+                f.write(part.tobytes())
+        os.replace(bin_tmp, f"{prefix}.bin")
+        os.replace(idx_tmp, f"{prefix}.idx")
+    finally:
+        for tmp in (bin_tmp, idx_tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return len(lengths), n_tokens
