@@ -186,6 +186,10 @@ def test_bad_data_is_one_error_naming_the_file(tmp_path):
         (tmp_path / f"{name}.bin").write_bytes(Path(f"{good}.bin").read_bytes())
         with pytest.raises(DataError, match=message):
             IndexedTokens(str(tmp_path / name), section="training")
+    (tmp_path / "none.idx").write_bytes(struct.pack("<9sQBQQ", b"MMIDIDX\x00\x00", 1, 8, 0, 1) + bytes(8))
+    (tmp_path / "none.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="none.idx indexes no sequences: the dataset is empty"):
+        IndexedTokens(str(tmp_path / "none"), section="training")
     Path(f"{good}.bin").write_bytes(Path(f"{good}.bin").read_bytes()[:-2])  # one token short
     with pytest.raises(DataError, match=r"good.bin holds 238 bytes, but its index ends the last sequence at byte 240: "
                                          r"truncated, or the two files are from different runs"):
@@ -224,6 +228,10 @@ def test_config_and_tool_errors_are_one_line(tmp_path, corpus):
                     str(tmp_path / "nothing.jsonl"))
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "nothing.jsonl" in r.stderr, r.stderr
     assert not list(tmp_path.glob("x*"))
+    for flag, message in [("--max-tokens", "--max-tokens 0 must be >= 1 (leave it out for the whole dataset)"),
+                          ("--workers", "--workers 0 must be >= 1 (e.g. the machine's cores)")]:
+        r = pretokenize("--out", str(tmp_path / "x"), flag, "0")
+        assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"tools/pretokenize.py: error: {message}", r.stderr
     # A sample of the source: stops at --max-tokens.
     r = pretokenize("--out", str(tmp_path / "s"), "--max-tokens", "100", "--training.dataset", "local",
                     "--training.dataset_path", str(corpus))
