@@ -140,7 +140,7 @@ def _state_after_one_batch(dl) -> dict:
     return dl.state_dict()
 
 
-def _with_tokens(state: dict, n: int) -> dict:
+def _with_tokens(state: dict, n: list[int]) -> dict:
     fetcher = state["fetcher_state"]
     return {**state, "fetcher_state": {**fetcher, "dataset_iter_state": {**fetcher["dataset_iter_state"],
                                                                          "indexed_tokens": n}}}
@@ -151,8 +151,9 @@ def test_a_checkpoint_of_another_dataset_or_of_other_data_is_refused(prefix, cor
     local = _state_after_one_batch(loader("local", corpus))
     cases = [
         ("indexed", prefix, local, "not a position in an indexed dataset .*exclude_from_loading"),
-        ("indexed", prefix, _with_tokens(state, 12),
-         r"an indexed dataset of 12 tokens, but .*docs.bin holds \d+: the dataset changed"),
+        ("indexed", prefix, _with_tokens(state, [12]),
+         r"indexed data of \[12\] tokens with weights \[1.0\], but .*docs.bin hold \[\d+\] with weights \[1.0\]: "
+         r"the data or the blend changed since the checkpoint"),
         ("local", corpus, state, "holds no document position .*indexed dataset"),
     ]
     for dataset, path, saved, message in cases:
@@ -296,3 +297,95 @@ def test_records_keep_their_framing_on_the_way_to_a_worker(tok):
     for record in records:
         assert tool._encode(tool._framed(record)) == _tokens(tok, record), record
     assert tool._encode(tool._framed(records[1])) == tok.encode(" middle", bos=False, eos=False)
+
+
+# ---- blends: several prefixes with relative weights -------------------------------------------------
+
+
+def blend_loader(paths: list[Path], weights: list[float], *, rank: int = 0, dp: int = 1):
+    training = Training(dataset="indexed", dataset_path=",".join(map(str, paths)), dataset_weights=weights,
+                        local_batch_size=2, global_batch_size=GBS, seq_len=SEQ)
+    return build_dataloader(training=training, tokenizer=None, vocab_size=VOCAB, dp_rank=rank, dp_degree=dp, seed=0)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> list[Path]:
+    """Two sources told apart by their ids: A in 0..499 (50 windows), B in 1000..1499 (12 windows)."""
+    tmp = tmp_path_factory.mktemp("blend")
+    a = _write(tmp / "a", [[i % 500 for i in range(50 * (SEQ + 1))]])
+    b = _write(tmp / "b", [[1000 + i % 500 for i in range(12 * (SEQ + 1))]])
+    return [a, b]
+
+
+def test_a_blend_takes_each_sources_windows_in_order_at_its_weight(two):
+    n = 10  # global batches of 8: 60 samples of A (past its 50 windows) and 20 of B (past its 12)
+    samples = torch.cat(batches(blend_loader(two, [3.0, 1.0]), n * GBS // 2))
+    from_b = samples[:, 0] >= 1000
+    # Weights 3:1 hold exactly after every 4 samples, B's share spread out, not in runs.
+    for m in range(1, n * GBS // 4 + 1):
+        assert int(from_b[: 4 * m].sum()) == m, m
+    assert int(from_b[:4].sum()) == 1 and not bool((from_b[:-1] & from_b[1:]).any())
+    stream = {0: IndexedTokens(str(two[0]), section="training"), 1: IndexedTokens(str(two[1]), section="training")}
+    for source, rows in ((0, samples[~from_b]), (1, samples[from_b])):
+        # The k-th sample of a source is its window k, wrapping past its end.
+        want = stream[source].read(0, len(rows) * (SEQ + 1)).view(len(rows), SEQ + 1)
+        assert torch.equal(rows, want), source
+
+
+def test_a_blend_resumes_exactly_under_another_degree_and_refuses_another_blend(two, caplog):
+    total = 10
+    whole = torch.cat(batches(blend_loader(two, [3.0, 1.0]), total * GBS // 2))
+    first = blend_loader(two, [3.0, 1.0])
+    it = iter(first)
+    for _ in range(3 * GBS // 2):
+        next(it)
+    state = first.state_dict()
+    got = []
+    for rank in range(2):
+        resumed = blend_loader(two, [3.0, 1.0], rank=rank, dp=2)
+        resumed.load_state_dict(state)
+        got.append(batches(resumed, (total - 3) * GBS // 4))
+    for g in range(total - 3):
+        expect = whole[(3 + g) * GBS : (4 + g) * GBS]
+        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
+    other = blend_loader(two, [1.0, 1.0])
+    other.load_state_dict(state)
+    with pytest.raises(DataError, match=r"with weights \[0.75, 0.25\], but .*a.bin, .*b.bin hold \[850, 204\] with "
+                                         r"weights \[0.5, 0.5\]: the data or the blend changed"):
+        next(iter(other))
+    with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
+        batches(blend_loader(two, [3.0, 1.0]), total * GBS // 2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == [
+        f"data: {two[0]}.bin, 850 tokens in 1 sequences (uint16), weight 0.75, 8.3 global batches of 8 x 17 per epoch",
+        f"data: {two[1]}.bin, 204 tokens in 1 sequences (uint16), weight 0.25, 6.0 global batches of 8 x 17 per epoch",
+    ]
+    # B's 12 windows end exactly at a global batch boundary (batch 6 starts its epoch 1), A's inside batch 8.
+    assert messages[2:] == [f"data: {two[1]}.bin read to its end, starting epoch 1",
+                            f"data: {two[0]}.bin read to its end, starting epoch 1"]
+
+
+@pytest.mark.parametrize("path, weights, message", [
+    ("a,b", [], r"training.dataset_path names 2 indexed datasets \(a blend\): set training.dataset_weights to their "
+                r"relative weights, one each \(e.g. \[1.0, 1.0\]\)"),
+    ("a,b", [1.0], r"training.dataset_weights has 1 weight\(s\) for the 2 prefix\(es\) of training.dataset_path='a,b': "
+                   "give one weight per prefix"),
+    ("a,b", [1.0, 0.0], r"training.dataset_weights=\[1.0, 0.0\] must all be > 0"),
+    ("a,,b", [1.0, 1.0, 1.0], "training.dataset_path='a,,b' has an empty entry"),
+])
+def test_a_blend_that_does_not_add_up_is_a_config_error(path, weights, message):
+    from torchtitan_like.config.loader import load_config
+
+    argv = ["--training.dataset", "indexed", "--training.dataset_path", path]
+    if weights:
+        argv += ["--training.dataset_weights", ",".join(map(str, weights))]
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_weights_without_an_indexed_dataset_are_named_as_ignored():
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.config.validate import ignored_settings
+
+    cfg = load_config(["--training.dataset_weights", "0.5,0.5"])
+    assert 'training.dataset_weights (training.dataset="embedded")' in ignored_settings(cfg, pp=1)

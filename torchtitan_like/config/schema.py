@@ -86,7 +86,9 @@ class Training:
     dataset: Literal["embedded", "synthetic", "local", "hf", "indexed"] = "embedded"
     """Data source: embedded (Python standard library sources), synthetic (random tokens), local files, an HF hub dataset, or indexed (pre-tokenized PREFIX.bin + PREFIX.idx, Megatron-LM's format)."""
     dataset_path: str | None = None
-    """For local: a .txt/.jsonl/.json file, a directory or a glob. For hf: the hub dataset name. For indexed: PREFIX."""
+    """For local: a .txt/.jsonl/.json file, a directory or a glob. For hf: the hub dataset name. For indexed: PREFIX, or several separated by commas (a blend: see dataset_weights)."""
+    dataset_weights: list[float] = field(default_factory=list)
+    """For indexed with several prefixes in dataset_path: their relative sampling weights, one each (e.g. [0.7, 0.3])."""
     dataset_text_field: str = "text"
     """Field holding the document text in .jsonl/.json records and HF datasets."""
     dataset_split: str = "train"

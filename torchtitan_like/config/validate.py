@@ -93,6 +93,8 @@ def validate(cfg: JobConfig) -> None:
             f"training.dataset={t.dataset!r} needs training.dataset_path (a file, folder or glob for local; a hub name "
             "for hf; PREFIX of PREFIX.bin + PREFIX.idx for indexed)"
         )
+    if t.dataset == "indexed" and t.dataset_path:
+        _validate_blend(t.dataset_path, t.dataset_weights)
     c = cfg.checkpoint
     if c.create_seed_checkpoint and not c.enable:
         raise ConfigError("checkpoint.create_seed_checkpoint=true needs checkpoint.enable=true")
@@ -151,6 +153,23 @@ def resolve_global_batch(section: str, local: int, global_batch: int, dp_degree:
         f"{section}.global_batch_size={global_batch} must be a positive multiple of {section}.local_batch_size={local} "
         f"x data-parallel degree {dp_degree} = {per_step} (try {hint}; -1 means {per_step})"
     )
+
+
+def _validate_blend(dataset_path: str, weights: list[float]) -> None:
+    prefixes = [p.strip() for p in dataset_path.split(",")]
+    if len(prefixes) > 1 and not all(prefixes):
+        raise ConfigError(f"training.dataset_path={dataset_path!r} has an empty entry: name each PREFIX once, "
+                          "separated by commas")
+    if len(prefixes) > 1 and not weights:
+        raise ConfigError(f"training.dataset_path names {len(prefixes)} indexed datasets (a blend): set "
+                          "training.dataset_weights to their relative weights, one each "
+                          f"(e.g. {[1.0] * len(prefixes)})")
+    if weights and len(weights) != len(prefixes):
+        raise ConfigError(f"training.dataset_weights has {len(weights)} weight(s) for the {len(prefixes)} "
+                          f"prefix(es) of training.dataset_path={dataset_path!r}: give one weight per prefix")
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"training.dataset_weights={weights} must all be > 0 (leave a dataset out of "
+                          "training.dataset_path instead of giving it weight 0)")
 
 
 def _validate_profiling_and_validation(cfg: JobConfig) -> None:
@@ -279,6 +298,7 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
     switched = [
         ("compile", "enable", lambda c: c.enable, None),
         ("validation", "enable", lambda c: c.enable, None),
+        ("training", "dataset", lambda c: c.dataset == "indexed", {"dataset_weights"}),
         ("metrics", "enable_tensorboard", lambda c: c.enable_tensorboard, {"save_tb_folder"}),
         ("profiling", "enable_profiling", lambda c: c.enable_profiling,
          {"save_traces_folder", "profiler_warmup", "profiler_active"}),

@@ -25,6 +25,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,38 +122,91 @@ class IndexedTokens:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class IndexedSources:
+    """What the trainer's held-out check reads of a dataset: the setting that names it and its files."""
+
+    label: str
+    files: list[str]
+
+
 class IndexedIterator(_SliceIterator):
-    """This rank's microbatches of the windows of an indexed dataset's token stream."""
+    """This rank's microbatches of the windows of one indexed dataset, or of a weighted blend of several.
+
+    In a blend, sample i of the stream comes from the source whose count lags its weight most:
+    argmax_s (w_s * (i + 1) - count_s), the lowest s on a tie (greedy, largest deficit first). That is a
+    function of i and the counts before it, so every rank computes the whole global batch's assignment
+    and keeps its slice, and the counts at a step boundary are the whole position. Source s's k-th sample
+    is its own window k, wrapping past its end on its own.
+    """
 
     def __init__(
-        self, *, tokens: IndexedTokens, seq_len: int, layout: BatchLayout, infinite: bool, vocab_size: int
+        self, *, sources: list[IndexedTokens], weights: list[float], seq_len: int, layout: BatchLayout,
+        infinite: bool, vocab_size: int,
     ) -> None:
         super().__init__(layout)
-        self.tokens, self.seq_len, self.infinite, self.vocab_size = tokens, seq_len, infinite, vocab_size
+        self.sources, self.weights, self.seq_len, self.infinite, self.vocab_size = (
+            sources, weights, seq_len, infinite, vocab_size,
+        )
+        self.counts = [0] * len(sources)  # samples each source gave before global batch `batch_index`
+        self._next_counts: list[int] | None = None
+
+    def _assign(self) -> list[tuple[int, int]]:
+        """(source, its sample index) of every sample of the current global batch; sets _next_counts."""
+        counts, w = list(self.counts), self.weights
+        out = []
+        for i in range(self.sample_index, self.sample_index + self.global_batch_size):
+            s = 0 if len(w) == 1 else max(range(len(w)), key=lambda s: w[s] * (i + 1) - counts[s])
+            out.append((s, counts[s]))
+            counts[s] += 1
+        self._next_counts = counts
+        return out
 
     def _read_slice(self) -> torch.Tensor:
         w = self.seq_len + 1
-        n = self.tokens.n_tokens
-        if not self.infinite and (self.sample_index + self.global_batch_size) * w > n:
-            raise StopIteration  # finite mode drops a last, incomplete global batch
-        start = (self.sample_index + self.slice_start) * w
-        window = self.tokens.read(start, self.slice_size * w)
+        batch = self._assign()
+        if not self.infinite and any((k + 1) * w > self.sources[s].n_tokens for s, k in batch):
+            raise StopIteration  # finite mode ends where a source would start over (drops the incomplete batch)
+        if self.infinite:
+            for s, tokens in enumerate(self.sources):
+                ks = [k for src, k in batch if src == s]
+                if not ks:
+                    continue
+                # The epoch of the token before this batch's first one, and of its last token.
+                before = (ks[0] * w - 1) // tokens.n_tokens if ks[0] else 0
+                after = (ks[-1] * w + w - 1) // tokens.n_tokens
+                if after > before:
+                    logger.info("data: %s read to its end, starting epoch %d", tokens.bin_path, after)
+        mine = batch[self.slice_start : self.slice_start + self.slice_size]
+        parts, j = [], 0
+        while j < len(mine):  # one read per run of consecutive windows of one source
+            s, k = mine[j]
+            run = 1
+            while j + run < len(mine) and mine[j + run] == (s, k + run):
+                run += 1
+            parts.append(self._checked(self.sources[s], k * w, run * w))
+            j += run
+        return torch.cat(parts).view(self.slice_size, w)  # (slice_size, seq_len + 1)
+
+    def _checked(self, tokens: IndexedTokens, start: int, count: int) -> torch.Tensor:
+        window = tokens.read(start, count)
         bad = (window < 0) | (window >= self.vocab_size)
         if bool(bad.any()):
             at = int(bad.nonzero()[0, 0])
             raise DataError(
-                f"{self.tokens.label}: token {int(window[at])} at position {(start + at) % n} of "
-                f"{self.tokens.bin_path} "
-                f"is outside the model's vocabulary (0..{self.vocab_size - 1}): the data was tokenized with another "
-                "tokenizer than model.tokenizer_path (or for another model.flavor)"
+                f"{tokens.label}: token {int(window[at])} at position {(start + at) % tokens.n_tokens} of "
+                f"{tokens.bin_path} is outside the model's vocabulary (0..{self.vocab_size - 1}): the data was "
+                "tokenized with another tokenizer than model.tokenizer_path (or for another model.flavor)"
             )
-        batch = self.sample_index * w  # the global batch's first token: every rank logs the same epoch
-        if self.infinite and (batch + self.global_batch_size * w - 1) // n > batch // n:
-            logger.info("data: %s read to its end, starting epoch %d", self.tokens.bin_path, (batch // n) + 1)
-        return window.view(self.slice_size, w)
+        return window
+
+    def _commit(self) -> None:
+        assert self._next_counts is not None
+        self.counts, self._next_counts = self._next_counts, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._cursor_state(), "indexed_tokens": self.tokens.n_tokens}
+        return {**self._cursor_state(), "indexed_tokens": [t.n_tokens for t in self.sources],
+                "indexed_weights": list(self.weights), "indexed_counts": list(self.counts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("indexed_tokens")
@@ -162,38 +216,59 @@ class IndexedIterator(_SliceIterator):
                 "another training.dataset): resume with the same training.dataset, or add \"dataloader\" to "
                 "checkpoint.exclude_from_loading to read this dataset from its beginning"
             )
-        if saved != self.tokens.n_tokens:
+        now = [t.n_tokens for t in self.sources]
+        if saved != now or state["indexed_weights"] != self.weights:
             raise DataError(
-                f"dataloader checkpoint: it is a position in an indexed dataset of {saved} tokens, but "
-                f"{self.tokens.bin_path} holds {self.tokens.n_tokens}: the dataset changed since the checkpoint "
-                "(resume with the same data, or add \"dataloader\" to checkpoint.exclude_from_loading to start it over)"
+                f"dataloader checkpoint: it is a position in indexed data of {saved} tokens with weights "
+                f"{state['indexed_weights']}, but {', '.join(t.bin_path for t in self.sources)} hold {now} with "
+                f"weights {self.weights}: the data or the blend changed since the checkpoint (resume with the same "
+                "data and training.dataset_weights, or add \"dataloader\" to checkpoint.exclude_from_loading to "
+                "start it over)"
             )
         self._load_cursor(state)
+        self.counts = list(state["indexed_counts"])
+        self._next_counts = None
 
 
 class IndexedDataset(IterableDataset):
-    """An indexed dataset's windows; all state lives in the iterator, which StatefulDataLoader saves."""
+    """Windows of one indexed dataset or a weighted blend (`weights` relative, one per source); all state
+    lives in the iterator, which StatefulDataLoader saves."""
 
-    def __init__(self, *, tokens: IndexedTokens, seq_len: int, layout: BatchLayout, infinite: bool, vocab_size: int):
-        self.source = tokens  # (as PackedDataset's: the trainer's held-out check reads its files)
+    def __init__(
+        self, *, sources: list[IndexedTokens], weights: list[float] | None = None, seq_len: int, layout: BatchLayout,
+        infinite: bool, vocab_size: int,
+    ) -> None:
+        weights = list(weights) if weights else [1.0]
+        assert len(weights) == len(sources) and all(w > 0 for w in weights)  # (config validation)
+        self.sources, self.weights = sources, [w / sum(weights) for w in weights]
         self.seq_len, self.layout, self.infinite, self.vocab_size = seq_len, layout, infinite, vocab_size
-        if tokens.n_tokens < seq_len + 1:
-            raise DataError(
-                f"{tokens.label}: {tokens.bin_path} holds {tokens.n_tokens} tokens, fewer than one sample of "
-                f"seq_len + 1 = {seq_len + 1}"
+        # (as PackedDataset's: the trainer's held-out check reads its files)
+        self.source = IndexedSources(sources[0].label, [t.bin_path for t in sources])
+        for tokens in sources:
+            if tokens.n_tokens < seq_len + 1:
+                raise DataError(
+                    f"{tokens.label}: {tokens.bin_path} holds {tokens.n_tokens} tokens, fewer than one sample of "
+                    f"seq_len + 1 = {seq_len + 1}"
+                )
+        for tokens, weight in zip(sources, self.weights):
+            per_epoch = tokens.n_tokens / ((seq_len + 1) * layout.global_batch_size * weight)
+            logger.info(
+                "data: %s, %d tokens in %d sequences (%s), %s%.1f global batches of %d x %d per epoch",
+                tokens.bin_path, tokens.n_tokens, tokens.n_sequences, str(tokens.dtype).removeprefix("torch."),
+                f"weight {weight:.3g}, " if len(sources) > 1 else "", per_epoch, layout.global_batch_size, seq_len + 1,
             )
-        per_epoch = tokens.n_tokens / ((seq_len + 1) * layout.global_batch_size)
-        logger.info(
-            "data: %s, %d tokens in %d sequences (%s), %.1f global batches of %d x %d per epoch", tokens.bin_path,
-            tokens.n_tokens, tokens.n_sequences, str(tokens.dtype).removeprefix("torch."), per_epoch,
-            layout.global_batch_size, seq_len + 1,
-        )
 
     def __iter__(self) -> IndexedIterator:
         return IndexedIterator(
-            tokens=self.source, seq_len=self.seq_len, layout=self.layout, infinite=self.infinite,
-            vocab_size=self.vocab_size,
+            sources=self.sources, weights=self.weights, seq_len=self.seq_len, layout=self.layout,
+            infinite=self.infinite, vocab_size=self.vocab_size,
         )
+
+
+def open_indexed(dataset_path: str, *, section: str) -> list[IndexedTokens]:
+    """The sources `dataset_path` names: one PREFIX, or several separated by commas (a blend; config
+    validation checked the entries against training.dataset_weights)."""
+    return [IndexedTokens(prefix.strip(), section=section) for prefix in dataset_path.split(",")]
 
 
 def write_indexed(prefix: str | Path, records: Iterable[list[int]], *, vocab_size: int) -> tuple[int, int]:

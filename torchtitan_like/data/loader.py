@@ -14,7 +14,7 @@ from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training
 from torchtitan_like.config.validate import resolve_global_batch
 from torchtitan_like.data.dataset import Batch, BatchLayout, PackedDataset, SyntheticDataset
-from torchtitan_like.data.indexed import IndexedDataset, IndexedTokens
+from torchtitan_like.data.indexed import IndexedDataset, open_indexed
 from torchtitan_like.data.sources import build_source
 from torchtitan_like.errors import ConfigError
 
@@ -58,8 +58,8 @@ def build_dataloader(
     elif training.dataset == "indexed":
         assert training.dataset_path  # (config validation)
         dataset = IndexedDataset(
-            tokens=IndexedTokens(training.dataset_path, section="training"), seq_len=training.seq_len, layout=layout,
-            infinite=infinite, vocab_size=vocab_size,
+            sources=open_indexed(training.dataset_path, section="training"), weights=training.dataset_weights,
+            seq_len=training.seq_len, layout=layout, infinite=infinite, vocab_size=vocab_size,
         )
     else:
         assert tokenizer is not None, f"training.dataset={training.dataset!r} needs a tokenizer"
