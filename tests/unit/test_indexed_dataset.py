@@ -383,9 +383,69 @@ def test_a_blend_that_does_not_add_up_is_a_config_error(path, weights, message):
         load_config(argv)
 
 
-def test_weights_without_an_indexed_dataset_are_named_as_ignored():
+def test_weights_and_shuffle_without_an_indexed_dataset_are_named_as_ignored():
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.config.validate import ignored_settings
 
-    cfg = load_config(["--training.dataset_weights", "0.5,0.5"])
-    assert 'training.dataset_weights (training.dataset="embedded")' in ignored_settings(cfg, pp=1)
+    cfg = load_config(["--training.dataset_weights", "0.5,0.5", "--training.dataset_shuffle"])
+    ignored = ignored_settings(cfg, pp=1)
+    assert 'training.dataset_weights (training.dataset="embedded")' in ignored
+    assert 'training.dataset_shuffle (training.dataset="embedded")' in ignored
+
+
+# ---- shuffled reading ---------------------------------------------------------------------------------
+
+
+def test_the_window_permutation_is_a_bijection_for_every_size():
+    from torchtitan_like.data.indexed import window_permutation
+
+    for m in [*range(1, 130), 1000, 4097]:
+        for key in (0, 1, 2**63 + 5):
+            assert sorted(window_permutation(j, m, key) for j in range(m)) == list(range(m)), (m, key)
+    assert [window_permutation(j, 10, 7) for j in range(10)] != list(range(10))
+
+
+def shuffled_loader(path: Path, *, seed: int = 0, rank: int = 0, dp: int = 1, shuffle: bool = True):
+    training = Training(dataset="indexed", dataset_path=str(path), dataset_shuffle=shuffle, local_batch_size=2,
+                        global_batch_size=GBS, seq_len=SEQ)
+    return build_dataloader(training=training, tokenizer=None, vocab_size=VOCAB, dp_rank=rank, dp_degree=dp,
+                            seed=seed)
+
+
+def test_shuffled_reading_visits_every_window_once_per_epoch_in_a_new_order_and_resumes(two, caplog):
+    a = two[0]  # 50 windows of 17 tokens, each with a different first token
+    windows = IndexedTokens(str(a), section="training").read(0, 50 * (SEQ + 1)).view(50, SEQ + 1)
+    total = 12  # global batches: 96 samples, epoch 0 and 46 windows of epoch 1
+
+    def order(rows: torch.Tensor) -> list[int]:
+        return [int((windows == row).all(dim=1).nonzero()) for row in rows]
+
+    with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
+        whole = torch.cat(batches(shuffled_loader(a), total * GBS // 2))
+    seen = order(whole)
+    assert sorted(seen[:50]) == list(range(50)) and seen[:50] != list(range(50))
+    assert len(set(seen[50:])) == 46 and seen[50:] != seen[:46]  # epoch 1: a new order
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].endswith("global batches of 8 x 17 per epoch, shuffled"), messages
+    assert f"data: {a}.bin read to its end, starting epoch 1 (in a new order)" in messages
+    assert order(torch.cat(batches(shuffled_loader(a, seed=1), GBS // 2))) != seen[:GBS]  # the seed picks it
+    first = shuffled_loader(a)
+    it = iter(first)
+    for _ in range(3 * GBS // 2):
+        next(it)
+    state = first.state_dict()
+    got = []
+    for rank in range(2):
+        resumed = shuffled_loader(a, rank=rank, dp=2)
+        resumed.load_state_dict(state)
+        got.append(batches(resumed, (total - 3) * GBS // 4))
+    for g in range(total - 3):
+        expect = whole[(3 + g) * GBS : (4 + g) * GBS]
+        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
+    for kw, message in [({"shuffle": False}, "it read the indexed data shuffled with seed 0, this run reads it in file "
+                                             "order: resume with the same training.dataset_shuffle and debug.seed"),
+                        ({"seed": 3}, "shuffled with seed 0, this run reads it shuffled with seed 3")]:
+        other = shuffled_loader(a, **kw)
+        other.load_state_dict(state)
+        with pytest.raises(DataError, match=message):
+            next(iter(other))

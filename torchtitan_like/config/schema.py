@@ -89,6 +89,8 @@ class Training:
     """For local: a .txt/.jsonl/.json file, a directory or a glob. For hf: the hub dataset name. For indexed: PREFIX, or several separated by commas (a blend: see dataset_weights)."""
     dataset_weights: list[float] = field(default_factory=list)
     """For indexed with several prefixes in dataset_path: their relative sampling weights, one each (e.g. [0.7, 0.3])."""
+    dataset_shuffle: bool = False
+    """For indexed: read each source's windows in a pseudo-random order, a new one each epoch (seeded by debug.seed); false: in file order."""
     dataset_text_field: str = "text"
     """Field holding the document text in .jsonl/.json records and HF datasets."""
     dataset_split: str = "train"

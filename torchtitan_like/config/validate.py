@@ -298,7 +298,7 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
     switched = [
         ("compile", "enable", lambda c: c.enable, None),
         ("validation", "enable", lambda c: c.enable, None),
-        ("training", "dataset", lambda c: c.dataset == "indexed", {"dataset_weights"}),
+        ("training", "dataset", lambda c: c.dataset == "indexed", {"dataset_weights", "dataset_shuffle"}),
         ("metrics", "enable_tensorboard", lambda c: c.enable_tensorboard, {"save_tb_folder"}),
         ("profiling", "enable_profiling", lambda c: c.enable_profiling,
          {"save_traces_folder", "profiler_warmup", "profiler_active"}),

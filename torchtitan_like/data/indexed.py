@@ -122,6 +122,36 @@ class IndexedTokens:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's output function: a 64-bit integer hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def window_permutation(j: int, m: int, key: int) -> int:
+    """Position j of a pseudo-random permutation of range(m) chosen by `key`, in O(1) memory: a 4-round
+    Feistel network over the smallest even number of bits that holds m - 1 (a bijection of that power of
+    two), walking values >= m through it again until one lands in range (fewer than 4 tries on average)."""
+    if m == 1:
+        return 0
+    bits = max(2, (m - 1).bit_length())
+    half = (bits + 1) // 2
+    mask = (1 << half) - 1
+    x = j
+    while True:
+        left, right = x >> half, x & mask
+        for r in range(4):
+            left, right = right, left ^ (_mix(key ^ (r << 60) ^ right) & mask)
+        x = (left << half) | right
+        if x < m:
+            return x
+
+
 @dataclass(frozen=True)
 class IndexedSources:
     """What the trainer's held-out check reads of a dataset: the setting that names it and its files."""
@@ -137,17 +167,20 @@ class IndexedIterator(_SliceIterator):
     argmax_s (w_s * (i + 1) - count_s), the lowest s on a tie (greedy, largest deficit first). That is a
     function of i and the counts before it, so every rank computes the whole global batch's assignment
     and keeps its slice, and the counts at a step boundary are the whole position. Source s's k-th sample
-    is its own window k, wrapping past its end on its own.
+    is its own window k, wrapping past its end on its own; with `shuffle_seed`, window
+    window_permutation(k mod m, m, key) of its m whole windows instead, a new order each epoch k // m
+    (the key mixes the seed, the source and the epoch; the tail of fewer than seq_len + 1 tokens is skipped).
     """
 
     def __init__(
         self, *, sources: list[IndexedTokens], weights: list[float], seq_len: int, layout: BatchLayout,
-        infinite: bool, vocab_size: int,
+        infinite: bool, vocab_size: int, shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(layout)
         self.sources, self.weights, self.seq_len, self.infinite, self.vocab_size = (
             sources, weights, seq_len, infinite, vocab_size,
         )
+        self.shuffle_seed = shuffle_seed
         self.counts = [0] * len(sources)  # samples each source gave before global batch `batch_index`
         self._next_counts: list[int] | None = None
 
@@ -172,12 +205,19 @@ class IndexedIterator(_SliceIterator):
                 ks = [k for src, k in batch if src == s]
                 if not ks:
                     continue
-                # The epoch of the token before this batch's first one, and of its last token.
-                before = (ks[0] * w - 1) // tokens.n_tokens if ks[0] else 0
-                after = (ks[-1] * w + w - 1) // tokens.n_tokens
+                if self.shuffle_seed is None:  # the epochs of the token before the batch and of its last token
+                    before = (ks[0] * w - 1) // tokens.n_tokens if ks[0] else 0
+                    after = (ks[-1] * w + w - 1) // tokens.n_tokens
+                else:  # the epochs of the window before the batch and of its last window
+                    m = tokens.n_tokens // w
+                    before, after = (ks[0] - 1) // m if ks[0] else 0, ks[-1] // m
                 if after > before:
-                    logger.info("data: %s read to its end, starting epoch %d", tokens.bin_path, after)
+                    logger.info("data: %s read to its end, starting epoch %d%s", tokens.bin_path, after,
+                                "" if self.shuffle_seed is None else " (in a new order)")
         mine = batch[self.slice_start : self.slice_start + self.slice_size]
+        if self.shuffle_seed is not None:
+            rows = [self._checked(self.sources[s], self._shuffled(s, k) * w, w) for s, k in mine]
+            return torch.stack(rows)  # (slice_size, seq_len + 1)
         parts, j = [], 0
         while j < len(mine):  # one read per run of consecutive windows of one source
             s, k = mine[j]
@@ -187,6 +227,13 @@ class IndexedIterator(_SliceIterator):
             parts.append(self._checked(self.sources[s], k * w, run * w))
             j += run
         return torch.cat(parts).view(self.slice_size, w)  # (slice_size, seq_len + 1)
+
+    def _shuffled(self, s: int, k: int) -> int:
+        """The window that source s's k-th sample reads when shuffling."""
+        assert self.shuffle_seed is not None
+        m = self.sources[s].n_tokens // (self.seq_len + 1)
+        epoch, j = divmod(k, m)
+        return window_permutation(j, m, _mix(_mix(_mix(self.shuffle_seed) ^ s) ^ epoch))
 
     def _checked(self, tokens: IndexedTokens, start: int, count: int) -> torch.Tensor:
         window = tokens.read(start, count)
@@ -206,7 +253,8 @@ class IndexedIterator(_SliceIterator):
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._cursor_state(), "indexed_tokens": [t.n_tokens for t in self.sources],
-                "indexed_weights": list(self.weights), "indexed_counts": list(self.counts)}
+                "indexed_weights": list(self.weights), "indexed_counts": list(self.counts),
+                "indexed_shuffle_seed": self.shuffle_seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("indexed_tokens")
@@ -225,9 +273,19 @@ class IndexedIterator(_SliceIterator):
                 "data and training.dataset_weights, or add \"dataloader\" to checkpoint.exclude_from_loading to "
                 "start it over)"
             )
+        if state.get("indexed_shuffle_seed") != self.shuffle_seed:
+            raise DataError(
+                f"dataloader checkpoint: it read the indexed data {_order(state.get('indexed_shuffle_seed'))}, this "
+                f"run reads it {_order(self.shuffle_seed)}: resume with the same training.dataset_shuffle and "
+                "debug.seed, or add \"dataloader\" to checkpoint.exclude_from_loading to start the data over"
+            )
         self._load_cursor(state)
         self.counts = list(state["indexed_counts"])
         self._next_counts = None
+
+
+def _order(shuffle_seed: int | None) -> str:
+    return "in file order" if shuffle_seed is None else f"shuffled with seed {shuffle_seed}"
 
 
 class IndexedDataset(IterableDataset):
@@ -236,12 +294,13 @@ class IndexedDataset(IterableDataset):
 
     def __init__(
         self, *, sources: list[IndexedTokens], weights: list[float] | None = None, seq_len: int, layout: BatchLayout,
-        infinite: bool, vocab_size: int,
+        infinite: bool, vocab_size: int, shuffle_seed: int | None = None,
     ) -> None:
         weights = list(weights) if weights else [1.0]
         assert len(weights) == len(sources) and all(w > 0 for w in weights)  # (config validation)
         self.sources, self.weights = sources, [w / sum(weights) for w in weights]
         self.seq_len, self.layout, self.infinite, self.vocab_size = seq_len, layout, infinite, vocab_size
+        self.shuffle_seed = shuffle_seed
         # (as PackedDataset's: the trainer's held-out check reads its files)
         self.source = IndexedSources(sources[0].label, [t.bin_path for t in sources])
         for tokens in sources:
@@ -253,15 +312,16 @@ class IndexedDataset(IterableDataset):
         for tokens, weight in zip(sources, self.weights):
             per_epoch = tokens.n_tokens / ((seq_len + 1) * layout.global_batch_size * weight)
             logger.info(
-                "data: %s, %d tokens in %d sequences (%s), %s%.1f global batches of %d x %d per epoch",
+                "data: %s, %d tokens in %d sequences (%s), %s%.1f global batches of %d x %d per epoch%s",
                 tokens.bin_path, tokens.n_tokens, tokens.n_sequences, str(tokens.dtype).removeprefix("torch."),
                 f"weight {weight:.3g}, " if len(sources) > 1 else "", per_epoch, layout.global_batch_size, seq_len + 1,
+                ", shuffled" if shuffle_seed is not None else "",
             )
 
     def __iter__(self) -> IndexedIterator:
         return IndexedIterator(
             sources=self.sources, weights=self.weights, seq_len=self.seq_len, layout=self.layout,
-            infinite=self.infinite, vocab_size=self.vocab_size,
+            infinite=self.infinite, vocab_size=self.vocab_size, shuffle_seed=self.shuffle_seed,
         )
 
 
