@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import struct
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from torchtitan_like.data import build_dataloader
 from torchtitan_like.data.indexed import IndexedTokens, write_indexed
 from torchtitan_like.errors import ConfigError, DataError
 
+from test_data_state_and_sources import corpus  # noqa: F401  (a fixture: 40 .jsonl documents)
+
 ROOT = Path(__file__).resolve().parents[2]
 SEQ, GBS, VOCAB = 16, 8, 2000
 
@@ -29,16 +30,6 @@ SEQ, GBS, VOCAB = 16, 8, 2000
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return build_tokenizer("")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(1)
-    words = ["alpha", "beta", "def", "return", "(x)", "héllo", "日本", "\n"]
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 60))) for _ in range(40)]
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    return path
 
 
 def pretokenize(*args: str) -> subprocess.CompletedProcess[str]:
@@ -66,8 +57,28 @@ def batches(dl, n: int) -> list[torch.Tensor]:
     return [torch.cat([x, y[:, -1:]], dim=1) for x, y in islice(iter(dl), n)]
 
 
+def assert_resumes_under_dp2(make, whole: torch.Tensor, total: int, at: int = 3) -> dict:
+    """A loader state taken `at` global batches into a dp-1 run, loaded by both ranks of dp 2, continues
+    `whole` (that run's samples) exactly; returns the state. make(rank=, dp=) builds a loader."""
+    first = make(rank=0, dp=1)
+    it = iter(first)
+    for _ in range(at * GBS // 2):
+        next(it)
+    state = first.state_dict()
+    got = []
+    for rank in range(2):
+        resumed = make(rank=rank, dp=2)
+        resumed.load_state_dict(state)
+        got.append(batches(resumed, (total - at) * GBS // 4))
+    for g in range(total - at):
+        expect = whole[(at + g) * GBS : (at + 1 + g) * GBS]
+        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
+    return state
+
+
 def test_the_idx_is_megatrons_layout_and_the_bin_the_packers_stream(prefix, corpus, tok):
-    records = [tok.encode(json.loads(line)["text"], bos=True, eos=True) for line in corpus.read_text().splitlines()]
+    lines = Path(corpus).read_text().splitlines()
+    records = [tok.encode(json.loads(line)["text"], bos=True, eos=True) for line in lines]
     idx = Path(f"{prefix}.idx").read_bytes()
     magic, version, code, n_seq, n_doc = struct.unpack_from("<9sQBQQ", idx)
     assert (magic, version, code, n_seq, n_doc) == (b"MMIDIDX\x00\x00", 1, 8, 40, 41)  # 8 = uint16
@@ -101,27 +112,16 @@ def test_a_resume_continues_exactly_under_another_degree_and_past_the_end(prefix
     total = n_tokens // per_batch + 3  # global batches: past the end of the stream, into epoch 1
     whole = torch.cat(batches(loader("indexed", prefix), total * GBS // 2))
     # Sample i is tokens [17 i, 17 i + 17) of the stream, modulo its length.
-    stream = torch.cat([IndexedTokens(str(prefix), section="training").read(0, n_tokens)] * 2)
-    assert torch.equal(whole.flatten(), torch.cat([stream] * 2)[: whole.numel()])
-    first = loader("indexed", prefix)
-    it = iter(first)
-    for _ in range(3 * GBS // 2):  # 3 global batches
-        next(it)
-    state = first.state_dict()
-    got = []
-    for rank in range(2):
-        resumed = loader("indexed", prefix.with_suffix(".bin"), rank=rank, dp=2)  # PREFIX.bin names it too
-        resumed.load_state_dict(state)
-        got.append(batches(resumed, (total - 3) * GBS // 4))
+    stream = IndexedTokens(str(prefix), section="training").read(0, n_tokens)
+    assert torch.equal(whole.flatten(), torch.cat([stream] * 2)[: whole.numel()])  # (less than 2 epochs)
+    bin_path = prefix.with_suffix(".bin")  # (PREFIX.bin names the dataset too)
+    assert_resumes_under_dp2(lambda rank, dp: loader("indexed", bin_path, rank=rank, dp=dp), whole, total)
     with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
         batches(loader("indexed", prefix), total * GBS // 2)
     opened, *epochs = [r.getMessage() for r in caplog.records]
     assert opened == (f"data: {prefix}.bin, {n_tokens} tokens in 40 sequences (uint16), "
                       f"{n_tokens / per_batch:.1f} global batches of 8 x 17 per epoch")
     assert epochs == [f"data: {prefix}.bin read to its end, starting epoch 1"]
-    for g in range(total - 3):
-        expect = whole[(3 + g) * GBS : (4 + g) * GBS]
-        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
 
 
 def test_validation_reads_it_once_and_drops_the_incomplete_last_batch(prefix):
@@ -335,19 +335,7 @@ def test_a_blend_takes_each_sources_windows_in_order_at_its_weight(two):
 def test_a_blend_resumes_exactly_under_another_degree_and_refuses_another_blend(two, caplog):
     total = 10
     whole = torch.cat(batches(blend_loader(two, [3.0, 1.0]), total * GBS // 2))
-    first = blend_loader(two, [3.0, 1.0])
-    it = iter(first)
-    for _ in range(3 * GBS // 2):
-        next(it)
-    state = first.state_dict()
-    got = []
-    for rank in range(2):
-        resumed = blend_loader(two, [3.0, 1.0], rank=rank, dp=2)
-        resumed.load_state_dict(state)
-        got.append(batches(resumed, (total - 3) * GBS // 4))
-    for g in range(total - 3):
-        expect = whole[(3 + g) * GBS : (4 + g) * GBS]
-        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
+    state = assert_resumes_under_dp2(lambda rank, dp: blend_loader(two, [3.0, 1.0], rank=rank, dp=dp), whole, total)
     other = blend_loader(two, [1.0, 1.0])
     other.load_state_dict(state)
     with pytest.raises(DataError, match=r"with weights \[0.75, 0.25\], but .*a.bin, .*b.bin hold \[850, 204\] with "
@@ -429,19 +417,7 @@ def test_shuffled_reading_visits_every_window_once_per_epoch_in_a_new_order_and_
     assert messages[0].endswith("global batches of 8 x 17 per epoch, shuffled"), messages
     assert f"data: {a}.bin read to its end, starting epoch 1 (in a new order)" in messages
     assert order(torch.cat(batches(shuffled_loader(a, seed=1), GBS // 2))) != seen[:GBS]  # the seed picks it
-    first = shuffled_loader(a)
-    it = iter(first)
-    for _ in range(3 * GBS // 2):
-        next(it)
-    state = first.state_dict()
-    got = []
-    for rank in range(2):
-        resumed = shuffled_loader(a, rank=rank, dp=2)
-        resumed.load_state_dict(state)
-        got.append(batches(resumed, (total - 3) * GBS // 4))
-    for g in range(total - 3):
-        expect = whole[(3 + g) * GBS : (4 + g) * GBS]
-        assert torch.equal(torch.cat(got[0][2 * g : 2 * g + 2] + got[1][2 * g : 2 * g + 2]), expect), g
+    state = assert_resumes_under_dp2(lambda rank, dp: shuffled_loader(a, rank=rank, dp=dp), whole, total)
     for kw, message in [({"shuffle": False}, "it read the indexed data shuffled with seed 0, this run reads it in file "
                                              "order: resume with the same training.dataset_shuffle and debug.seed"),
                         ({"seed": 3}, "shuffled with seed 0, this run reads it shuffled with seed 3")]:
