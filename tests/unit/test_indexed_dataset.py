@@ -425,3 +425,32 @@ def test_shuffled_reading_visits_every_window_once_per_epoch_in_a_new_order_and_
         other.load_state_dict(state)
         with pytest.raises(DataError, match=message):
             next(iter(other))
+
+
+def test_a_shuffled_blend_resumes_from_a_checkpoint_with_the_same_losses(tmp_path, two):
+    """The loader state (counts, weights, token counts, seed) goes through a DCP checkpoint and back."""
+    import shutil
+
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.trainer import Trainer
+
+    def run(dump: Path) -> list[dict]:
+        trainer = Trainer(load_config([
+            "--job.config_file", str(ROOT / "train_configs/debug_model.toml"), "--job.dump_folder", str(dump),
+            "--model.n_layers", "1", "--training.seq_len", str(SEQ), "--training.local_batch_size", "4",
+            "--training.steps", "4", "--metrics.no_enable_tensorboard", "--metrics.log_freq", "1",
+            "--training.dataset", "indexed", "--training.dataset_path", ",".join(map(str, two)),
+            "--training.dataset_weights", "3,1", "--training.dataset_shuffle",
+            "--checkpoint.enable", "--checkpoint.interval", "2",
+        ]))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        return [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+
+    whole = run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2")
+    resumed = run(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[2:]]
