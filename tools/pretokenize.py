@@ -28,15 +28,13 @@ from torchtitan_like.errors import TrainerError
 from torchtitan_like.output_files import check_output_file
 
 
-def records(cfg, section: str, max_tokens: int | None, workers: int) -> Iterator[list[int]]:
+def records(cfg, section: str, max_tokens: int | None, workers: int, vocab_size: int) -> Iterator[list[int]]:
     """The tokens of each record of the source, in order (tokenized in `workers` processes when > 1)."""
     from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
     from torchtitan_like.components.validation import build_validation_source
     from torchtitan_like.data.sources import build_source
-    from torchtitan_like.models import MODELS
 
-    args = MODELS[cfg.model.name].flavors[cfg.model.flavor]
-    check_vocab(build_tokenizer(cfg.model.tokenizer_path), args.vocab_size, cfg.model.flavor)
+    check_vocab(build_tokenizer(cfg.model.tokenizer_path), vocab_size, cfg.model.flavor)
     if section == "training":
         source = build_source(cfg.training, cfg.debug.seed)
     else:
@@ -135,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size = MODELS[cfg.model.name].flavors[cfg.model.flavor].vocab_size
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        n_records, n_tokens = write_indexed(prefix, records(cfg, args.section, args.max_tokens, args.workers),
-                                             vocab_size=vocab_size)
+        tokens = records(cfg, args.section, args.max_tokens, args.workers, vocab_size)
+        n_records, n_tokens = write_indexed(prefix, tokens, vocab_size=vocab_size)
     except (TrainerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a permission: an earlier pair, if any, is untouched
-        print(f"error: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # a full disk, a permission (reading the source or writing --out)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} (an earlier PREFIX.bin / .idx pair, if any, is untouched)",
+              file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     print(f"{prefix}.bin + .idx: {n_records} records, {n_tokens} tokens (vocab {vocab_size}), {seconds:.1f} s "

@@ -37,6 +37,15 @@ def pretokenize(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools/pretokenize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 @pytest.fixture(scope="module")
 def prefix(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("indexed") / "sub" / "docs"
@@ -283,14 +292,10 @@ def test_workers_write_the_same_files(tmp_path):
 
 def test_records_keep_their_framing_on_the_way_to_a_worker(tok):
     """A long .txt file's pieces carry bos / eos of their own; a worker gets them as plain values."""
-    import importlib.util
-
     from torchtitan_like.data.dataset import _tokens
     from torchtitan_like.data.sources import TextPiece
 
-    spec = importlib.util.spec_from_file_location("pretokenize", ROOT / "tools/pretokenize.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _tool()
     tool._start_worker("")
     records = [TextPiece("first piece", bos=True, eos=False), TextPiece(" middle", bos=False, eos=False),
                TextPiece(" last", bos=False, eos=True), "a whole document", "   "]
@@ -454,3 +459,28 @@ def test_a_shuffled_blend_resumes_from_a_checkpoint_with_the_same_losses(tmp_pat
     resumed = run(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[2:]]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_pair(tmp_path, corpus, monkeypatch, capsys):
+    import errno
+
+    import torchtitan_like.data.indexed as indexed
+
+    out = tmp_path / "data"
+    _write(out, [[1, 2, 3]])
+    before = [Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")]
+    real = indexed.write_indexed
+
+    def full(prefix, records, *, vocab_size):
+        def failing():
+            yield from islice(records, 3)
+            raise OSError(errno.ENOSPC, "No space left on device", f"{prefix}.bin.tmp1")
+        return real(prefix, failing(), vocab_size=vocab_size)
+
+    monkeypatch.setattr(indexed, "write_indexed", full)
+    rc = _tool().main(["--out", str(out), "--training.dataset", "local", "--training.dataset_path", str(corpus)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: No space left on device: {out}.bin.tmp1 (an earlier PREFIX.bin / .idx pair, "
+                               "if any, is untouched)\n"), err
+    assert [Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "data.idx"]  # no temporary file left
