@@ -160,3 +160,14 @@ def test_the_dry_runs_step_check_timeout_reaches_the_step_check(monkeypatch: pyt
     assert dry_run([*base, "--step-check-timeout", "3600"]) == 0
     assert dry_run(base) == 0
     assert [kw["timeout_s"] for kw in seen] == [3600, sc.DEFAULT_TIMEOUT_S], seen
+
+
+def test_an_indexed_blend_jobs_rehearsal_reads_the_embedded_data_with_nothing_ignored() -> None:
+    from torchtitan_like.config.validate import ignored_settings
+
+    cfg = _cfg("--training.dataset", "indexed", "--training.dataset_path", "/data/web,/data/code",
+               "--training.dataset_weights", "0.7,0.3", "--training.dataset_shuffle")
+    c = rehearsal(cfg, resolved_layout(cfg, 1)).cfg
+    assert (c.training.dataset, c.training.dataset_path, c.training.dataset_weights, c.training.dataset_shuffle) == (
+        "embedded", None, [], False)
+    assert not [s for s in ignored_settings(c, pp=1) if "dataset" in s]
