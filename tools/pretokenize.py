@@ -8,9 +8,10 @@ The config arguments are the trainer's: the source is the one `--section`'s data
 (training by default, or validation), read once in order (epoch 0), and each record is tokenized as the
 trainer's packer does ([bos] text [eos], with model.tokenizer_path), so training on the output gives the
 same batches as training on the source, through the first epoch. Token ids are stored as uint16 where
-the vocabulary fits, else int32. --max-tokens stops after that many tokens (a sample of a large hub
-dataset); --workers N tokenizes in N processes (the output is the same). The files are written through
-temporary files and renamed at the end: an interrupted run leaves an earlier pair as it was.
+the vocabulary fits, else int32; PREFIX.json records the tokenizer (the trainer refuses another) and
+the source. --max-tokens stops after that many tokens (a sample of a large hub dataset); --workers N
+tokenizes in N processes (the output is the same). The files are written through temporary files and
+renamed at the end: an interrupted run leaves an earlier set as it was.
 """
 
 from __future__ import annotations
@@ -28,25 +29,24 @@ from torchtitan_like.errors import TrainerError
 from torchtitan_like.output_files import check_output_file
 
 
-def records(cfg, section: str, max_tokens: int | None, workers: int, vocab_size: int) -> Iterator[list[int]]:
-    """The tokens of each record of the source, in order (tokenized in `workers` processes when > 1)."""
-    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+def source_of(cfg, section: str):
+    """The document source that `section`'s dataset keys name, as the trainer builds it."""
     from torchtitan_like.components.validation import build_validation_source
     from torchtitan_like.data.sources import build_source
 
-    check_vocab(build_tokenizer(cfg.model.tokenizer_path), vocab_size, cfg.model.flavor)
     if section == "training":
-        source = build_source(cfg.training, cfg.debug.seed)
-    else:
-        source = build_validation_source(
-            cfg.validation, text_field=cfg.training.dataset_text_field, seed=cfg.debug.seed
-        )
+        return build_source(cfg.training, cfg.debug.seed)
+    return build_validation_source(cfg.validation, text_field=cfg.training.dataset_text_field, seed=cfg.debug.seed)
+
+
+def records(source, tokenizer_path: str, max_tokens: int | None, workers: int) -> Iterator[list[int]]:
+    """The tokens of each record of `source`, in order (tokenized in `workers` processes when > 1)."""
     texts = (_framed(text) for text in source.documents(0, 0))
     if workers == 1:
-        _start_worker(cfg.model.tokenizer_path)
+        _start_worker(tokenizer_path)
         tokenized = (_encode(item) for item in texts)
     else:
-        tokenized = _in_workers(texts, workers, cfg.model.tokenizer_path)
+        tokenized = _in_workers(texts, workers, tokenizer_path)
     total = 0
     for tokens in tokenized:
         if max_tokens is not None and total + len(tokens) > max_tokens:
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers {args.workers} must be >= 1 (e.g. the machine's cores)")
     prefix = args.out.removesuffix(".bin").removesuffix(".idx")
+    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.data.indexed import write_indexed
     from torchtitan_like.models import MODELS
@@ -131,10 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainerError(f"{args.section}.dataset={data.dataset!r} has no documents to tokenize: set it to "
                                "embedded, local or hf (with its dataset_path)")
         vocab_size = MODELS[cfg.model.name].flavors[cfg.model.flavor].vocab_size
+        tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+        check_vocab(tokenizer, vocab_size, cfg.model.flavor)
+        source = source_of(cfg, args.section)
+        # PREFIX.json: the trainer refuses a model.tokenizer_path with another vocabulary.
+        meta = {"written_by": "tools/pretokenize.py", "tokenizer": cfg.model.tokenizer_path or "(the embedded one)",
+                "tokenizer_sha256": tokenizer.fingerprint(), "source": source.label}
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        tokens = records(cfg, args.section, args.max_tokens, args.workers, vocab_size)
-        n_records, n_tokens = write_indexed(prefix, tokens, vocab_size=vocab_size)
+        tokens = records(source, cfg.model.tokenizer_path, args.max_tokens, args.workers)
+        n_records, n_tokens = write_indexed(prefix, tokens, vocab_size=vocab_size, meta=meta)
     except (TrainerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
-    print(f"{prefix}.bin + .idx: {n_records} records, {n_tokens} tokens (vocab {vocab_size}), {seconds:.1f} s "
+    print(f"{prefix}.bin + .idx + .json: {n_records} records, {n_tokens} tokens (vocab {vocab_size}), {seconds:.1f} s "
           f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); train on it with training.dataset = \"indexed\", "
           f"training.dataset_path = \"{prefix}\"")
     return 0

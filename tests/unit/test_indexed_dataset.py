@@ -52,7 +52,8 @@ def prefix(corpus, tmp_path_factory) -> Path:
     r = pretokenize("--out", str(out), "--job.config_file", str(ROOT / "train_configs/debug_model.toml"),
                     "--training.dataset", "local", "--training.dataset_path", str(corpus))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"{out}.bin + .idx: 40 records, ") and 'training.dataset_path = "' in r.stdout, r.stdout
+    assert r.stdout.startswith(f"{out}.bin + .idx + .json: 40 records, "), r.stdout
+    assert 'training.dataset_path = "' in r.stdout, r.stdout
     return out
 
 
@@ -172,8 +173,8 @@ def test_a_checkpoint_of_another_dataset_or_of_other_data_is_refused(prefix, cor
             next(iter(dl))  # (the loader applies a loaded state when it starts iterating)
 
 
-def _write(path: Path, records: list[list[int]], vocab: int = VOCAB) -> Path:
-    write_indexed(path, records, vocab_size=vocab)
+def _write(path: Path, records: list[list[int]], vocab: int = VOCAB, meta: dict | None = None) -> Path:
+    write_indexed(path, records, vocab_size=vocab, meta=meta)
     return path
 
 
@@ -286,7 +287,7 @@ def test_workers_write_the_same_files(tmp_path):
         r = pretokenize("--out", str(out), "--workers", workers, "--training.dataset", "local",
                         "--training.dataset_path", str(tmp_path / "many.jsonl"))
         assert r.returncode == 0 and ": 700 records, " in r.stdout, r.stderr
-        outs.append([Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")])
+        outs.append([Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx", ".json")])
     assert outs[0] == outs[1]
 
 
@@ -467,20 +468,62 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_pair(tmp_path, corpus, monke
     import torchtitan_like.data.indexed as indexed
 
     out = tmp_path / "data"
-    _write(out, [[1, 2, 3]])
-    before = [Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")]
+    _write(out, [[1, 2, 3]], meta={"tokenizer_sha256": "x"})
+    before = [Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx", ".json")]
     real = indexed.write_indexed
 
-    def full(prefix, records, *, vocab_size):
+    def full(prefix, records, **kw):
         def failing():
             yield from islice(records, 3)
             raise OSError(errno.ENOSPC, "No space left on device", f"{prefix}.bin.tmp1")
-        return real(prefix, failing(), vocab_size=vocab_size)
+        return real(prefix, failing(), **kw)
 
     monkeypatch.setattr(indexed, "write_indexed", full)
     rc = _tool().main(["--out", str(out), "--training.dataset", "local", "--training.dataset_path", str(corpus)])
     err = capsys.readouterr().err
     assert rc == 2 and err == (f"error: No space left on device: {out}.bin.tmp1 (an earlier PREFIX.bin / .idx pair, "
                                "if any, is untouched)\n"), err
-    assert [Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx")] == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "data.idx"]  # no temporary file left
+    assert [Path(f"{out}{s}").read_bytes() for s in (".bin", ".idx", ".json")] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "data.idx", "data.json"]  # no temporary file
+
+
+def test_the_record_of_the_tokenizer_refuses_another_and_a_stale_record_is_named(prefix, corpus, tok, tmp_path):
+    import shutil
+
+    meta = json.loads(Path(f"{prefix}.json").read_text())
+    n_tokens = IndexedTokens(str(prefix), section="training").n_tokens
+    assert meta == {"written_by": "tools/pretokenize.py", "tokenizer": "(the embedded one)",
+                    "tokenizer_sha256": tok.fingerprint(), "source": f"training.dataset_path={str(corpus)!r}",
+                    "records": 40, "tokens": n_tokens}
+    loader("indexed", prefix)  # the run's tokenizer is the one that wrote it
+    for name, change, message in [
+        ("other", {"tokenizer_sha256": "ab" * 32, "tokenizer": "llama3/tokenizer.model"},
+         r"docs was tokenized with 'llama3/tokenizer.model' \(vocabulary sha256 abababababab...\), but "
+         r"model.tokenizer_path loads another \(8a72e63b9e67...\): train with the tokenizer that wrote it"),
+        ("stale", {"tokens": 5}, r"docs.json records 5 tokens, but .*docs.bin holds \d+: it is from another write"),
+    ]:
+        copy = tmp_path / name / "docs"
+        copy.parent.mkdir()
+        for ext in (".bin", ".idx"):
+            shutil.copy(f"{prefix}{ext}", f"{copy}{ext}")
+        Path(f"{copy}.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(DataError, match=message):
+            loader("indexed", copy)
+    (tmp_path / "stale" / "docs.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"docs.json is not a record tools/pretokenize.py wrote \(JSONDecodeError"):
+        loader("indexed", tmp_path / "stale" / "docs")
+    _write(tmp_path / "stale" / "docs", [[1, 2, 3] * 10])  # written without a record: the old one goes
+    assert not (tmp_path / "stale" / "docs.json").exists()
+
+
+def test_the_vocabulary_fingerprint_tells_tokenizers_apart_not_files(tok, tmp_path):
+    from torchtitan_like.components.tokenizer import DEFAULT_TOKENIZER_PATH
+
+    copy = tmp_path / "renamed.model"
+    copy.write_bytes(DEFAULT_TOKENIZER_PATH.read_bytes())
+    assert build_tokenizer(str(copy)).fingerprint() == tok.fingerprint()
+    lines = DEFAULT_TOKENIZER_PATH.read_text().splitlines()
+    a, b = lines[300].split(), lines[301].split()  # two ranks' tokens swapped: other ids for the same text
+    lines[300], lines[301] = f"{b[0]} {a[1]}", f"{a[0]} {b[1]}"
+    (tmp_path / "swapped.model").write_text("\n".join(lines) + "\n")
+    assert build_tokenizer(str(tmp_path / "swapped.model")).fingerprint() != tok.fingerprint()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -63,6 +64,17 @@ class Tokenizer:
         self.vocab_size = self.num_base_tokens + len(self.special_tokens)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self._ranks = mergeable_ranks
+
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary (every token's bytes, by rank, then the special tokens): equal for two
+        tokenizers exactly when they map text to the same ids, whatever file each was read from."""
+        h = hashlib.sha256()
+        for token, rank in sorted(self._ranks.items(), key=lambda item: item[1]):
+            h.update(rank.to_bytes(4, "little") + len(token).to_bytes(4, "little") + token)
+        for token, rank in self.special_tokens.items():
+            h.update(rank.to_bytes(4, "little") + token.encode())
+        return h.hexdigest()
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         """Token ids of `text`, optionally framed by bos/eos."""

@@ -123,7 +123,8 @@ def build_validation_dataset(
     if cfg.dataset == "indexed":
         assert cfg.dataset_path  # (config validation)
         tokens = IndexedTokens(cfg.dataset_path, section="validation")
-        return IndexedDataset(sources=[tokens], seq_len=cfg.seq_len, layout=layout, infinite=False, vocab_size=vocab_size)
+        return IndexedDataset(sources=[tokens], seq_len=cfg.seq_len, layout=layout, infinite=False,
+                              vocab_size=vocab_size, tokenizer=tokenizer)
     assert tokenizer is not None, f"validation.dataset={cfg.dataset!r} needs a tokenizer"
     source = build_validation_source(cfg, text_field=text_field, seed=seed)
     return PackedDataset(source=source, tokenizer=tokenizer, seq_len=cfg.seq_len, layout=layout, infinite=False)

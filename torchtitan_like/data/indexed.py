@@ -15,10 +15,15 @@ PREFIX.idx, little-endian: the 9 bytes b"MMIDIDX\\x00\\x00", u64 version (1), u8
 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16; 6 and 7 are floats), u64 sequence count S, u64 document
 count D, then int32 lengths[S] (tokens), int64 pointers[S] (byte offsets into PREFIX.bin), int64
 document indices[D] (the first sequence of each document, then S).
+
+tools/pretokenize.py also writes PREFIX.json: the tokenizer's vocabulary fingerprint, the source and the
+counts. Where it exists, a run whose model.tokenizer_path maps text to other ids is refused (the format
+itself records no tokenizer, so Megatron-LM's files are only checked for ids outside the vocabulary).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.data.dataset import BatchLayout, _SliceIterator
 from torchtitan_like.errors import DataError
 
@@ -64,7 +70,7 @@ class IndexedTokens:
     def __init__(self, dataset_path: str, *, section: str) -> None:
         self.label = f"{section}.dataset_path={dataset_path!r}"
         prefix = split_prefix(dataset_path)
-        self.bin_path, self.idx_path = prefix + ".bin", prefix + ".idx"
+        self.prefix, self.bin_path, self.idx_path = prefix, prefix + ".bin", prefix + ".idx"
         self.files = [self.bin_path]  # (the trainer's held-out check compares these)
         for path in (self.idx_path, self.bin_path):
             if not os.path.isfile(path):
@@ -106,6 +112,27 @@ class IndexedTokens:
                 "truncated, or the two files are from different runs; write them again"
             )
         self.n_sequences, self.n_tokens = n_seq, size // self.itemsize
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Refuse a tokenizer other than the one PREFIX.json (pretokenize's record) names; no record: no check."""
+        path = self.prefix + ".json"
+        if not os.path.isfile(path):
+            return
+        try:
+            meta = json.loads(Path(path).read_text(encoding="utf-8"))
+            written, tokens = meta["tokenizer_sha256"], meta["tokens"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.label}: {path} is not a record tools/pretokenize.py wrote ({type(e).__name__}: "
+                            f"{e}): delete it, or write the dataset again") from None
+        if tokens != self.n_tokens:
+            raise DataError(f"{self.label}: {path} records {tokens} tokens, but {self.bin_path} holds {self.n_tokens}: "
+                            "it is from another write; delete it, or write the dataset again")
+        if written != tokenizer.fingerprint():
+            raise DataError(
+                f"{self.label}: {self.prefix} was tokenized with {meta.get('tokenizer')!r} (vocabulary sha256 "
+                f"{written[:12]}...), but model.tokenizer_path loads another ({tokenizer.fingerprint()[:12]}...): "
+                "train with the tokenizer that wrote it, or tokenize the data again with this one"
+            )
 
     def read(self, start: int, count: int) -> torch.Tensor:
         """Tokens [start, start + count) of the stream, wrapping past its end, as int64."""
@@ -294,8 +321,9 @@ class IndexedDataset(IterableDataset):
 
     def __init__(
         self, *, sources: list[IndexedTokens], weights: list[float] | None = None, seq_len: int, layout: BatchLayout,
-        infinite: bool, vocab_size: int, shuffle_seed: int | None = None,
+        infinite: bool, vocab_size: int, shuffle_seed: int | None = None, tokenizer: Tokenizer | None = None,
     ) -> None:
+        """tokenizer: the run's, checked against each source's PREFIX.json where there is one."""
         weights = list(weights) if weights else [1.0]
         assert len(weights) == len(sources) and all(w > 0 for w in weights)  # (config validation)
         self.sources, self.weights = sources, [w / sum(weights) for w in weights]
@@ -304,6 +332,8 @@ class IndexedDataset(IterableDataset):
         # (as PackedDataset's: the trainer's held-out check reads its files)
         self.source = IndexedSources(sources[0].label, [t.bin_path for t in sources])
         for tokens in sources:
+            if tokenizer is not None:
+                tokens.check_tokenizer(tokenizer)
             if tokens.n_tokens < seq_len + 1:
                 raise DataError(
                     f"{tokens.label}: {tokens.bin_path} holds {tokens.n_tokens} tokens, fewer than one sample of "
@@ -331,17 +361,20 @@ def open_indexed(dataset_path: str, *, section: str) -> list[IndexedTokens]:
     return [IndexedTokens(prefix.strip(), section=section) for prefix in dataset_path.split(",")]
 
 
-def write_indexed(prefix: str | Path, records: Iterable[list[int]], *, vocab_size: int) -> tuple[int, int]:
-    """Write `records` (each a list of token ids: one sequence and one document) as PREFIX.bin / PREFIX.idx;
-    return (records, tokens). Both go through temporary files renamed at the end, .bin first: an
-    interrupted write leaves any earlier pair as it was (a crash between the two renames leaves a new .bin
-    beside an old .idx, which the reader refuses, as it does any pair that does not match)."""
+def write_indexed(
+    prefix: str | Path, records: Iterable[list[int]], *, vocab_size: int, meta: dict[str, Any] | None = None
+) -> tuple[int, int]:
+    """Write `records` (each a list of token ids: one sequence and one document) as PREFIX.bin / PREFIX.idx,
+    and with `meta`, PREFIX.json (meta plus the counts); return (records, tokens). All go through temporary
+    files renamed at the end, .idx last: an interrupted write leaves any earlier set as it was (a crash
+    between the renames leaves a new .bin beside an old .idx, which the reader refuses, as it does any
+    pair that does not match)."""
     code = UINT16 if vocab_size <= 1 << 16 else INT32
     itemsize = DTYPES[code][1]
     typecode = "H" if code == UINT16 else "i"
     assert array(typecode).itemsize == itemsize
     prefix = str(prefix)
-    bin_tmp, idx_tmp = f"{prefix}.bin.tmp{os.getpid()}", f"{prefix}.idx.tmp{os.getpid()}"
+    bin_tmp, idx_tmp, json_tmp = (f"{prefix}.{ext}.tmp{os.getpid()}" for ext in ("bin", "idx", "json"))
     lengths = array("i")
     n_tokens = 0
     try:
@@ -371,10 +404,17 @@ def write_indexed(prefix: str | Path, records: Iterable[list[int]], *, vocab_siz
                 if sys.byteorder != "little":
                     part.byteswap()
                 f.write(part.tobytes())
+        if meta is not None:
+            record = {**meta, "records": len(lengths), "tokens": n_tokens}
+            Path(json_tmp).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         os.replace(bin_tmp, f"{prefix}.bin")
+        if meta is not None:
+            os.replace(json_tmp, f"{prefix}.json")
+        elif os.path.exists(f"{prefix}.json"):
+            os.remove(f"{prefix}.json")  # an earlier write's record would describe other data
         os.replace(idx_tmp, f"{prefix}.idx")
     finally:
-        for tmp in (bin_tmp, idx_tmp):
+        for tmp in (bin_tmp, idx_tmp, json_tmp):
             if os.path.exists(tmp):
                 os.remove(tmp)
     return len(lengths), n_tokens

@@ -60,7 +60,7 @@ def build_dataloader(
         dataset = IndexedDataset(
             sources=open_indexed(training.dataset_path, section="training"), weights=training.dataset_weights,
             seq_len=training.seq_len, layout=layout, infinite=infinite, vocab_size=vocab_size,
-            shuffle_seed=seed if training.dataset_shuffle else None,
+            shuffle_seed=seed if training.dataset_shuffle else None, tokenizer=tokenizer,
         )
     else:
         assert tokenizer is not None, f"training.dataset={training.dataset!r} needs a tokenizer"
