@@ -65,16 +65,21 @@ class Tokenizer:
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self._ranks = mergeable_ranks
+        self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
         """sha256 of the vocabulary (every token's bytes, by rank, then the special tokens): equal for two
-        tokenizers exactly when they map text to the same ids, whatever file each was read from."""
+        tokenizers exactly when they map text to the same ids, whatever file each was read from. Computed
+        once (~0.1 s for a 128K vocabulary)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         for token, rank in sorted(self._ranks.items(), key=lambda item: item[1]):
             h.update(rank.to_bytes(4, "little") + len(token).to_bytes(4, "little") + token)
         for token, rank in self.special_tokens.items():
             h.update(rank.to_bytes(4, "little") + token.encode())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         """Token ids of `text`, optionally framed by bos/eos."""

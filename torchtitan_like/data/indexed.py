@@ -112,6 +112,7 @@ class IndexedTokens:
                 "truncated, or the two files are from different runs; write them again"
             )
         self.n_sequences, self.n_tokens = n_seq, size // self.itemsize
+        self._file = None  # opened by the first read; closed with this object
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Refuse a tokenizer other than the one PREFIX.json (pretokenize's record) names; no record: no check."""
@@ -134,18 +135,23 @@ class IndexedTokens:
                 "train with the tokenizer that wrote it, or tokenize the data again with this one"
             )
 
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
     def read(self, start: int, count: int) -> torch.Tensor:
         """Tokens [start, start + count) of the stream, wrapping past its end, as int64."""
+        if self._file is None:  # one handle for every read (a shuffled step reads each window apart)
+            self._file = open(self.bin_path, "rb", buffering=0)
         parts, pos = [], start % self.n_tokens
-        with open(self.bin_path, "rb") as f:
-            while count > 0:
-                take = min(count, self.n_tokens - pos)
-                f.seek(pos * self.itemsize)
-                data = bytearray(f.read(take * self.itemsize))
-                if len(data) != take * self.itemsize:
-                    raise DataError(f"{self.label}: {self.bin_path} ended early (it shrank while training?)")
-                parts.append(torch.frombuffer(data, dtype=self.dtype).to(torch.int64))
-                count, pos = count - take, 0
+        while count > 0:
+            take = min(count, self.n_tokens - pos)
+            # pread: no shared file offset, so the prefetch thread and the start-up check may both read.
+            data = bytearray(os.pread(self._file.fileno(), take * self.itemsize, pos * self.itemsize))
+            if len(data) != take * self.itemsize:
+                raise DataError(f"{self.label}: {self.bin_path} ended early (it shrank while training?)")
+            parts.append(torch.frombuffer(data, dtype=self.dtype).to(torch.int64))
+            count, pos = count - take, 0
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
