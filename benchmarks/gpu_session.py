@@ -152,6 +152,18 @@ def _long_sequence(ctx: Context) -> list[list[str]]:
     return [[PY, str(BENCH / "bench_train.py"), *which, "--out", str(ctx.folder("long_sequence"))]]
 
 
+DOC_MASK = ("doc_1B_flex", "doc_1B_sdpa")
+"""bench_train.py's document-masking configs, in the order they run."""
+
+
+def _doc_mask(ctx: Context) -> list[list[str]]:
+    if ctx.smoke:
+        return [[PY, str(BENCH / "bench_train.py"), "--name", "debug_cpu_doc", "--steps", "2", "--warmup", "1",
+                 "--out", str(ctx.folder("doc_mask"))]]
+    return [[PY, str(BENCH / "bench_train.py"), "--name", name, "--steps", "10", "--warmup", "3",
+             "--out", str(ctx.folder("doc_mask"))] for name in DOC_MASK]
+
+
 def _checkpoint(ctx: Context) -> list[list[str]]:
     size = (["--flavor", "debugmodel", "--seq-len", "64", "--saves", "2", "--interval", "2", "--modes", "async"]
             # Two saves per mode: the first and one after it (the summary's median). Each 1B save is ~15 GB
@@ -198,6 +210,8 @@ STEPS: list[Step] = [
          cap_s=240, min_s=90),
     Step("memory_snapshot", "8", "CUDA memory snapshots written by profiling.enable_memory_snapshot", _memory_snapshot,
          cap_s=180, needs_cuda=True),
+    Step("doc_mask", "-", "model.attn_mask_type=block_causal on the 1B (compiled): FlexAttention, then SDPA's dense "
+         "mask; compare with bench_1B_compile_bf16", _doc_mask, cap_s=300, min_s=150),
     *[
         Step(f"bench_{name}", "5", "the rest of the matrix, beside torchtitan", _bench(name), cap_s=240,
              min_s=150)

@@ -172,6 +172,11 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         p.pipeline_parallel_first_stage_less_layers = p.pipeline_parallel_last_stage_less_layers = 1
         notes.append(f"parallelism.{which} (the debug model is split evenly)")
 
+    if cfg.model.attn_type == "flex":
+        cfg.model.attn_type = "sdpa"
+        notes.append("FlexAttention (no backward on CPU; rehearsed with SDPA"
+                     + (" and a dense document mask)" if cfg.model.attn_mask_type == "block_causal" else ")"))
+
     ac = cfg.activation_checkpoint
     if ac.mode == "selective" and ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > n_layers:
         notes.append(f"selective AC every {ac.selective_ac_option} blocks (every {n_layers}: the debug model has "

@@ -85,7 +85,7 @@ from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed,
 from torchtitan_like.errors import ConfigError, TrainingError
 from torchtitan_like.models import MODELS
 from torchtitan_like.models.llama3.args import TransformerArgs
-from torchtitan_like.models.llama3.parallelize import check_async_tp_device, parallelize_llama
+from torchtitan_like.models.llama3.parallelize import check_async_tp_device, check_attention_device, parallelize_llama
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
     """Every check of a job that needs neither a process group nor a model: raises ConfigError naming
     the keys. The trainer runs it first; the planner runs it on each layout it considers."""
     spec = MODELS[cfg.model.name]
-    model_args = spec.args(cfg.model.flavor, n_layers=cfg.model.n_layers).with_seq_len(
-        cfg.model.max_seq_len or cfg.training.seq_len
+    model_args = replace(
+        spec.args(cfg.model.flavor, n_layers=cfg.model.n_layers).with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len),
+        attn_type=cfg.model.attn_type, attn_mask_type=cfg.model.attn_mask_type,
     )
     if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
         raise ConfigError(
@@ -226,6 +227,7 @@ class Trainer:
         check_memory_snapshot(cfg.profiling, self.device)
         check_async_device(cfg.checkpoint, device_type=self.device.type)
         check_async_tp_device(cfg.parallelism, self.device.type)
+        check_attention_device(cfg.model, self.device.type)
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         # 1. Everything that can be checked without building the model, before building it.
@@ -292,6 +294,7 @@ class Trainer:
                 # The same global token denominator as without PP (step(denominator=...)), so the
                 # summed gradients are the same.
                 device=self.device, loss_fn=self._pipeline_loss_fn(),
+                doc_ids=self._doc_ids_fn(),
             )
             log_plan(self.pp_plan, self.parallel_dims.pp_rank)
             if self.validator is not None:
@@ -365,10 +368,15 @@ class Trainer:
                 )
         tokenizer = None
         self._special_tokens: tuple[int, int] | None = None
-        if cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic"):
+        block_causal = cfg.model.attn_mask_type == "block_causal"
+        if (cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic")
+                or block_causal):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
             self._special_tokens = (tokenizer.bos_id, tokenizer.eos_id)
+            if block_causal:
+                # Documents start at its bos or after its eos (models/llama3/model.py: document_ids).
+                self.model_args = replace(self.model_args, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
         loader = build_dataloader(
             training=cfg.training,
             tokenizer=tokenizer,
@@ -549,6 +557,11 @@ class Trainer:
             self.cfg.model.flavor, n / 1e6, self.model_args.num_params(exclude_embedding=True) / 1e6,
             self.model_args.n_layers, self.model_args.dim,
         )
+        a = self.model_args
+        if a.attn_mask_type == "block_causal" or a.attn_type != "sdpa":
+            where = (f": documents start at token {a.bos_id} (bos) and after {a.eos_id} (eos)"
+                     if a.attn_mask_type == "block_causal" else "")
+            logger.info("attention: %s, %s mask%s", a.attn_type, a.attn_mask_type, where)
 
     def _write_config(self) -> None:
         folder = self._output_folder()
@@ -649,6 +662,13 @@ class Trainer:
             no_restore_buffers={inputs, labels},
             rotate_method=self.cfg.parallelism.context_parallel_rotate_method,
         )
+
+    def _doc_ids_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For a pipeline with block_causal attention: the document ids of a batch of token ids (every
+        pipeline rank has the batch; only the first stage sees its tokens)."""
+        if self.model_args.attn_mask_type != "block_causal":
+            return None
+        return self.model_parts[0].document_ids
 
     def _pipeline_loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The last stage's loss: on its logits, or with training.loss_chunk_size on its final-norm hidden

@@ -175,3 +175,15 @@ def test_snapshot_check_reports_and_deletes_the_pickles(tmp_path, capsys):
     assert "iteration_3/rank0_memory_snapshot.pickle: " in (out := capsys.readouterr().out)
     assert "2 segments, 1.50 GiB reserved" in out
     assert not snap.exists()
+
+
+def test_the_doc_mask_step_runs_bench_trains_document_mask_configs(tmp_path):
+    assert list(gpu_session.DOC_MASK) == bench_train.DOC_MASK
+    for name in bench_train.DOC_MASK:
+        job = load_config(bench_train.CONFIGS[name].ours_args(steps=3, dump=str(tmp_path)))
+        assert job.model.attn_mask_type == "block_causal" and job.compile.enable, name
+    kernels = [load_config(bench_train.CONFIGS[n].ours_args(steps=3, dump=str(tmp_path))).model.attn_type
+               for n in bench_train.DOC_MASK]
+    assert kernels == ["flex", "sdpa"]
+    ctx = gpu_session.Context(out=tmp_path, peer_site=None, smoke=False)
+    assert [c[c.index("--name") + 1] for c in gpu_session._doc_mask(ctx)] == list(gpu_session.DOC_MASK)

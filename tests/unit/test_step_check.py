@@ -171,3 +171,12 @@ def test_an_indexed_blend_jobs_rehearsal_reads_the_embedded_data_with_nothing_ig
     assert (c.training.dataset, c.training.dataset_path, c.training.dataset_weights, c.training.dataset_shuffle) == (
         "embedded", None, [], False)
     assert not [s for s in ignored_settings(c, pp=1) if "dataset" in s]
+
+
+def test_flex_attention_is_rehearsed_with_sdpa_and_the_same_mask() -> None:
+    cfg = _cfg("--model.attn_type", "flex", "--model.attn_mask_type", "block_causal",
+               "--parallelism.tensor_parallel_degree", "2")
+    reh = rehearsal(cfg, resolved_layout(cfg, 4))
+    assert (reh.cfg.model.attn_type, reh.cfg.model.attn_mask_type) == ("sdpa", "block_causal")
+    assert any("FlexAttention" in n and "dense document mask" in n for n in reh.not_rehearsed), reh.not_rehearsed
+    check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)

@@ -37,6 +37,10 @@ class Model:
     """Override the flavor's number of transformer blocks, keeping its width: a few layers of a large flavor for a quick run or benchmark; unset = the flavor's."""
     converters: list[Literal["float8", "quantize.linear.float8"]] = field(default_factory=list)
     """Model converters applied to the meta model before any parallelism: float8 (alias quantize.linear.float8)."""
+    attn_mask_type: Literal["causal", "block_causal"] = "causal"
+    """causal: each token attends to every earlier token of its sequence; block_causal: only to earlier tokens of its own document (documents start at the tokenizer's bos, or after its eos), so packed documents do not see each other."""
+    attn_type: Literal["sdpa", "flex"] = "sdpa"
+    """Attention kernel: sdpa (scaled_dot_product_attention; block_causal builds a dense batch x seq_len x seq_len mask) or flex (FlexAttention, compiled; skips masked tiles; needs CUDA to train)."""
 
 
 @dataclass

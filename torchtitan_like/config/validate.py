@@ -231,6 +231,13 @@ def _validate_features(cfg: JobConfig) -> None:
             f"model.converters={converters!r}: 'float8' and 'quantize.linear.float8' are the same converter; keep one"
         )
     parse_selective_option(cfg.activation_checkpoint.selective_ac_option)
+    cp = cfg.parallelism.context_parallel_degree
+    if cfg.model.attn_mask_type == "block_causal" and cp > 1:
+        raise ConfigError(
+            f'model.attn_mask_type="block_causal" with parallelism.context_parallel_degree={cp}: context parallel\'s '
+            'ring attention is causal over the whole sequence and takes no document mask; use attn_mask_type="causal" '
+            "or context_parallel_degree=1"
+        )
 
     comp = cfg.compile
     if len(set(comp.components)) != len(comp.components):

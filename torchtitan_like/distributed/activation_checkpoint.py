@@ -48,6 +48,7 @@ OP_SAC_SAVE_LIST: frozenset[Any] = frozenset(
         _aten._scaled_dot_product_efficient_attention.default,
         _aten._scaled_dot_product_cudnn_attention.default,
         _aten._scaled_dot_product_fused_attention_overrideable.default,
+        torch.ops.higher_order.flex_attention,  # model.attn_type = "flex"
         # float8: the amax of max(abs(x)) (tensorwise) or amax(abs(x), dim) (rowwise) gives the dynamic
         # scale; these small reductions are saved, the full-size abs(x) feeding them is not (saving it
         # kept a copy of every float8 linear's input: more memory than no checkpointing at all).

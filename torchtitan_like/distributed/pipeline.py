@@ -644,6 +644,9 @@ class Pipeline:
     per-microbatch losses, `loss_fn(logits, labels) / denominator`, on the rank that owns it.
     `eval(inputs, labels, losses)` runs the same forward only, with the token-sum losses (validation).
     `compute_s()` returns this rank's compute seconds since the last call.
+    `doc_ids(inputs)`, where given (block_causal attention), gives every stage the batch's document ids
+    (the `doc_ids` keyword of the model's forward, split into microbatches like the inputs): a stage
+    after the first has no token ids to find the documents in.
     """
 
     def __init__(
@@ -655,8 +658,10 @@ class Pipeline:
         pp_group: torch.distributed.ProcessGroup,
         device: torch.device,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        doc_ids: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.plan = plan
+        self._doc_ids = doc_ids
         self.stage_ids = plan.stage_ids(pp_rank)
         if len(parts) != len(self.stage_ids):
             raise AssertionError(f"{len(parts)} model parts for stages {self.stage_ids}")
@@ -686,12 +691,12 @@ class Pipeline:
         self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor], *, denominator: float
     ) -> None:
         self._denominator = denominator
-        self.schedule.step(*self._args(inputs), **self._kwargs(labels, losses), **self._step_kwargs)
+        self.schedule.step(*self._args(inputs), **self._kwargs(inputs, labels, losses), **self._step_kwargs)
 
     def eval(self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor]) -> None:
         """Forward only (call under torch.no_grad()); `losses` gets the token-sum loss of each microbatch."""
         self._denominator = 1.0
-        self.schedule.eval(*self._args(inputs), **self._kwargs(labels, losses), **self._step_kwargs)
+        self.schedule.eval(*self._args(inputs), **self._kwargs(inputs, labels, losses), **self._step_kwargs)
         # Forward-only compute is not training time: keep it out of compute_s() (discarded, not read: on
         # CUDA reading the events would need the stream synchronized first).
         self.clock.discard()
@@ -699,8 +704,11 @@ class Pipeline:
     def _args(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (inputs,) if self.has_first else ()
 
-    def _kwargs(self, labels: torch.Tensor, losses: list[torch.Tensor]) -> dict[str, Any]:
-        return {"target": labels, "losses": losses} if self.has_last else {}
+    def _kwargs(self, inputs: torch.Tensor, labels: torch.Tensor, losses: list[torch.Tensor]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"target": labels, "losses": losses} if self.has_last else {}
+        if self._doc_ids is not None:
+            kwargs["doc_ids"] = self._doc_ids(inputs)  # passed on to every stage's forward
+        return kwargs
 
     def compute_s(self) -> float:
         return self.clock.take()

@@ -31,6 +31,13 @@ class TransformerArgs:
     tie_word_embeddings: bool = False
     depth_init: bool = True
     """Scale the init std of each block's output projections by its depth (torchtitan's default)."""
+    attn_type: str = "sdpa"
+    """Attention kernel: "sdpa" (scaled_dot_product_attention) or "flex" (FlexAttention)."""
+    attn_mask_type: str = "causal"
+    """"causal" over the whole sequence, or "block_causal": causal within each packed document."""
+    bos_id: int | None = None
+    eos_id: int | None = None
+    """The tokenizer's document delimiters, for block_causal (set by the trainer)."""
 
     @property
     def kv_heads(self) -> int:

@@ -7,10 +7,16 @@ and keeps the local shard, so the weights are identical whatever the parallel la
 Parameter names match Meta's Llama 3 checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...).
 Layers live in an `nn.ModuleDict` keyed by layer id so names survive a pipeline split; a stage that
 does not own `tok_embeddings`, `norm` or `output` has them set to None.
+
+Attention is causal over the whole sequence, or with `attn_mask_type="block_causal"` causal within each
+document of a packed sequence (document masking): a document starts at a bos token or right after an eos
+token. `attn_type` picks the kernel: SDPA (is_causal, or a dense boolean mask for block_causal) or
+FlexAttention (a BlockMask that skips the masked tiles; compiled on CUDA).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -18,6 +24,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from torchtitan_like.models.llama3.args import RopeScaling, TransformerArgs
 
@@ -75,6 +82,49 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, :, None, :].expand(bs, seqlen, n_kv, n_rep, head_dim).reshape(bs, seqlen, n_kv * n_rep, head_dim)
 
 
+def document_ids(tokens: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
+    """(bs, seqlen) int32: the number of document starts at or before each position. A document starts
+    at a bos token, or at the token after an eos (Megatron-style data has eos between documents and no
+    bos); positions before the window's first start (the end of a document cut by the window) are 0."""
+    starts = tokens == bos_id
+    starts[:, 1:] |= tokens[:, :-1] == eos_id
+    return starts.cumsum(dim=1, dtype=torch.int32)
+
+
+AttentionMask = torch.Tensor | BlockMask
+"""What each block's attention takes besides causality: a dense (bs, 1, seqlen, seqlen) boolean mask (SDPA,
+True = attend) or a FlexAttention BlockMask; None = plain causal SDPA."""
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled, as it runs on CUDA (eager it materializes the whole score matrix). Eager on
+    CPU: only its forward runs there (tests); the trainer refuses it for CPU training."""
+    return torch.compile(flex_attention)
+
+
+def build_attention_mask(
+    attn_type: str, doc_ids: torch.Tensor | None, *, batch: int, seqlen: int, device: torch.device
+) -> AttentionMask | None:
+    """The mask for `attn_type` ("sdpa" or "flex"): causal within documents when `doc_ids` (bs, seqlen) is
+    given, else causal over the whole sequence (None for SDPA: its is_causal path)."""
+    if attn_type == "sdpa" or device.type == "meta":
+        # (meta: a pipeline stage's shape inference on older torch runs on meta tensors; only shapes matter.)
+        if doc_ids is None:
+            return None
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
+        return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+    if doc_ids is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        batch = 1  # the same for every sequence: broadcast
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=device, _compile=device.type == "cuda")
+
+
 class Attention(nn.Module):
     def __init__(self, args: TransformerArgs):
         super().__init__()
@@ -85,19 +135,28 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, *, mask: AttentionMask | None = None) -> torch.Tensor:
+        # mask: a keyword argument, so tensor parallel's input plan (x, freqs_cis) passes it through as is.
         bs, seqlen, _ = x.shape
         # -1 for the head count: tensor parallel shards heads, so the local count is not args.n_heads.
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-        keys = repeat_kv(xk, self.n_rep)
-        values = repeat_kv(xv, self.n_rep)
-        # (bs, n_local_heads, seqlen, head_dim) for SDPA
-        out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), is_causal=True
-        )
+        if isinstance(mask, BlockMask):
+            # (bs, heads, seqlen, head_dim); FlexAttention shares each KV head among its query heads itself.
+            flex = _compiled_flex_attention() if xq.is_cuda else flex_attention
+            out = flex(
+                xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), block_mask=mask, enable_gqa=self.n_rep > 1
+            )
+        else:
+            keys = repeat_kv(xk, self.n_rep)
+            values = repeat_kv(xv, self.n_rep)
+            # (bs, n_local_heads, seqlen, head_dim) for SDPA
+            out = F.scaled_dot_product_attention(
+                xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                is_causal=mask is None, attn_mask=mask,
+            )
         out = out.transpose(1, 2).contiguous().view(bs, seqlen, -1)  # (bs, seqlen, n_local_heads * head_dim)
         return self.wo(out)
 
@@ -126,8 +185,8 @@ class TransformerBlock(nn.Module):
         else:
             self.weight_init_std = 0.02 / (2 * args.n_layers) ** 0.5
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, *, mask: AttentionMask | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -151,9 +210,31 @@ class Transformer(nn.Module):
         a = self.args
         return precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling).to(device)
 
-    def forward(self, tokens: torch.Tensor, *, skip_output: bool = False) -> torch.Tensor:
+    def document_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Document ids of a (bs, seqlen) batch of token ids, for attn_mask_type="block_causal"."""
+        a = self.args
+        if a.bos_id is None or a.eos_id is None:
+            raise ValueError(
+                'model.attn_mask_type="block_causal" needs the tokenizer\'s bos and eos ids in the model args '
+                "(TransformerArgs.bos_id / eos_id): the trainer sets them from model.tokenizer_path"
+            )
+        return document_ids(tokens, a.bos_id, a.eos_id)
+
+    def forward(
+        self, tokens: torch.Tensor, *, skip_output: bool = False, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # tokens: (bs, seqlen) ids on the first pipeline stage, (bs, seqlen, dim) hidden states after it.
         # skip_output: return the final-norm hidden states; the caller applies `output` (chunked loss).
+        # doc_ids: (bs, seqlen) document ids for a block_causal mask (document_ids()); computed from the
+        # tokens when not given. A pipeline stage after the first has no tokens: the schedule passes them.
+        block_causal = self.args.attn_mask_type == "block_causal"
+        if block_causal and doc_ids is None:
+            if self.tok_embeddings is None:
+                raise ValueError(
+                    "this pipeline stage has no token ids to find documents in: pass doc_ids "
+                    "(attn_mask_type=block_causal)"
+                )
+            doc_ids = self.document_ids(tokens)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if h.shape[1] > self.freqs_cis.shape[0]:
             # Slicing would give a shorter table, which some lengths broadcast into wrong rotations.
@@ -162,8 +243,12 @@ class Transformer(nn.Module):
                 "model.max_seq_len): raise model.max_seq_len"
             )
         freqs_cis = self.freqs_cis[: h.shape[1]]
+        mask = build_attention_mask(
+            self.args.attn_type, doc_ids if block_causal else None, batch=h.shape[0], seqlen=h.shape[1],
+            device=freqs_cis.device,
+        )
         for layer in self.layers.values():
-            h = layer(h, freqs_cis)
+            h = layer(h, freqs_cis, mask=mask) if mask is not None else layer(h, freqs_cis)
         h = self.norm(h) if self.norm is not None else h
         if skip_output or self.output_in_loss or self.output is None:
             return h

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 
-from torchtitan_like.config.schema import ActivationCheckpoint, Compile, Parallelism, Training
+import torch
+
+from torchtitan_like.config.schema import ActivationCheckpoint, Compile, Model as ModelConfig, Parallelism, Training
 from torchtitan_like.distributed.activation_checkpoint import apply_ac, parse_selective_option
 from torchtitan_like.distributed.compile import apply_compile
 from torchtitan_like.distributed.fsdp import apply_ddp, apply_fsdp
@@ -47,6 +49,16 @@ def check_async_tp_device(parallelism: Parallelism, device_type: str) -> None:
         raise ConfigError(
             f"parallelism.enable_async_tensor_parallel=true needs CUDA (symmetric memory), not {device_type}: "
             "set it to false"
+        )
+
+
+def check_attention_device(model: ModelConfig, device_type: str) -> None:
+    """FlexAttention trains on CUDA only: its backward is not implemented on CPU (the Trainer checks this
+    before building anything)."""
+    if model.attn_type == "flex" and device_type != "cuda":
+        raise ConfigError(
+            f'model.attn_type="flex" needs CUDA to train (FlexAttention has no backward on {device_type} in torch '
+            f'{torch.__version__}): use model.attn_type="sdpa" (block_causal then uses a dense mask)'
         )
 
 
