@@ -164,10 +164,12 @@ def test_a_wrong_training_text_field_is_refused_at_start_up(tmp_path):
 def test_a_hugging_face_tokenizer_path_gets_a_message_that_says_what_to_use(tmp_path):
     hf = tmp_path / "Meta-Llama-3-8B"
     (hf / "original").mkdir(parents=True)
+    with pytest.raises(DataError) as e:
+        build_tokenizer(str(hf))  # a folder without any tokenizer in it
+    assert "not found" not in str(e.value) and "folder" in str(e.value), str(e.value)
+    assert "tokenizer.model" in str(e.value) and "tokenizer.json" in str(e.value), str(e.value)
+    # A folder's tokenizer.json is read (tests/unit/test_tokenizer_json.py); an incomplete one says what it lacks.
     (hf / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}, indent=2))
-    with pytest.raises(DataError) as e:
-        build_tokenizer(str(hf))  # a folder (here without any tokenizer.model in it)
-    assert "not found" not in str(e.value) and ("director" in str(e.value) or "folder" in str(e.value)), str(e.value)
-    with pytest.raises(DataError) as e:
-        build_tokenizer(str(hf / "tokenizer.json"))
-    assert "tokenizer.model" in str(e.value), str(e.value)
+    for path in (hf, hf / "tokenizer.json"):
+        with pytest.raises(DataError, match=r"tokenizer.json: model.vocab is missing"):
+            build_tokenizer(str(path))

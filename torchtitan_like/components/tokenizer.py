@@ -1,4 +1,5 @@
-"""Llama 3 tiktoken tokenizer: loads a `tokenizer.model` (base64 token bytes + rank per line).
+"""Llama 3 tiktoken tokenizer: loads a `tokenizer.model` (base64 token bytes + rank per line), or the
+same vocabulary from a Hugging Face `tokenizer.json` (what torchtitan's asset download fetches).
 
 The embedded default (torchtitan_like/assets/tokenizer/tokenizer.model) is a small byte-level BPE
 trained by tools/train_tokenizer.py; with the 256 Llama 3 special tokens its vocab is 2000, the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -141,6 +143,12 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
             if token in ranks:
                 raise DataError(f"{path}:{lineno}: token {token!r} appears twice")
             ranks[token] = rank
+    _check_ranks(ranks, path)
+    return ranks
+
+
+def _check_ranks(ranks: dict[bytes, int], path: Path) -> None:
+    """A byte-level BPE's ranks: 0..n-1 each once, and every single byte a token."""
     if not ranks:
         raise DataError(f"{path}: tokenizer file is empty")
     if sorted(ranks.values()) != list(range(len(ranks))):
@@ -148,20 +156,19 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise DataError(f"{path}: not a byte-level BPE: {len(missing)} single-byte tokens missing (first {missing[0]})")
-    return ranks
 
 
 def build_tokenizer(tokenizer_path: str) -> Tokenizer:
-    """Load `tokenizer_path` ("" = the embedded default tokenizer)."""
+    """Load `tokenizer_path` ("" = the embedded default tokenizer): a tiktoken tokenizer.model, a Hugging
+    Face tokenizer.json, or a folder holding one (original/tokenizer.model first, as Meta ships it)."""
     path = Path(tokenizer_path) if tokenizer_path else DEFAULT_TOKENIZER_PATH
     if path.is_dir():
-        # A Hugging Face download: its tiktoken file is original/tokenizer.model.
-        found = [p for p in (path / "original" / "tokenizer.model", path / "tokenizer.model") if p.is_file()]
+        candidates = (path / "original" / "tokenizer.model", path / "tokenizer.model", path / "tokenizer.json")
+        found = [p for p in candidates if p.is_file()]
         if not found:
             raise DataError(
-                f"model.tokenizer_path={str(path)!r} is a folder with no tokenizer.model in it (nor in original/): "
-                "point it at a tiktoken tokenizer.model file (in a Hugging Face Llama 3 download: "
-                "original/tokenizer.model)"
+                f"model.tokenizer_path={str(path)!r} is a folder with no tokenizer.model (nor original/tokenizer.model) "
+                "and no tokenizer.json in it: point it at a Llama 3 tokenizer.model or tokenizer.json"
             )
         path = found[0]
     if not path.is_file():
@@ -172,11 +179,102 @@ def build_tokenizer(tokenizer_path: str) -> Tokenizer:
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"{"):
-        raise DataError(
-            f"model.tokenizer_path={str(path)!r} is JSON (a Hugging Face tokenizer.json), which is not supported: use "
-            "the tiktoken tokenizer.model (original/tokenizer.model in a Hugging Face Llama 3 download)"
-        )
+        return Tokenizer(load_hf_tokenizer_json(path), name=path.name)
     return Tokenizer(load_bpe_ranks(path), name=path.name)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet of Hugging Face tokenizer.json files (GPT-2's): each byte is stored as
+    one printable character. Bytes that print as themselves (! to ~, and Latin-1's ¡ to ¬ and ® to ÿ)
+    keep their code point; the other 68 take U+0100, U+0101, ... in byte order. Returns char -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(0x100 + i): b for i, b in enumerate(others)})
+    return alphabet
+
+
+def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
+    """The tiktoken ranks of a Llama 3 family tokenizer.json: its byte-level BPE vocabulary, ids as ranks
+    (how Hugging Face converted Meta's tokenizer.model, so both files give the same ids). Anything else
+    (another model type, split pattern or special-token layout) is a DataError that says what differs."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed tokenizer.json ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: tokenizer.json is not UTF-8 ({e.reason} at byte {e.start})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind != "BPE":
+        raise DataError(f"{path}: not a BPE tokenizer.json (model.type={kind!r}): only Llama 3's byte-level BPE is "
+                        "supported")
+    if not isinstance(model.get("vocab"), dict):
+        raise DataError(f"{path}: model.vocab is missing or not an object of token: id (an incomplete download?)")
+    normalizer = data.get("normalizer")
+    if normalizer is not None:
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise DataError(f"{path}: it normalizes text first (normalizer {kind!r}), which Llama 3's tokenizer does not: "
+                        "only Llama 3 family tokenizers are supported")
+    pattern = _split_pattern(data.get("pre_tokenizer"))
+    if pattern != LLAMA3_PAT_STR:
+        raise DataError(f"{path}: its pre-tokenizer splits text with {pattern!r}, not Llama 3's pattern: only Llama 3 "
+                        "family tokenizers are supported (another split would give other tokens)")
+    alphabet = _byte_alphabet()
+    ranks: dict[bytes, int] = {}
+    for token, rank in model["vocab"].items():
+        if type(rank) is not int:
+            raise DataError(f"{path}: vocab token {token!r} has id {rank!r}, not an integer")
+        try:
+            ranks[bytes(alphabet[ch] for ch in token)] = rank
+        except KeyError as e:
+            raise DataError(f"{path}: vocab token {token!r} has {e.args[0]!r}, which is not in the byte-level alphabet: "
+                            "not a byte-level BPE") from None
+    _check_ranks(ranks, path)
+    _check_merge_order(model["vocab"], model.get("merges") or [], path)
+    # Our Tokenizer puts Llama 3's special tokens right after the base vocabulary; bos and eos must be there.
+    added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+    for i, name in enumerate(LLAMA3_SPECIAL_TOKENS[:2]):
+        if added.get(name) != len(ranks) + i:
+            raise DataError(f"{path}: {name} has id {added.get(name)!r} in added_tokens, not {len(ranks) + i} (right "
+                            "after the base vocabulary, as in Llama 3): not a Llama 3 family tokenizer")
+    return ranks
+
+
+def _check_merge_order(vocab: dict[str, int], merges: list, path: Path) -> None:
+    """tiktoken applies the merge whose result has the lowest id; Hugging Face applies the earliest merge in
+    the list. They agree when the merges are in the order of their results' ids, as in Llama 3's file."""
+    last = -1
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise DataError(f"{path}: model.merges[{i}] is {merge!r}, not a pair of tokens")
+        rank = vocab.get(pair[0] + pair[1])
+        if rank is None:
+            raise DataError(f"{path}: model.merges[{i}] {merge!r} makes a token that is not in model.vocab")
+        if rank < last:
+            raise DataError(
+                f"{path}: model.merges[{i}] {merge!r} makes id {rank} after a merge that made id {last}: the merges "
+                "are not in id order, so its ids would tokenize differently here than under Hugging Face"
+            )
+        last = rank
+
+
+def _split_pattern(pre_tokenizer: object) -> str | None:
+    """The regex of a tokenizer.json pre-tokenizer that is a Split then a ByteLevel without its own regex
+    (Llama 3's), else None."""
+    if not isinstance(pre_tokenizer, dict) or pre_tokenizer.get("type") != "Sequence":
+        return None
+    steps = pre_tokenizer.get("pretokenizers")
+    if not (isinstance(steps, list) and len(steps) == 2 and all(isinstance(s, dict) for s in steps)):
+        return None
+    split, byte_level = steps
+    if split.get("type") != "Split" or (split.get("behavior"), split.get("invert")) != ("Isolated", False):
+        return None
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True):
+        return None
+    regex = (split.get("pattern") or {}).get("Regex")
+    return regex if isinstance(regex, str) else None
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, flavor: str) -> None:

@@ -1,0 +1,158 @@
+"""model.tokenizer_path may name a Hugging Face tokenizer.json (or a folder with one and no tokenizer.model,
+as torchtitan's asset download leaves it): the same vocabulary as the tiktoken file, so the same ids.
+
+The files here are written from the embedded tokenizer.model in tokenizer.json's layout (GPT-2's byte
+alphabet, Llama 3's split pattern and added tokens), so both must give the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from torchtitan_like.components.tokenizer import (
+    DEFAULT_TOKENIZER_PATH,
+    LLAMA3_PAT_STR,
+    LLAMA3_SPECIAL_TOKENS,
+    build_tokenizer,
+    load_bpe_ranks,
+)
+from torchtitan_like.errors import DataError
+
+
+def _printable(b: int) -> bool:
+    return 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF
+
+
+def _to_chars() -> dict[int, str]:
+    """byte -> tokenizer.json character (the inverse of what the loader reads)."""
+    out, extra = {}, 0
+    for b in range(256):
+        if _printable(b):
+            out[b] = chr(b)
+        else:
+            out[b] = chr(0x100 + extra)
+            extra += 1
+    return out
+
+
+def tokenizer_json(ranks: dict[bytes, int]) -> dict:
+    chars = _to_chars()
+    vocab = {"".join(chars[b] for b in token): rank for token, rank in ranks.items()}
+    # Merges as a conversion from tiktoken writes them: every split of a token into two tokens, in the
+    # order of the merged token's id.
+    merges = [f"{t[:k]} {t[k:]}" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+              for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+    n = len(ranks)
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": n + i, "content": name, "special": True} for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_PAT_STR}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "vocab": vocab, "merges": merges},
+    }
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return tokenizer_json(load_bpe_ranks(DEFAULT_TOKENIZER_PATH))
+
+
+def _write(folder: Path, data: dict | str, name: str = "tokenizer.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_a_tokenizer_json_folder_gives_the_same_ids_as_the_tiktoken_file(reference, tmp_path) -> None:
+    folder = tmp_path / "assets" / "hf" / "Llama-3.1-8B"  # torchtitan's download: no original/ in it
+    _write(folder, reference)
+    _write(folder, {"bos_token": "<|begin_of_text|>"}, name="tokenizer_config.json")
+    ours, tiktoken_file = build_tokenizer(str(folder)), build_tokenizer("")
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (tiktoken_file.vocab_size, tiktoken_file.bos_id, tiktoken_file.eos_id)
+    assert ours.fingerprint() == tiktoken_file.fingerprint()  # checkpoints and PREFIX.json records accept either
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:6000] + " héllo wörld ✓ 12345\r\n\t"
+    assert ours.encode(text, bos=True, eos=True) == tiktoken_file.encode(text, bos=True, eos=True)
+    assert ours.decode(ours.encode(text, bos=False, eos=False)) == text
+    assert build_tokenizer(str(folder / "tokenizer.json")).fingerprint() == ours.fingerprint()
+    assert len(reference["model"]["merges"]) >= len(reference["model"]["vocab"]) - 256  # (the order check ran)
+    pairs = copy.deepcopy(reference)  # the newer format: each merge a [left, right] list
+    pairs["model"]["merges"] = [m.split(" ") for m in pairs["model"]["merges"]]
+    assert build_tokenizer(str(_write(tmp_path / "pairs", pairs))).fingerprint() == ours.fingerprint()
+
+
+def test_a_folder_prefers_metas_tokenizer_model(reference, tmp_path) -> None:
+    _write(tmp_path, reference)
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "tokenizer.model").write_bytes(DEFAULT_TOKENIZER_PATH.read_bytes())
+    assert build_tokenizer(str(tmp_path)).model.name == "tokenizer.model"
+    (tmp_path / "original" / "tokenizer.model").unlink()
+    assert build_tokenizer(str(tmp_path)).model.name == "tokenizer.json"
+
+
+def _broken(reference: dict, change) -> dict:
+    data = copy.deepcopy(reference)
+    change(data)
+    return data
+
+
+BROKEN = {
+    "wordpiece": (lambda d: d["model"].update(type="WordPiece"), "not a BPE tokenizer.json"),
+    "normalizer": (lambda d: d.update(normalizer={"type": "NFC"}), "normalizes text first"),
+    "gpt2_split": (lambda d: d.update(pre_tokenizer={"type": "ByteLevel", "use_regex": True}), "not Llama 3's pattern"),
+    "other_regex": (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\s+|\S+"),
+                    "not Llama 3's pattern"),
+    "not_byte_level": (lambda d: d["model"]["vocab"].update({"€": len(d["model"]["vocab"])}),
+                       "not in the byte-level alphabet"),
+    "rank_gap": (lambda d: d["model"]["vocab"].update({"ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ": 10**6}), "ranks must be exactly"),
+    "string_id": (lambda d: d["model"]["vocab"].update({"ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ": "7"}), "not an integer"),
+    "bos_elsewhere": (lambda d: d["added_tokens"][0].update(id=5), "<|begin_of_text|> has id 5"),
+    "merge_order": (lambda d: d["model"]["merges"].reverse(), "not in id order"),
+    "merge_unknown": (lambda d: d["model"]["merges"].append("Ġ ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ"), "not in model.vocab"),
+    "merge_shape": (lambda d: d["model"]["merges"].insert(0, ["a", "b", "c"]), r"merges\[0\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_tokenizer_json_that_is_not_llama_3s_is_refused_saying_why(case: str, reference, tmp_path) -> None:
+    change, message = BROKEN[case]
+    path = _write(tmp_path, _broken(reference, change))
+    with pytest.raises(DataError, match=message) as e:
+        build_tokenizer(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_a_malformed_tokenizer_json_names_its_line(tmp_path) -> None:
+    path = _write(tmp_path, '{\n  "version": "1.0",\n  "model": {\n    "type": "BPE",,\n  }\n}\n')
+    with pytest.raises(DataError, match=r"tokenizer.json:4: malformed tokenizer.json"):
+        build_tokenizer(str(tmp_path))
+
+
+def test_a_tokenizer_json_trains_through_run_train(reference, tmp_path) -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    folder = tmp_path / "tok"
+    _write(folder, reference)
+    r = subprocess.run(
+        ["./run_train.sh", "--model.tokenizer_path", str(folder), "--job.dump_folder", str(tmp_path / "run"),
+         "--training.steps", "1", "--training.seq_len", "32", "--model.n_layers", "1"],
+        cwd=root, env={"NGPU": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step:    1" in r.stdout + r.stderr
