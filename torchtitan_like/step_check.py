@@ -135,7 +135,8 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         t.loss_chunk_size = seq // 4
     t.steps = REHEARSAL_STEPS  # (run_rehearsal sets each launch's)
     t.dataset, t.dataset_path, t.dataset_split, t.dataset_config = "embedded", None, "train", None
-    t.dataset_weights, t.dataset_shuffle = [], False  # (an indexed job's: they would be reported as ignored)
+    # (An indexed job's blend and order, a local job's record field: they would be reported as ignored.)
+    t.dataset_weights, t.dataset_shuffle, t.dataset_text_field = [], False, "text"
     accum = _accumulation(job.training.global_batch_size, t.local_batch_size, dp_job)
     if accum > MAX_ACCUMULATION:
         notes.append(f"gradient accumulation {accum} (rehearsed with {MAX_ACCUMULATION} microbatches)")

@@ -387,6 +387,23 @@ def test_weights_and_shuffle_without_an_indexed_dataset_are_named_as_ignored():
     assert 'training.dataset_shuffle (training.dataset="embedded")' in ignored
 
 
+def test_a_text_field_that_no_source_reads_is_named_as_ignored():
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.config.validate import ignored_settings
+
+    field = ["--training.dataset_text_field", "body"]
+    indexed = load_config(["--training.dataset", "indexed", "--training.dataset_path", "data/train", *field])
+    assert ignored_settings(indexed, pp=1) == [
+        'training.dataset_text_field (no local or hf dataset reads records: training.dataset="indexed")'
+    ]
+    # Validation's local records are read with training's field: then it is used.
+    val = ["--validation.enable", "--validation.dataset", "local", "--validation.dataset_path", "val.jsonl"]
+    assert ignored_settings(load_config([*field, "--training.dataset", "synthetic", *val]), pp=1) == []
+    said = ignored_settings(load_config([*field, "--training.dataset", "synthetic", "--validation.enable"]), pp=1)
+    assert said == ['training.dataset_text_field (no local or hf dataset reads records: training.dataset="synthetic", '
+                    'validation.dataset="embedded")']
+
+
 # ---- shuffled reading ---------------------------------------------------------------------------------
 
 

@@ -171,6 +171,10 @@ def test_an_indexed_blend_jobs_rehearsal_reads_the_embedded_data_with_nothing_ig
     assert (c.training.dataset, c.training.dataset_path, c.training.dataset_weights, c.training.dataset_shuffle) == (
         "embedded", None, [], False)
     assert not [s for s in ignored_settings(c, pp=1) if "dataset" in s]
+    # A local job's record field: its rehearsal reads the embedded data, which has no records.
+    local = _cfg("--training.dataset", "local", "--training.dataset_path", "/data/c.jsonl",
+                 "--training.dataset_text_field", "body")
+    assert not [s for s in ignored_settings(rehearsal(local, resolved_layout(local, 1)).cfg, pp=1) if "dataset" in s]
 
 
 def test_flex_attention_is_rehearsed_with_sdpa_and_the_same_mask() -> None:

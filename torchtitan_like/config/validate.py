@@ -155,8 +155,13 @@ def resolve_global_batch(section: str, local: int, global_batch: int, dp_degree:
     )
 
 
+def indexed_prefixes(dataset_path: str) -> list[str]:
+    """The PREFIXes of an indexed dataset_path: one, or several separated by commas (a blend)."""
+    return [p.strip() for p in dataset_path.split(",")]
+
+
 def _validate_blend(dataset_path: str, weights: list[float]) -> None:
-    prefixes = [p.strip() for p in dataset_path.split(",")]
+    prefixes = indexed_prefixes(dataset_path)
     if len(prefixes) > 1 and not all(prefixes):
         raise ConfigError(f"training.dataset_path={dataset_path!r} has an empty entry: name each PREFIX once, "
                           "separated by commas")
@@ -328,6 +333,11 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
             if (f.name != switch and (keys is None or f.name in keys)
                     and getattr(value, f.name) != getattr(default, f.name)):
                 out.append(f"{name} ({section}.{switch}={_toml(getattr(value, switch))})")
+    # The record field: only local and hub sources have records (validation's read training's key).
+    sources = {"training": cfg.training.dataset, **({"validation": cfg.validation.dataset} if cfg.validation.enable else {})}
+    if cfg.training.dataset_text_field != Training().dataset_text_field and not {"local", "hf"} & set(sources.values()):
+        which = ", ".join(f"{section}.dataset={_toml(kind)}" for section, kind in sources.items())
+        out.append(f"training.dataset_text_field (no local or hf dataset reads records: {which})")
     # The hub-only keys of a source that is not the hub.
     for section in ("training", "validation"):
         value, default = getattr(cfg, section), type(getattr(cfg, section))()

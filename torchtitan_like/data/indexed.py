@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from torchtitan_like.components.tokenizer import Tokenizer
+from torchtitan_like.config.validate import indexed_prefixes
 from torchtitan_like.data.dataset import BatchLayout, _SliceIterator
 from torchtitan_like.errors import DataError
 
@@ -364,7 +365,7 @@ class IndexedDataset(IterableDataset):
 def open_indexed(dataset_path: str, *, section: str) -> list[IndexedTokens]:
     """The sources `dataset_path` names: one PREFIX, or several separated by commas (a blend; config
     validation checked the entries against training.dataset_weights)."""
-    return [IndexedTokens(prefix.strip(), section=section) for prefix in dataset_path.split(",")]
+    return [IndexedTokens(prefix, section=section) for prefix in indexed_prefixes(dataset_path)]
 
 
 def write_indexed(
