@@ -12,12 +12,22 @@ the vocabulary fits, else int32; PREFIX.json records the tokenizer (the trainer 
 the source. --max-tokens stops after that many tokens (a sample of a large hub dataset); --workers N
 tokenizes in N processes (the output is the same). The files are written through temporary files and
 renamed at the end: an interrupted run leaves an earlier set as it was.
+
+    .venv/bin/python tools/pretokenize.py --describe --out data/megatron_text_document \
+        --model.tokenizer_path assets/llama3/tokenizer.model
+
+--describe writes only PREFIX.json for a pair written elsewhere (Megatron-LM's or NeMo's preprocess_data.py
+keeps no record of its tokenizer), after reading every token id once and checking it against the vocabulary
+of model.tokenizer_path. The trainer then refuses that pair with any other tokenizer. Which tokenizer wrote
+the files is the user's word: ids of the same vocabulary size cannot tell two tokenizers apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
+import os
 import sys
 import time
 from collections import deque
@@ -104,6 +114,51 @@ def _in_workers(texts: Iterator[tuple[str, bool, bool]], workers: int, tokenizer
                 return
 
 
+DESCRIBE_CHUNK_TOKENS = 1 << 24
+"""Token ids read at a time by --describe (64 MiB of int32)."""
+
+
+def describe(prefix: str, cfg) -> str:
+    """Check every token id of an existing PREFIX pair against cfg's tokenizer and write PREFIX.json
+    naming it; returns the summary line. TrainerError/DataError for anything wrong, before writing."""
+    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+    from torchtitan_like.data.indexed import IndexedTokens
+    from torchtitan_like.models import MODELS
+
+    data = IndexedTokens(prefix, section="--out")
+    record = Path(data.prefix + ".json")
+    if record.exists():
+        raise TrainerError(f"--out {prefix}: {record} exists already (a record of these files): delete it to "
+                           "describe them again")
+    tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+    check_vocab(tokenizer, MODELS[cfg.model.name].flavors[cfg.model.flavor].vocab_size, cfg.model.flavor)
+    largest, bos, eos = -1, 0, 0
+    for start in range(0, data.n_tokens, DESCRIBE_CHUNK_TOKENS):
+        ids = data.read(start, min(DESCRIBE_CHUNK_TOKENS, data.n_tokens - start))
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= tokenizer.vocab_size:
+            bad = int(((ids < 0) | (ids >= tokenizer.vocab_size)).nonzero()[0, 0])
+            raise TrainerError(
+                f"--out {prefix}: token {start + bad} is id {int(ids[bad])}, outside the vocabulary of "
+                f"model.tokenizer_path ({tokenizer.vocab_size} ids): these files were tokenized with another tokenizer"
+            )
+        largest = max(largest, high)
+        bos += int((ids == tokenizer.bos_id).sum())
+        eos += int((ids == tokenizer.eos_id).sum())
+    meta = {"written_by": "tools/pretokenize.py --describe (files written elsewhere; the tokenizer is the user's word)",
+            "tokenizer": cfg.model.tokenizer_path or "(the embedded one)", "tokenizer_sha256": tokenizer.fingerprint(),
+            "source": f"{data.bin_path} (described)", "records": data.n_sequences, "tokens": data.n_tokens}
+    tmp = f"{record}.tmp{os.getpid()}"
+    try:
+        Path(tmp).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, record)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return (f"{record}: {data.n_sequences} sequences, {data.n_tokens} tokens, largest id {largest}, {bos} bos and {eos} "
+            f"eos tokens; training with another model.tokenizer_path is now refused")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, or 2 with one error line (a bad argument or config, unreadable data, an unwritable output)."""
     parser = argparse.ArgumentParser(prog="tools/pretokenize.py", description=__doc__.splitlines()[0])
@@ -112,7 +167,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="whose dataset settings name the source (default training)")
     parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)")
     parser.add_argument("--workers", type=int, default=1, help="processes that tokenize (default 1)")
+    parser.add_argument("--describe", action="store_true",
+                        help="only write PREFIX.json for an existing pair (e.g. Megatron's), naming model.tokenizer_path")
     args, rest = parser.parse_known_args(argv)
+    if args.describe:
+        from torchtitan_like.config.loader import load_config
+
+        unused = [f"--{k.replace('_', '-')}" for k, default in (("max_tokens", None), ("workers", 1), ("section", "training"))
+                  if getattr(args, k) != default]
+        if unused:
+            parser.error(f"{', '.join(unused)}: not used with --describe, which tokenizes nothing; leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out")
+
+        try:
+            print(describe(args.out, load_config(rest)))
+        except TrainerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"error: {e.strerror or e}: {e.filename} (no record written)", file=sys.stderr)
+            return 2
+        return 0
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens {args.max_tokens} must be >= 1 (leave it out for the whole dataset)")
     if args.workers < 1:

@@ -544,3 +544,35 @@ def test_the_vocabulary_fingerprint_tells_tokenizers_apart_not_files(tok, tmp_pa
     lines[300], lines[301] = f"{b[0]} {a[1]}", f"{a[0]} {b[1]}"
     (tmp_path / "swapped.model").write_text("\n".join(lines) + "\n")
     assert build_tokenizer(str(tmp_path / "swapped.model")).fingerprint() != tok.fingerprint()
+
+
+def test_describe_records_the_tokenizer_of_files_written_elsewhere(tok, tmp_path, capsys):
+    tool = _tool()
+    tool.DESCRIBE_CHUNK_TOKENS = 3  # several reads, and a bad id past the first one
+    docs = [[tok.bos_id, 5, 6, tok.eos_id], [7, 8, 9, tok.eos_id]] * 5
+    megatron = _write(tmp_path / "megatron", docs, vocab=tok.vocab_size)  # as preprocess_data.py leaves it: no .json
+    assert not Path(f"{megatron}.json").exists()
+    assert tool.main(["--describe", "--out", str(megatron)]) == 0
+    assert capsys.readouterr().out == (f"{megatron}.json: 10 sequences, 40 tokens, largest id {tok.eos_id}, 5 bos and 10 "
+                                       "eos tokens; training with another model.tokenizer_path is now refused\n")
+    record = json.loads(Path(f"{megatron}.json").read_text())
+    assert (record["tokenizer_sha256"], record["tokens"], record["records"]) == (tok.fingerprint(), 40, 10)
+    data = IndexedTokens(str(megatron), section="training")
+    data.check_tokenizer(tok)
+    lines = (ROOT / "torchtitan_like/assets/tokenizer/tokenizer.model").read_text().splitlines()
+    lines[300], lines[301] = lines[301].split()[0] + " 300", lines[300].split()[0] + " 301"
+    (tmp_path / "other.model").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"megatron was tokenized with '\(the embedded one\)'"):
+        data.check_tokenizer(build_tokenizer(str(tmp_path / "other.model")))
+    # Once only; ids outside the vocabulary write nothing; --describe tokenizes nothing.
+    assert tool.main(["--describe", "--out", str(megatron)]) == 2
+    assert "megatron.json exists already" in capsys.readouterr().err
+    wide = _write(tmp_path / "wide", [[1, 2, 3, 4, 5, 6, 7, 70_000, 9]], vocab=100_000)
+    assert tool.main(["--describe", "--out", str(wide)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {wide}: token 7 is id 70000, outside the vocabulary of "
+                                       "model.tokenizer_path (2000 ids): these files were tokenized with another "
+                                       "tokenizer\n")
+    assert not Path(f"{wide}.json").exists()
+    r = pretokenize("--describe", "--out", str(wide), "--workers", "2")
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith(
+        "error: --workers: not used with --describe, which tokenizes nothing; leave it out"), r.stderr
