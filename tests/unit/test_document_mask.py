@@ -37,7 +37,8 @@ def test_a_document_starts_at_bos_and_after_eos() -> None:
 
 
 def _model(**overrides) -> Transformer:
-    args = replace(LLAMA3_FLAVORS["debugmodel"], n_layers=2, max_seq_len=64, bos_id=BOS, eos_id=EOS, **overrides)
+    args = replace(LLAMA3_FLAVORS["debugmodel"], **{"n_layers": 2, "max_seq_len": 64, "bos_id": BOS, "eos_id": EOS,
+                                                   **overrides})
     model = Transformer(args)
     model.init_weights(seed=3)
     return model
@@ -150,3 +151,20 @@ def test_synthetic_data_gets_the_tokenizers_ids(tmp_path: Path) -> None:
     tok = build_tokenizer("")  # model.tokenizer_path: the embedded one
     assert (part.args.bos_id, part.args.eos_id) == (tok.bos_id, tok.eos_id)
     assert part.args.attn_mask_type == "block_causal" and len(trainer.history) == 1
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_every_layer_shares_one_mask_in_the_compute_dtype(autocast: bool) -> None:
+    """SDPA given a boolean mask converts it in each layer, and each layer's backward keeps its copy."""
+    model = _model(attn_mask_type="block_causal", n_layers=4)
+    tokens = torch.cat([_doc(40, torch.Generator().manual_seed(3)), _doc(24, torch.Generator().manual_seed(4))], dim=1)
+    saved: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = (t.dtype, tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        model(tokens).float().sum().backward()
+    masks = [v for v in saved.values() if v[1] == (1, 1, 64, 64)]
+    assert masks == [(torch.bfloat16 if autocast else torch.float32, (1, 1, 64, 64))]

@@ -92,8 +92,8 @@ def document_ids(tokens: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor
 
 
 AttentionMask = torch.Tensor | BlockMask
-"""What each block's attention takes besides causality: a dense (bs, 1, seqlen, seqlen) boolean mask (SDPA,
-True = attend) or a FlexAttention BlockMask; None = plain causal SDPA."""
+"""What each block's attention takes besides causality: a dense additive (bs, 1, seqlen, seqlen) mask (SDPA:
+0 = attend, -inf = not) or a FlexAttention BlockMask; None = plain causal SDPA."""
 
 @functools.cache
 def _compiled_flex_attention():
@@ -103,16 +103,22 @@ def _compiled_flex_attention():
 
 
 def build_attention_mask(
-    attn_type: str, doc_ids: torch.Tensor | None, *, batch: int, seqlen: int, device: torch.device
+    attn_type: str, doc_ids: torch.Tensor | None, *, batch: int, seqlen: int, device: torch.device,
+    dtype: torch.dtype,
 ) -> AttentionMask | None:
     """The mask for `attn_type` ("sdpa" or "flex"): causal within documents when `doc_ids` (bs, seqlen) is
-    given, else causal over the whole sequence (None for SDPA: its is_causal path)."""
+    given, else causal over the whole sequence (None for SDPA: its is_causal path).
+
+    SDPA's is additive (0 where attended, -inf elsewhere) in `dtype`, the attention's compute dtype: SDPA
+    would convert a boolean mask to that in every layer and each layer's backward would keep its own copy
+    (n_layers x bs x seqlen² elements); this one tensor is shared by every layer."""
     if attn_type == "sdpa" or device.type == "meta":
         # (meta: a pipeline stage's shape inference on older torch runs on meta tensors; only shapes matter.)
         if doc_ids is None:
             return None
         causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
-        return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+        allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     if doc_ids is None:
         def mask_mod(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
@@ -243,9 +249,13 @@ class Transformer(nn.Module):
                 "model.max_seq_len): raise model.max_seq_len"
             )
         freqs_cis = self.freqs_cis[: h.shape[1]]
+        device = freqs_cis.device
+        # The dtype q and k will have: autocast's where it is on (mixed precision without FSDP), else the
+        # hidden states' (FSDP's param_dtype, or the model's).
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
         mask = build_attention_mask(
             self.args.attn_type, doc_ids if block_causal else None, batch=h.shape[0], seqlen=h.shape[1],
-            device=freqs_cis.device,
+            device=device, dtype=dtype,
         )
         for layer in self.layers.values():
             h = layer(h, freqs_cis, mask=mask) if mask is not None else layer(h, freqs_cis)
