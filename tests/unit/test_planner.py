@@ -257,6 +257,20 @@ def test_estimate_memory_of_one_gpu_debug_model_by_hand():
     assert peak_memory(c).total == m.total
 
 
+def test_an_sdpa_document_mask_counts_once_per_forward_in_flight():
+    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2, ac="none")
+
+    def activations(*args: str) -> int:
+        inputs = PlanInputs(base_argv=[*DEBUG_ARGV, *args], world_size=1, hardware=ROUND_HW, seq_len=64,
+                            global_batch_size=2, compile=True)
+        return estimate_memory(check(inputs, layout), pp_rank=0).activations
+
+    causal = activations()
+    # 2 sequences x 64 x 64 positions in bf16, one mask for all 6 blocks.
+    assert activations("--model.attn_mask_type", "block_causal") == causal + 2 * 64 * 64 * 2
+    assert activations("--model.attn_mask_type", "block_causal", "--model.attn_type", "flex") == causal
+
+
 def test_a_chunked_loss_holds_one_chunk_of_logits():
     m = estimate_memory(one_gpu_candidate(seq_len=64, batch=2, loss_chunk_size=16), pp_rank=0)
     # 2 sequences x 16 positions of logits (+ fp32 log-softmax and gradient), and the final-norm hidden

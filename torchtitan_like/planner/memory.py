@@ -4,7 +4,9 @@ Items (bytes, for the pipeline rank that peaks: the first holds the most microba
 the last holds the logits):
 - state: parameters, gradients, optimizer states: exact (planner/state.py), fp32;
 - activations: what autograd saves per transformer block for one microbatch, under the AC mode,
-  times the blocks and microbatches in flight (`activation_bytes_per_block`, `in_flight_chunks`);
+  times the blocks and microbatches in flight (`activation_bytes_per_block`, `in_flight_chunks`); with
+  model.attn_mask_type="block_causal" under SDPA, also each in-flight forward's dense additive mask
+  (microbatch x seq_len² in the compute dtype, shared by the stage's blocks);
 - logits: the output projection's logits and the loss's fp32 log-softmax and gradient for one
   microbatch, on the last stage (vocab sharded under loss parallel); with training.loss_chunk_size
   for one chunk of positions only, plus the final-norm hidden states the chunks are recomputed from;
@@ -165,6 +167,10 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
     if has_embedding:
         # The embedding output (the first residual), kept by the first stage's forwards only.
         activations += sum(i == embedding_stage for i in ran) * tokens * a.dim * act // L.tp
+
+    if a.attn_mask_type == "block_causal" and a.attn_type == "sdpa":
+        # (Context parallel refuses block_causal: the whole sequence. FlexAttention's BlockMask is tiny.)
+        activations += chunks * L.microbatch_size * c.cfg.training.seq_len**2 * act
 
     logits = 0
     if has_output:
