@@ -168,3 +168,17 @@ def test_every_layer_shares_one_mask_in_the_compute_dtype(autocast: bool) -> Non
         model(tokens).float().sum().backward()
     masks = [v for v in saved.values() if v[1] == (1, 1, 64, 64)]
     assert masks == [(torch.bfloat16 if autocast else torch.float32, (1, 1, 64, 64))]
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_fullgraph_compiled_blocks_take_the_block_mask() -> None:
+    """compile.enable compiles each block with fullgraph=True: the BlockMask must trace as an input (forward
+    only here, as FlexAttention on CPU; the training is a GPU check)."""
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.cat([torch.cat([_doc(24, gen), _doc(40, gen)], dim=1), torch.cat([_doc(50, gen), _doc(14, gen)], dim=1)])
+    model = _model(attn_mask_type="block_causal", attn_type="flex")
+    eager = model(tokens)
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(model(tokens), eager, rtol=1e-5, atol=1e-5)
