@@ -1,4 +1,4 @@
-"""Check, look into and convert torchtitan_like checkpoints.
+"""Check, look into and convert torchtitan_like checkpoints (and convert torchtitan's: their model weights).
 
     python tools/checkpoint.py verify  outputs/checkpoint/step-100
     python tools/checkpoint.py inspect outputs/checkpoint/step-100
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from torchtitan_like.components.checkpoint import EXPORT_DTYPES, _describe, dcp_contents
+from torchtitan_like.components.checkpoint import COMPONENTS, EXPORT_DTYPES, _describe, dcp_contents, is_flat_model_layout
 from torchtitan_like.components.manifest import (
     MANIFEST,
     CheckpointError,
@@ -117,6 +117,17 @@ def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
 
     state: dict[str, Any] = {}
     keys = {"model"} if model_only else None
+    flat = is_flat_model_layout(src)
+    if flat:
+        if not model_only:
+            raise CheckpointError(
+                f"{src} has its model weights at the top level (torchtitan's layout), and its other states in that "
+                "trainer's formats: convert its weights only (--model-only)"
+            )
+        print(f"note: {src} is in torchtitan's layout (model weights at the top level): converting its weights",
+              file=sys.stderr)
+        names = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
+        keys = {k for k in names if k.split(".", 1)[0] not in (*COMPONENTS, "freqs_cis")}
     try:
         _load_state_dict(
             state,
@@ -126,6 +137,8 @@ def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
         )
     except (Exception, CheckpointException) as e:  # a damaged file of a folder without a manifest
         raise CheckpointError(f"{src}: cannot read its data ({_describe(e)})") from None
+    if flat:
+        state = {"model": state}
     if "model" not in state:
         raise CheckpointError(f"{src} holds no model weights (contents: {sorted(state)})")
     return state
@@ -301,7 +314,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{dst} is inside the source checkpoint {src}: write it elsewhere")
     if _is_dcp(src):
         if dst_suffix == ".pt":
-            model_only = bool(args.model_only)
+            # (A torchtitan checkpoint converts its weights only: model-only unless --no-model-only says otherwise.)
+            model_only = bool(args.model_only) or (args.model_only is None and is_flat_model_layout(src))
             if args.hf:
                 raise CheckpointError("--hf applies to .safetensors files and folders, not .pt")
             state = _read_dcp(src, model_only=model_only)

@@ -810,6 +810,9 @@ class CheckpointManager:
             self._load_hf(path)
             return None
         check_initial_load(self.cfg, self.model_args)
+        if is_flat_model_layout(path):
+            self._load_flat_weights(path)
+            return None
         if (path / MANIFEST).is_file():
             _, error = self._verify_everywhere(path)
             if error:
@@ -827,6 +830,24 @@ class CheckpointManager:
             logger.warning("checkpoint.initial_load_path=%s holds no %s (a model-only save?): those start fresh",
                            path, ", ".join(missing))
         return self.train_state.step if "train_state" in loaded else None
+
+    def _load_flat_weights(self, path: Path) -> None:
+        """The weights of a checkpoint whose model keys sit at the top level (torchtitan's layout), as the
+        model's own names; any other state there is in the writer's formats and is not read."""
+        t0 = time.perf_counter()  # (check_initial_load refused what cannot load: the other states, a tied model)
+        self._check_no_foreign_weights(path, prefix="")
+        logger.warning("%s: model weights at the top level (torchtitan's layout); loading the weights only, "
+                       "without an integrity check", path)
+        state, keys = self._model_state()
+        pg_kwargs = {"process_group": self._pg} if self._dist else {"no_dist": True}
+        try:
+            with self._quiet():
+                dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), **pg_kwargs)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"loading the model weights from {path} failed: {_describe(e)}") from e
+        for part, part_keys in zip(self.model_parts, keys):
+            set_model_state_dict(part, {k: state[k] for k in part_keys})
+        logger.info("loaded the model weights of %s in %.1f s", path, time.perf_counter() - t0)
 
     def _has(self, component: str) -> bool:
         return {"lr_scheduler": self.lr_scheduler, "dataloader": self.dataloader}.get(component, True) is not None
@@ -880,10 +901,12 @@ class CheckpointManager:
         logger.info("loaded %s from %s in %.2f s", ", ".join(comps) or "nothing", path, time.perf_counter() - t0)
         return comps
 
-    def _check_no_foreign_weights(self, path: Path) -> None:
+    def _check_no_foreign_weights(self, path: Path, prefix: str = "model.") -> None:
         """Refuse a checkpoint with model tensors this model does not have (a deeper or different
         flavor): DCP reads only the keys asked for, so they would be dropped without a word. The whole
-        model's names come from a meta-device build (a pipeline rank holds only its stages)."""
+        model's names come from a meta-device build (a pipeline rank holds only its stages). `prefix`:
+        where the model's keys are ("model." here; "" in torchtitan's flat layout, beside its other states
+        and its RoPE table)."""
         from torchtitan_like.models.llama3.args import TransformerArgs
         from torchtitan_like.models.llama3.model import Transformer
 
@@ -895,7 +918,11 @@ class CheckpointManager:
             keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"{path / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
-        extra = sorted(k.split(".", 1)[1] for k in keys if k.startswith("model.") and k.split(".", 1)[1] not in expected)
+        if prefix:
+            names = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        else:
+            names = [k for k in keys if k.split(".", 1)[0] not in (*COMPONENTS, "freqs_cis")]
+        extra = sorted(k for k in names if k not in expected)
         if extra:
             raise CheckpointError(
                 f"{path} holds model weights that this model.flavor does not have: {extra[:5]}"
@@ -1020,6 +1047,15 @@ def check_checkpoint_config(cfg: Checkpoint, *, pp: int = 1) -> None:
         )
 
 
+def is_flat_model_layout(path: Path) -> bool:
+    """A DCP checkpoint whose model keys are at the top level (tok_embeddings.weight, layers.0...), as
+    torchtitan saves them, rather than under "model." as here."""
+    if not (path / ".metadata").is_file() or (path / MANIFEST).is_file():
+        return False
+    names = dcp_contents(path)
+    return "model" not in names and bool(names & {"tok_embeddings", "layers", "norm", "output"})
+
+
 def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
     """What can be checked of checkpoint.initial_load_path without reading weights (the dry run runs
     it; loading runs the same checks): the folder is a DCP checkpoint, or with initial_load_in_hf the
@@ -1041,6 +1077,19 @@ def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
             f"checkpoint.initial_load_path={path} is not a DCP checkpoint ({path / '.metadata'} is missing); "
             f"for Hugging Face safetensors set checkpoint.initial_load_in_hf=true"
         )
+    if is_flat_model_layout(path):
+        if not cfg.initial_load_model_only:
+            raise CheckpointError(
+                f"checkpoint.initial_load_path={path} has its model weights at the top level (torchtitan's layout), "
+                "and its optimizer, lr_scheduler, dataloader and train_state in that trainer's formats: only the "
+                "weights load; set checkpoint.initial_load_model_only=true"
+            )
+        if getattr(model_args, "tie_word_embeddings", False):
+            raise CheckpointError(
+                f"checkpoint.initial_load_path={path} (torchtitan's layout) into a model.flavor with tied embeddings: "
+                "torchtitan's Llama 3 models have their own output head, which would overwrite the embeddings; "
+                "choose an untied flavor"
+            )
 
 
 def check_async_device(cfg: Checkpoint, *, device_type: str) -> None:

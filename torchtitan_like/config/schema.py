@@ -184,7 +184,7 @@ class Checkpoint:
     export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the weights in a model-only save."""
     initial_load_path: str | None = None
-    """Checkpoint to start from when the run has none of its own (a step-N folder, or HF safetensors with initial_load_in_hf)."""
+    """Checkpoint to start from when the run has none of its own (a step-N folder, ours or torchtitan's (its weights), or HF safetensors with initial_load_in_hf)."""
     initial_load_model_only: bool = True
     """From initial_load_path, load only the model weights."""
     initial_load_in_hf: bool = False
