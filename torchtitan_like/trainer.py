@@ -228,7 +228,7 @@ class Trainer:
         check_async_device(cfg.checkpoint, device_type=self.device.type)
         check_async_tp_device(cfg.parallelism, self.device.type)
         check_attention_device(cfg.model, self.device.type)
-        self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic)
+        self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic, warn_only=cfg.debug.deterministic_warn_only)
 
         # 1. Everything that can be checked without building the model, before building it.
         checked = check_job(cfg, self.world_size)
@@ -541,12 +541,12 @@ class Trainer:
         t = self.cfg.training
         return t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.parallel_dims.dp_degree
 
-    def _setup_determinism(self, seed: int, deterministic: bool) -> None:
+    def _setup_determinism(self, seed: int, deterministic: bool, *, warn_only: bool = False) -> None:
         torch.manual_seed(seed)
         if deterministic:
             # cuBLAS needs this before its first use to be deterministic.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
 

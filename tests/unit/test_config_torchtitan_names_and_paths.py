@@ -174,3 +174,34 @@ def test_every_key_the_torchtitan_hints_name_exists() -> None:
     # None of them is a key we have: those would never reach the unknown-key message.
     assert not (set(loader._TORCHTITAN_UNSUPPORTED) | set(loader._TORCHTITAN_FORMER)) & ours
     assert not set(loader._TORCHTITAN_UNSUPPORTED_SECTIONS) & sections
+
+
+# torchtitan 0.2.2's config keys that this trainer does not have (read from its JobConfig). Each must get
+# an explanation or the key to use, never a fuzzy "did you mean" that points at an unrelated key.
+TORCHTITAN_0_2_2_KEYS_NOT_HERE = """
+activation_checkpoint.debug activation_checkpoint.determinism_check activation_checkpoint.early_stop
+activation_checkpoint.memory_budget activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns
+activation_checkpoint.preserve_rng_state activation_checkpoint.visualize_memory_budget_pareto
+checkpoint.enable_ft_dataloader_checkpoints checkpoint.initial_load_in_hf_quantized comm.mode
+debug.moe_force_load_balance experimental.custom_args_module experimental.custom_import fault_tolerance.enable
+fault_tolerance.group_size fault_tolerance.min_replica_size fault_tolerance.process_group
+fault_tolerance.process_group_timeout_ms fault_tolerance.replica_id fault_tolerance.semi_sync_method
+job.custom_config_module job.save_config_file memory_estimation.disable_fake_mode memory_estimation.enable
+metrics.disable_color_printing metrics.enable_wandb metrics.save_for_all_ranks model.hf_assets_path
+model.print_after_conversion optimizer.early_step_in_backward parallelism.context_parallel_load_balancer
+parallelism.expert_parallel_comm_backend parallelism.expert_tensor_parallel_degree
+parallelism.pipeline_parallel_expert_parallel_overlap quantize.grouped_mm.float8.fqns quantize.grouped_mm.mx.fqns
+quantize.grouped_mm.mx.recipe_name quantize.linear.mx.filter_fqns quantize.linear.mx.mxfp8_dim1_cast_kernel_choice
+quantize.linear.mx.recipe_name training.dataloader.num_workers training.dataloader.persistent_workers
+training.dataloader.pin_memory training.dataloader.prefetch_factor training.dtype training.gc_debug
+validation.dataloader.num_workers validation.dataloader.persistent_workers validation.dataloader.pin_memory
+validation.dataloader.prefetch_factor
+""".split()
+
+
+@pytest.mark.parametrize("key", TORCHTITAN_0_2_2_KEYS_NOT_HERE)
+def test_every_torchtitan_key_we_lack_is_explained(key: str, tmp_path: Path) -> None:
+    for message in (_error([f"--{key}", "1"]), _toml_error(tmp_path, f"[{key.rpartition('.')[0]}]\n{key.rpartition('.')[2]} = 1\n")):
+        assert "did you mean" not in message, message
+        assert message.split(": ", 2)[-1].strip(), message  # (an explanation after the key or section)
+        assert ": " in message.split("unknown ", 1)[1], message

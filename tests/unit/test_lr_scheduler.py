@@ -127,3 +127,27 @@ def test_state_dict_round_trip_resumes_the_schedule() -> None:
     sched2.load_state_dict(sched_state)
     assert sched2.last_epoch == 7 and sched2.get_last_lr() == sched.get_last_lr()
     assert run(opt2, sched2, 13) == run(opt, sched, 13)
+
+
+def test_total_steps_sets_the_curve_whatever_the_run_length(caplog) -> None:
+    """lr_scheduler.total_steps (torchtitan's key): a short run follows the first steps of the long run's
+    curve, and a run past the schedule keeps its final learning rate."""
+    import logging
+
+    from torchtitan_like.components.lr_scheduler import phases
+    from torchtitan_like.config.loader import load_config
+    from torchtitan_like.config.validate import ignored_settings
+    from torchtitan_like.errors import ConfigError
+
+    cfg = LRScheduler(warmup_steps=10, decay_ratio=0.5, decay_type="cosine", min_lr_factor=0.1)
+    full = factors(cfg, 100)
+    assert factors(LRScheduler(**{**vars(cfg), "total_steps": 100}), 30) == full[:30]
+    assert phases(LRScheduler(**{**vars(cfg), "total_steps": 100}), steps=30) == phases(cfg, steps=100)
+    with caplog.at_level(logging.WARNING):
+        longer = factors(LRScheduler(**{**vars(cfg), "total_steps": 100}), 120)
+    assert longer[:100] == full and longer[100:] == [full[-1]] * 20 and full[-1] == pytest.approx(0.1)
+    assert "training.steps=120 runs past lr_scheduler.total_steps=100: its last 20 steps keep the schedule's final" in caplog.text
+    with pytest.raises(ConfigError, match=r"lr_scheduler.total_steps=0 is out of range: must be >= 1"):
+        load_config(["--lr_scheduler.total_steps", "0"])
+    assert ignored_settings(load_config(["--debug.deterministic_warn_only"]), pp=1) == [
+        "debug.deterministic_warn_only (debug.deterministic=false)"]

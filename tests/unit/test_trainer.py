@@ -91,3 +91,17 @@ def test_a_dataset_path_that_the_dataset_does_not_read_is_named_in_a_warning(tmp
         trainer.close()
     assert "training.dataset_path=" in caplog.text and "is not read" in caplog.text
     assert "training.dataset='embedded'" in caplog.text
+
+
+def test_deterministic_warn_only_reaches_torch(tmp_path):
+    trainer = make_trainer(tmp_path / "warn", "--debug.deterministic_warn_only", "--model.n_layers", "1")
+    try:
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        trainer.close()
+    trainer = make_trainer(tmp_path / "strict", "--model.n_layers", "1")
+    try:
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        trainer.close()

@@ -44,30 +44,37 @@ class Phases:
 
 
 def phases(cfg: LRScheduler, *, steps: int) -> Phases:
-    """The schedule's phases, as torchtitan reads the same keys: decay_ratio is a fraction of all the
-    steps, decaying at the end (at least one step when it is above 0); unset, every step after warmup
-    decays. Nothing the user set is changed silently: a warmup longer than the run keeps its ramp
-    (the run ends during it, and a longer run resumed from it continues the same ramp), and a decay
-    that does not fit after the warmup is shortened, each with a warning."""
+    """The schedule's phases over lr_scheduler.total_steps (unset: the run's `steps`), as torchtitan reads
+    the same keys: decay_ratio is a fraction of all those steps, decaying at the end (at least one step
+    when it is above 0); unset, every step after warmup decays. Nothing the user set is changed silently:
+    a warmup longer than the schedule keeps its ramp (it ends during it, and a longer run resumed from it
+    continues the same ramp), a decay that does not fit after the warmup is shortened, and a run longer
+    than total_steps keeps the final learning rate, each with a warning."""
+    span, key = (cfg.total_steps, "lr_scheduler.total_steps") if cfg.total_steps else (steps, "training.steps")
     warmup = cfg.warmup_steps
-    after = max(0, steps - warmup)
-    if warmup > steps:
+    after = max(0, span - warmup)
+    if warmup > span:
         logger.warning(
-            "lr_scheduler.warmup_steps=%d is longer than training.steps=%d: the run ends during warmup, at %.0f%% "
-            "of optimizer.lr", warmup, steps, 100 * steps / (warmup + 1),
+            "lr_scheduler.warmup_steps=%d is longer than %s=%d: the %s ends during warmup, at %.0f%% of "
+            "optimizer.lr", warmup, key, span, "run" if key == "training.steps" else "schedule", 100 * span / (warmup + 1),
         )
     if cfg.decay_ratio is None:
         decay = after
     else:
-        decay = round(cfg.decay_ratio * steps)
+        decay = round(cfg.decay_ratio * span)
         if cfg.decay_ratio > 0:
             decay = max(1, decay)
         if decay > after:
             logger.warning(
-                "lr_scheduler.decay_ratio=%g of training.steps=%d asks for %d decay steps, but only %d follow the "
-                "warmup: decaying over those %d", cfg.decay_ratio, steps, decay, after, after,
+                "lr_scheduler.decay_ratio=%g of %s=%d asks for %d decay steps, but only %d follow the "
+                "warmup: decaying over those %d", cfg.decay_ratio, key, span, decay, after, after,
             )
             decay = after
+    if steps > span:
+        logger.warning(
+            "training.steps=%d runs past lr_scheduler.total_steps=%d: its last %d steps keep the schedule's final "
+            "learning rate", steps, span, steps - span,
+        )
     return Phases(warmup=warmup, stable=after - decay, decay=decay)
 
 

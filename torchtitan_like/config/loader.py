@@ -314,9 +314,32 @@ _TORCHTITAN_UNSUPPORTED = {
         "torchtitan's name for the final learning rate as a fraction of optimizer.lr: use lr_scheduler.min_lr_factor"
     ),
     "model.hf_assets_path": (
-        "not supported: set model.tokenizer_path to that folder's tokenizer file, and checkpoint.initial_load_path "
-        "(with checkpoint.initial_load_in_hf=true) to its safetensors to start from those weights"
+        "not supported: set model.tokenizer_path to that folder (its tokenizer.json, or original/tokenizer.model, is "
+        "read), and checkpoint.initial_load_path (with checkpoint.initial_load_in_hf=true) to it to start from its "
+        "safetensors weights"
     ),
+    "comm.mode": "the dry run is chosen by the environment here: COMM_MODE=fake_backend ./run_train.sh (see README)",
+    "job.save_config_file": "not needed: every run writes its resolved config to <job.dump_folder>/config.toml",
+    "job.custom_config_module": "not supported: models and their settings are registered in torchtitan_like/models",
+    "training.dtype": (
+        "not supported: parameters, gradients and optimizer states stay in float32; "
+        "training.mixed_precision_param sets the compute dtype (auto = bfloat16 on CUDA)"
+    ),
+    "checkpoint.enable_ft_dataloader_checkpoints": "TorchFT is not supported (see [fault_tolerance])",
+    "checkpoint.initial_load_in_hf_quantized": (
+        "not supported: quantized Hugging Face weights are not read; load bfloat16 or float32 safetensors"
+    ),
+    "parallelism.context_parallel_load_balancer": (
+        "not needed: context parallel always balances causal attention (each rank holds a head and a tail "
+        "chunk of every sequence)"
+    ),
+    "parallelism.expert_parallel_comm_backend": _MOE,
+    "parallelism.pipeline_parallel_expert_parallel_overlap": _MOE,
+    "activation_checkpoint.preserve_rng_state": (
+        "not needed: the model draws no random numbers in forward (no dropout), so a recomputation is exact"
+    ),
+    "activation_checkpoint.determinism_check": "not supported: torch's default check of recomputed shapes runs",
+    "activation_checkpoint.debug": "not supported: profiling.enable_profiling records what each block recomputes",
     "model.print_after_conversion": "not supported: the start-up log summarizes the model and its float8 conversion",
     "job.use_for_integration_test": "torchtitan's marker for its own test suite: remove it",
     "training.gc_debug": "not supported: training.gc_freq schedules the garbage collection",
@@ -350,6 +373,11 @@ _TORCHTITAN_UNSUPPORTED_SECTIONS = {
         "(torchrun restarts, MAX_RESTARTS)"
     ),
     "experimental": "not supported: models are registered in torchtitan_like/models (MODELS)",
+    "training.dataloader": (
+        "not needed: batches are prepared by a background thread (training.prefetch_batches), not by worker processes"
+    ),
+    "validation.dataloader": "not needed: held-out batches are read by the validator itself, not by worker processes",
+    "quantize.grouped_mm": _MOE,
     "mx": "MXFP8 is not supported (it needs Blackwell GPUs): float8 is under [quantize.linear.float8]",
     "quantize.linear.mx": "MXFP8 is not supported (it needs Blackwell GPUs): float8 is under [quantize.linear.float8]",
 }
@@ -368,8 +396,10 @@ def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
         return ConfigError(f"{origin}: unknown key '{dotted}' (torchtitan's former name: use "
                            f"'{_TORCHTITAN_FORMER[dotted]}')")
     section, _, name = dotted.rpartition(".")
-    if section in _TORCHTITAN_UNSUPPORTED_SECTIONS:
-        return ConfigError(f"{origin}: unknown section '{section}': {_TORCHTITAN_UNSUPPORTED_SECTIONS[section]}")
+    # (The section or one above it: quantize.grouped_mm.float8.fqns is under quantize.grouped_mm.)
+    unsupported = next((s for s in _TORCHTITAN_UNSUPPORTED_SECTIONS if section == s or section.startswith(s + ".")), None)
+    if unsupported is not None:
+        return ConfigError(f"{origin}: unknown section '{unsupported}': {_TORCHTITAN_UNSUPPORTED_SECTIONS[unsupported]}")
     if section and section not in sections():
         return ConfigError(f"{origin}: unknown section '{section}'{_closest(section, list(sections()))}")
     # The same key name in another section (torchtitan keeps some keys elsewhere, e.g. training.seed

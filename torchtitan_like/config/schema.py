@@ -71,6 +71,8 @@ class LRScheduler:
     """Shape of the decay phase."""
     min_lr_factor: float = 0.0
     """Learning rate at the end of decay, as a fraction of optimizer.lr."""
+    total_steps: int | None = None
+    """Steps the schedule spans (warmup, stable, decay; decay_ratio is a fraction of these); unset = training.steps. Set it to stop a run early, or try a few steps, on the learning-rate curve of the full run (as torchtitan)."""
 
 
 @dataclass
@@ -308,6 +310,8 @@ class Debug:
     """Seed for weight init, data order and every random number generator."""
     deterministic: bool = False
     """Use deterministic algorithms (slower; for exact reproducibility)."""
+    deterministic_warn_only: bool = False
+    """With deterministic: warn about an op that has no deterministic implementation instead of failing on it."""
     fail_at_step: int = 0
     """For testing fault handling only: raise an error at the start of this step (0 = never)."""
     fail_rank: int = 0

@@ -23,6 +23,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "lr_scheduler.warmup_steps": (">= 0", lambda v: v >= 0),
     "lr_scheduler.decay_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "lr_scheduler.min_lr_factor": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "lr_scheduler.total_steps": (">= 1 (unset = training.steps)", lambda v: v >= 1),
     "training.local_batch_size": (">= 1", lambda v: v >= 1),
     "training.global_batch_size": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "training.seq_len": (">= 2", lambda v: v >= 2),
@@ -317,6 +318,7 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
         ("profiling", "enable_profiling", lambda c: c.enable_profiling or c.enable_memory_snapshot, {"profile_freq"}),
         ("profiling", "enable_memory_snapshot", lambda c: c.enable_memory_snapshot, {"save_memory_snapshot_folder"}),
         ("activation_checkpoint", "mode", lambda c: c.mode == "selective", {"selective_ac_option"}),
+        ("debug", "deterministic", lambda c: c.deterministic, {"deterministic_warn_only"}),
         # (The initial_load_* keys work without checkpoint.enable: a run may start from weights and not save.)
         ("checkpoint", "enable", lambda c: c.enable, {"folder", "interval", "async_mode", "keep_latest_k",
                                                      "last_save_model_only", "last_save_in_hf", "export_dtype",
