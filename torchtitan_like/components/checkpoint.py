@@ -839,15 +839,19 @@ class CheckpointManager:
         logger.warning("%s: model weights at the top level (torchtitan's layout); loading the weights only, "
                        "without an integrity check", path)
         state, keys = self._model_state()
+        self._dcp_load(state, path, what="the model weights")
+        for part, part_keys in zip(self.model_parts, keys):
+            set_model_state_dict(part, {k: state[k] for k in part_keys})
+        logger.info("loaded the model weights of %s in %.1f s", path, time.perf_counter() - t0)
+
+    def _dcp_load(self, state: dict[str, Any], path: Path, *, what: str) -> None:
+        """dcp.load into `state` (in place) over the job's checkpoint group; any failure is a CheckpointError."""
         pg_kwargs = {"process_group": self._pg} if self._dist else {"no_dist": True}
         try:
             with self._quiet():
                 dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), **pg_kwargs)
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading the model weights from {path} failed: {_describe(e)}") from e
-        for part, part_keys in zip(self.model_parts, keys):
-            set_model_state_dict(part, {k: state[k] for k in part_keys})
-        logger.info("loaded the model weights of %s in %.1f s", path, time.perf_counter() - t0)
+            raise CheckpointError(f"loading {what} from {path} failed: {_describe(e)}") from e
 
     def _has(self, component: str) -> bool:
         return {"lr_scheduler": self.lr_scheduler, "dataloader": self.dataloader}.get(component, True) is not None
@@ -872,12 +876,7 @@ class CheckpointManager:
                 state[c] = b""  # placeholders: DCP replaces non-tensor values
         if "train_state" in comps:
             state["train_state"] = {"step": 0, "tokens_seen": 0, "rng": b""}
-        pg_kwargs = {"process_group": self._pg} if self._dist else {"no_dist": True}
-        try:
-            with self._quiet():
-                dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), **pg_kwargs)
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading {', '.join(comps)} from {path} failed: {_describe(e)}") from e
+        self._dcp_load(state, path, what=", ".join(comps))
 
         if "model" in comps:
             for part, keys in zip(self.model_parts, model_keys):
