@@ -91,6 +91,9 @@ def test_a_tokenizer_json_folder_gives_the_same_ids_as_the_tiktoken_file(referen
     assert ours.decode(ours.encode(text, bos=False, eos=False)) == text
     assert build_tokenizer(str(folder / "tokenizer.json")).fingerprint() == ours.fingerprint()
     assert len(reference["model"]["merges"]) >= len(reference["model"]["vocab"]) - 256  # (the order check ran)
+    listed = copy.deepcopy(reference)  # special tokens in model.vocab as well as in added_tokens
+    listed["model"]["vocab"].update({t["content"]: t["id"] for t in listed["added_tokens"]})
+    assert build_tokenizer(str(_write(tmp_path / "listed", listed))).fingerprint() == ours.fingerprint()
     pairs = copy.deepcopy(reference)  # the newer format: each merge a [left, right] list
     pairs["model"]["merges"] = [m.split(" ") for m in pairs["model"]["merges"]]
     assert build_tokenizer(str(_write(tmp_path / "pairs", pairs))).fingerprint() == ours.fingerprint()

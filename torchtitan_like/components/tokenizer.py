@@ -221,8 +221,11 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
         raise DataError(f"{path}: its pre-tokenizer splits text with {pattern!r}, not Llama 3's pattern: only Llama 3 "
                         "family tokenizers are supported (another split would give other tokens)")
     alphabet = _byte_alphabet()
+    added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
     ranks: dict[bytes, int] = {}
     for token, rank in model["vocab"].items():
+        if added.get(token, -1) == rank:
+            continue  # a special token listed in the vocabulary too (some files do): not a BPE token
         if type(rank) is not int:
             raise DataError(f"{path}: vocab token {token!r} has id {rank!r}, not an integer")
         try:
@@ -233,7 +236,6 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
     _check_ranks(ranks, path)
     _check_merge_order(model["vocab"], model.get("merges") or [], path)
     # Our Tokenizer puts Llama 3's special tokens right after the base vocabulary; bos and eos must be there.
-    added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
     for i, name in enumerate(LLAMA3_SPECIAL_TOKENS[:2]):
         if added.get(name) != len(ranks) + i:
             raise DataError(f"{path}: {name} has id {added.get(name)!r} in added_tokens, not {len(ranks) + i} (right "
