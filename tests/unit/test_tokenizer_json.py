@@ -52,7 +52,8 @@ def tokenizer_json(ranks: dict[bytes, int]) -> dict:
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [{"id": n + i, "content": name, "special": True} for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)],
+        "added_tokens": [{"id": n + i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)],
         "normalizer": None,
         "pre_tokenizer": {
             "type": "Sequence",
