@@ -276,7 +276,7 @@ class Trainer:
         # 3. Optimizer, LR schedule, loss, pipeline schedule, metrics.
         self.optimizers = build_optimizers(self.model_parts, cfg.optimizer, device_type=self.device.type)
         self.lr_scheduler = build_lr_schedulers(self.optimizers, cfg.lr_scheduler, steps=cfg.training.steps)
-        self.param_dtype = param_dtype(cfg.training.mixed_precision_param, self.device.type)
+        self.param_dtype = param_dtype(cfg.training, self.device.type)
         self.loss_parallel = self.parallel_dims.loss_parallel_enabled
         self.loss_fn = cross_entropy_sum
         self.loss_chunk_size = cfg.training.loss_chunk_size
@@ -437,7 +437,7 @@ class Trainer:
             cfg.quantize.linear.float8,
             parallel_dims=self.parallel_dims,
             device=self.device,
-            param_dtype=param_dtype(cfg.training.mixed_precision_param, self.device.type),
+            param_dtype=param_dtype(cfg.training, self.device.type),
             check_device=not self.dry_run,
         )
         compiling = cfg.compile.enable
@@ -447,6 +447,10 @@ class Trainer:
             whole = spec.build(self.model_args)
         if self.float8 is not None:
             self.float8.convert(whole)
+        if cfg.training.dtype == "bfloat16":
+            # Parameters (so gradients and optimizer states) stored in bf16; init_weights draws each in
+            # float32 and rounds it, and makes the RoPE table in float32 again.
+            whole.to(dtype=torch.bfloat16)
         pp_rank = self.parallel_dims.pp_rank
         if self.pp_plan is not None:
             # One model part per stage this rank runs; every other module is deleted from it.
@@ -557,6 +561,8 @@ class Trainer:
             self.cfg.model.flavor, n / 1e6, self.model_args.num_params(exclude_embedding=True) / 1e6,
             self.model_args.n_layers, self.model_args.dim,
         )
+        if self.cfg.training.dtype == "bfloat16":
+            logger.info("parameters, gradients and optimizer states in bfloat16, with no float32 copy (training.dtype)")
         a = self.model_args
         if a.attn_mask_type == "block_causal" or a.attn_type != "sdpa":
             where = (f": documents start at token {a.bos_id} (bos) and after {a.eos_id} (eos)"

@@ -336,10 +336,11 @@ def assert_state_matches_dry_run(argv: list[str], world: int, ranks: list[dict],
     equal what the dry run builds for that rank and what the planner predicts without building."""
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.dry_run import dry_run
-    from torchtitan_like.planner.state import predicted_state_bytes
+    from torchtitan_like.planner.state import predicted_state_bytes, state_itemsize
     from torchtitan_like.trainer import check_job
 
-    checked = check_job(load_config(argv), world)
+    cfg = load_config(argv)
+    checked = check_job(cfg, world)
     for rank in check_ranks:
         report = dry_run(argv, world_size=world, rank=rank, device="cpu")
         dry = report["state_bytes"]
@@ -347,7 +348,8 @@ def assert_state_matches_dry_run(argv: list[str], world: int, ranks: list[dict],
         assert {k: dry[k] for k in real} == real, f"rank {rank}: dry run {dry} != real run {real}"
         plan = checked.pp_plan
         stages = None if plan is None else [plan.fqns_per_stage[s] for s in report["stages"]]
-        predicted = predicted_state_bytes(checked.model_args, report["layout"], rank=rank, stage_fqns=stages)
+        predicted = predicted_state_bytes(checked.model_args, report["layout"], rank=rank, stage_fqns=stages,
+                                          param_itemsize=state_itemsize(cfg.training))
         assert predicted.as_dict() == dry, f"rank {rank}: planner {predicted.as_dict()} != dry run {dry}"
 
 

@@ -193,7 +193,7 @@ parallelism.expert_parallel_comm_backend parallelism.expert_tensor_parallel_degr
 parallelism.pipeline_parallel_expert_parallel_overlap quantize.grouped_mm.float8.fqns quantize.grouped_mm.mx.fqns
 quantize.grouped_mm.mx.recipe_name quantize.linear.mx.filter_fqns quantize.linear.mx.mxfp8_dim1_cast_kernel_choice
 quantize.linear.mx.recipe_name training.dataloader.num_workers training.dataloader.persistent_workers
-training.dataloader.pin_memory training.dataloader.prefetch_factor training.dtype training.gc_debug
+training.dataloader.pin_memory training.dataloader.prefetch_factor training.gc_debug
 validation.dataloader.num_workers validation.dataloader.persistent_workers validation.dataloader.pin_memory
 validation.dataloader.prefetch_factor
 """.split()

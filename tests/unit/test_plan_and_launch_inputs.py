@@ -164,11 +164,12 @@ def test_a_cpu_profile_prices_auto_precision_as_the_cpu_trainer_runs_it() -> Non
     from torchtitan_like.planner.hardware import load_profile
     from torchtitan_like.planner.layout import Layout, PlanInputs
     from torchtitan_like.planner.plan import predict_layout
+    from torchtitan_like.config.schema import Training
     from torchtitan_like.distributed.utils import param_dtype
     import torch
 
     hw = load_profile(str(ROOT / "benchmarks" / "profiles" / "cpu_ci_2core.json"))
-    assert hw.device == "cpu" and param_dtype("auto", "cpu") == torch.float32
+    assert hw.device == "cpu" and param_dtype(Training(), "cpu") == torch.float32
     layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2)
 
     def memory(extra: tuple[str, ...]):

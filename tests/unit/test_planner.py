@@ -271,6 +271,19 @@ def test_an_sdpa_document_mask_counts_once_per_forward_in_flight():
     assert activations("--model.attn_mask_type", "block_causal", "--model.attn_type", "flex") == causal
 
 
+def test_bf16_storage_halves_the_predicted_state():
+    layout = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch_size=2, microbatch_size=2, ac="none")
+
+    def state(*args: str):
+        inputs = PlanInputs(base_argv=[*DEBUG_ARGV, *args], world_size=1, hardware=ROUND_HW, seq_len=64,
+                            global_batch_size=2, compile=True)
+        return estimate_memory(check(inputs, layout), pp_rank=0).state
+
+    fp32, bf16 = state(), state("--training.dtype", "bfloat16")
+    assert (bf16.params, bf16.grads) == (fp32.params // 2, fp32.grads // 2) == (2 * DEBUG_PARAMS, 2 * DEBUG_PARAMS)
+    assert bf16.optimizer == 2 * 2 * DEBUG_PARAMS + (fp32.optimizer - 2 * 4 * DEBUG_PARAMS)  # (+ the fp32 step counts)
+
+
 def test_a_chunked_loss_holds_one_chunk_of_logits():
     m = estimate_memory(one_gpu_candidate(seq_len=64, batch=2, loss_chunk_size=16), pp_rank=0)
     # 2 sequences x 16 positions of logits (+ fp32 log-softmax and gradient), and the final-norm hidden

@@ -105,3 +105,47 @@ def test_deterministic_warn_only_reaches_torch(tmp_path):
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         trainer.close()
+
+
+def test_bf16_storage_resumes_exactly_and_starts_from_float32_weights(tmp_path):
+    bf16 = ("--training.dtype", "bfloat16", "--model.n_layers", "2", "--checkpoint.enable",
+            "--checkpoint.interval", "2", "--checkpoint.no_last_save_model_only")
+
+    def train(folder, *extra):
+        trainer = make_trainer(tmp_path / folder, *bf16, *extra)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        return trainer
+
+    whole = train("whole")
+    assert {p.dtype for p in whole.model_parts[0].parameters()} == {torch.bfloat16}
+    assert {t.dtype for st in whole.optimizers[0].state.values() for k, t in st.items() if k != "step"} == {torch.bfloat16}
+    train("split", "--training.steps", "2")
+    resumed = train("split")  # (steps 3 and 4, from the step-2 checkpoint)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history][2:]
+    # A float32 run's weights start a bf16 run: each rounded to bf16.
+    fp32 = make_trainer(tmp_path / "fp32", "--model.n_layers", "2", "--checkpoint.enable", "--training.steps", "1")
+    try:
+        fp32.train()
+    finally:
+        fp32.close()
+    step = next((tmp_path / "fp32").rglob("step-1"))
+    start = make_trainer(tmp_path / "from_fp32", *bf16, "--checkpoint.initial_load_path", str(step))
+    try:
+        got = dict(start.model_parts[0].named_parameters())
+        for name, p in fp32.model_parts[0].named_parameters():
+            assert torch.equal(got[name], p.detach().to(torch.bfloat16)), name
+    finally:
+        start.close()
+
+
+def test_bf16_storage_computes_in_bf16():
+    from torchtitan_like.config.schema import Training
+    from torchtitan_like.distributed.utils import param_dtype
+
+    assert param_dtype(Training(dtype="bfloat16"), "cpu") == torch.bfloat16  # "auto" follows the storage
+    assert param_dtype(Training(), "cpu") == torch.float32
+    with pytest.raises(ConfigError, match=r'training.dtype="bfloat16" stores .*mixed_precision_param="float32"'):
+        load_config(["--training.dtype", "bfloat16", "--training.mixed_precision_param", "float32"])

@@ -321,10 +321,6 @@ _TORCHTITAN_UNSUPPORTED = {
     "comm.mode": "the dry run is chosen by the environment here: COMM_MODE=fake_backend ./run_train.sh (see README)",
     "job.save_config_file": "not needed: every run writes its resolved config to <job.dump_folder>/config.toml",
     "job.custom_config_module": "not supported: models and their settings are registered in torchtitan_like/models",
-    "training.dtype": (
-        "not supported: parameters, gradients and optimizer states stay in float32; "
-        "training.mixed_precision_param sets the compute dtype (auto = bfloat16 on CUDA)"
-    ),
     "checkpoint.enable_ft_dataloader_checkpoints": "TorchFT is not supported (see [fault_tolerance])",
     "checkpoint.initial_load_in_hf_quantized": (
         "not supported: quantized Hugging Face weights are not read; load bfloat16 or float32 safetensors"

@@ -106,7 +106,9 @@ class Training:
     prefetch_batches: int = 4
     """Microbatches tokenized ahead on a background thread (checkpoints stay exact); 0 = on the main thread."""
     mixed_precision_param: Literal["auto", "bfloat16", "float32"] = "auto"
-    """Compute dtype for parameters: auto = bfloat16 on CUDA, float32 on CPU."""
+    """Compute dtype for parameters: auto = bfloat16 on CUDA, float32 on CPU (and bfloat16 with dtype = bfloat16)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of parameters, gradients and optimizer states: float32 (mixed precision keeps a float32 master copy), or bfloat16 for all of them, with no float32 copy (half the state memory; coarser updates). The RoPE table, softmax and loss stay float32."""
     mixed_precision_reduce: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the data-parallel gradient reduction."""
     gc_freq: int = 50

@@ -124,6 +124,11 @@ def validate(cfg: JobConfig) -> None:
             "checkpoint.initial_load_model_only=false with initial_load_in_hf=true: Hugging Face safetensors hold "
             "only the weights; set initial_load_model_only=true, or load a DCP checkpoint for the whole state"
         )
+    if t.dtype == "bfloat16" and t.mixed_precision_param == "float32":
+        raise ConfigError(
+            'training.dtype="bfloat16" stores the parameters in bf16, but training.mixed_precision_param="float32" '
+            'asks to compute in float32: set mixed_precision_param to "auto" or "bfloat16", or dtype to "float32"'
+        )
     max_seq = cfg.model.max_seq_len
     if max_seq is not None and t.seq_len > max_seq:
         raise ConfigError(

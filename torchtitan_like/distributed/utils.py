@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -140,11 +141,12 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def param_dtype(mixed_precision_param: str, device_type: str) -> torch.dtype:
-    """Resolve training.mixed_precision_param: "auto" is bfloat16 on CUDA and float32 on CPU."""
-    if mixed_precision_param == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return _DTYPES[mixed_precision_param]
+def param_dtype(training: Any, device_type: str) -> torch.dtype:
+    """The compute dtype of parameters (training.mixed_precision_param): "auto" is bfloat16 on CUDA and
+    float32 on CPU, and bfloat16 wherever the parameters are stored in it (training.dtype)."""
+    if training.mixed_precision_param == "auto":
+        return torch.bfloat16 if device_type == "cuda" or training.dtype == "bfloat16" else torch.float32
+    return _DTYPES[training.mixed_precision_param]
 
 
 def reduce_dtype(mixed_precision_reduce: str) -> torch.dtype:

@@ -246,7 +246,7 @@ def check(inputs: PlanInputs, layout: Layout) -> Candidate:
     device = inputs.hardware.device
     build_float8_converter(
         cfg.model.converters, cfg.quantize.linear.float8, parallel_dims=checked.parallel_dims,
-        device=torch.device(device), param_dtype=param_dtype(cfg.training.mixed_precision_param, device),
+        device=torch.device(device), param_dtype=param_dtype(cfg.training, device),
         check_device=False,
     )
     return Candidate(layout=layout, cfg=cfg, model_args=checked.model_args, pp_plan=checked.pp_plan, device=device)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from torchtitan_like.distributed.utils import param_dtype, reduce_dtype
 from torchtitan_like.models.llama3.args import TransformerArgs
 from torchtitan_like.planner.layout import Candidate, Layout
-from torchtitan_like.planner.state import StateBytes, predicted_state_bytes
+from torchtitan_like.planner.state import StateBytes, predicted_state_bytes, state_itemsize
 
 FP8 = 1
 BF16 = 2
@@ -46,7 +46,7 @@ LOSS_FP32_BYTES = FP32 + FP32
 def compute_itemsize(c: Candidate) -> int:
     """Bytes per activation element (and per gathered parameter): training.mixed_precision_param as the
     trainer resolves it on the profile's device ("auto": bfloat16 on CUDA, float32 on CPU)."""
-    return param_dtype(c.cfg.training.mixed_precision_param, c.device).itemsize
+    return param_dtype(c.cfg.training, c.device).itemsize
 
 
 def reduce_itemsize(c: Candidate) -> int:
@@ -153,7 +153,8 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         n_mb, v = plan.n_microbatches, plan.stages_per_rank
     # Global rank of (pp_rank, 0, 0, 0, 0): pp is the outermost mesh dim.
     rank = pp_rank * (L.world_size // L.pp)
-    state = predicted_state_bytes(a, L.degrees, rank=rank, stage_fqns=stage_fqns)
+    state = predicted_state_bytes(a, L.degrees, rank=rank, stage_fqns=stage_fqns,
+                                  param_itemsize=state_itemsize(c.cfg.training))
 
     tokens = L.microbatch_size * c.cfg.training.seq_len // L.cp
     act = compute_itemsize(c)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,11 @@ def rank_coords(rank: int, degrees: dict[str, int]) -> dict[str, int]:
         coords[name] = rank % d
         rank //= d
     return coords
+
+
+def state_itemsize(training: Any) -> int:
+    """Bytes per element of parameters, gradients and optimizer states (training.dtype)."""
+    return 2 if training.dtype == "bfloat16" else 4
 
 
 def predicted_state_bytes(

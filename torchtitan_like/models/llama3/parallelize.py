@@ -107,7 +107,7 @@ def parallelize_llama(
                         "DTensor block: parallelize.py)")
 
     mp = {
-        "param_dtype": param_dtype(training.mixed_precision_param, device_type),
+        "param_dtype": param_dtype(training, device_type),
         "reduce_dtype": reduce_dtype(training.mixed_precision_reduce),
     }
     reshard = parallelism.fsdp_reshard_after_forward
