@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-from torchtitan_like.components.checkpoint import COMPONENTS, EXPORT_DTYPES, _describe, dcp_contents, is_flat_model_layout
+from torchtitan_like.components.checkpoint import (
+    EXPORT_DTYPES,
+    _describe,
+    dcp_contents,
+    flat_model_keys,
+    is_flat_model_layout,
+)
 from torchtitan_like.components.manifest import (
     MANIFEST,
     CheckpointError,
@@ -127,7 +133,7 @@ def _read_dcp(src: Path, *, model_only: bool) -> dict[str, Any]:
         print(f"note: {src} is in torchtitan's layout (model weights at the top level): converting its weights",
               file=sys.stderr)
         names = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
-        keys = {k for k in names if k.split(".", 1)[0] not in (*COMPONENTS, "freqs_cis")}
+        keys = set(flat_model_keys(names))
     try:
         _load_state_dict(
             state,

@@ -121,6 +121,7 @@ BROKEN = {
     "gpt2_split": (lambda d: d.update(pre_tokenizer={"type": "ByteLevel", "use_regex": True}), "not Llama 3's pattern"),
     "other_regex": (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\s+|\S+"),
                     "not Llama 3's pattern"),
+    "string_split": (lambda d: d["pre_tokenizer"]["pretokenizers"][0].update(pattern=" "), "not Llama 3's pattern"),
     "not_byte_level": (lambda d: d["model"]["vocab"].update({"€": len(d["model"]["vocab"])}),
                        "not in the byte-level alphabet"),
     "rank_gap": (lambda d: d["model"]["vocab"].update({"ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ": 10**6}), "ranks must be exactly"),

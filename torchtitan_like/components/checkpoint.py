@@ -42,7 +42,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -917,10 +917,7 @@ class CheckpointManager:
             keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"{path / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
-        if prefix:
-            names = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-        else:
-            names = [k for k in keys if k.split(".", 1)[0] not in (*COMPONENTS, "freqs_cis")]
+        names = [k[len(prefix):] for k in keys if k.startswith(prefix)] if prefix else flat_model_keys(keys)
         extra = sorted(k for k in names if k not in expected)
         if extra:
             raise CheckpointError(
@@ -1044,6 +1041,12 @@ def check_checkpoint_config(cfg: Checkpoint, *, pp: int = 1) -> None:
             f"checkpoint.{hf[0]}=true with parallelism.pipeline_parallel_degree={pp}: Hugging Face import/export "
             f"is not supported under pipeline parallel; set checkpoint.{hf[0]}=false and {how}"
         )
+
+
+def flat_model_keys(keys: Iterable[str]) -> list[str]:
+    """The model's keys among a flat-layout checkpoint's (is_flat_model_layout): all but its other states
+    and the RoPE table an older torchtitan model kept as a persistent buffer."""
+    return [k for k in keys if k.split(".", 1)[0] not in (*COMPONENTS, "freqs_cis")]
 
 
 def is_flat_model_layout(path: Path) -> bool:

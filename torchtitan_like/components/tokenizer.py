@@ -275,7 +275,8 @@ def _split_pattern(pre_tokenizer: object) -> str | None:
         return None
     if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True):
         return None
-    regex = (split.get("pattern") or {}).get("Regex")
+    pattern = split.get("pattern")
+    regex = pattern.get("Regex") if isinstance(pattern, dict) else None  # ({"String": ...} splits on a literal)
     return regex if isinstance(regex, str) else None
 
 
