@@ -182,3 +182,13 @@ def test_fullgraph_compiled_blocks_take_the_block_mask() -> None:
     for name, block in list(model.layers.items()):
         model.layers[name] = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(model(tokens), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ["sdpa", "flex"])
+def test_a_meta_forward_gives_the_shapes(attn_type: str) -> None:
+    """A pipeline stage's shape inference runs on meta tensors in torch 2.11: the mask must build there too."""
+    args = replace(LLAMA3_FLAVORS["debugmodel"], n_layers=2, max_seq_len=64, bos_id=BOS, eos_id=EOS,
+                   attn_mask_type="block_causal", attn_type=attn_type)
+    with torch.device("meta"):
+        out = Transformer(args)(torch.zeros(2, 64, dtype=torch.long))
+    assert out.shape == (2, 64, 2000) and out.device.type == "meta"

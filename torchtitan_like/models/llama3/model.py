@@ -252,7 +252,9 @@ class Transformer(nn.Module):
         device = freqs_cis.device
         # The dtype q and k will have: autocast's where it is on (mixed precision without FSDP), else the
         # hidden states' (FSDP's param_dtype, or the model's).
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        # (Meta, a shape-only forward, has no autocast.)
+        autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else h.dtype
         mask = build_attention_mask(
             self.args.attn_type, doc_ids if block_causal else None, batch=h.shape[0], seqlen=h.shape[1],
             device=device, dtype=dtype,
