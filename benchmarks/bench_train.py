@@ -153,6 +153,8 @@ CONFIGS: dict[str, BenchConfig] = {
         )
         for kernel in ("flex", "sdpa")
     },
+    # training.dtype = bfloat16 (ours only), beside 1B_compile_bf16: its memory and speed with no fp32 state.
+    "store_1B_bf16": replace(_1B, compile=True, extra=("--training.dtype", "bfloat16")),
     # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
     "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
     # CPU float8 matmuls are emulated: oneDNN's reference fp8 kernel takes minutes per step.
@@ -164,7 +166,7 @@ CONFIGS: dict[str, BenchConfig] = {
         flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32", extra=("--model.attn_mask_type", "block_causal"),
     ),
 }
-MATRIX = [name for name in CONFIGS if not name.startswith(("debug_", "1B_long", "doc_"))]
+MATRIX = [name for name in CONFIGS if not name.startswith(("debug_", "1B_long", "doc_", "store_"))]
 DOC_MASK = [name for name in CONFIGS if name.startswith("doc_")]
 LONG_SEQUENCE = [name for name in CONFIGS if name.startswith("1B_long")]
 

@@ -133,13 +133,15 @@ def _gpu_tests(ctx: Context) -> list[list[str]]:
              "--junitxml", str(ctx.folder("gpu_tests") / "junit.xml")]]
 
 
-def _bench(name: str, smoke_name: str = "debug_cpu") -> Callable[[Context], list[list[str]]]:
+def _bench(name: str, smoke_name: str = "debug_cpu", *, peer: bool = True) -> Callable[[Context], list[list[str]]]:
+    """bench_train.py for config `name`, beside torchtitan with --peer-site (peer=False: ours alone, for
+    configs with options torchtitan is not given)."""
     def commands(ctx: Context) -> list[list[str]]:
         if ctx.smoke:
             return [[PY, str(BENCH / "bench_train.py"), "--name", smoke_name, "--steps", "2", "--warmup", "1",
                      "--out", str(ctx.folder(f"bench_{name}"))]]
         return [[PY, str(BENCH / "bench_train.py"), "--name", name, "--steps", "10", "--warmup", "3",
-                 *_peer(ctx), "--out", str(ctx.folder(f"bench_{name}"))]]
+                 *(_peer(ctx) if peer else []), "--out", str(ctx.folder(f"bench_{name}"))]]
 
     return commands
 
@@ -210,6 +212,8 @@ STEPS: list[Step] = [
          cap_s=240, min_s=90),
     Step("memory_snapshot", "8", "CUDA memory snapshots written by profiling.enable_memory_snapshot", _memory_snapshot,
          cap_s=180, needs_cuda=True),
+    Step("bench_store_1B_bf16", "-", "training.dtype=bfloat16 on the compiled 1B (no float32 state); compare with "
+         "bench_1B_compile_bf16", _bench("store_1B_bf16", peer=False), cap_s=240, min_s=120),
     Step("doc_mask", "-", "model.attn_mask_type=block_causal on the 1B (compiled): FlexAttention, then SDPA's dense "
          "mask; compare with bench_1B_compile_bf16", _doc_mask, cap_s=300, min_s=150),
     *[

@@ -187,3 +187,12 @@ def test_the_doc_mask_step_runs_bench_trains_document_mask_configs(tmp_path):
     assert kernels == ["flex", "sdpa"]
     ctx = gpu_session.Context(out=tmp_path, peer_site=None, smoke=False)
     assert [c[c.index("--name") + 1] for c in gpu_session._doc_mask(ctx)] == list(gpu_session.DOC_MASK)
+
+
+def test_the_bf16_storage_step_runs_ours_alone(tmp_path):
+    ctx = gpu_session.Context(out=tmp_path, peer_site="/tmp/site", smoke=False)
+    (step,) = [s for s in gpu_session.STEPS if s.name == "bench_store_1B_bf16"]
+    (cmd,) = step.commands(ctx)
+    assert cmd[cmd.index("--name") + 1] == "store_1B_bf16" and "--peer-site" not in cmd
+    job = load_config(bench_train.CONFIGS["store_1B_bf16"].ours_args(steps=3, dump=str(tmp_path)))
+    assert job.training.dtype == "bfloat16" and "store_1B_bf16" not in bench_train.MATRIX
