@@ -120,15 +120,22 @@ def build_attention_mask(
         allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     if doc_ids is None:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
+        return _causal_block_mask(seqlen, device)
 
-        batch = 1  # the same for every sequence: broadcast
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
     return create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=device, _compile=device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(seqlen: int, device: torch.device) -> BlockMask:
+    """FlexAttention's plain causal mask: the same for every batch (one sequence, broadcast), so built once
+    per sequence length and device rather than every forward."""
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return create_block_mask(causal, 1, None, seqlen, seqlen, device=device, _compile=device.type == "cuda")
 
 
 class Attention(nn.Module):
