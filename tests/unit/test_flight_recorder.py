@@ -149,3 +149,48 @@ def test_a_second_trainer_in_the_process_dumps_into_its_own_folder(tmp_path):
     assert "from the environment" not in line
     assert health.configure_flight_recorder(0, tmp_path / "third" / "rank_") is None
     assert os.environ[health.FR_BUFFER_ENV] == "0" and os.environ[health.FR_FILE_ENV] == str(tmp_path / "third" / "rank_")
+
+
+def test_an_nccl_job_dumps_nccls_own_recorder(tmp_path, monkeypatch):
+    """NCCL's collectives are in ProcessGroupNCCL's recorder, not the generic one (an H200 run with torch 2.11
+    found the generic dump of an NCCL job without its all_reduce). This CPU build has no NCCL: a stand-in for
+    torch's binding takes the call, so what is checked is which recorder is read, and with which arguments."""
+    import types
+
+    calls = []
+    entry = {"profiling_name": "nccl:all_reduce", "collective_seq_id": 7, "process_group": ("0", "default_pg"),
+             "state": "completed"}
+
+    def nccl_dump(**kwargs):
+        calls.append(("nccl", kwargs))
+        return pickle.dumps({"entries": [entry]})
+
+    def generic_dump(**kwargs):
+        calls.append(("generic", kwargs))
+        return pickle.dumps({"entries": []})
+
+    stand_in = types.SimpleNamespace(_dump_nccl_trace=nccl_dump, _dump_fr_trace=generic_dump)
+    monkeypatch.setattr(torch._C, "_distributed_c10d", stand_in)
+    health.configure_flight_recorder(100, tmp_path / "rank_")
+
+    monkeypatch.setattr(health, "_default_group_uses_nccl", lambda: True)
+    line = health.dump_flight_recorder(3)
+    assert calls == [("nccl", {"includeCollectives": True, "includeStackTraces": True, "onlyActive": False})]
+    assert "; the last: nccl:all_reduce #7 on process group 0 (default_pg), completed" in line, line
+    assert pickle.loads((tmp_path / "rank_3").read_bytes())["entries"] == [entry]
+
+    calls.clear()
+    monkeypatch.setattr(health, "_default_group_uses_nccl", lambda: False)  # gloo: the generic recorder
+    assert health.dump_flight_recorder(3).endswith("compares NCCL ranks' files)")
+    assert [c[0] for c in calls] == ["generic"]
+
+
+def test_the_default_group_names_nccl_in_a_per_device_backend(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for backend, nccl in (("cuda:nccl,cpu:gloo", True), ("nccl", True), ("gloo", False)):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert health._default_group_uses_nccl() is nccl, backend
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert health._default_group_uses_nccl() is False

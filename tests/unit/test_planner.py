@@ -236,25 +236,54 @@ def test_memory_total_adds_the_larger_of_logits_and_recompute():
 
 
 def test_estimate_memory_of_one_gpu_debug_model_by_hand():
-    c = one_gpu_candidate(seq_len=64, batch=2)
+    c = one_gpu_candidate(seq_len=64, batch=2)  # compiled (model, loss), bf16 autocast over fp32 storage
     m = estimate_memory(c, pp_rank=0)
     tokens = 2 * 64
-    bf16 = 2  # mixed_precision_param auto: bf16 activations
-    # One block without AC, tp 1: 2h + 7h + 4 ffn = 512 + 1792 + 3072 = 5376 elements per token (k and v
-    # as attention gets them, expanded to the 16 query heads: h each).
-    per_block = tokens * 5376 * bf16
-    activations = LAYERS * per_block + tokens * H * bf16  # + the embedding output
-    logits = tokens * VOCAB * (bf16 + 4 + 4)  # logits + fp32 log-softmax + its gradient
+    bf16, fp32 = 2, 4
+    # One compiled block without AC keeps the block input and the residual after attention (fp32 under
+    # autocast: the embedding's output is fp32), q (h), k and v (kvd each), the attention output (h), w1 and
+    # w3 outputs (ffn each); inductor recomputes the norms, SiLU, the product and the K/V expansion.
+    per_block = tokens * ((H + 2 * KVD + H + 2 * FFN) * bf16 + 2 * H * fp32)  # 128 x (2304 x 2 + 2048)
+    assert per_block == 851_968
+    activations = LAYERS * per_block + tokens * H * fp32  # + the embedding output (fp32)
+    logits = tokens * VOCAB * (bf16 + bf16)  # compiled cross-entropy: the logits and their gradient
     assert m.state.n_elements == DEBUG_PARAMS and m.state.params == 4 * DEBUG_PARAMS
-    assert m.activations == activations == 8_323_072
-    assert m.logits == logits == 2_560_000
+    assert m.activations == activations == 5_242_880
+    assert m.logits == logits == 1_024_000
     # No FSDP: autocast's bf16 copy of every block's weights and of the output weight, saved for backward.
     copies = (LAYERS * PER_LAYER + OUTPUT) * bf16
     assert (m.gathered, m.recompute, m.float8) == (copies, 0, 0)  # no AC, no float8
+    assert m.output_grad == OUTPUT * fp32  # the output weight's gradient, in the storage dtype
+    # One block's backward: the gradients of w1 and w3 outputs and of their product, and two fp32 residual ones.
+    assert m.backward_temp == tokens * (3 * FFN * bf16 + 2 * H * fp32) == 851_968
+    assert not m.grads_accumulate  # one microbatch per step: no gradient exists during the forward
     assert m.margin == int(0.10 * (activations + logits + copies))
-    state_total = 4 * DEBUG_PARAMS * 4 + 4 * DEBUG_TENSORS
-    assert m.total == state_total + activations + logits + copies + int(0.10 * (activations + logits + copies))
+    grads = 4 * DEBUG_PARAMS
+    assert m.phases() == {
+        "backward_start": activations + copies + logits + OUTPUT * fp32,
+        "in_backward": max(activations + copies, grads) + m.backward_temp,
+        "optimizer_step": grads,
+    }
+    # This model's gradients (23 MB) outweigh its activations and weight copies (15.7 MB): the peak is late in the
+    # backward, with nearly every gradient made.
+    assert m.peak_phase == "in_backward"
+    optimizer = 2 * 4 * DEBUG_PARAMS + 4 * DEBUG_TENSORS
+    assert m.total == 4 * DEBUG_PARAMS + optimizer + grads + 851_968 + int(0.10 * (activations + logits + copies))
     assert peak_memory(c).total == m.total
+
+
+def test_memory_phases_count_the_gradients_in_full_when_they_accumulate():
+    m = MemoryEstimate(pp_rank=0, state=_state(10), activations=100, logits=30, gathered=7, recompute=50, float8=3,
+                       margin=11, output_grad=4, backward_temp=6, grads_accumulate=False)
+    # params 10, optimizer 24; backward start 100 + 7 + 3 + 30 + 4, in backward max(107, 10) + 3 + 50 + 6.
+    assert m.phases() == {"backward_start": 144, "in_backward": 166, "optimizer_step": 10}
+    assert m.total == 10 + 24 + 166 + 11 and m.peak_phase == "in_backward"
+    acc = dataclasses.replace(m, grads_accumulate=True)  # PP or gradient accumulation: the grads exist throughout
+    assert acc.phases() == {"backward_start": 154, "in_backward": 176, "optimizer_step": 10}
+    # Gradients larger than what is saved: late in the backward, the block's recompute and temporaries on top of them.
+    big_grads = dataclasses.replace(m, state=_state(1000))
+    assert big_grads.phases()["in_backward"] == 1000 + 3 + 50 + 6
+    assert big_grads.total == 1000 + 2004 + 1059 + 11
 
 
 def test_an_sdpa_document_mask_counts_once_per_forward_in_flight():
@@ -286,25 +315,26 @@ def test_bf16_storage_halves_the_predicted_state():
 
 def test_a_chunked_loss_holds_one_chunk_of_logits():
     m = estimate_memory(one_gpu_candidate(seq_len=64, batch=2, loss_chunk_size=16), pp_rank=0)
-    # 2 sequences x 16 positions of logits (+ fp32 log-softmax and gradient), and the final-norm hidden
-    # states (2 x 64 x dim, bf16) the chunks are recomputed from.
-    assert m.logits == 2 * 16 * VOCAB * (2 + 4 + 4) + 2 * 64 * H * 2 == 705_536
+    # 2 sequences x 16 positions of logits and their gradient (compiled loss: bf16 both), and the final-norm
+    # hidden states (2 x 64 x dim, bf16) the chunks are recomputed from.
+    assert m.logits == 2 * 16 * VOCAB * (2 + 2) + 2 * 64 * H * 2 == 321_536
     assert m.activations == estimate_memory(one_gpu_candidate(seq_len=64, batch=2), pp_rank=0).activations
 
 
-def test_estimate_memory_full_ac_takes_recompute_when_larger_than_logits():
+def test_estimate_memory_full_ac_saves_block_inputs_and_recomputes_one_block():
     c = one_gpu_candidate(ac="full", seq_len=64, batch=2)
     m = estimate_memory(c, pp_rank=0)
     tokens = 2 * 64
-    # Full AC saves only the block input (h per token); recomputing one block needs its whole
-    # no-AC activations (5376 per token).
-    assert m.activations == LAYERS * tokens * H * 2 + tokens * H * 2
-    assert m.recompute == tokens * 5376 * 2 == 1_376_256
-    assert m.logits == 2_560_000
-    assert m.total == (m.state.total + m.activations + m.gathered + m.float8 + max(m.logits, m.recompute)
-                       + m.margin)
+    # Full AC saves only the block input (h per token, fp32 under autocast); recomputing one block needs its
+    # whole compiled no-AC activations (the one-GPU test above: 851_968 bytes).
+    assert m.activations == LAYERS * tokens * H * 4 + tokens * H * 4 == 917_504
+    assert m.recompute == 851_968
+    assert m.logits == 1_024_000
     assert m.gathered == (PER_LAYER + OUTPUT) * 2  # autocast's copies: the block recomputed, and the output
     assert m.margin == int(0.10 * (m.activations + max(m.logits, m.recompute) + m.gathered))
+    grads = 4 * DEBUG_PARAMS
+    assert m.phases()["in_backward"] == max(m.activations + m.gathered, grads) + m.recompute + m.backward_temp
+    assert m.total == m.state.params + m.state.optimizer + max(m.phases().values()) + m.margin
 
 
 # ---- step_time.py -------------------------------------------------------------------------------
@@ -633,14 +663,14 @@ def test_check_refuses_tp3_on_the_debug_model_with_the_trainers_message():
 
 
 def test_plan_for_the_debug_model_on_8_gpus_ranks_only_layouts_that_fit_fastest_first():
-    # 2.3 GiB with 2 GiB reserved leaves 0.3 GiB: some layouts of this job fit, some do not.
-    hw = dataclasses.replace(ROUND_HW, hbm_gib=2.3)
+    # 2.1 GiB with 2 GiB reserved leaves 0.1 GiB: some layouts of this job fit, some do not.
+    hw = dataclasses.replace(ROUND_HW, hbm_gib=2.1)
     inputs = PlanInputs(base_argv=DEBUG_ARGV, world_size=8, hardware=hw, seq_len=2048, global_batch_size=16,
                         allow=frozenset(FEATURES) - {"float8"})
     plan = make_plan(inputs, DEBUG.n_layers)
     assert plan.ranked, "no layout ranked"
     assert plan.too_big, "the memory limit did not exclude anything: the fit test is not exercised"
-    usable = (2.3 - 2.0) * GIB
+    usable = (2.1 - 2.0) * GIB
     for p in plan.ranked:
         assert p.fits and p.memory.total <= usable, p.layout.describe()
         assert p.layout.world_size == 8

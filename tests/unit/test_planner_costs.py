@@ -74,23 +74,25 @@ def ring_s(nbytes: float, n: int, bytes_per_s: float) -> float:
 
 
 def candidate(layout: Layout, *, global_batch_size: int, seq_len: int = 64,
-              extra_argv: tuple[str, ...] = ()) -> Candidate:
+              extra_argv: tuple[str, ...] = (), compile: bool = True) -> Candidate:
     inputs = PlanInputs(base_argv=DEBUG_ARGV + extra_argv, world_size=layout.world_size, hardware=ROUND_HW,
-                        seq_len=seq_len, global_batch_size=global_batch_size, compile=True)
+                        seq_len=seq_len, global_batch_size=global_batch_size, compile=compile)
     return check(inputs, layout)
 
 
-def fsdp4(*, local_batch_size: int = 1, ac: str = "none", float8: bool = False) -> Candidate:
+def fsdp4(*, local_batch_size: int = 1, ac: str = "none", float8: bool = False, compile: bool = True) -> Candidate:
     """FSDP over 4 GPUs of one node, 8 sequences of 64 per step: 2 per rank, in microbatches of `local_batch_size`."""
     return candidate(Layout(dp_replicate=1, dp_shard=4, cp=1, tp=1, pp=1, local_batch_size=local_batch_size,
-                            microbatch_size=local_batch_size, ac=ac, float8=float8), global_batch_size=8)
+                            microbatch_size=local_batch_size, ac=ac, float8=float8), global_batch_size=8,
+                     compile=compile)
 
 
-def pp2(schedule: str = "1F1B", *, dp_shard: int = 1, ac: str = "none", extra_argv: tuple[str, ...] = ()) -> Candidate:
+def pp2(schedule: str = "1F1B", *, dp_shard: int = 1, ac: str = "none", extra_argv: tuple[str, ...] = (),
+        compile: bool = True) -> Candidate:
     """pp 2 (x dp_shard), 4 sequences of 64 per data-parallel rank, microbatches of 1: m = 4."""
     layout = Layout(dp_replicate=1, dp_shard=dp_shard, cp=1, tp=1, pp=2, local_batch_size=4, microbatch_size=1,
                     pp_schedule=schedule, ac=ac)
-    return candidate(layout, global_batch_size=4 * dp_shard, extra_argv=extra_argv)
+    return candidate(layout, global_batch_size=4 * dp_shard, extra_argv=extra_argv, compile=compile)
 
 
 def test_hand_counts_match_the_debug_flavor():
@@ -331,8 +333,11 @@ def test_optimizer_reads_and_writes_28_bytes_per_local_parameter(dp_shard, expec
 
 # ---- memory ----------------------------------------------------------------------------------------------
 
-BLOCK_ACT_NONE = 2 * H + 7 * H + 4 * FFN  # 5376 elements per token, no AC, tp 1 (k, v expanded for attention: h each)
+BLOCK_ACT_NONE = 2 * H + 7 * H + 4 * FFN  # 5376 elements per token, no AC, eager, tp 1 (k, v expanded: h each)
 BLOCK_ACT_SELECTIVE = 5 * H + 2 * KVD + 2 * FFN  # 3072: q, attention out, wo out, w2 out, block input; k, v; w1, w3
+# Under autocast without FSDP (one GPU, PP alone) the residual stream is fp32: the block input and the residual
+# after attention take 2 more bytes each per element.
+BLOCK_BYTES_NONE_AUTOCAST = BLOCK_ACT_NONE * 2 + 2 * H * 2  # 11_776 bytes per token
 
 
 def test_memory_gathered_without_pp_is_two_bf16_blocks_the_tables_and_one_fp32_block():
@@ -358,7 +363,7 @@ def test_memory_gathered_under_fsdp_and_pp_is_the_whole_stage_in_bf16_and_fp32()
 
 
 def test_memory_float8_selective_recompute_and_margin_with_fsdp():
-    c = fsdp4(local_batch_size=1, ac="selective_op", float8=True)
+    c = fsdp4(local_batch_size=1, ac="selective_op", float8=True, compile=False)  # eager: the fp32 loss buffers
     m = estimate_memory(c, pp_rank=0)
     tokens = 64  # one microbatch of 1 x 64
     # float8: the gathered block's weights as float8 (1 byte) and their transposes: 2 bytes per block element.
@@ -372,7 +377,13 @@ def test_memory_float8_selective_recompute_and_margin_with_fsdp():
     assert m.gathered == 8_343_552
     # Margin: 10% of everything but the state (logits, larger than the recompute, counted once).
     assert m.margin == int(0.10 * (activations + 1_280_000 + 8_343_552 + 1_573_888)) == 1_358_950
-    assert m.total == m.state.total + activations + 1_280_000 + 8_343_552 + 1_573_888 + 1_358_950
+    # Two microbatches per step: the gradients exist during the second one's forward, so they count in every phase.
+    # The backward starts with the loss buffers and the output weight's whole fp32 gradient (before its
+    # reduce-scatter): more than the recompute (294_912) and one block's backward temporaries.
+    assert m.grads_accumulate and m.output_grad == TABLE * 4
+    assert m.backward_temp == tokens * (3 * FFN + 2 * H) * 2 == 360_448
+    assert m.peak_phase == "backward_start"
+    assert m.total == m.state.total + activations + 1_280_000 + TABLE * 4 + 8_343_552 + 1_573_888 + 1_358_950
 
     # The step: selective AC recomputes only the elementwise traffic (a third of its fwd + bwd bytes), and the
     # float8 blocks run at the fp8 GEMM rate (here raised to 200 x 0.5 = 100 TFLOPS, twice the bf16 rate).
@@ -386,33 +397,34 @@ def test_memory_float8_selective_recompute_and_margin_with_fsdp():
 
 
 def test_memory_of_1f1b_ranks_holds_their_in_flight_microbatches():
-    c = pp2("1F1B")
-    per_block = 64 * BLOCK_ACT_NONE * 2  # one block, one microbatch of 1 x 64, no AC: 688_128 bytes
+    c = pp2("1F1B", compile=False)
+    per_block = 64 * BLOCK_BYTES_NONE_AUTOCAST  # one block, one microbatch of 1 x 64, no AC, eager: 753_664 bytes
     # 1F1B with p = 2, m = 4: rank 0 holds p - 0 = 2 microbatches, rank 1 one; 3 blocks each.
     first = estimate_memory(c, pp_rank=0)
-    assert first.activations == 2 * 3 * per_block + 2 * 64 * H * 2 == 4_194_304  # + its embedding outputs
-    assert first.logits == 0  # the output is on the last stage
+    assert first.activations == 2 * 3 * per_block + 2 * 64 * H * 4 == 4_653_056  # + its (fp32) embedding outputs
+    assert first.logits == 0 and first.output_grad == 0  # the output is on the last stage
     last = estimate_memory(c, pp_rank=1)
-    assert last.activations == 1 * 3 * per_block == 2_064_384
+    assert last.activations == 1 * 3 * per_block == 2_260_992
     assert last.logits == 64 * VOCAB * (2 + 4 + 4) == 1_280_000
     # No FSDP: autocast's bf16 weight copies, all kept (the schedule's one autocast region caches them).
     assert first.gathered == 3 * PER_LAYER * 2
     assert last.gathered == 3 * PER_LAYER * 2 + TABLE * 2  # + the output weight
-    assert first.margin == int(0.10 * (4_194_304 + first.gathered))
-    assert last.margin == int(0.10 * (2_064_384 + 1_280_000 + last.gathered))
+    assert first.margin == int(0.10 * (4_653_056 + first.gathered))
+    assert last.margin == int(0.10 * (2_260_992 + 1_280_000 + last.gathered))
+    assert first.grads_accumulate and last.grads_accumulate  # the microbatches' gradients accumulate
     assert peak_memory(c).pp_rank == (0 if first.total > last.total else 1)
 
 
 def test_memory_of_an_interleaved_rank_counts_the_blocks_in_flight_of_uneven_chunks():
-    c = pp2("Interleaved1F1B")
+    c = pp2("Interleaved1F1B", compile=False)
     assert layers_per_stage(c) == [1, 2, 2, 1]  # rank 0 runs stage 0 (1 block) and stage 2 (2 blocks)
-    per_block = 64 * BLOCK_ACT_NONE * 2
+    per_block = 64 * BLOCK_BYTES_NONE_AUTOCAST
     # The documented warm-up (in_flight_chunks): (v - 1) p + 2 (p - rank - 1) + 1 = 2 + 2 + 1 = 5 stage forwards
     # on rank 0. torch's Interleaved1F1B takes them in rounds of p = 2 microbatches (forward_stage_index):
     # stage 0 mb 0, 1; stage 2 mb 0, 1; stage 0 mb 2, before its first backward. In flight: 3 x 1 + 2 x 2 = 7
     # blocks, and 3 embedding outputs (stage 0's forwards only).
     m = estimate_memory(c, pp_rank=0)
-    assert m.activations == 7 * per_block + 3 * 64 * H * 2
+    assert m.activations == 7 * per_block + 3 * 64 * H * 4
 
     # Rank 1 runs stages 1 (2 blocks) and 3 (1 block): (v - 1) p + 0 + 1 = 3 forwards, stage 1 for
     # microbatches 0 and 1, then stage 3 for microbatch 0: 2 + 2 + 1 = 5 blocks, no embedding.

@@ -294,7 +294,7 @@ def dump_flight_recorder(rank: int) -> str | None:
         return None
     path = Path(f"{found[1]}{rank}")
     try:
-        raw = torch._C._distributed_c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=True)
+        raw = _fr_trace_bytes()
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(raw)
         os.replace(tmp, path)
@@ -304,6 +304,24 @@ def dump_flight_recorder(rank: int) -> str | None:
         return None
     return (f"flight recorder: rank {rank}'s last collectives written to {path}{last} (torch's "
             f"python -m torch.distributed.flight_recorder.fr_trace {path.parent} compares NCCL ranks' files)")
+
+
+def _fr_trace_bytes() -> bytes:
+    """This process's flight-recorder pickle. torch keeps one recorder per kind of backend: NCCL's
+    collectives are in ProcessGroupNCCL's own (`_dump_nccl_trace`, what NCCL's timeout dumps write), gloo's
+    in the generic one (`_dump_fr_trace`). Seen on an H200 with torch 2.11: the generic dump of an NCCL job
+    holds none of its NCCL collectives. A job whose default group has NCCL dumps NCCL's."""
+    c10d = torch._C._distributed_c10d
+    if _default_group_uses_nccl():
+        return c10d._dump_nccl_trace(includeCollectives=True, includeStackTraces=True, onlyActive=False)
+    return c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=True)
+
+
+def _default_group_uses_nccl() -> bool:
+    import torch.distributed as dist
+
+    # ("cuda:nccl,cpu:gloo" where the trainer gives every group gloo for CPU tensors too.)
+    return dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()).lower()
 
 
 def _last_collective(raw: bytes) -> str:

@@ -21,7 +21,27 @@ the last holds the logits):
 - cp_kv: context parallel's K/V exchange buffer during one attention call (forward, or backward with
   the recomputed block): with the allgather rotation every cp rank's K and V (expanded to every query
   head, as the ring moves them), with alltoall the current and the next rank's;
+- output_grad: the output projection's weight gradient, made at the start of the backward while the
+  logits and their gradient are alive;
+- backward_temp: the gradients of one block's largest intermediates while its backward runs (the three
+  FFN-wide ones and two residual-wide ones);
 - margin: FRAGMENTATION of everything but the state, for the caching allocator's fragmentation.
+
+The items do not all coexist. The peak is the parameters and optimizer states plus the largest of three
+phases (`phases`):
+- backward_start: the saved activations, the logits and loss buffers, the output weight's gradient;
+- in_backward: a block's backward (its recompute under AC, its temporaries) with the larger of what is
+  left of the activations (and gathered weights) and what exists of the gradients (one shrinks as the
+  other grows);
+- optimizer_step: the gradients.
+The gradients exist from the first microbatch's backward on, so under pipeline parallelism or gradient
+accumulation they are counted in full in the first two phases too.
+
+Under `torch.compile` (compile.components "model"), a block saves what inductor's partitioner keeps: the
+matmul and attention inputs, not the norm, SiLU, product and K/V-expansion outputs it recomputes. With
+"loss" compiled, the cross-entropy keeps no fp32 copy of the logits: the logits and their gradient, in the
+compute dtype. Under autocast without FSDP/DDP (one GPU, float32 storage) the residual stream is float32,
+because the embedding's output is: the block inputs and residuals count 4 bytes.
 The hardware profile's `reserved_gib` (CUDA context, NCCL) is added when checking the fit.
 """
 
@@ -65,6 +85,10 @@ class MemoryEstimate:
     float8: int
     margin: int
     cp_kv: int = 0
+    output_grad: int = 0
+    backward_temp: int = 0
+    grads_accumulate: bool = True
+    """The gradients exist while activations are saved: pipeline parallelism, gradient accumulation."""
 
     @property
     def transient(self) -> int:
@@ -72,15 +96,33 @@ class MemoryEstimate:
         # AC recomputation and its attention's K/V exchange happen: they never coexist.
         return max(self.logits, self.recompute + self.cp_kv)
 
+    def phases(self) -> dict[str, int]:
+        """Bytes above the parameters and optimizer states in each phase of a step (module docstring)."""
+        grads = self.state.grads
+        held = self.activations + self.gathered  # (autocast's weight copies are saved for backward too)
+        saved = held + grads if self.grads_accumulate else max(held, grads)
+        return {
+            "backward_start": held + self.float8 + self.logits + self.output_grad
+            + (grads if self.grads_accumulate else 0),
+            "in_backward": saved + self.float8 + self.recompute + self.cp_kv + self.backward_temp,
+            "optimizer_step": grads,
+        }
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases()
+        return max(phases, key=phases.__getitem__)
+
     @property
     def total(self) -> int:
-        return self.state.total + self.activations + self.gathered + self.float8 + self.transient + self.margin
+        return self.state.params + self.state.optimizer + max(self.phases().values()) + self.margin
 
     def items(self) -> dict[str, int]:
         return {
             "params": self.state.params, "grads": self.state.grads, "optimizer": self.state.optimizer,
             "activations": self.activations, "logits": self.logits, "gathered": self.gathered,
-            "recompute": self.recompute, "cp_kv": self.cp_kv, "float8": self.float8, "margin": self.margin,
+            "recompute": self.recompute, "cp_kv": self.cp_kv, "float8": self.float8,
+            "output_grad": self.output_grad, "backward_temp": self.backward_temp, "margin": self.margin,
             "total": self.total,
         }
 
@@ -90,7 +132,8 @@ def block_params(a: TransformerArgs) -> int:
     return 2 * a.dim * a.dim + 2 * a.dim * kvd + 3 * a.dim * a.ffn_hidden_dim + 2 * a.dim
 
 
-def activation_bytes_per_block(a: TransformerArgs, *, tokens: int, tp: int, ac: str, itemsize: int = BF16) -> int:
+def activation_bytes_per_block(a: TransformerArgs, *, tokens: int, tp: int, ac: str, itemsize: int = BF16,
+                               compiled: bool = False, residual_itemsize: int | None = None) -> int:
     """Bytes autograd keeps for one block's backward over `tokens` local tokens (bs x seq / cp).
 
     Without AC, per token (sequence parallel: the residual stream is sharded over TP, the inputs of
@@ -103,18 +146,31 @@ def activation_bytes_per_block(a: TransformerArgs, *, tokens: int, tp: int, ac: 
     attention output, wo and w2 outputs, w1, w3) and the block input; the elementwise ops and the
     K/V expansion are recomputed.
     full: only the block input (the rest is recomputed during backward: see `recompute`).
+    compiled (no AC): the block input and the residual after attention, q, k and v as wk/wv make them,
+    the attention output, w1 and w3 outputs; inductor recomputes the norms, RoPE, SiLU, the product and
+    the K/V expansion in the backward.
+    The block input and the residual after attention count `residual_itemsize` (float32 under autocast).
     """
     h, ffn = a.dim, a.ffn_hidden_dim
     kvd = a.kv_heads * a.head_dim
+    res = itemsize if residual_itemsize is None else residual_itemsize
     if ac == "full":
-        per_token = h / tp
+        per_token = h / tp * res
     elif ac == "selective_op":
-        per_token = (h + h + 2 * kvd + h + h + 2 * ffn + h) / tp
+        per_token = (h + h + 2 * kvd + h + h + 2 * ffn) / tp * itemsize + h / tp * res
+    elif ac == "none" and compiled:
+        per_token = (h + 2 * kvd + h + 2 * ffn) / tp * itemsize + 2 * h / tp * res
     elif ac == "none":
-        per_token = 2 * h + (7 * h + 4 * ffn) / tp
+        per_token = (2 * h + (5 * h + 4 * ffn) / tp) * itemsize + 2 * h / tp * res
     else:
         raise ValueError(f"unknown AC mode {ac!r}")
-    return int(tokens * per_token * itemsize)
+    return int(tokens * per_token)
+
+
+def backward_temp_bytes(a: TransformerArgs, *, tokens: int, tp: int, itemsize: int, residual_itemsize: int) -> int:
+    """One block's backward temporaries: the gradients of its w1 and w3 outputs and of their product
+    (FFN-wide), and the residual stream's incoming and outgoing gradients."""
+    return int(tokens * (3 * a.ffn_hidden_dim * itemsize + 2 * a.dim * residual_itemsize) / tp)
 
 
 def in_flight_chunks(layout: Layout, *, n_microbatches: int, stages_per_rank: int, pp_rank: int) -> int:
@@ -158,7 +214,14 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
 
     tokens = L.microbatch_size * c.cfg.training.seq_len // L.cp
     act = compute_itemsize(c)
-    per_block = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac=L.ac, itemsize=act)
+    fsdp = L.dp_shard * L.cp > 1
+    autocast = act < FP32 and not fsdp and L.dp_replicate == 1
+    # Under autocast the embedding's output, and so the residual stream, stays in the storage dtype.
+    res = state_itemsize(c.cfg.training) if autocast else act
+    compiled = c.cfg.compile.enable and "model" in c.cfg.compile.components
+    compiled_loss = c.cfg.compile.enable and "loss" in c.cfg.compile.components
+    per_block = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac=L.ac, itemsize=act, compiled=compiled,
+                                           residual_itemsize=res)
     chunks = in_flight_chunks(L, n_microbatches=n_mb, stages_per_rank=v, pp_rank=pp_rank)
     # Which local stage each of those forwards ran: the multi-stage schedules take the microbatches in
     # rounds of pp per local stage (stage 0 for microbatches 0..pp-1, then stage 1, ...), so with
@@ -167,7 +230,7 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
     activations = per_block * sum(stage_layers[i] for i in ran)
     if has_embedding:
         # The embedding output (the first residual), kept by the first stage's forwards only.
-        activations += sum(i == embedding_stage for i in ran) * tokens * a.dim * act // L.tp
+        activations += sum(i == embedding_stage for i in ran) * tokens * a.dim * res // L.tp
 
     if a.attn_mask_type == "block_causal" and a.attn_type == "sdpa":
         # (Context parallel refuses block_causal: the whole sequence. FlexAttention's BlockMask is tiny.)
@@ -181,17 +244,18 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         vocab_shard = -(-a.vocab_size // L.tp) if loss_parallel else a.vocab_size
         chunk = c.cfg.training.loss_chunk_size
         positions = c.cfg.training.seq_len // L.cp
+        # A compiled cross-entropy keeps the logits and makes their gradient, both in the compute dtype.
+        per_logit = 2 * act if compiled_loss else act + LOSS_FP32_BYTES
         if chunk and chunk < positions:  # (chunking is refused with loss parallel: the vocab is whole)
-            logits = L.microbatch_size * chunk * vocab_shard * (act + LOSS_FP32_BYTES) + tokens * a.dim * act
+            logits = L.microbatch_size * chunk * vocab_shard * per_logit + tokens * a.dim * act
         else:
-            logits = tokens * vocab_shard * (act + LOSS_FP32_BYTES)
+            logits = tokens * vocab_shard * per_logit
 
     unsharded_block = block_params(a) // L.tp
     # With FSDP float8 all-gather a block's linear weights arrive (and stay gathered) in float8.
     f8_gather = L.float8 and L.float8_all_gather
     gathered_block = unsharded_block * act - (((block_params(a) - 2 * a.dim) // L.tp) * (act - FP8) if f8_gather else 0)
     gathered = recompute = 0
-    fsdp = L.dp_shard * L.cp > 1
     if fsdp and L.pp > 1:
         # Under PP the gathered parameters are kept for the whole step (reshard never), and torch's
         # pipeline stages defer FSDP's reduce-scatter to the last microbatch: the whole stage's
@@ -216,16 +280,19 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
                   + (a.vocab_size * a.dim // L.tp if has_output and not a.tie_word_embeddings else 0))
         gathered += sum(stage_layers) * gathered_block + tables * act
         gathered += unsharded_block * FP32  # one block's gradients in the reduce dtype, all-reduced
-    elif act < FP32:
+    elif autocast:
         # Neither FSDP nor DDP: autocast casts each linear weight, and the copy is saved for its backward
         # (an activation-checkpointed block saves none: it casts again in its recompute). Under PP the
         # schedule runs forward and backward in one autocast region, whose cast cache keeps them all.
+        # float8 linears cast their weights to float8 themselves (the `float8` item), not through autocast.
         held = sum(stage_layers) if L.pp > 1 or L.ac == "none" else 1
-        gathered += held * gathered_block + (a.vocab_size * a.dim // L.tp * act if has_output else 0)
+        gathered += (0 if L.float8 else held * gathered_block) + (a.vocab_size * a.dim // L.tp * act if has_output else 0)
+    unsaved = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act, compiled=compiled,
+                                         residual_itemsize=res)
     if L.ac == "full":
-        recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act)
+        recompute = unsaved
     elif L.ac == "selective_op":
-        recompute = activation_bytes_per_block(a, tokens=tokens, tp=L.tp, ac="none", itemsize=act) - per_block
+        recompute = max(unsaved - per_block, 0)
     # float8 copies of the gathered block's weights and their transposes (the copies are what
     # FSDP float8 all-gather gathers: only the transposes are extra).
     float8 = (1 if f8_gather else 2) * unsharded_block if L.float8 else 0
@@ -234,8 +301,17 @@ def estimate_memory(c: Candidate, *, pp_rank: int) -> MemoryEstimate:
         local_kv = 2 * tokens * a.n_heads * a.head_dim // L.tp * act  # this rank's K and V, expanded
         cp_kv = (L.cp if c.cfg.parallelism.context_parallel_rotate_method == "allgather" else 2) * local_kv
     margin = int(FRAGMENTATION * (activations + max(logits, recompute + cp_kv) + gathered + float8))
+    # The output weight's gradient: whole (the reduce dtype) under FSDP before its reduce-scatter, else in
+    # the storage dtype; a tied one is the embedding's, held from here to the step either way.
+    output_grad = a.vocab_size * a.dim // L.tp * (reduce_itemsize(c) if fsdp else state_itemsize(c.cfg.training)) \
+        if has_output else 0
+    gb = c.cfg.training.global_batch_size
+    accumulation = gb // (L.dp * L.local_batch_size) if gb > 0 else 1
     return MemoryEstimate(pp_rank=pp_rank, state=state, activations=activations, logits=logits,
-                          gathered=gathered, recompute=recompute, float8=float8, margin=margin, cp_kv=cp_kv)
+                          gathered=gathered, recompute=recompute, float8=float8, margin=margin, cp_kv=cp_kv,
+                          output_grad=output_grad,
+                          backward_temp=backward_temp_bytes(a, tokens=tokens, tp=L.tp, itemsize=act, residual_itemsize=res),
+                          grads_accumulate=L.pp > 1 or accumulation > 1)
 
 
 def peak_memory(c: Candidate) -> MemoryEstimate:

@@ -93,6 +93,11 @@ def explain(p: Prediction, hw: HardwareProfile) -> str:
     for k, v in m.items().items():
         if k != "total":
             out.append(f"    {k:<12} {v / GIB:9.3f} GiB")
+    # The items do not all coexist: the peak is params + optimizer + the largest phase (+ margin).
+    phases = m.phases()
+    out.append("  above params + optimizer, by phase: " + ", ".join(
+        f"{k.replace('_', ' ')} {v / GIB:.3f} GiB" + (" (the peak)" if k == m.peak_phase else "")
+        for k, v in phases.items()))
     out.append(f"  step time: {s.total:.4f} s")
     for k, v in s.items().items():
         if k not in ("total",):
