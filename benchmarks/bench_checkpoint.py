@@ -253,6 +253,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave_process_group() -> None:
+    """The worker made its Trainer directly (not through train.py, which does this on exit): leave the group,
+    or NCCL warns at exit that destroy_process_group() was never called (seen on an H200)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
@@ -264,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--saves and --interval must be >= 2 (the first save pays one-time costs; a step between saves)")
 
     if a.worker:
-        run_worker(a)
+        try:
+            run_worker(a)
+        finally:
+            _leave_process_group()
         return 0
 
     out_dir = Path(a.out).resolve()  # the workers run from the repo root: pass them absolute paths

@@ -463,7 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = CONFIGS[a.name]
         if a.ac:
             cfg = replace(cfg, ac=a.ac)
-        run_ours(cfg, steps=a.warmup + a.steps, out=Path(a.raw_out))
+        try:
+            run_ours(cfg, steps=a.warmup + a.steps, out=Path(a.raw_out))
+        finally:
+            from bench_checkpoint import _leave_process_group
+
+            _leave_process_group()
         return 0
 
     out_dir = Path(a.out).resolve()  # the workers run from the repo root: pass them absolute paths
