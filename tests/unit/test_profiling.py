@@ -104,6 +104,33 @@ def test_memory_snapshots_every_profile_freq_steps_on_gpu(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory snapshots need a GPU")
+def test_a_step_that_runs_out_of_gpu_memory_leaves_a_snapshot_and_fails(tmp_path):
+    """A real CUDA out-of-memory error inside a train step: the trainer writes the exit snapshot, then re-raises."""
+    trainer = Trainer(load_config(argv(
+        tmp_path, "--profiling.enable_memory_snapshot", "--profiling.profile_freq", "10",
+    )))
+    step = trainer.train_step
+
+    def step_then_too_much(batches):
+        out = step(batches)
+        if trainer.step == 3:
+            _, total = torch.cuda.mem_get_info()
+            torch.empty(2 * total, dtype=torch.uint8, device=trainer.device)  # twice the device: never fits
+        return out
+
+    trainer.train_step = step_then_too_much
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            trainer.train()
+    finally:
+        trainer.close()
+    folder = tmp_path / "memory_snapshot"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.pickle")) == [
+        "iteration_3_exit/rank0_memory_snapshot.pickle"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory snapshots need a GPU")
 def test_memory_snapshot_on_out_of_memory(tmp_path):
     from torchtitan_like.components.profiling import MemorySnapshotter
 
