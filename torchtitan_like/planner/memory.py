@@ -90,17 +90,13 @@ class MemoryEstimate:
     grads_accumulate: bool = True
     """The gradients exist while activations are saved: pipeline parallelism, gradient accumulation."""
 
-    @property
-    def transient(self) -> int:
-        # The logits and loss buffers are freed before the first block's backward, which is where an
-        # AC recomputation and its attention's K/V exchange happen: they never coexist.
-        return max(self.logits, self.recompute + self.cp_kv)
-
     def phases(self) -> dict[str, int]:
         """Bytes above the parameters and optimizer states in each phase of a step (module docstring)."""
         grads = self.state.grads
         held = self.activations + self.gathered  # (autocast's weight copies are saved for backward too)
         saved = held + grads if self.grads_accumulate else max(held, grads)
+        # The logits and loss buffers are freed before the first block's backward, which is where an AC
+        # recomputation, its attention's K/V exchange and the block's temporaries happen: they never coexist.
         return {
             "backward_start": held + self.float8 + self.logits + self.output_grad
             + (grads if self.grads_accumulate else 0),

@@ -92,7 +92,7 @@ def explain(p: Prediction, hw: HardwareProfile) -> str:
                f"+ {hw.reserved_gib:.1f} GiB reserved vs {hw.hbm_gib:.1f} GiB -> {'fits' if p.fits else 'DOES NOT FIT'}")
     for k, v in m.items().items():
         if k != "total":
-            out.append(f"    {k:<12} {v / GIB:9.3f} GiB")
+            out.append(f"    {k:<13} {v / GIB:9.3f} GiB")
     # The items do not all coexist: the peak is params + optimizer + the largest phase (+ margin).
     phases = m.phases()
     out.append("  above params + optimizer, by phase: " + ", ".join(
