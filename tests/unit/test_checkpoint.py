@@ -530,26 +530,35 @@ def test_staged_async_path_waits_for_staging_before_the_next_optimizer_step(tmp_
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     monkeypatch.setattr(ckpt_mod, "check_async_device", lambda cfg, device_type: None)  # skip only the "needs CUDA" check
-    staged = threading.Event()
+    # No timing: the staging thread copies only once the training thread is waiting in optimizer.step's
+    # pre-hook, so the step provably starts before the copy ends and provably waits for it.
+    waiting, staged = threading.Event(), threading.Event()
 
-    class SlowStager(DefaultStager):
+    class GatedStager(DefaultStager):
         def _stage(self, state_dict, **kwargs):
-            assert not staged.wait(timeout=0.3)  # still staging when training reaches optimizer.step
+            assert waiting.wait(timeout=120), "optimizer.step never waited for the staging"
             out = super()._stage(state_dict, **kwargs)
             staged.set()
             return out
 
     monkeypatch.setattr(
-        CheckpointManager, "_make_stager", lambda self: SlowStager(StagingOptions(False, False, True, False))
+        CheckpointManager, "_make_stager", lambda self: GatedStager(StagingOptions(False, False, True, False))
     )
     run = make_run()
     mgr = manager(run, tmp_path, async_mode="async_with_pinned_mem")
+    wait_for_staging = mgr.wait_for_staging
+
+    def step_waits():  # the optimizers' pre-hook calls mgr.wait_for_staging()
+        waiting.set()
+        wait_for_staging()
+
     run.train(2)
     expected = snapshot(run)
     mgr.maybe_save(2)
-    assert not staged.is_set()
+    assert not staged.is_set()  # maybe_save returned while its staging waits (for the step below)
+    mgr.wait_for_staging = step_waits  # (after the save: the hook runs at every step, before any save too)
     run.train(1)  # optimizer.step() blocks on the staging (pre-hook), so the copy saw the step-2 weights
-    assert staged.is_set()
+    assert waiting.is_set() and staged.is_set()
     mgr.close()
     monkeypatch.undo()
 
