@@ -253,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _leave_process_group() -> None:
+def leave_process_group() -> None:
     """The worker made its Trainer directly (not through train.py, which does this on exit): leave the group,
     or NCCL warns at exit that destroy_process_group() was never called (seen on an H200)."""
     import torch.distributed as dist
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_worker(a)
         finally:
-            _leave_process_group()
+            leave_process_group()
         return 0
 
     out_dir = Path(a.out).resolve()  # the workers run from the repo root: pass them absolute paths

@@ -466,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_ours(cfg, steps=a.warmup + a.steps, out=Path(a.raw_out))
         finally:
-            from bench_checkpoint import _leave_process_group
+            from bench_checkpoint import leave_process_group
 
-            _leave_process_group()
+            leave_process_group()
         return 0
 
     out_dir = Path(a.out).resolve()  # the workers run from the repo root: pass them absolute paths
