@@ -57,17 +57,18 @@ class Measured:
 
 
 def _bench_runs(results: Path) -> list[Measured]:
-    from bench_train import CONFIGS
+    from bench_train import BenchConfig
 
     runs = []
     for f in sorted(results.rglob("*.json")):
         if f.name.endswith(".raw.json") or f.name in ("summary.json", "session.json"):
             continue
         data = json.loads(f.read_text())
-        if not isinstance(data, dict) or data.get("name") not in CONFIGS or "tokens_per_s_per_device" not in data.get(
-                "ours", {}):
+        if not isinstance(data, dict) or "config" not in data or "tokens_per_s_per_device" not in data.get("ours", {}):
             continue
-        cfg = CONFIGS[data["name"]]
+        # The config the run had (bench_train.py writes it), not today's entry of that name: the 8B-slice rows
+        # of 2026-12-04 ran with selective op AC, which the config has since dropped.
+        cfg = BenchConfig(**{**data["config"], "extra": tuple(data["config"].get("extra", ()))})
         extra = list(cfg.extra)
         chunk = int(extra[extra.index("--training.loss_chunk_size") + 1]) if "--training.loss_chunk_size" in extra else 0
         ours = data["ours"]

@@ -196,3 +196,20 @@ def test_the_bf16_storage_step_runs_ours_alone(tmp_path):
     assert cmd[cmd.index("--name") + 1] == "store_1B_bf16" and "--peer-site" not in cmd
     job = load_config(bench_train.CONFIGS["store_1B_bf16"].ours_args(steps=3, dump=str(tmp_path)))
     assert job.training.dtype == "bfloat16" and "store_1B_bf16" not in bench_train.MATRIX
+
+
+def test_the_8B_rows_train_without_activation_checkpointing_and_lead_the_session_traced(tmp_path):
+    """Issue 5 asks for AC only where a row needs it to fit; the 8B slice does not (the planner: 62.5 GiB eager,
+    49.7 GiB compiled on an 80 GB H100). Its bf16 and rowwise rows come first in a session, each traced beside
+    torchtitan's."""
+    for name in bench_train.MATRIX:
+        job = load_config(bench_train.CONFIGS[name].ours_args(steps=3, dump=str(tmp_path)))
+        assert job.activation_checkpoint.mode == "none", name
+        peer = bench_train.CONFIGS[name].peer_args(steps=3, dump=str(tmp_path))
+        assert peer[peer.index("--activation_checkpoint.mode") + 1] == "none", name  # torchtitan's default is AC
+    names = [s.name for s in gpu_session.STEPS]
+    assert names[2:4] == ["bench_8B_slice8_compile_bf16", "bench_8B_slice8_compile_f8_rowwise"]
+    ctx = gpu_session.Context(out=tmp_path, peer_site="/site", smoke=False)
+    for step in gpu_session.STEPS[2:4]:
+        (cmd,) = step.commands(ctx)
+        assert cmd[cmd.index("--profile-steps") + 1] == "2" and "--peer-site" in cmd
