@@ -187,6 +187,21 @@ _checkpoint = _checkpoint_step("checkpoint_1B", "async_with_pinned_mem", smoke_m
 _checkpoint_modes = _checkpoint_step("checkpoint_1B_modes", "async,disabled", smoke_modes="disabled")
 
 
+PEER030_SITE = "/tmp/site030"
+"""Where the torchtitan_030 step installs torchtitan 0.3.0 (.whl/peer030): apart from 0.2.2's /tmp/site."""
+
+
+def _torchtitan_030(ctx: Context) -> list[list[str]]:
+    """Install torchtitan 0.3.0 (tools/fetch_gpu_wheels.sh --peer) into a target of its own and probe it."""
+    probe = [PY, str(BENCH / "torchtitan_030_probe.py"), "--out", str(ctx.folder("torchtitan_030") / "probe.json")]
+    if ctx.smoke:  # no wheels on CPU: the probe reports the missing package
+        return [[*probe, "--site", str(ctx.folder("torchtitan_030") / "no_site")]]
+    wheels = sorted(str(p) for p in (ROOT / ".whl" / "peer030").glob("*.whl"))
+    install = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--upgrade", "--target", PEER030_SITE, *wheels]
+    return [*([install] if wheels else []), [*probe, "--site", PEER030_SITE]]
+
+
 def _calibrate(ctx: Context) -> list[list[str]]:
     folder = ctx.folder("calibrate")
     return [[PY, str(BENCH / "calibrate.py"), *(["--quick"] if ctx.smoke else []),
@@ -219,6 +234,8 @@ STEPS: list[Step] = [
     Step("bench_8B_slice8_compile_f8_rowwise", "5", "float8 rowwise on the 8B slice (1.045x our bf16 with selective op "
          "AC on 2026-12-04, target 1.08x), beside torchtitan, then 2 traced steps of each",
          _bench("8B_slice8_compile_f8_rowwise", profile=2), cap_s=300, min_s=180),
+    Step("torchtitan_030", "5", "does torchtitan 0.3.0 run on this torch? import, build and train its debug model "
+         "(benchmarks/torchtitan_030_probe.py)", _torchtitan_030, cap_s=120, min_s=30),
     *[
         Step(f"bench_{name}", "5", "a matrix row not measured yet (or not without AC), beside torchtitan", _bench(name),
              cap_s=240, min_s=150)

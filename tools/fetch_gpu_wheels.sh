@@ -6,6 +6,8 @@
 # the tokenizer module imports it) and pytest (benchmarks/gpu_session.py's gpu_tests step). The fallback
 # goes in only where the import fails: a carried pytest would otherwise shadow the image's own, under
 # which the image's pytest plugins load.
+# --peer also fetches torchtitan 0.3.0 and its extra dependencies into .whl/peer030 (not on the install line:
+# gpu_session's torchtitan_030 step installs them into /tmp/site030).
 #   tools/fetch_gpu_wheels.sh [--peer]
 # Then carry [".whl"] in the device call and start the command with the install line printed at the end.
 set -euo pipefail
@@ -24,6 +26,13 @@ fetch() {  # fetch DEST PACKAGE...
 }
 rm -f .whl/tiktoken-*.whl .whl/regex-*.whl .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl \
   .whl/packaging-*.whl .whl/pygments-*.whl  # carried unconditionally by earlier versions of this script
+if [[ " $* " == *" --peer "* ]]; then
+  # torchtitan 0.3.0 and what it imports beyond 0.2.2's set, for benchmarks/torchtitan_030_probe.py (installed
+  # into a target of its own, /tmp/site030, so that 0.2.2 stays the peer in /tmp/site).
+  fetch .whl/peer030 "torchtitan==0.3.0" "spmd_types==0.2.3" torch_checkpointing einops
+else
+  rm -rf .whl/peer030
+fi
 fetch .whl/if_missing/tiktoken "tiktoken>=0.7" regex
 fetch .whl/if_missing/pytest "pytest>=8" pluggy iniconfig packaging pygments
 du -sh .whl
