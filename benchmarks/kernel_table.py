@@ -69,7 +69,7 @@ def load_trace(path: str | Path) -> dict[str, Any]:
     try:
         with opener(p, "rt") as f:
             trace = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:  # EOFError: a cut-off .gz
         raise SystemExit(f"kernel_table: {p} is not a readable Chrome trace: {e}") from None
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
         raise SystemExit(f"kernel_table: {p} has no traceEvents list: not a torch.profiler Chrome trace")
@@ -146,7 +146,8 @@ def _cpu_self_times(ops: list[dict[str, Any]]) -> list[tuple[str, float]]:
 def summarize_trace(trace: dict[str, Any], *, top: int = 25) -> dict[str, Any]:
     """Per profiled step: time by category, busy / idle device time, launches, and the top kernels."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and isinstance(e.get("dur"), (int, float))]
-    steps = [e for e in events if _STEP.match(str(e.get("name", "")))]
+    # The CPU side's step annotations: a GPU trace repeats each on the device timeline (gpu_user_annotation).
+    steps = [e for e in events if e.get("cat") == "user_annotation" and _STEP.match(str(e.get("name", "")))]
     if not steps:
         raise SystemExit("kernel_table: the trace has no ProfilerStep#N annotation: was it written by torch.profiler "
                          "with a schedule (the trainers' profiling.enable_profiling)?")
@@ -158,18 +159,18 @@ def summarize_trace(trace: dict[str, Any], *, top: int = 25) -> dict[str, Any]:
     if device_events:
         mode = "gpu kernels"
         # A kernel's "External id" is that of the CPU operator that launched it.
-        ops = {e["args"]["External id"]: str(e["name"]) for e in events
-               if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})}
+        launchers = {e["args"]["External id"]: str(e["name"]) for e in events
+                     if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})}
         timed = [(str(e["name"]), float(e["dur"]),
-                  classify(str(e["name"]), cat=e["cat"], launcher=ops.get(e.get("args", {}).get("External id"))))
+                  classify(str(e["name"]), cat=e["cat"], launcher=launchers.get(e.get("args", {}).get("External id"))))
                  for e in device_events]
         busy_us = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in device_events])
         start = min(min(e["ts"] for e in steps), min(e["ts"] for e in device_events))
         end = max(max(e["ts"] + e["dur"] for e in steps), max(e["ts"] + e["dur"] for e in device_events))
     else:
         mode = "cpu operators (self time)"
-        ops = [e for e in events if e.get("cat") == "cpu_op"]
-        timed = [(name, dur, classify_cpu(name)) for name, dur in _cpu_self_times(ops)]
+        cpu_ops = [e for e in events if e.get("cat") == "cpu_op"]
+        timed = [(name, dur, classify_cpu(name)) for name, dur in _cpu_self_times(cpu_ops)]
         busy_us = sum(d for _, d, _ in timed)
         start = min(e["ts"] for e in steps)
         end = max(e["ts"] + e["dur"] for e in steps)

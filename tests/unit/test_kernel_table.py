@@ -40,6 +40,7 @@ def _gpu_trace(*, cast_us: float) -> dict:
     for n, t0 in ((7, 0.0), (8, 1000.0)):
         events += [
             _step(n, t0, 1000.0),
+            {**_step(n, t0 + 5, 990.0), "cat": "gpu_user_annotation", "pid": 0},  # its copy on the device timeline
             _kernel(ROWWISE_GEMM, t0 + 10, 300),
             _kernel(BF16_GEMM, t0 + 320, 100),
             _kernel("triton_red_fused__to_copy_abs_amax_clamp_3" if n == 7 else "triton_red_fused__to_copy_abs_amax_clamp_5",
@@ -192,3 +193,29 @@ def test_a_profiled_cpu_run_writes_its_trace_and_kernel_table(tmp_path):
     assert summary["categories_ms"]["gemm"] > 0 and summary["categories_ms"]["attention"] > 0
     assert "compare" not in result["kernels"]  # no torchtitan run
     assert "| gemm |" in (out / "debug_cpu.kernels.md").read_text()
+
+
+def test_a_missing_trace_costs_the_kernel_table_not_the_timings(tmp_path, monkeypatch):
+    """Ours trained and timed but left no trace (here: a stand-in worker); torchtitan's trace is cut off. The
+    result keeps both runs' numbers and says what is missing instead of failing."""
+    raw = {"step_times_s": [0.5, 0.1, 0.1, 0.1], "peak_allocated_bytes": 0, "peak_reserved_bytes": 0, "device": "cpu",
+           "device_type": "cpu", "torch": "x", "version": "test", "torchao": None, "compile_s": None,
+           "recompiles": None, "final_loss": 1.0, "world_size": 1}
+
+    def fake_launch(cmd: list[str], *, env: dict[str, str], log: Path) -> int:
+        Path(cmd[cmd.index("--raw-out") + 1]).write_text(json.dumps(raw))
+        if "--worker" not in cmd:  # the peer: a trace that was cut off
+            (tmp_path / "out" / "debug_cpu.torchtitan.trace.json.gz").write_bytes(b"\x1f\x8b broken")
+        return 0
+
+    (tmp_path / "site" / "torchtitan").mkdir(parents=True)
+    monkeypatch.setattr(bench_train, "_launch", fake_launch)
+    monkeypatch.setattr(bench_train, "collect_trace", lambda dump, dest: dest if dest.exists() else None)
+    rc = bench_train.main(["--name", "debug_cpu", "--steps", "1", "--warmup", "1", "--profile-steps", "1",
+                           "--peer-site", str(tmp_path / "site"), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "debug_cpu.json").read_text())
+    assert result["ours"]["timed_steps"] == 1 and result["torchtitan"]["timed_steps"] == 1
+    errors = result["kernels"]["trace_errors"]
+    assert "no trace at" in errors["ours"] and "not a readable Chrome trace" in errors["torchtitan"]
+    assert result["kernels"]["summaries"] == {} and "compare" not in result["kernels"]
