@@ -26,6 +26,15 @@ def _probe(site: Path, out: Path) -> tuple[subprocess.CompletedProcess[str], dic
     return r, json.loads(out.read_text()) if out.exists() else {}
 
 
+def _stand_in(tmp_path: Path, train_py: str) -> Path:
+    """A site holding a stand-in torchtitan 0.3.0 whose torchtitan.train runs `train_py`."""
+    pkg = tmp_path / "site" / "torchtitan"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('__version__ = "0.3.0"\n')
+    (pkg / "train.py").write_text(train_py)
+    return pkg.parent
+
+
 def test_a_site_without_torchtitan_is_reported(tmp_path):
     r, result = _probe(tmp_path / "empty", tmp_path / "probe.json")
     assert r.returncode == 0, r.stderr
@@ -34,11 +43,8 @@ def test_a_site_without_torchtitan_is_reported(tmp_path):
 
 
 def test_a_torchtitan_that_does_not_import_is_reported_with_its_error(tmp_path):
-    pkg = tmp_path / "site" / "torchtitan"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text('__version__ = "0.3.0"\n')
-    (pkg / "train.py").write_text('raise ImportError("cannot import name spmd_thing from torch (nightly only)")\n')
-    r, result = _probe(tmp_path / "site", tmp_path / "probe.json")
+    site = _stand_in(tmp_path, 'raise ImportError("cannot import name spmd_thing from torch (nightly only)")\n')
+    r, result = _probe(site, tmp_path / "probe.json")
     assert r.returncode == 0, r.stderr
     assert result["imports"] is False
     assert result["error"] == "ImportError: cannot import name spmd_thing from torch (nightly only)"
@@ -46,11 +52,8 @@ def test_a_torchtitan_that_does_not_import_is_reported_with_its_error(tmp_path):
 
 
 def test_a_torchtitan_that_imports_but_cannot_build_its_model_is_reported(tmp_path):
-    pkg = tmp_path / "site" / "torchtitan"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text('__version__ = "0.3.0"\n')
-    (pkg / "train.py").write_text("")
-    r, result = _probe(tmp_path / "site", tmp_path / "probe.json")
+    site = _stand_in(tmp_path, "")
+    r, result = _probe(site, tmp_path / "probe.json")
     assert r.returncode == 0, r.stderr
     assert result["imports"] is True and result["torchtitan"] == "0.3.0"
     assert result["torchtitan_file"].startswith(str(tmp_path / "site"))
