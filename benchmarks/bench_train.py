@@ -61,6 +61,8 @@ class BenchConfig:
     """training.mixed_precision_param (float32 for the CPU smoke runs)."""
     extra: tuple[str, ...] = field(default=())
     """More overrides for our trainer only (not mirrored to torchtitan)."""
+    variant: str | None = None
+    """An experiment on our trainer only (VARIANTS): applied in the worker before the model is built."""
 
     def features(self) -> str:
         parts = ["compile" if self.compile else "eager", self.dtype]
@@ -70,6 +72,8 @@ class BenchConfig:
             parts.append(f"AC {self.ac}")
         if self.extra:
             parts.append(" ".join(self.extra))
+        if self.variant:
+            parts.append(f"variant {self.variant}")
         return ", ".join(parts)
 
     def _ac_args(self) -> list[str]:
@@ -193,6 +197,10 @@ CONFIGS: dict[str, BenchConfig] = {
     },
     # training.dtype = bfloat16 (ours only), beside 1B_compile_bf16: its memory and speed with no fp32 state.
     "store_1B_bf16": replace(_1B, compile=True, extra=("--training.dtype", "bfloat16")),
+    # Rowwise float8 experiments (ours only), beside 8B_slice8_compile_f8_rowwise of the same session: the two
+    # ways torchtitan's rowwise run differs from ours (VARIANTS).
+    **{f"8B_slice8_compile_f8_rowwise_{v}": replace(_8B, compile=True, float8="rowwise", variant=v)
+       for v in ("rope_complex", "emulate_precision_casts")},
     # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
     "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
     # CPU float8 matmuls are emulated: oneDNN's reference fp8 kernel takes minutes per step.
@@ -200,11 +208,14 @@ CONFIGS: dict[str, BenchConfig] = {
         flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32", compile=True, float8="tensorwise",
         extra=("--quantize.linear.float8.emulate",),
     ),
+    "debug_cpu_rope_complex": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32",
+                                          variant="rope_complex"),
     "debug_cpu_doc": BenchConfig(
         flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32", extra=("--model.attn_mask_type", "block_causal"),
     ),
 }
-MATRIX = [name for name in CONFIGS if not name.startswith(("debug_", "1B_long", "doc_", "store_"))]
+MATRIX = [name for name, cfg in CONFIGS.items()
+          if not name.startswith(("debug_", "1B_long", "doc_", "store_")) and cfg.variant is None]
 DOC_MASK = [name for name in CONFIGS if name.startswith("doc_")]
 LONG_SEQUENCE = [name for name in CONFIGS if name.startswith("1B_long")]
 
@@ -315,6 +326,43 @@ def summarize(raw: dict[str, Any], cfg: BenchConfig, *, warmup: int, world_size:
 
 
 # ------------------------------------------------------------------------------------------------
+# Variants: experiments on our trainer, for the benchmark only
+# ------------------------------------------------------------------------------------------------
+
+
+def _complex_rotary_emb(xq: Any, xk: Any, freqs_cis: Any) -> tuple[Any, Any]:
+    """Our RoPE (the same rotation of interleaved pairs) in complex arithmetic, as torchtitan 0.2.2 computes
+    it: inductor leaves complex ops out of its kernels, so the rotation's backward is no longer fused into
+    the float8 casts of the q and k gradients."""
+    import torch
+
+    rot = torch.view_as_complex(freqs_cis.float().contiguous()).view(1, xq.shape[1], 1, -1)
+
+    def rotate(x: Any) -> Any:
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * rot).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+def _variant_rope_complex() -> None:
+    from torchtitan_like.models.llama3 import model
+
+    model.apply_rotary_emb = _complex_rotary_emb
+
+
+def _variant_emulate_precision_casts() -> None:
+    import torch._inductor.config
+
+    torch._inductor.config.emulate_precision_casts = True  # what torchtitan sets for rowwise float8
+
+
+VARIANTS = {"rope_complex": _variant_rope_complex, "emulate_precision_casts": _variant_emulate_precision_casts}
+"""The two ways torchtitan 0.2.2's rowwise float8 run differs from ours besides GQA (the compiled float8
+graph is otherwise op for op the same): RoPE in complex arithmetic, and inductor's emulate_precision_casts."""
+
+
+# ------------------------------------------------------------------------------------------------
 # Worker: our trainer, inside torchrun
 # ------------------------------------------------------------------------------------------------
 
@@ -323,6 +371,8 @@ def run_ours(cfg: BenchConfig, *, steps: int, out: Path, profile_steps: int = 0,
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.trainer import Trainer
 
+    if cfg.variant is not None:
+        VARIANTS[cfg.variant]()
     with tempfile.TemporaryDirectory() as dump:
         trainer = Trainer(load_config(cfg.ours_args(steps=steps, dump=dump, profile_steps=profile_steps)))
         timer = StepTimer(trainer.device)
@@ -533,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     names = MATRIX if a.matrix else LONG_SEQUENCE if a.long else [a.name] if a.name else []
     if not names:
         p.error("give --name NAME, --matrix, --long or --list")
-    if a.peer_site and any(CONFIGS[n].extra for n in names if n in CONFIGS):
-        p.error("--peer-site: these configs use options torchtitan is not given the same way (CONFIGS extra); run them "
-                "without it")
+    if a.peer_site and any(CONFIGS[n].extra or CONFIGS[n].variant for n in names if n in CONFIGS):
+        p.error("--peer-site: these configs use options torchtitan is not given the same way (CONFIGS extra or "
+                "variant); run them without it")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown config {unknown[0]!r}; see --list")

@@ -242,6 +242,14 @@ STEPS: list[Step] = [
         for name in ("8B_slice8_compile_f8_tensorwise", "8B_slice8_eager_bf16", "1B_compile_f8_tensorwise",
                      "1B_eager_bf16")
     ],
+    *[
+        Step(f"bench_8B_slice8_compile_f8_rowwise_{v}", "5", f"rowwise float8 with {what} (ours only): compare with "
+             "bench_8B_slice8_compile_f8_rowwise", _bench(f"8B_slice8_compile_f8_rowwise_{v}", smoke, peer=False),
+             cap_s=240, min_s=120)
+        for v, what, smoke in (("rope_complex", "torchtitan's complex-number RoPE", "debug_cpu_rope_complex"),
+                               ("emulate_precision_casts", "inductor's emulate_precision_casts, as torchtitan sets it",
+                                "debug_cpu"))
+    ],
     Step("doc_mask", "-", "model.attn_mask_type=block_causal on the 1B (compiled): FlexAttention, then SDPA's dense "
          "mask; compare with bench_1B_compile_bf16", _doc_mask, cap_s=300, min_s=150),
     Step("bench_store_1B_bf16", "-", "training.dtype=bfloat16 on the compiled 1B (no float32 state); compare with "
@@ -420,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_snapshots(Path(a.check_snapshots))
     if a.list:
         for s in STEPS:
-            print(f"{s.name:38s} issue {s.issue:3s} cap {s.cap_s:3d} s  {s.what}")
+            print(f"{s.name:{max(len(t.name) for t in STEPS)}s}  issue {s.issue:3s} cap {s.cap_s:3d} s  {s.what}")
         return 0
     steps = STEPS
     if a.only:

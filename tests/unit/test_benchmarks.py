@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,40 @@ def test_the_8B_rows_train_without_activation_checkpointing_and_lead_the_session
     for step in gpu_session.STEPS[2:4]:
         (cmd,) = step.commands(ctx)
         assert cmd[cmd.index("--profile-steps") + 1] == "2" and "--peer-site" in cmd
+
+
+def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
+    """Two rows test the ways torchtitan's rowwise run differs from ours: complex RoPE (the same rotation) and
+    inductor's emulate_precision_casts. They stay out of the matrix and away from the peer."""
+    import torch
+    import torch._inductor.config
+
+    from torchtitan_like.models.llama3 import model
+    from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS
+
+    variants = [n for n, c in bench_train.CONFIGS.items() if c.variant and not n.startswith("debug_")]
+    assert sorted(variants) == ["8B_slice8_compile_f8_rowwise_emulate_precision_casts",
+                                "8B_slice8_compile_f8_rowwise_rope_complex"]
+    assert not set(variants) & set(bench_train.MATRIX)
+    for name in variants:
+        assert bench_train.CONFIGS[name] == replace(bench_train.CONFIGS["8B_slice8_compile_f8_rowwise"],
+                                                    variant=bench_train.CONFIGS[name].variant)
+    r = run_script("bench_train.py", "--name", variants[0], "--peer-site", str(tmp_path))
+    assert r.returncode == 2 and "CONFIGS extra or variant" in r.stderr
+    # The complex rotation is ours, to rounding, with Llama 3.1's frequency scaling too.
+    args = LLAMA3_FLAVORS["8B"]
+    freqs = model.precompute_freqs_cis(args.head_dim, 64, args.rope_theta, args.rope_scaling)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        xq = torch.randn(2, 64, 4, args.head_dim, generator=g).to(dtype)
+        xk = torch.randn(2, 64, 2, args.head_dim, generator=g).to(dtype)
+        for ours, theirs in zip(model.apply_rotary_emb(xq, xk, freqs), bench_train._complex_rotary_emb(xq, xk, freqs)):
+            assert theirs.dtype == dtype
+            torch.testing.assert_close(theirs, ours)
+    # Each variant changes what it says, in the worker, before the model is built.
+    monkeypatch.setattr(model, "apply_rotary_emb", model.apply_rotary_emb)
+    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
+    bench_train.VARIANTS["rope_complex"]()
+    assert model.apply_rotary_emb is bench_train._complex_rotary_emb
+    bench_train.VARIANTS["emulate_precision_casts"]()
+    assert torch._inductor.config.emulate_precision_casts is True
