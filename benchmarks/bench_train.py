@@ -278,14 +278,13 @@ class StepTimer:
         }
 
 
-def summarize(raw: dict[str, Any], cfg: BenchConfig, *, warmup: int, world_size: int,
-              timed: int | None = None) -> dict[str, Any]:
+def summarize(raw: dict[str, Any], cfg: BenchConfig, *, warmup: int, world_size: int, timed: int) -> dict[str, Any]:
     """Throughput, FLOPS, MFU, memory and step-time spread from one run's raw timings: the `timed` steps
-    after the first `warmup` (all the rest when None; a profiled run trains more steps after them)."""
+    after the first `warmup` (a profiled run trains more steps after them)."""
     from torchtitan_like.components.flops import model_flops_per_token, peak_tflops_of
     from torchtitan_like.models import MODELS
 
-    times = raw["step_times_s"][warmup:None if timed is None else warmup + timed]
+    times = raw["step_times_s"][warmup:warmup + timed]
     if not times:
         raise SystemExit(f"no timed steps: {len(raw['step_times_s'])} steps ran, warm-up is {warmup}")
     median = statistics.median(times)
