@@ -198,9 +198,9 @@ CONFIGS: dict[str, BenchConfig] = {
     # training.dtype = bfloat16 (ours only), beside 1B_compile_bf16: its memory and speed with no fp32 state.
     "store_1B_bf16": replace(_1B, compile=True, extra=("--training.dtype", "bfloat16")),
     # Rowwise float8 experiments (ours only), beside 8B_slice8_compile_f8_rowwise of the same session: the two
-    # ways torchtitan's rowwise run differs from ours (VARIANTS).
+    # ways torchtitan's rowwise run differs from ours, and inductor's GEMM autotuning (VARIANTS).
     **{f"8B_slice8_compile_f8_rowwise_{v}": replace(_8B, compile=True, float8="rowwise", variant=v)
-       for v in ("rope_complex", "emulate_precision_casts")},
+       for v in ("rope_complex", "emulate_precision_casts", "max_autotune_gemm")},
     # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
     "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
     # CPU float8 matmuls are emulated: oneDNN's reference fp8 kernel takes minutes per step.
@@ -356,9 +356,21 @@ def _variant_emulate_precision_casts() -> None:
     torch._inductor.config.emulate_precision_casts = True  # what torchtitan sets for rowwise float8
 
 
-VARIANTS = {"rope_complex": _variant_rope_complex, "emulate_precision_casts": _variant_emulate_precision_casts}
-"""The two ways torchtitan 0.2.2's rowwise float8 run differs from ours besides GQA (the compiled float8
-graph is otherwise op for op the same): RoPE in complex arithmetic, and inductor's emulate_precision_casts."""
+def _variant_max_autotune_gemm() -> None:
+    import torch._inductor.config
+
+    # Inductor then times its Triton templates against the ATen kernel for every matmul of a compiled block
+    # and keeps the fastest. For a rowwise _scaled_mm that is the CUTLASS rowwise kernel (forward) or cuBLAS
+    # with unit scales followed by torchao's separate rescaling multiply (both backward matmuls): a Triton
+    # template can take the scales, or the multiply, into its epilogue. Costs compile time, not step time.
+    torch._inductor.config.max_autotune_gemm = True
+
+
+VARIANTS = {"rope_complex": _variant_rope_complex, "emulate_precision_casts": _variant_emulate_precision_casts,
+            "max_autotune_gemm": _variant_max_autotune_gemm}
+"""Rowwise float8 experiments. The first two are the ways torchtitan 0.2.2's rowwise float8 run differs from
+ours besides GQA (the compiled float8 graph is otherwise op for op the same): RoPE in complex arithmetic, and
+inductor's emulate_precision_casts. The third is neither project's default: inductor's GEMM autotuning."""
 
 
 # ------------------------------------------------------------------------------------------------

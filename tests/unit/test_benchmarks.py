@@ -217,8 +217,9 @@ def test_the_8B_rows_train_without_activation_checkpointing_and_lead_the_session
 
 
 def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
-    """Two rows test the ways torchtitan's rowwise run differs from ours: complex RoPE (the same rotation) and
-    inductor's emulate_precision_casts. They stay out of the matrix and away from the peer."""
+    """Rows test the ways torchtitan's rowwise run differs from ours: complex RoPE (the same rotation) and
+    inductor's emulate_precision_casts; and inductor's GEMM autotuning. They stay out of the matrix and away
+    from the peer."""
     import torch
     import torch._inductor.config
 
@@ -227,6 +228,7 @@ def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
 
     variants = [n for n, c in bench_train.CONFIGS.items() if c.variant and not n.startswith("debug_")]
     assert sorted(variants) == ["8B_slice8_compile_f8_rowwise_emulate_precision_casts",
+                                "8B_slice8_compile_f8_rowwise_max_autotune_gemm",
                                 "8B_slice8_compile_f8_rowwise_rope_complex"]
     assert not set(variants) & set(bench_train.MATRIX)
     for name in variants:
@@ -251,3 +253,6 @@ def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
     assert model.apply_rotary_emb is bench_train._complex_rotary_emb
     bench_train.VARIANTS["emulate_precision_casts"]()
     assert torch._inductor.config.emulate_precision_casts is True
+    monkeypatch.setattr(torch._inductor.config, "max_autotune_gemm", False)
+    bench_train.VARIANTS["max_autotune_gemm"]()
+    assert torch._inductor.config.max_autotune_gemm is True
