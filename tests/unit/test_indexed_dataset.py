@@ -126,6 +126,7 @@ def test_a_resume_continues_exactly_under_another_degree_and_past_the_end(prefix
     assert torch.equal(whole.flatten(), torch.cat([stream] * 2)[: whole.numel()])  # (less than 2 epochs)
     bin_path = prefix.with_suffix(".bin")  # (PREFIX.bin names the dataset too)
     assert_resumes_under_dp2(lambda rank, dp: loader("indexed", bin_path, rank=rank, dp=dp), whole, total)
+    caplog.clear()  # this block's records only (with the root logger at DEBUG, the loaders above logged too)
     with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
         batches(loader("indexed", prefix), total * GBS // 2)
     opened, *epochs = [r.getMessage() for r in caplog.records]
@@ -347,6 +348,7 @@ def test_a_blend_resumes_exactly_under_another_degree_and_refuses_another_blend(
     with pytest.raises(DataError, match=r"with weights \[0.75, 0.25\], but .*a.bin, .*b.bin hold \[850, 204\] with "
                                          r"weights \[0.5, 0.5\]: the data or the blend changed"):
         next(iter(other))
+    caplog.clear()  # this block's records only (with the root logger at DEBUG, the loaders above logged too)
     with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
         batches(blend_loader(two, [3.0, 1.0]), total * GBS // 2)
     messages = [r.getMessage() for r in caplog.records]
@@ -431,6 +433,7 @@ def test_shuffled_reading_visits_every_window_once_per_epoch_in_a_new_order_and_
     def order(rows: torch.Tensor) -> list[int]:
         return [int((windows == row).all(dim=1).nonzero()) for row in rows]
 
+    caplog.clear()  # this block's records only (with the root logger at DEBUG, the loaders above logged too)
     with caplog.at_level(logging.INFO, logger="torchtitan_like.data.indexed"):
         whole = torch.cat(batches(shuffled_loader(a), total * GBS // 2))
     seen = order(whole)
