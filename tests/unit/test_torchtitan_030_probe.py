@@ -76,4 +76,5 @@ def test_the_session_step_installs_0_3_0_apart_and_probes_it(tmp_path, monkeypat
     assert install[-1].endswith("torchtitan-0.3.0-py3-none-any.whl") and "--no-index" in install
     assert probe[1].endswith("torchtitan_030_probe.py")
     names = [s.name for s in gpu_session.STEPS]
-    assert names.index("torchtitan_030") < names.index("doc_mask")  # issue 5's, before closed issues' steps
+    # Last: on CPU with the GPU machine's torch (2.11.0+cu130) 0.3.0 does not import; the GPU can only confirm it.
+    assert names[-1] == "torchtitan_030"
