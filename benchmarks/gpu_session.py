@@ -234,16 +234,19 @@ STEPS: list[Step] = [
     Step("bench_8B_slice8_compile_f8_rowwise", "5", "float8 rowwise on the 8B slice (1.045x our bf16 with selective op "
          "AC on 2026-12-04, target 1.08x), beside torchtitan, then 2 traced steps of each",
          _bench("8B_slice8_compile_f8_rowwise", profile=2), cap_s=300, min_s=180),
+    # Traced too: beside the rowwise trace, the same casts with cuBLAS's tensorwise GEMMs (1.21x our bf16 to
+    # rowwise's 1.045x on 2026-12-04): which of the two, the GEMMs or the casts, rowwise loses its time in.
+    Step("bench_8B_slice8_compile_f8_tensorwise", "5", "float8 tensorwise on the 8B slice, beside torchtitan, then 2 "
+         "traced steps of each", _bench("8B_slice8_compile_f8_tensorwise", profile=2), cap_s=300, min_s=180),
     *[
         Step(f"bench_{name}", "5", "a matrix row not measured yet (or not without AC), beside torchtitan", _bench(name),
              cap_s=240, min_s=150)
-        for name in ("8B_slice8_compile_f8_tensorwise", "8B_slice8_eager_bf16", "1B_compile_f8_tensorwise",
-                     "1B_eager_bf16")
+        for name in ("8B_slice8_eager_bf16", "1B_compile_f8_tensorwise", "1B_eager_bf16")
     ],
     *[
-        Step(f"bench_8B_slice8_compile_f8_rowwise_{v}", "5", f"rowwise float8 with {what} (ours only): compare with "
-             "bench_8B_slice8_compile_f8_rowwise", _bench(f"8B_slice8_compile_f8_rowwise_{v}", smoke, peer=False),
-             cap_s=cap_s, min_s=120)
+        Step(f"bench_8B_slice8_compile_f8_rowwise_{v}", "5", f"rowwise float8 with {what} (ours only), then 2 traced "
+             "steps: compare with bench_8B_slice8_compile_f8_rowwise",
+             _bench(f"8B_slice8_compile_f8_rowwise_{v}", smoke, peer=False, profile=2), cap_s=cap_s, min_s=120)
         for v, what, smoke, cap_s in (
             ("rope_complex", "torchtitan's complex-number RoPE", "debug_cpu_rope_complex", 240),
             ("emulate_precision_casts", "inductor's emulate_precision_casts, as torchtitan sets it", "debug_cpu", 240),
