@@ -234,8 +234,9 @@ STEPS: list[Step] = [
     Step("bench_8B_slice8_compile_f8_rowwise", "5", "float8 rowwise on the 8B slice (1.045x our bf16 with selective op "
          "AC on 2026-12-04, target 1.08x), beside torchtitan, then 2 traced steps of each",
          _bench("8B_slice8_compile_f8_rowwise", profile=2), cap_s=300, min_s=180),
-    # Traced too: beside the rowwise trace, the same casts with cuBLAS's tensorwise GEMMs (1.21x our bf16 to
-    # rowwise's 1.045x on 2026-12-04): which of the two, the GEMMs or the casts, rowwise loses its time in.
+    # Traced too: beside the rowwise trace, cast kernels that move the same bytes (compiled on CPU) with cuBLAS's
+    # tensorwise GEMMs (1.21x our bf16 to rowwise's 1.045x on 2026-12-04): does rowwise lose its time in the GEMMs
+    # or in the casts?
     Step("bench_8B_slice8_compile_f8_tensorwise", "5", "float8 tensorwise on the 8B slice, beside torchtitan, then 2 "
          "traced steps of each", _bench("8B_slice8_compile_f8_tensorwise", profile=2), cap_s=300, min_s=180),
     *[
