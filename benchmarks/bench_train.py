@@ -198,9 +198,9 @@ CONFIGS: dict[str, BenchConfig] = {
     # training.dtype = bfloat16 (ours only), beside 1B_compile_bf16: its memory and speed with no fp32 state.
     "store_1B_bf16": replace(_1B, compile=True, extra=("--training.dtype", "bfloat16")),
     # Rowwise float8 experiments (ours only), beside 8B_slice8_compile_f8_rowwise of the same session: the two
-    # ways torchtitan's rowwise run differs from ours, and inductor's GEMM autotuning (VARIANTS).
+    # ways torchtitan's rowwise run differs from ours, and two inductor settings (VARIANTS).
     **{f"8B_slice8_compile_f8_rowwise_{v}": replace(_8B, compile=True, float8="rowwise", variant=v)
-       for v in ("rope_complex", "emulate_precision_casts", "max_autotune_gemm")},
+       for v in ("rope_complex", "emulate_precision_casts", "max_autotune_gemm", "realize_opcount_50")},
     # CPU smoke runs (no GPU needed): they exercise the harness, not the numbers.
     "debug_cpu": BenchConfig(flavor="debugmodel", seq_len=256, local_batch_size=2, dtype="float32"),
     # CPU float8 matmuls are emulated: oneDNN's reference fp8 kernel takes minutes per step.
@@ -366,11 +366,23 @@ def _variant_max_autotune_gemm() -> None:
     torch._inductor.config.max_autotune_gemm = True
 
 
+def _variant_realize_opcount_50() -> None:
+    import torch._inductor.config
+
+    # Inductor writes a fused expression out to memory (and reads it back in each consumer) once it exceeds
+    # realize_opcount_threshold ops: 30 on torch 2.11, for CPU and GPU alike. Rowwise casts, with torchao's
+    # power-of-two scales recomputed in every consumer, and SiLU's backward exceed it. Compiled on CPU with
+    # torch 2.11 (Triton code generated, not run), one 1B block at seq 8192 moves 9.08 GB forward + backward
+    # at 30, 7.73 GB at 50 (tensorwise 7.31 -> 7.14, bf16 4.26 either way); torch 2.13 moves 7.50 at 30.
+    torch._inductor.config.realize_opcount_threshold = 50
+
+
 VARIANTS = {"rope_complex": _variant_rope_complex, "emulate_precision_casts": _variant_emulate_precision_casts,
-            "max_autotune_gemm": _variant_max_autotune_gemm}
+            "max_autotune_gemm": _variant_max_autotune_gemm, "realize_opcount_50": _variant_realize_opcount_50}
 """Rowwise float8 experiments. The first two are the ways torchtitan 0.2.2's rowwise float8 run differs from
 ours besides GQA (the compiled float8 graph is otherwise op for op the same): RoPE in complex arithmetic, and
-inductor's emulate_precision_casts. The third is neither project's default: inductor's GEMM autotuning."""
+inductor's emulate_precision_casts. The other two are neither project's default: inductor's GEMM autotuning,
+and a higher threshold before inductor writes a fused expression out (torch 2.11's rowwise casts exceed 30)."""
 
 
 # ------------------------------------------------------------------------------------------------

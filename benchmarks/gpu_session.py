@@ -240,6 +240,18 @@ STEPS: list[Step] = [
     Step("bench_8B_slice8_compile_f8_tensorwise", "5", "float8 tensorwise on the 8B slice, beside torchtitan, then 2 "
          "traced steps of each", _bench("8B_slice8_compile_f8_tensorwise", profile=2), cap_s=300, min_s=180),
     *[
+        Step(f"bench_8B_slice8_compile_f8_rowwise_{v}", "5", f"rowwise float8 with {what} (ours only), then 2 traced "
+             "steps: compare with bench_8B_slice8_compile_f8_rowwise",
+             _bench(f"8B_slice8_compile_f8_rowwise_{v}", smoke, peer=False, profile=2), cap_s=cap_s, min_s=120)
+        for v, what, smoke, cap_s in (
+            # Right after the rows it is judged against: on torch 2.11 (the GPU machine's) inductor writes the
+            # rowwise casts out and reads them back, which 2.13 keeps fused (Triton code generated on CPU:
+            # benchmarks/RESULTS.md); the likeliest way to the 1.08x target.
+            ("realize_opcount_50", "inductor's realize_opcount_threshold at 50 (30 on torch 2.11: rowwise casts are "
+             "written out and read back)", "debug_cpu", 240),
+        )
+    ],
+    *[
         Step(f"bench_{name}", "5", "a matrix row not measured yet (or not without AC), beside torchtitan", _bench(name),
              cap_s=240, min_s=150)
         for name in ("8B_slice8_eager_bf16", "1B_compile_f8_tensorwise", "1B_eager_bf16")

@@ -218,8 +218,8 @@ def test_the_8B_rows_train_without_activation_checkpointing_and_lead_the_session
 
 def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
     """Rows test the ways torchtitan's rowwise run differs from ours: complex RoPE (the same rotation) and
-    inductor's emulate_precision_casts; and inductor's GEMM autotuning. They stay out of the matrix and away
-    from the peer."""
+    inductor's emulate_precision_casts; and two inductor settings (GEMM autotuning, a higher realize
+    threshold). They stay out of the matrix and away from the peer."""
     import torch
     import torch._inductor.config
 
@@ -229,6 +229,7 @@ def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
     variants = [n for n, c in bench_train.CONFIGS.items() if c.variant and not n.startswith("debug_")]
     assert sorted(variants) == ["8B_slice8_compile_f8_rowwise_emulate_precision_casts",
                                 "8B_slice8_compile_f8_rowwise_max_autotune_gemm",
+                                "8B_slice8_compile_f8_rowwise_realize_opcount_50",
                                 "8B_slice8_compile_f8_rowwise_rope_complex"]
     assert not set(variants) & set(bench_train.MATRIX)
     for name in variants:
@@ -252,10 +253,14 @@ def test_the_rowwise_variants_are_ours_only_experiments(tmp_path, monkeypatch):
     assert model.apply_rotary_emb is bench_train._complex_rotary_emb
     # The config module's own patch restores it: under torch 2.11, monkeypatch's restore leaves the key
     # undefined ("torch._inductor.config.emulate_precision_casts does not exist" in every later compile).
-    before = (torch._inductor.config.emulate_precision_casts, torch._inductor.config.max_autotune_gemm)
-    with torch._inductor.config.patch(emulate_precision_casts=False, max_autotune_gemm=False):
+    keys = ("emulate_precision_casts", "max_autotune_gemm", "realize_opcount_threshold")
+    before = [getattr(torch._inductor.config, k) for k in keys]
+    with torch._inductor.config.patch(emulate_precision_casts=False, max_autotune_gemm=False,
+                                      realize_opcount_threshold=30):
         bench_train.VARIANTS["emulate_precision_casts"]()
         assert torch._inductor.config.emulate_precision_casts is True
         bench_train.VARIANTS["max_autotune_gemm"]()
         assert torch._inductor.config.max_autotune_gemm is True
-    assert (torch._inductor.config.emulate_precision_casts, torch._inductor.config.max_autotune_gemm) == before
+        bench_train.VARIANTS["realize_opcount_50"]()
+        assert torch._inductor.config.realize_opcount_threshold == 50
+    assert [getattr(torch._inductor.config, k) for k in keys] == before
