@@ -373,7 +373,8 @@ def _variant_realize_opcount_50() -> None:
     # realize_opcount_threshold ops: 30 on torch 2.11, for CPU and GPU alike. Rowwise casts, with torchao's
     # power-of-two scales recomputed in every consumer, and SiLU's backward exceed it. Compiled on CPU with
     # torch 2.11 (Triton code generated, not run), one 1B block at seq 8192 moves 9.08 GB forward + backward
-    # at 30, 7.73 GB at 50 (tensorwise 7.31 -> 7.14, bf16 4.26 either way); torch 2.13 moves 7.50 at 30.
+    # at 30, 7.73 GB at 50 (tensorwise 7.31 -> 7.14, bf16 4.26 either way); torch 2.13 moves 7.53 at 30
+    # (benchmarks/inductor_bytes.py).
     torch._inductor.config.realize_opcount_threshold = 50
 
 
