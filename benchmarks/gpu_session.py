@@ -221,10 +221,19 @@ class Step:
     needs_cuda: bool = False
 
 
+def _rowwise_variant(variant: str, what: str, *, smoke: str = "debug_cpu", cap_s: int = 240) -> Step:
+    """A rowwise float8 experiment of bench_train.py's VARIANTS on the 8B slice: ours only, 2 traced steps."""
+    name = f"8B_slice8_compile_f8_rowwise_{variant}"
+    return Step(f"bench_{name}", "5", f"rowwise float8 with {what} (ours only), then 2 traced steps: compare with "
+                "bench_8B_slice8_compile_f8_rowwise", _bench(name, smoke, peer=False, profile=2), cap_s=cap_s,
+                min_s=120)
+
+
 STEPS: list[Step] = [
     # The open issue (5) first: its 8B-slice rows, which now train without activation checkpointing
-    # (bench_train.py's _8B), the two it judges rowwise float8 by traced beside torchtitan; then the rows no
-    # session has measured yet, then the rest (the first H200 session, 2026-12-04: benchmarks/RESULTS.md).
+    # (bench_train.py's _8B), the three its float8 targets are judged by traced beside torchtitan, and the
+    # likeliest rowwise fix; then the rows no session has measured yet, the other rowwise experiments, then the
+    # rest (the first H200 session, 2026-12-04: benchmarks/RESULTS.md).
     Step("env", "all", "nvidia-smi; torch, CUDA, torchao, torchdata, torchtitan versions; free disk and memory", _env,
          cap_s=60, min_s=5),
     Step("gpu_tests", "8", "the suite's CUDA-only tests: fused AdamW, CUDA memory snapshots (also on OOM), NCCL flight "
@@ -234,40 +243,26 @@ STEPS: list[Step] = [
     Step("bench_8B_slice8_compile_f8_rowwise", "5", "float8 rowwise on the 8B slice (1.045x our bf16 with selective op "
          "AC on 2026-12-04, target 1.08x), beside torchtitan, then 2 traced steps of each",
          _bench("8B_slice8_compile_f8_rowwise", profile=2), cap_s=300, min_s=180),
-    # Traced too: beside the rowwise trace, cast kernels that move the same bytes (compiled on CPU) with cuBLAS's
-    # tensorwise GEMMs (1.21x our bf16 to rowwise's 1.045x on 2026-12-04): does rowwise lose its time in the GEMMs
-    # or in the casts?
+    # Traced too, beside the rowwise trace: cuBLAS's tensorwise GEMMs, and cast kernels that move a fifth fewer
+    # bytes on torch 2.11 (benchmarks/inductor_bytes.py); 1.21x our bf16 to rowwise's 1.045x on 2026-12-04.
+    # How much does rowwise lose in the GEMMs, how much in the casts?
     Step("bench_8B_slice8_compile_f8_tensorwise", "5", "float8 tensorwise on the 8B slice, beside torchtitan, then 2 "
          "traced steps of each", _bench("8B_slice8_compile_f8_tensorwise", profile=2), cap_s=300, min_s=180),
-    *[
-        Step(f"bench_8B_slice8_compile_f8_rowwise_{v}", "5", f"rowwise float8 with {what} (ours only), then 2 traced "
-             "steps: compare with bench_8B_slice8_compile_f8_rowwise",
-             _bench(f"8B_slice8_compile_f8_rowwise_{v}", smoke, peer=False, profile=2), cap_s=cap_s, min_s=120)
-        for v, what, smoke, cap_s in (
-            # Right after the rows it is judged against: on torch 2.11 (the GPU machine's) inductor writes the
-            # rowwise casts out and reads them back, which 2.13 keeps fused (Triton code generated on CPU:
-            # benchmarks/RESULTS.md); the likeliest way to the 1.08x target.
-            ("realize_opcount_50", "inductor's realize_opcount_threshold at 50 (30 on torch 2.11: rowwise casts are "
-             "written out and read back)", "debug_cpu", 240),
-        )
-    ],
+    # Right after the rows it is judged against: on torch 2.11 (the GPU machine's) inductor writes the rowwise
+    # casts out and reads them back, which 2.13 keeps fused (Triton code generated on CPU: benchmarks/RESULTS.md);
+    # the likeliest way to the 1.08x target.
+    _rowwise_variant("realize_opcount_50", "inductor's realize_opcount_threshold at 50 (30 on torch 2.11: rowwise "
+                     "casts are written out and read back)"),
     *[
         Step(f"bench_{name}", "5", "a matrix row not measured yet (or not without AC), beside torchtitan", _bench(name),
              cap_s=240, min_s=150)
         for name in ("8B_slice8_eager_bf16", "1B_compile_f8_tensorwise", "1B_eager_bf16")
     ],
-    *[
-        Step(f"bench_8B_slice8_compile_f8_rowwise_{v}", "5", f"rowwise float8 with {what} (ours only), then 2 traced "
-             "steps: compare with bench_8B_slice8_compile_f8_rowwise",
-             _bench(f"8B_slice8_compile_f8_rowwise_{v}", smoke, peer=False, profile=2), cap_s=cap_s, min_s=120)
-        for v, what, smoke, cap_s in (
-            ("rope_complex", "torchtitan's complex-number RoPE", "debug_cpu_rope_complex", 240),
-            ("emulate_precision_casts", "inductor's emulate_precision_casts, as torchtitan sets it", "debug_cpu", 240),
-            # Autotuning every distinct matmul of the block adds minutes of compile to the warm-up.
-            ("max_autotune_gemm", "inductor's GEMM autotuning (max_autotune_gemm: Triton templates against the "
-             "CUTLASS/cuBLAS kernels, scales fused in the epilogue)", "debug_cpu", 360),
-        )
-    ],
+    _rowwise_variant("rope_complex", "torchtitan's complex-number RoPE", smoke="debug_cpu_rope_complex"),
+    _rowwise_variant("emulate_precision_casts", "inductor's emulate_precision_casts, as torchtitan sets it"),
+    # Autotuning every distinct matmul of the block adds minutes of compile to the warm-up.
+    _rowwise_variant("max_autotune_gemm", "inductor's GEMM autotuning (max_autotune_gemm: Triton templates against the "
+                     "CUTLASS/cuBLAS kernels, scales fused in the epilogue)", cap_s=360),
     Step("doc_mask", "-", "model.attn_mask_type=block_causal on the 1B (compiled): FlexAttention, then SDPA's dense "
          "mask; compare with bench_1B_compile_bf16", _doc_mask, cap_s=300, min_s=150),
     Step("bench_store_1B_bf16", "-", "training.dtype=bfloat16 on the compiled 1B (no float32 state); compare with "
