@@ -29,6 +29,7 @@ from torchtitan_like.components.loss import (
     chunked_output_loss,
     cross_entropy_sum,
     gathered,
+    mask_after_eos,
     model_token_loss,
 )
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
@@ -369,11 +370,15 @@ class Trainer:
         tokenizer = None
         self._special_tokens: tuple[int, int] | None = None
         block_causal = cfg.model.attn_mask_type == "block_causal"
+        # The eos id that training.eod_mask_loss masks the label after (None: no masking).
+        self._loss_mask_eos: int | None = None
         if (cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic")
-                or block_causal):
+                or block_causal or cfg.training.eod_mask_loss):
             tokenizer = build_tokenizer(cfg.model.tokenizer_path)
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
             self._special_tokens = (tokenizer.bos_id, tokenizer.eos_id)
+            if cfg.training.eod_mask_loss:
+                self._loss_mask_eos = tokenizer.eos_id
             if block_causal:
                 # Documents start at its bos or after its eos (models/llama3/model.py: document_ids).
                 self.model_args = replace(self.model_args, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
@@ -408,6 +413,7 @@ class Trainer:
                 cfg.validation, val_data, device=self.device, loss_group=self.parallel_dims.loss_group,
                 loss_context=self._loss_ctx, amp_context=self._amp, cp_context=self._cp_ctx,
                 loss_chunk_size=cfg.training.loss_chunk_size,
+                loss_mask_eos=self._loss_mask_eos,
                 # The step boundary's pre-emption check, after every held-out batch too: a SIGTERM during a
                 # long validation stops it there, and the step's checkpoint is saved in the grace period.
                 stop_requested=lambda: self.preemption.agreed_signal(self.device) is not None,
@@ -568,6 +574,11 @@ class Trainer:
             where = (f": documents start at token {a.bos_id} (bos) and after {a.eos_id} (eos)"
                      if a.attn_mask_type == "block_causal" else "")
             logger.info("attention: %s, %s mask%s", a.attn_type, a.attn_mask_type, where)
+        if self._loss_mask_eos is not None:
+            logger.info(
+                "loss: positions whose input is eos (token %d) are left out, in training and validation "
+                "(training.eod_mask_loss)", self._loss_mask_eos,
+            )
 
     def _write_config(self) -> None:
         folder = self._output_folder()
@@ -593,7 +604,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _next_batches(self, data_iter) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [next(data_iter) for _ in range(self.grad_accum)]
+        batches = [next(data_iter) for _ in range(self.grad_accum)]
+        if self._loss_mask_eos is not None:
+            # Before any sharding (CP's sequence shards, PP's microbatches): every layout masks the same labels.
+            batches = [(inputs, mask_after_eos(inputs, labels, self._loss_mask_eos)) for inputs, labels in batches]
+        return batches
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         """One optimizer step over the accumulated micro-batches; returns (global mean loss, grad norm)."""
@@ -611,6 +626,12 @@ class Trainer:
         if batch_group is not None:
             dist.all_reduce(n_tokens, group=batch_group)
         total_tokens = n_tokens.item()
+        if total_tokens == 0:
+            # Only masking can leave no label: the loss would be 0/0.
+            raise TrainingError(
+                f"step {self.step}: every label of the global batch is masked (training.eod_mask_loss=true "
+                f"leaves out the position after each eos, and this batch has nothing else): check the data"
+            )
 
         if self.pipeline is not None:
             loss_sum = self._pipeline_forward_backward(batches, total_tokens)

@@ -131,3 +131,31 @@ def test_block_causal_matches_one_process(run: str, reference: dict, data, tmp_p
             assert out["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5), f"{run} rank {r}"
         else:
             assert out["val_loss"] is None
+
+
+# training.eod_mask_loss under the layouts that move the labels: TP's loss parallel (vocab-sharded logits),
+# CP's sequence shards and PP's microbatches (the loss on the last stage). Causal attention, so context
+# parallel can run (it refuses block_causal); the mask does not depend on the attention.
+EOD_LAYOUTS = ("fsdp2xtp2", "cp2", "pp2")
+
+
+@pytest.fixture(scope="module")
+def eod_reference(tmp_path_factory, data) -> dict:
+    tmp = tmp_path_factory.mktemp("eod_reference")
+    argv = _argv(tmp / "run", "one", data, "--training.eod_mask_loss", mask="causal")
+    (ref,) = run_on_ranks(doc_mask_run, world_size=1, tmp_path=tmp, args=(argv,))
+    return ref
+
+
+@pytest.mark.parametrize("layout", EOD_LAYOUTS)
+def test_eod_mask_loss_matches_one_process(layout: str, eod_reference: dict, data, tmp_path: Path) -> None:
+    world, _ = LAYOUTS[layout]
+    argv = _argv(tmp_path / "run", layout, data, "--training.eod_mask_loss", mask="causal")
+    ranks = run_on_ranks(doc_mask_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
+    params = merged_params(ranks) if layout.startswith("pp") else ranks[0]["params"]
+    for r, out in enumerate(ranks):
+        assert_same_training(out, eod_reference, f"{layout} rank {r}", params=params if r == 0 else None)
+        if _validates(layout):
+            assert out["val_loss"] == pytest.approx(eod_reference["val_loss"], rel=1e-5), f"{layout} rank {r}"
+        else:
+            assert out["val_loss"] is None

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def mask_after_eos(inputs: torch.Tensor, labels: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """`labels` (a new tensor) with IGNORE_INDEX wherever the input token is `eos_id` (training.eod_mask_loss).
+    inputs, labels: (bs, seqlen), labels[:, i] being the token after inputs[:, i]."""
+    return labels.masked_fill(inputs == eos_id, IGNORE_INDEX)
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of per-token losses. logits: (bs, seqlen, vocab) (a vocab-sharded DTensor under loss parallel)."""
     # float32 for the softmax: bf16 logits lose too much in log-sum-exp over a 128K vocabulary.

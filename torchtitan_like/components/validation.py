@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import IterableDataset
 
-from torchtitan_like.components.loss import IGNORE_INDEX, model_token_loss
+from torchtitan_like.components.loss import IGNORE_INDEX, mask_after_eos, model_token_loss
 from torchtitan_like.components.tokenizer import Tokenizer
 from torchtitan_like.config.schema import Training, Validation
 from torchtitan_like.config.validate import resolve_global_batch
@@ -189,10 +189,12 @@ class Validator:
         amp_context: Callable[[], contextlib.AbstractContextManager],
         cp_context: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager] | None = None,
         loss_chunk_size: int = 0,
+        loss_mask_eos: int | None = None,
         stop_requested: Callable[[], bool] | None = None,
     ) -> None:
         """cp_context(inputs, labels): the training step's context parallel context, which leaves both
         tensors as this rank's sequence shards; None without CP. loss_chunk_size: training's (0 = off).
+        loss_mask_eos: the eos id whose next position the loss leaves out (training.eod_mask_loss), or None.
         stop_requested: a collective every rank calls after each global batch (the pre-emption check);
         True ends the validation there, without a result, so a signal is not kept waiting for a long
         validation (the launcher kills workers that do not stop within its shutdown timeout)."""
@@ -204,6 +206,7 @@ class Validator:
         self.amp_context = amp_context
         self.cp_context = cp_context or (lambda inputs, labels: contextlib.nullcontext())
         self.loss_chunk_size = loss_chunk_size
+        self.loss_mask_eos = loss_mask_eos
         self.stop_requested = stop_requested
         # Global batches are read as microbatches of local_batch_size on each data-parallel rank (a plain
         # iterable without a BatchLayout yields whole global batches of local_batch_size).
@@ -290,6 +293,8 @@ class Validator:
                 return None, batches
             inputs = inputs.to(self.device, non_blocking=True)  # (local_bs, seq_len)
             labels = labels.to(self.device, non_blocking=True)
+            if self.loss_mask_eos is not None:  # as the training step's labels
+                labels = mask_after_eos(inputs, labels, self.loss_mask_eos)
             # Under CP, inputs and labels are this rank's sequence shards from here on (labels are counted
             # below as shards: the loss group's all-reduce adds the cp ranks' counts up).
             with self.cp_context(inputs, labels):

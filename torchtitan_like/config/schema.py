@@ -85,6 +85,8 @@ class Training:
     """Tokens per sequence."""
     loss_chunk_size: int = 0
     """Compute the output projection and loss this many positions at a time, so the full (batch, seq_len, vocab) logits never exist at once (for long sequences); 0 = all at once."""
+    eod_mask_loss: bool = False
+    """Leave out of the loss (training and validation) each position whose input is the tokenizer's eos, whose label is the next document's first token in eos-only data such as Megatron-LM's (nothing before it predicts it) or the next bos in [bos] doc [eos] packing. Megatron-LM's --eod-mask-loss."""
     max_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still reported)."""
     steps: int = 10000
