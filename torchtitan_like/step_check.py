@@ -184,6 +184,20 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
                      f"{n_layers})")
         ac.selective_ac_option = str(n_layers)
 
+    o = cfg.optimizer
+    if o.no_weight_decay_keywords:
+        # A pattern for the job's model may name blocks the debug model lacks (e.g. "layers.20.*").
+        import torch
+
+        from torchtitan_like.components.optimizer import unmatched_patterns
+
+        with torch.device("meta"):
+            debug = spec.build(spec.flavors[flavor])
+        unmatched = unmatched_patterns(o.no_weight_decay_keywords, debug)
+        if unmatched:
+            o.no_weight_decay_keywords = [p for p in o.no_weight_decay_keywords if p not in unmatched]
+            notes.append(f"optimizer.no_weight_decay_keywords {unmatched} (they name no parameter of {flavor})")
+
     f8 = cfg.quantize.linear.float8
     float8 = float8_requested(cfg.model.converters)
     if float8 and not f8.emulate:

@@ -44,7 +44,7 @@ from torchtitan_like.components.checkpoint import (
 )
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
-from torchtitan_like.components.optimizer import build_optimizers, check_optimizer
+from torchtitan_like.components.optimizer import build_optimizers, check_no_weight_decay, check_optimizer
 from torchtitan_like.components.run_lock import RunLock
 from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
 from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
@@ -451,6 +451,8 @@ class Trainer:
         self.compile_monitor = CompileMonitor() if compiling and not self.dry_run else None
         with torch.device("meta"):
             whole = spec.build(self.model_args)
+        # Against the whole model: a pipeline stage may hold no parameter that a pattern names.
+        check_no_weight_decay(cfg.optimizer, whole)
         if self.float8 is not None:
             self.float8.convert(whole)
         if cfg.training.dtype == "bfloat16":

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from torchtitan_like.models.llama3.model import _WRAPPER_PARTS
+from torchtitan_like.distributed.utils import plain_name
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
@@ -246,7 +246,7 @@ def full_params(model_parts: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     for part in model_parts:
         for name, p in part.named_parameters():
             t = p.full_tensor() if isinstance(p, DTensor) else p
-            out[_WRAPPER_PARTS.sub("", name)] = t.detach().clone()
+            out[plain_name(name)] = t.detach().clone()
     return out
 
 

@@ -184,3 +184,12 @@ def test_flex_attention_is_rehearsed_with_sdpa_and_the_same_mask() -> None:
     assert (reh.cfg.model.attn_type, reh.cfg.model.attn_mask_type) == ("sdpa", "block_causal")
     assert any("FlexAttention" in n and "dense document mask" in n for n in reh.not_rehearsed), reh.not_rehearsed
     check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)
+
+
+def test_weight_decay_patterns_the_debug_model_lacks_are_left_out_with_a_note() -> None:
+    cfg = _cfg("--optimizer.no_weight_decay_keywords", "*norm*,layers.20.*", config="llama3_8b.toml")
+    reh = rehearsal(cfg, resolved_layout(cfg, 8))
+    assert reh.cfg.optimizer.no_weight_decay_keywords == ["*norm*"]
+    assert "optimizer.no_weight_decay_keywords ['layers.20.*'] (they name no parameter of debugmodel)" in reh.not_rehearsed
+    assert cfg.optimizer.no_weight_decay_keywords == ["*norm*", "layers.20.*"], "the job's config is left as it was"
+    load_config(["--job.config_file", _write(reh)])  # the rehearsal's config loads

@@ -98,6 +98,11 @@ class LRSchedulers:
     They share a schedule, so they are always in the same state: the checkpoint holds the first
     one's state, which is what a single-part run saves, and loading applies it to all of them. A
     checkpoint therefore resumes under any number of model parts.
+
+    Every param group follows that schedule too (optimizer.no_weight_decay_keywords splits a part's
+    parameters into two groups, or leaves one where the part has nothing it names), so the per-group
+    lists of the state keep one entry: the state is the same on every pipeline rank, and it loads into
+    any number of groups (LambdaLR itself refuses a state with more groups than its optimizer).
     """
 
     def __init__(self, schedulers: list[LambdaLR]):
@@ -113,11 +118,17 @@ class LRSchedulers:
         return self.schedulers[0].get_last_lr()
 
     def state_dict(self) -> dict:
-        return self.schedulers[0].state_dict()
+        state = self.schedulers[0].state_dict()
+        return {k: v[:1] if k in _PER_GROUP else v for k, v in state.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for s in self.schedulers:
-            s.load_state_dict(state)
+            groups = len(s.optimizer.param_groups)
+            s.load_state_dict({k: v[:1] * groups if k in _PER_GROUP else v for k, v in state.items()})
+
+
+# LambdaLR's state entries that hold one item per param group.
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")
 
 
 def build_lr_schedulers(optimizers: list[torch.optim.Optimizer], cfg: LRScheduler, *, steps: int) -> LRSchedulers:

@@ -57,6 +57,8 @@ class Optimizer:
     """Adam epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay (AdamW) or L2 penalty (Adam)."""
+    no_weight_decay_keywords: list[str] = field(default_factory=list)
+    """Glob patterns (fnmatch) over parameter names, e.g. ["*norm*", "tok_embeddings.*"]: matching parameters get no weight decay; empty = every parameter decays (as torchtitan). Names as in checkpoints (tok_embeddings.weight, layers.0.attention_norm.weight, norm.weight, output.weight); each pattern must match one."""
     implementation: Literal["fused", "foreach", "for-loop"] = "fused"
     """Kernel implementation: fused (fastest where the device supports it), foreach, or for-loop."""
 

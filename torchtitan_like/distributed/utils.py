@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +15,15 @@ from torch.distributed.tensor import DTensor
 from torchtitan_like.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+_WRAPPER_PARTS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def plain_name(fqn: str) -> str:
+    """A parameter's name as checkpoints spell it: without the path parts that the activation
+    checkpointing and torch.compile wrappers add (`layers.0._checkpoint_wrapped_module.attention.wq.weight`)."""
+    return _WRAPPER_PARTS.sub("", fqn)
 
 
 def device_type() -> str:

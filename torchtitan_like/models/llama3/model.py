@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import zlib
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from torchtitan_like.distributed.utils import plain_name
 from torchtitan_like.models.llama3.args import RopeScaling, TransformerArgs
 
 
@@ -287,7 +287,7 @@ class Transformer(nn.Module):
         for wrapped_name, param in self.named_parameters():
             # Seed by the checkpoint name: activation checkpointing and torch.compile wrappers add
             # path parts that the state dict (and so the weights' identity) does not have.
-            name = _WRAPPER_PARTS.sub("", wrapped_name)
+            name = plain_name(wrapped_name)
             leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):
                 _fill_(param, 1.0)
@@ -303,9 +303,6 @@ class Transformer(nn.Module):
                 _init_from_full_(param, seed, name, std=layer.weight_init_std, device=device)
             else:
                 raise AssertionError(f"init_weights does not know parameter {name}")
-
-
-_WRAPPER_PARTS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 def _local(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
