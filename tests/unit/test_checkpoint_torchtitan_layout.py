@@ -1,22 +1,29 @@
 """checkpoint.initial_load_path may name a torchtitan DCP checkpoint (a step-N folder): its model keys sit at
 the top level (tok_embeddings.weight, layers.0.attention.wq.weight, ...; torchtitan's CheckpointManager
 flattens the model's state dict there, beside "optimizer", "lr_scheduler", "dataloader", "train_state", and
-its persistent RoPE buffer "freqs_cis"). The weights load by their names; the other states are that
-trainer's formats and are refused with initial_load_model_only=false.
+its persistent RoPE buffer "freqs_cis"). The weights load by their names; with initial_load_model_only=false
+also its optimizer (get_optimizer_state_dict flattened per parameter name, as ours), its LambdaLR state and
+its train_state (step, ntokens_seen), so a torchtitan run continues here. Its dataloader state is its own.
 
-The checkpoints here are written in that layout with DCP from a model of our own (torchtitan's Llama 3
-names are Meta's, as ours).
+The checkpoints here are written in that layout with DCP from a model, optimizer and scheduler of our own
+(torchtitan's Llama 3 names are Meta's, as ours; its OptimizersContainer.state_dict() is
+get_optimizer_state_dict with flatten_optimizer_state_dict=True, and its LRSchedulersContainer saves the
+first LambdaLR's state_dict(): the keys a real torchtitan 0.2.2 checkpoint holds, compared once outside
+the suite).
 """
 
 from __future__ import annotations
 
+import logging
+import random
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_checkpoint import ARGS, assert_same, make_run, manager
+from test_checkpoint import ARGS, Run, assert_same, make_run, manager
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from torchtitan_like.components.checkpoint import CheckpointError, check_initial_load, is_flat_model_layout
 from torchtitan_like.config.schema import Checkpoint
@@ -24,15 +31,23 @@ from torchtitan_like.config.schema import Checkpoint
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def torchtitan_checkpoint(path: Path, model: torch.nn.Module, *, model_only: bool = False, **extra_weights) -> Path:
+def torchtitan_checkpoint(path: Path, model: torch.nn.Module, *, model_only: bool = False, run: Run | None = None,
+                          **extra_weights) -> Path:
+    """torchtitan's layout; `run`: its optimizer, scheduler and step as the other states (else stand-ins)."""
     state: dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     state.update(extra_weights)
     state["freqs_cis"] = torch.randn(16, 4, 2)  # (persistent in torchtitan's model; ours recomputes it)
     if not model_only:
-        state["optimizer"] = {"state": {"tok_embeddings.weight": {"exp_avg": torch.zeros(3)}}}
-        state["lr_scheduler"] = {"lr_scheduler_0": {"last_epoch": 7}}
+        if run is not None:
+            state["optimizer"] = get_optimizer_state_dict(
+                run.model, run.optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            state["lr_scheduler"] = run.scheduler.state_dict()
+            state["train_state"] = {"step": run.state.step, "ntokens_seen": run.state.tokens_seen}
+        else:
+            state["optimizer"] = {"state": {"tok_embeddings.weight": {"exp_avg": torch.zeros(3)}}}
+            state["lr_scheduler"] = {"lr_scheduler_0": {"last_epoch": 7}}
+            state["train_state"] = {"step": 7}
         state["dataloader"] = {"dp_rank_0": b"torchtitan's own"}
-        state["train_state"] = {"step": 7}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=True)
     return path
 
@@ -54,11 +69,50 @@ def test_a_torchtitan_checkpoints_weights_start_a_run(tmp_path: Path) -> None:
     assert_same(again.model.state_dict(), source.model.state_dict())
 
 
+def test_a_torchtitan_run_continues_from_its_whole_state(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Weights, AdamW state, schedule position, step and tokens: the next steps are the source run's own, given
+    the same batches and random state (its data position does not carry over)."""
+    source = make_run(0)
+    source.train(3)
+    path = torchtitan_checkpoint(tmp_path / "step-3", source.model, run=source)
+    check_initial_load(Checkpoint(initial_load_path=str(path), initial_load_model_only=False), ARGS)
+    run = make_run(1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
+        assert manager(run, tmp_path / "run", initial_load_path=str(path), initial_load_model_only=False).load() == 3
+    assert (run.state.step, run.state.tokens_seen) == (3, source.state.tokens_seen)
+    assert_same(run.model.state_dict(), source.model.state_dict())
+    assert_same(run.optimizer.state_dict(), source.optimizer.state_dict())
+    assert run.scheduler.last_epoch == 3 and run.scheduler.get_last_lr() == source.scheduler.get_last_lr()
+    assert run.loader.pos == 0, "torchtitan's dataloader state is never read"
+    assert any("its own format: the data starts from its beginning" in r.getMessage() for r in caplog.records)
+    run.loader.pos = source.loader.pos
+    for r in (run, source):
+        torch.manual_seed(5)
+        random.seed(5)
+        r.train(2)
+    assert_same(run.model.state_dict(), source.model.state_dict())
+    assert_same(run.optimizer.state_dict(), source.optimizer.state_dict())
+
+
+def test_a_torchtitan_checkpoints_states_can_be_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = make_run(0)
+    source.train(3)
+    path = torchtitan_checkpoint(tmp_path / "step-3", source.model, run=source)
+    run = make_run(1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
+        mgr = manager(run, tmp_path / "run", initial_load_path=str(path), initial_load_model_only=False,
+                      exclude_from_loading=["optimizer", "dataloader"])
+        assert mgr.load() == 3
+    assert not run.optimizer.state and run.scheduler.last_epoch == 3
+    assert_same(run.model.state_dict(), source.model.state_dict())
+    assert not any("the data starts from its beginning" in r.getMessage() for r in caplog.records)
+
+
 def test_what_cannot_load_from_a_torchtitan_checkpoint_is_refused(tmp_path: Path) -> None:
     source = make_run(0)
     path = torchtitan_checkpoint(tmp_path / "step-7", source.model)
-    with pytest.raises(CheckpointError, match=r"torchtitan's layout\), and its optimizer.*initial_load_model_only=true"):
-        check_initial_load(Checkpoint(initial_load_path=str(path), initial_load_model_only=False), ARGS)
     with pytest.raises(CheckpointError, match="tied embeddings"):
         check_initial_load(Checkpoint(initial_load_path=str(path)), replace(ARGS, tie_word_embeddings=True))
     # Weights this model does not have (a deeper model's), or lacks (a shallower one's).

@@ -811,8 +811,7 @@ class CheckpointManager:
             return None
         check_initial_load(self.cfg, self.model_args)
         if is_flat_model_layout(path):
-            self._load_flat_weights(path)
-            return None
+            return self._load_torchtitan(path)
         if (path / MANIFEST).is_file():
             _, error = self._verify_everywhere(path)
             if error:
@@ -831,18 +830,52 @@ class CheckpointManager:
                            path, ", ".join(missing))
         return self.train_state.step if "train_state" in loaded else None
 
-    def _load_flat_weights(self, path: Path) -> None:
-        """The weights of a checkpoint whose model keys sit at the top level (torchtitan's layout), as the
-        model's own names; any other state there is in the writer's formats and is not read."""
-        t0 = time.perf_counter()  # (check_initial_load refused what cannot load: the other states, a tied model)
+    def _load_torchtitan(self, path: Path) -> int | None:
+        """A checkpoint in torchtitan's layout (0.2.2's checkpoint manager): its model keys at the top level,
+        as the model's own names; with initial_load_model_only=false also "optimizer" (the same flattened
+        per-parameter state as ours), "lr_scheduler" (LambdaLR's state, field by field) and "train_state"
+        (step, ntokens_seen). Its dataloader state is in its own format and never read. Returns the step
+        it continues from (None after the weights alone)."""
+        t0 = time.perf_counter()  # (check_initial_load refused what cannot load: a tied model)
         self._check_no_foreign_weights(path, prefix="")
-        logger.warning("%s: model weights at the top level (torchtitan's layout); loading the weights only, "
-                       "without an integrity check", path)
+        try:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{path / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
+        present = {k.split(".", 1)[0] for k in saved}
+        wanted = set() if self.cfg.initial_load_model_only else {
+            c for c in ("optimizer", "lr_scheduler", "train_state")
+            if c in present and c not in self.cfg.exclude_from_loading and self._has(c)
+        }
         state, keys = self._model_state()
-        self._dcp_load(state, path, what="the model weights")
+        optim_keys: list[list[str]] = []
+        if "optimizer" in wanted:
+            state["optimizer"], optim_keys = self._optim_state()
+        if "lr_scheduler" in wanted:  # placeholders: DCP replaces non-tensor values
+            state["lr_scheduler"] = {k.split(".", 1)[1]: b"" for k in saved if k.startswith("lr_scheduler.")}
+        if "train_state" in wanted:
+            state["train_state"] = {"step": 0, "ntokens_seen": 0}
+        loaded = ", ".join(["the model weights", *sorted(wanted)])
+        logger.warning("%s: torchtitan's layout (model weights at the top level); loading %s without an integrity "
+                       "check", path, loaded)
+        self._dcp_load(state, path, what=loaded)
         for part, part_keys in zip(self.model_parts, keys):
             set_model_state_dict(part, {k: state[k] for k in part_keys})
-        logger.info("loaded the model weights of %s in %.1f s", path, time.perf_counter() - t0)
+        for part, opt, part_keys in zip(self.model_parts, self.optimizers, optim_keys):
+            set_optimizer_state_dict(part, opt, {k: state["optimizer"][k] for k in part_keys}, options=_FLAT_OPTIM)
+        if "lr_scheduler" in wanted:
+            # DCP drops LambdaLR's lr_lambdas (a list of empty dicts: no leaf to save); they hold nothing here.
+            self.lr_scheduler.load_state_dict({"lr_lambdas": [None], **state["lr_scheduler"]})
+        if "train_state" in wanted:
+            ts = state["train_state"]
+            self.train_state.load_state_dict({"step": ts["step"], "tokens_seen": ts["ntokens_seen"]})
+        logger.info("loaded %s of %s in %.1f s", loaded, path, time.perf_counter() - t0)
+        if not self.cfg.initial_load_model_only and "dataloader" not in self.cfg.exclude_from_loading:
+            logger.warning(
+                "%s: torchtitan's dataloader state is in its own format: the data starts from its beginning, not "
+                "where that run left off (set checkpoint.exclude_from_loading = [\"dataloader\"] to say so)", path,
+            )
+        return self.train_state.step if "train_state" in wanted else None
 
     def _dcp_load(self, state: dict[str, Any], path: Path, *, what: str) -> None:
         """dcp.load into `state` (in place) over the job's checkpoint group; any failure is a CheckpointError."""
@@ -1080,12 +1113,6 @@ def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
             f"for Hugging Face safetensors set checkpoint.initial_load_in_hf=true"
         )
     if is_flat_model_layout(path):
-        if not cfg.initial_load_model_only:
-            raise CheckpointError(
-                f"checkpoint.initial_load_path={path} has its model weights at the top level (torchtitan's layout), "
-                "and its optimizer, lr_scheduler, dataloader and train_state in that trainer's formats: only the "
-                "weights load; set checkpoint.initial_load_model_only=true"
-            )
         if getattr(model_args, "tie_word_embeddings", False):
             raise CheckpointError(
                 f"checkpoint.initial_load_path={path} (torchtitan's layout) into a model.flavor with tied embeddings: "

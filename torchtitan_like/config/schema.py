@@ -192,9 +192,9 @@ class Checkpoint:
     export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the weights in a model-only save."""
     initial_load_path: str | None = None
-    """Checkpoint to start from when the run has none of its own (a step-N folder, ours or torchtitan's (its weights), or HF safetensors with initial_load_in_hf)."""
+    """Checkpoint to start from when the run has none of its own (a step-N folder, ours or torchtitan's, or HF safetensors with initial_load_in_hf)."""
     initial_load_model_only: bool = True
-    """From initial_load_path, load only the model weights."""
+    """From initial_load_path, load only the model weights; false: the whole state (from torchtitan's layout: weights, optimizer, schedule position, step; not its data position)."""
     initial_load_in_hf: bool = False
     """initial_load_path is a Hugging Face safetensors folder (LlamaForCausalLM names)."""
     last_save_in_hf: bool = False
