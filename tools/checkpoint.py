@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if steps and not (folder / MANIFEST).exists() and not (folder / ".metadata").exists():
         raise CheckpointError(f"{folder} holds step folders ({', '.join(steps[:4])}{', ...' if len(steps) > 4 else ''}), "
                               f"not a checkpoint: verify one of them, e.g. {folder / steps[-1]}")
+    if is_flat_model_layout(folder):
+        raise CheckpointError(f"{folder} is in torchtitan's layout, which has no {MANIFEST} to verify against "
+                              "(torchtitan writes none): `inspect` lists what it holds, and checkpoint.initial_load_path "
+                              "loads it")
     manifest = verify(args.folder)
     print(f"ok: {args.folder} (step {manifest['step']}, {len(manifest['files'])} files)")
     return 0
@@ -76,6 +81,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"saved: {m.get('time')}  config_hash: {m.get('config_hash')}")
         print(f"contents: {', '.join(m.get('contents', []))}  model_only: {m.get('model_only')}")
         print(f"files: {len(m['files'])} ({sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB)")
+    elif is_flat_model_layout(folder):
+        print(f"layout: torchtitan's (model weights at the top level, no {MANIFEST})")
+        _print_torchtitan_progress(folder)
     else:
         print(f"manifest: none ({MANIFEST} missing: incomplete, or not written by torchtitan_like)")
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
@@ -89,6 +97,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             print(f"  {name:<{width}}  (bytes)")
     return 0
+
+
+def _print_torchtitan_progress(folder: Path) -> None:
+    """The step and token count of a torchtitan checkpoint's train_state, and which states it holds."""
+    import torch.distributed.checkpoint as dcp
+
+    names = dcp_contents(folder)
+    others = sorted(n for n in names if n in ("optimizer", "lr_scheduler", "dataloader", "train_state"))
+    print(f"contents: {', '.join(['model', *others])}")
+    if "train_state" in names:
+        state = {"train_state": {"step": 0, "ntokens_seen": 0}}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+        except Exception as e:  # (what is there is listed below all the same)
+            print(f"train_state: unreadable ({_describe(e)})")
+            return
+        print(f"step: {state['train_state']['step']}  tokens seen: {state['train_state']['ntokens_seen']}")
 
 
 # --- convert ---------------------------------------------------------------------------------------

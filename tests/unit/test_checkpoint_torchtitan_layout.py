@@ -159,3 +159,23 @@ def test_the_checkpoint_tool_converts_a_torchtitan_checkpoints_weights(tmp_path:
     assert tool.main(["convert", str(path), str(tmp_path / "all.pt"), "--no-model-only"]) == 2
     assert "convert its weights only (--model-only)" in capsys.readouterr().err
     assert not (tmp_path / "all.pt").exists()
+
+
+def test_the_checkpoint_tool_inspects_a_torchtitan_checkpoint_and_does_not_call_it_incomplete(tmp_path: Path, capsys) -> None:
+    tool = _tool()
+    source = make_run(0)
+    source.train(3)
+    path = torchtitan_checkpoint(tmp_path / "step-3", source.model, run=source)
+    assert tool.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "layout: torchtitan's (model weights at the top level, no manifest.json)" in out
+    assert "contents: model, dataloader, lr_scheduler, optimizer, train_state" in out
+    assert f"step: 3  tokens seen: {source.state.tokens_seen}" in out
+    assert tool.main(["verify", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is in torchtitan's layout, which has no manifest.json to verify against" in err
+    assert "incomplete" not in err
+    only = torchtitan_checkpoint(tmp_path / "step-9", source.model, model_only=True)
+    assert tool.main(["inspect", str(only)]) == 0
+    out = capsys.readouterr().out
+    assert "contents: model\n" in out and "step:" not in out
