@@ -117,18 +117,23 @@ RUNS: dict[str, tuple[str, int, tuple[str, ...]]] = {
 @pytest.mark.parametrize("run", list(RUNS))
 def test_block_causal_matches_one_process(run: str, reference: dict, data, tmp_path: Path) -> None:
     layout, n_layers, extra = RUNS[run]
-    world, _ = LAYOUTS[layout]
     ref = reference
     if n_layers != N_LAYERS:  # (a pipeline of 4 stages needs a block each: a reference of that depth)
         ref_argv = _argv(tmp_path / "ref", "one", data, n_layers=n_layers)
         (ref,) = run_on_ranks(doc_mask_run, world_size=1, tmp_path=tmp_path, args=(ref_argv,))
     argv = _argv(tmp_path / "run", layout, data, *extra, n_layers=n_layers)
+    _assert_trains_like(ref, layout, argv, tmp_path, what=run)
+
+
+def _assert_trains_like(ref: dict, layout: str, argv: list[str], tmp_path: Path, *, what: str) -> None:
+    """`argv` run under `layout` trains as the one-process `ref` did, and validates to its val_loss."""
+    world, _ = LAYOUTS[layout]
     ranks = run_on_ranks(doc_mask_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
     params = merged_params(ranks) if layout.startswith("pp") else ranks[0]["params"]
     for r, out in enumerate(ranks):
-        assert_same_training(out, ref, f"{run} rank {r}", params=params if r == 0 else None)
+        assert_same_training(out, ref, f"{what} rank {r}", params=params if r == 0 else None)
         if _validates(layout):
-            assert out["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5), f"{run} rank {r}"
+            assert out["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5), f"{what} rank {r}"
         else:
             assert out["val_loss"] is None
 
@@ -149,13 +154,5 @@ def eod_reference(tmp_path_factory, data) -> dict:
 
 @pytest.mark.parametrize("layout", EOD_LAYOUTS)
 def test_eod_mask_loss_matches_one_process(layout: str, eod_reference: dict, data, tmp_path: Path) -> None:
-    world, _ = LAYOUTS[layout]
     argv = _argv(tmp_path / "run", layout, data, "--training.eod_mask_loss", mask="causal")
-    ranks = run_on_ranks(doc_mask_run, world_size=world, tmp_path=tmp_path, args=(argv,), timeout_s=300)
-    params = merged_params(ranks) if layout.startswith("pp") else ranks[0]["params"]
-    for r, out in enumerate(ranks):
-        assert_same_training(out, eod_reference, f"{layout} rank {r}", params=params if r == 0 else None)
-        if _validates(layout):
-            assert out["val_loss"] == pytest.approx(eod_reference["val_loss"], rel=1e-5), f"{layout} rank {r}"
-        else:
-            assert out["val_loss"] is None
+    _assert_trains_like(eod_reference, layout, argv, tmp_path, what=f"eod_mask_loss {layout}")
