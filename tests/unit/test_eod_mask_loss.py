@@ -43,10 +43,11 @@ def _per_token_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
 
 
-@pytest.mark.parametrize("masked", [True, False])
-def test_train_and_validation_loss_leave_out_the_positions_after_eos(masked: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("masked, chunk", [(True, 0), (True, 8), (False, 0)])
+def test_train_and_validation_loss_leave_out_the_positions_after_eos(masked: bool, chunk: int, tmp_path: Path) -> None:
     """Step 1's loss and a validation before it, against the mean of per-token losses computed here over the
-    positions whose input is not eos (masked) or over all of them (the default)."""
+    positions whose input is not eos (masked) or over all of them (the default); also with the loss computed
+    8 positions at a time (training.loss_chunk_size)."""
     train, val = _short_docs(tmp_path / "train.jsonl", 200, seed=1), _short_docs(tmp_path / "val.jsonl", 60, seed=2)
     args = argv(
         tmp_path / "run",
@@ -54,7 +55,7 @@ def test_train_and_validation_loss_leave_out_the_positions_after_eos(masked: boo
         "--training.steps", "1", "--training.local_batch_size", "4",
         "--validation.enable", "--validation.dataset", "local", "--validation.dataset_path", str(val),
         "--validation.seq_len", "32", "--validation.local_batch_size", "4", "--validation.steps", "1",
-        *(["--training.eod_mask_loss"] if masked else []),
+        "--training.loss_chunk_size", str(chunk), *(["--training.eod_mask_loss"] if masked else []),
     )
     trainer = Trainer(load_config(args))
     try:
