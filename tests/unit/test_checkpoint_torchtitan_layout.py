@@ -179,3 +179,20 @@ def test_the_checkpoint_tool_inspects_a_torchtitan_checkpoint_and_does_not_call_
     assert tool.main(["inspect", str(only)]) == 0
     out = capsys.readouterr().out
     assert "contents: model\n" in out and "step:" not in out
+
+
+def test_a_torchtitan_model_only_save_with_the_whole_state_asked_for_says_what_it_lacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_run(0)
+    source.train(2)
+    path = torchtitan_checkpoint(tmp_path / "step-9", source.model, model_only=True)
+    run = make_run(1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
+        assert manager(run, tmp_path / "run", initial_load_path=str(path), initial_load_model_only=False).load() is None
+    assert_same(run.model.state_dict(), source.model.state_dict())
+    assert not run.optimizer.state and run.state.step == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("holds no optimizer, lr_scheduler, train_state (a model-only save" in m for m in messages), messages
+    assert not any("dataloader state" in m for m in messages), "no dataloader state there to warn about"

@@ -870,7 +870,15 @@ class CheckpointManager:
             ts = state["train_state"]
             self.train_state.load_state_dict({"step": ts["step"], "tokens_seen": ts["ntokens_seen"]})
         logger.info("loaded %s of %s in %.1f s", loaded, path, time.perf_counter() - t0)
-        if not self.cfg.initial_load_model_only and "dataloader" not in self.cfg.exclude_from_loading:
+        if self.cfg.initial_load_model_only:
+            return None
+        missing = [c for c in ("optimizer", "lr_scheduler", "train_state")
+                   if c not in present and c not in self.cfg.exclude_from_loading and self._has(c)]
+        if missing:
+            # initial_load_model_only=false asked for the whole state: say what was not there.
+            logger.warning("checkpoint.initial_load_path=%s holds no %s (a model-only save, such as torchtitan's last "
+                           "step?): those start fresh", path, ", ".join(missing))
+        if "dataloader" in present and "dataloader" not in self.cfg.exclude_from_loading:
             logger.warning(
                 "%s: torchtitan's dataloader state is in its own format: the data starts from its beginning, not "
                 "where that run left off (set checkpoint.exclude_from_loading = [\"dataloader\"] to say so)", path,
