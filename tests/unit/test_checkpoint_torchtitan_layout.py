@@ -69,6 +69,16 @@ def test_a_torchtitan_checkpoints_weights_start_a_run(tmp_path: Path) -> None:
     assert_same(again.model.state_dict(), source.model.state_dict())
 
 
+def _whole_state_load(path: Path, dump: Path, caplog: pytest.LogCaptureFixture, **overrides) -> tuple[Run, int | None, list[str]]:
+    """A fresh run loading `path` with initial_load_model_only=false: the run, the step load() returned, and the
+    warnings it logged."""
+    run = make_run(1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
+        step = manager(run, dump, initial_load_path=str(path), initial_load_model_only=False, **overrides).load()
+    return run, step, [r.getMessage() for r in caplog.records]
+
+
 def test_a_torchtitan_run_continues_from_its_whole_state(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Weights, AdamW state, schedule position, step and tokens: the next steps are the source run's own, given
     the same batches and random state (its data position does not carry over)."""
@@ -76,16 +86,14 @@ def test_a_torchtitan_run_continues_from_its_whole_state(tmp_path: Path, caplog:
     source.train(3)
     path = torchtitan_checkpoint(tmp_path / "step-3", source.model, run=source)
     check_initial_load(Checkpoint(initial_load_path=str(path), initial_load_model_only=False), ARGS)
-    run = make_run(1)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
-        assert manager(run, tmp_path / "run", initial_load_path=str(path), initial_load_model_only=False).load() == 3
+    run, step, warnings = _whole_state_load(path, tmp_path / "run", caplog)
+    assert step == 3
     assert (run.state.step, run.state.tokens_seen) == (3, source.state.tokens_seen)
     assert_same(run.model.state_dict(), source.model.state_dict())
     assert_same(run.optimizer.state_dict(), source.optimizer.state_dict())
     assert run.scheduler.last_epoch == 3 and run.scheduler.get_last_lr() == source.scheduler.get_last_lr()
     assert run.loader.pos == 0, "torchtitan's dataloader state is never read"
-    assert any("its own format: the data starts from its beginning" in r.getMessage() for r in caplog.records)
+    assert any("its own format: the data starts from its beginning" in m for m in warnings)
     run.loader.pos = source.loader.pos
     for r in (run, source):
         torch.manual_seed(5)
@@ -99,15 +107,11 @@ def test_a_torchtitan_checkpoints_states_can_be_left_out(tmp_path: Path, caplog:
     source = make_run(0)
     source.train(3)
     path = torchtitan_checkpoint(tmp_path / "step-3", source.model, run=source)
-    run = make_run(1)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
-        mgr = manager(run, tmp_path / "run", initial_load_path=str(path), initial_load_model_only=False,
-                      exclude_from_loading=["optimizer", "dataloader"])
-        assert mgr.load() == 3
+    run, step, warnings = _whole_state_load(path, tmp_path / "run", caplog, exclude_from_loading=["optimizer", "dataloader"])
+    assert step == 3
     assert not run.optimizer.state and run.scheduler.last_epoch == 3
     assert_same(run.model.state_dict(), source.model.state_dict())
-    assert not any("the data starts from its beginning" in r.getMessage() for r in caplog.records)
+    assert not any("the data starts from its beginning" in m for m in warnings)
 
 
 def test_what_cannot_load_from_a_torchtitan_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -187,12 +191,9 @@ def test_a_torchtitan_model_only_save_with_the_whole_state_asked_for_says_what_i
     source = make_run(0)
     source.train(2)
     path = torchtitan_checkpoint(tmp_path / "step-9", source.model, model_only=True)
-    run = make_run(1)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="torchtitan_like.components.checkpoint"):
-        assert manager(run, tmp_path / "run", initial_load_path=str(path), initial_load_model_only=False).load() is None
+    run, step, messages = _whole_state_load(path, tmp_path / "run", caplog)
+    assert step is None
     assert_same(run.model.state_dict(), source.model.state_dict())
     assert not run.optimizer.state and run.state.step == 0
-    messages = [r.getMessage() for r in caplog.records]
     assert any("holds no optimizer, lr_scheduler, train_state (a model-only save" in m for m in messages), messages
     assert not any("dataloader state" in m for m in messages), "no dataloader state there to warn about"
