@@ -71,7 +71,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = Path(args.folder)
-    dcp_contents(folder)  # a clear error when .metadata is missing
+    names = dcp_contents(folder)  # (a clear error when .metadata is missing)
     print(f"folder: {folder}")
     if (folder / MANIFEST).is_file():
         m = read_manifest(folder)
@@ -83,7 +83,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"files: {len(m['files'])} ({sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB)")
     elif is_flat_model_layout(folder):
         print(f"layout: torchtitan's (model weights at the top level, no {MANIFEST})")
-        _print_torchtitan_progress(folder)
+        _print_torchtitan_progress(folder, names)
     else:
         print(f"manifest: none ({MANIFEST} missing: incomplete, or not written by torchtitan_like)")
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
@@ -99,11 +99,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_torchtitan_progress(folder: Path) -> None:
-    """The step and token count of a torchtitan checkpoint's train_state, and which states it holds."""
+def _print_torchtitan_progress(folder: Path, names: set[str]) -> None:
+    """The step and token count of a torchtitan checkpoint's train_state, and which states (`names`: its
+    top-level ones) it holds."""
     import torch.distributed.checkpoint as dcp
 
-    names = dcp_contents(folder)
     others = sorted(n for n in names if n in ("optimizer", "lr_scheduler", "dataloader", "train_state"))
     print(f"contents: {', '.join(['model', *others])}")
     if "train_state" in names:

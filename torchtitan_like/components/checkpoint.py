@@ -70,6 +70,7 @@ from torchtitan_like.components.manifest import (
     build_manifest,
     complete_steps,
     dcp_contents,
+    dcp_keys,
     fsync_dir,
     hash_files,
     is_partial,
@@ -838,10 +839,7 @@ class CheckpointManager:
         it continues from (None after the weights alone)."""
         t0 = time.perf_counter()  # (check_initial_load refused what cannot load: a tied model)
         self._check_no_foreign_weights(path, prefix="")
-        try:
-            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"{path / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
+        saved = dcp_keys(path)
         present = {k.split(".", 1)[0] for k in saved}
         wanted = set() if self.cfg.initial_load_model_only else {
             c for c in ("optimizer", "lr_scheduler", "train_state")
@@ -954,10 +952,7 @@ class CheckpointManager:
             return
         with torch.device("meta"):
             expected = set(Transformer(self.model_args).state_dict())
-        try:
-            keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"{path / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
+        keys = dcp_keys(path)
         names = [k[len(prefix):] for k in keys if k.startswith(prefix)] if prefix else flat_model_keys(keys)
         extra = sorted(k for k in names if k not in expected)
         if extra:

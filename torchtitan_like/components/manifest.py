@@ -206,10 +206,15 @@ def complete_steps(folder: str | os.PathLike) -> dict[int, Path]:
     return {s: p for s, p in step_folders(folder).items() if (p / MANIFEST).is_file()}
 
 
-def dcp_contents(path: str | os.PathLike) -> set[str]:
-    """Top-level state names in a DCP checkpoint (model, optimizer, ...), from its .metadata alone."""
+def dcp_keys(path: str | os.PathLike) -> list[str]:
+    """Every flattened key of a DCP checkpoint (model.layers.0..., optimizer.state...), from its .metadata alone."""
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointError(f"{Path(path) / '.metadata'} is missing or unreadable ({e}): not a DCP checkpoint") from e
-    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+    return list(metadata.state_dict_metadata)
+
+
+def dcp_contents(path: str | os.PathLike) -> set[str]:
+    """Top-level state names in a DCP checkpoint (model, optimizer, ...), from its .metadata alone."""
+    return {key.split(".", 1)[0] for key in dcp_keys(path)}
