@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import os
 import signal
@@ -54,7 +53,7 @@ from torchtitan_like.components.validation import (
     build_validation_dataset,
     check_layout,
 )
-from torchtitan_like.config.loader import to_toml
+from torchtitan_like.config.loader import config_hash, to_toml
 from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.config.validate import ignored_settings
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
@@ -113,14 +112,20 @@ def _layers_source(cfg: JobConfig) -> str:
     return f"model.flavor={cfg.model.flavor!r}"
 
 
-def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
-    """Every check of a job that needs neither a process group nor a model: raises ConfigError naming
-    the keys. The trainer runs it first; the planner runs it on each layout it considers."""
+def job_model_args(cfg: JobConfig) -> TransformerArgs:
+    """The model's arguments for a job: its flavor, model.n_layers, the RoPE table length (model.max_seq_len,
+    else training.seq_len) and the attention settings (bos/eos ids come later, from the tokenizer)."""
     spec = MODELS[cfg.model.name]
-    model_args = replace(
+    return replace(
         spec.args(cfg.model.flavor, n_layers=cfg.model.n_layers).with_seq_len(cfg.model.max_seq_len or cfg.training.seq_len),
         attn_type=cfg.model.attn_type, attn_mask_type=cfg.model.attn_mask_type,
     )
+
+
+def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
+    """Every check of a job that needs neither a process group nor a model: raises ConfigError naming
+    the keys. The trainer runs it first; the planner runs it on each layout it considers."""
+    model_args = job_model_args(cfg)
     if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
         raise ConfigError(
             f"checkpoint.create_seed_checkpoint=true runs on one process, not {world_size}: use NGPU=1 "
@@ -542,7 +547,7 @@ class Trainer:
     def _fingerprint(self) -> dict[str, Any]:
         pd = self.parallel_dims
         return {
-            "config_hash": hashlib.sha256(to_toml(self.cfg).encode()).hexdigest()[:16],
+            "config_hash": config_hash(self.cfg),
             "layout": {"dp_replicate": pd.dp_replicate, "dp_shard": pd.dp_shard, "cp": pd.cp, "tp": pd.tp, "pp": pd.pp},
             "world_size": self.world_size,
         }

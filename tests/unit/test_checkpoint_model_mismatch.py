@@ -33,6 +33,18 @@ def test_resuming_with_fewer_layers_is_refused_naming_the_extra_weights(tmp_path
     assert manager(make_run(2, dataclasses.replace(ARGS, n_layers=3)), tmp_path).load() == 1
 
 
+def test_resuming_with_more_layers_is_refused_naming_the_missing_weights(tmp_path):
+    """(DCP itself stopped at the first with "Missing key in checkpoint state_dict", naming no flavor.)"""
+    shallow = make_run(0)
+    mgr = manager(shallow, tmp_path, interval=1)
+    shallow.train(1, mgr)
+    mgr.close()
+    deeper = make_run(1, dataclasses.replace(ARGS, n_layers=3))
+    with pytest.raises(CheckpointError, match=r"lacks model weights that this model.flavor has: \['layers\.2\..*"
+                                              r"model.n_layers"):
+        manager(deeper, tmp_path).load()
+
+
 def test_initial_load_of_a_deeper_model_is_refused(tmp_path):
     deeper = make_run(0, dataclasses.replace(ARGS, n_layers=3))
     mgr = manager(deeper, tmp_path / "src", interval=1)

@@ -162,7 +162,8 @@ class CheckpointManager:
     """Saves and loads the whole training state; the trainer calls load(), maybe_save(), wait(), close().
 
     `optimizer` is one optimizer over the model part, or one optimizer per model part (pipeline
-    parallel). `lr_scheduler` and `dataloader` may be None (not saved). `fingerprint` =
+    parallel), or None for a manager that only loads model weights (checkpoint.load_only, e.g. for
+    tools/generate.py). `lr_scheduler` and `dataloader` may be None (not saved). `fingerprint` =
     {"config_hash", "layout", "world_size"} goes into each manifest. `model_args` (default: the first
     model part's `.args`) is needed only for the Hugging Face import/export.
     """
@@ -173,7 +174,7 @@ class CheckpointManager:
         *,
         dump_folder: str | os.PathLike,
         model_parts: Sequence[nn.Module],
-        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
         lr_scheduler: Any,
         dataloader: Stateful | None,
         train_state: TrainState,
@@ -190,8 +191,10 @@ class CheckpointManager:
         check_async_device(cfg, device_type="cuda" if torch.cuda.is_available() else "cpu")
         self.folder = Path(dump_folder) / cfg.folder
         self.model_parts = list(model_parts)
-        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-        if len(self.optimizers) != len(self.model_parts):
+        if optimizer is None and not cfg.load_only:
+            raise ValueError("a CheckpointManager without an optimizer only loads: set load_only in its config")
+        self.optimizers = [] if optimizer is None else list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if optimizer is not None and len(self.optimizers) != len(self.model_parts):
             raise CheckpointError(
                 f"{len(self.model_parts)} model parts but {len(self.optimizers)} optimizer(s): with several model "
                 f"parts (pipeline parallel) pass one optimizer per part, so each part's state keeps its parameter names"
@@ -777,10 +780,11 @@ class CheckpointManager:
         if manifest.get("config_hash") != self.fingerprint.get("config_hash"):
             # (Expected under load_only, which is itself a change of config: said, not warned.)
             (logger.info if self.cfg.load_only else logger.warning)(
-                "%s was saved with a different config (hash %s, now %s): resuming anyway",
+                "%s was saved with a different config (hash %s, now %s): %s anyway",
                 path,
                 manifest.get("config_hash"),
                 self.fingerprint.get("config_hash"),
+                "loading" if self.cfg.load_only else "resuming",
             )
         if manifest.get("layout") != self.fingerprint.get("layout") or manifest.get("world_size") != self.world_size:
             logger.info(
@@ -893,6 +897,8 @@ class CheckpointManager:
             raise CheckpointError(f"loading {what} from {path} failed: {_describe(e)}") from e
 
     def _has(self, component: str) -> bool:
+        if not self.optimizers:  # a manager that reads the weights alone
+            return component == "model"
         return {"lr_scheduler": self.lr_scheduler, "dataloader": self.dataloader}.get(component, True) is not None
 
     def _load_components(self, path: Path, wanted: set[str]) -> list[str]:
@@ -941,7 +947,8 @@ class CheckpointManager:
 
     def _check_no_foreign_weights(self, path: Path, prefix: str = "model.") -> None:
         """Refuse a checkpoint with model tensors this model does not have (a deeper or different
-        flavor): DCP reads only the keys asked for, so they would be dropped without a word. The whole
+        flavor): DCP reads only the keys asked for, so they would be dropped without a word; and one
+        that lacks tensors this model has (a shallower flavor), naming them. The whole
         model's names come from a meta-device build (a pipeline rank holds only its stages). `prefix`:
         where the model's keys are ("model." here; "" in torchtitan's flat layout, beside its other states
         and its RoPE table)."""
@@ -959,7 +966,15 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path} holds model weights that this model.flavor does not have: {extra[:5]}"
                 f"{' ...' if len(extra) > 5 else ''} (saved from a deeper or different model? choose the matching "
-                "model.flavor)"
+                "model.flavor, and model.n_layers if that run set it)"
+            )
+        # (DCP would stop at the first missing key with "Missing key in checkpoint state_dict".)
+        missing = sorted(expected - set(names))
+        if missing:
+            raise CheckpointError(
+                f"{path} lacks model weights that this model.flavor has: {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''} (saved from a shallower or different model? choose the "
+                "matching model.flavor, and model.n_layers if that run set it)"
             )
         # A tied model's state dict names its one matrix twice (tok_embeddings and output): an untied
         # checkpoint's two matrices would both load into it, the output head's last, without a word.

@@ -7,6 +7,7 @@ naming the key and the closest valid name. Nothing is silently dropped or change
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import math
 import os
@@ -500,6 +501,11 @@ def to_toml(cfg: JobConfig) -> str:
                 lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def config_hash(cfg: JobConfig) -> str:
+    """A short digest of the resolved config, recorded in each checkpoint's manifest."""
+    return hashlib.sha256(to_toml(cfg).encode()).hexdigest()[:16]
 
 
 def _toml_value(v: Any) -> str:
