@@ -123,8 +123,9 @@ def test_sampling_stays_in_the_top_k_and_repeats_with_its_seed(run: Path) -> Non
     assert hot[0] != hot[1]
 
 
-def test_hugging_face_weights_give_the_same_text(run: Path, tmp_path: Path) -> None:
-    """--checkpoint with an HF folder (the tool's export of the step) loads through the HF adapter."""
+def test_other_checkpoints_by_path_give_the_same_text(run: Path, tmp_path: Path) -> None:
+    """--checkpoint with an HF folder (tools/checkpoint.py's export of the step) loads through the HF
+    adapter, a torchtitan-layout folder through the trainer's torchtitan loader."""
     hf = tmp_path / "hf"
     subprocess.run([sys.executable, str(ROOT / "tools/checkpoint.py"), "convert", str(run / "checkpoint/step-8"),
                     str(hf), "--hf", "--flavor", "debugmodel", "--n-layers", "2"], check=True, capture_output=True)
@@ -135,6 +136,12 @@ def test_hugging_face_weights_give_the_same_text(run: Path, tmp_path: Path) -> N
     # A step folder by path: its manifest gives the step.
     by_path = _tool(run, "--max-new-tokens", "10", "--checkpoint", str(run / "checkpoint/step-4"))
     assert by_path["step"] == 4
+    # torchtitan's layout (the model's keys at the top level, no manifest): the same weights, the same text.
+    flat = tmp_path / "torchtitan_step"
+    dcp.save(_reference(run, 8).state_dict(), checkpoint_id=str(flat))
+    from_torchtitan = _tool(run, "--max-new-tokens", "10", "--checkpoint", str(flat))
+    assert from_torchtitan["step"] is None
+    assert from_torchtitan["results"][0]["new_token_ids"] == ours["results"][0]["new_token_ids"]
 
 
 def test_bfloat16_weights_keep_a_float32_rope_table(run: Path) -> None:
