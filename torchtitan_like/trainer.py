@@ -349,9 +349,13 @@ class Trainer:
                       for opt in self.optimizers]
         self.checkpointer.load()
         self._apply_optimizer_config(configured)
-        # Rows of an attempt that died after its last checkpoint; without checkpoints every start is
-        # step 0, so a rerun or a torchrun restart starts the file again instead of listing steps twice.
-        self.metrics.drop_after(self.step)
+        self.evaluate_only = cfg.checkpoint.load_only and self.validator is not None and self.step >= cfg.training.steps
+        """Validate the loaded weights once and train nothing (load_only, with no step left to train)."""
+        if not self.evaluate_only:
+            # Rows of an attempt that died after its last checkpoint; without checkpoints every start is
+            # step 0, so a rerun or a torchrun restart starts the file again instead of listing steps twice.
+            # (Evaluations of several checkpoints, in any order, each keep their row.)
+            self.metrics.drop_after(self.step)
         logger.info(
             "training %s %s for %d steps: global batch %d x seq %d (%d tokens/step), local batch %d, "
             "grad accumulation %d, world %d, device %s, params %s",
@@ -799,11 +803,16 @@ class Trainer:
             self.checkpointer.maybe_save(0, seed=True)
             logger.info("seed checkpoint written; exiting without training")
             return
+        if self.evaluate_only:
+            self._evaluate_loaded()
+            return
         if self.step >= cfg.training.steps:
             logger.warning(
                 "the checkpoint resumed is at step %d and training.steps=%d: nothing to train (raise training.steps "
-                "to continue the run; a final export is written by the run that reaches training.steps)",
+                "to continue the run; a final export is written by the run that reaches training.steps%s)",
                 self.step, cfg.training.steps,
+                "; with [validation] enabled, a load_only run validates the loaded weights" if cfg.checkpoint.load_only
+                else "",
             )
         gc_freq = cfg.training.gc_freq
         if gc_freq > 0:
@@ -902,9 +911,18 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def _maybe_validate(self) -> tuple[dict[str, float], float]:
-        """({"val_loss", "val_ppl"} or {}, seconds spent) for this step."""
-        if self.validator is None or not self.validator.should_run(self.step):
+    def _evaluate_loaded(self) -> None:
+        """The loaded checkpoint's validation, as its own metrics row (load_only's metrics.jsonl)."""
+        logger.info(
+            "checkpoint.load_only: step %d loaded and training.steps=%d, so nothing to train: validating the loaded "
+            "weights once", self.step, self.cfg.training.steps,
+        )
+        result, seconds = self._maybe_validate(always=True)
+        self.metrics.log_validation(self.step, result, seconds=seconds)
+
+    def _maybe_validate(self, *, always: bool = False) -> tuple[dict[str, float], float]:
+        """({"val_loss", "val_ppl"} or {}, seconds spent) for this step (`always`: whatever validation.freq)."""
+        if self.validator is None or not (always or self.validator.should_run(self.step)):
             return {}, 0.0
         t0 = time.perf_counter()
         # Its forward-only graphs (eval, no grad) compile once per block: not a training recompile.

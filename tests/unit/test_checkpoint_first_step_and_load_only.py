@@ -80,6 +80,33 @@ def test_load_only_resumes_never_saves_and_leaves_the_loaded_runs_files(tmp_path
     assert "load_only = true" in (tmp_path / "load_only" / "config.toml").read_text()
 
 
+def test_load_only_with_nothing_to_train_validates_the_loaded_weights(tmp_path, capsys):
+    """An evaluation of saved checkpoints (Megatron-LM's --skip-train): load_only with training.steps at the
+    loaded step validates once and trains nothing. The reference is the val_loss the training run itself
+    logged at those steps, on the same held-out batches."""
+    val = ("--validation.enable", "--validation.freq", "4", "--validation.steps", "2",
+           "--validation.local_batch_size", "2")
+    assert train.main(argv(tmp_path, *CKPT, *val, "--training.steps", "8")) == 0
+    logged = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if "val_loss" in r}
+    assert sorted(logged) == [4, 8] and logged[4] != logged[8]
+    # Step 8 (the final, model-only save), then step 4 (a full one): each evaluation keeps its row.
+    for step in (8, 4):
+        job = argv(tmp_path, *CKPT, *val, "--checkpoint.load_only", "--checkpoint.load_step", str(step),
+                   "--training.steps", str(step))
+        assert train.main(job) == 0
+    rows = [json.loads(line) for line in (tmp_path / "load_only" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 4] and all("loss" not in r for r in rows)
+    assert [r["val_loss"] for r in rows] == [logged[8], logged[4]]
+    assert sorted(complete_steps(tmp_path / "checkpoint")) == [4, 8]  # nothing saved
+    out = capsys.readouterr().out
+    assert "step 4 loaded and training.steps=4, so nothing to train: validating the loaded weights once" in out
+    assert "step:    4  (evaluated, not trained)  val_loss:" in out
+    # Without [validation] it is the usual "nothing to train", naming what would evaluate.
+    assert train.main(argv(tmp_path, *CKPT, "--checkpoint.load_only", "--training.steps", "8")) == 0
+    assert "with [validation] enabled, a load_only run validates the loaded weights" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--checkpoint.load_only"], "checkpoint.load_only=true needs checkpoint.enable=true"),
     (["--checkpoint.enable_first_step_checkpoint"], "checkpoint.enable_first_step_checkpoint=true needs checkpoint.enable=true"),

@@ -203,6 +203,20 @@ class MetricsLogger:
             self._write_tensorboard(record, mem, extra)
         return record
 
+    def log_validation(self, step: int, values: dict[str, float], *, seconds: float) -> dict[str, Any]:
+        """A row of validation alone (val_loss, val_ppl) for `step`, with no training interval: a loaded
+        checkpoint's evaluation. Returns the record."""
+        record: dict[str, Any] = {"step": step, **values, "validation_s": seconds}
+        if self.enabled:
+            logger.info("step: %4d  (evaluated, not trained)%s  validation_s: %.2f", step,
+                        "".join(f"  {k}: {v:.4g}" for k, v in values.items()), seconds)
+            self._write_jsonl(record)
+            if self._writer is not None:
+                for tag, value in values.items():
+                    self._writer.add_scalar(tag, value, step)
+                self._writer.flush()
+        return record
+
     @staticmethod
     def _console_line(r: dict[str, Any], mem: MemoryStats, extra: dict[str, float]) -> str:
         """The one log line per step (NaN/inf format as nan/inf)."""

@@ -204,7 +204,8 @@ class Checkpoint:
     enable_first_step_checkpoint: bool = False
     """Also save the full state right after the run's first step (step 1, or the first after a resume): checks saving on new storage at once."""
     load_only: bool = False
-    """Resume (or load initial_load_path) as usual, but never save: for evaluating or debugging from a checkpoint."""
+    """Resume (or load initial_load_path) as usual, but never save: for evaluating or debugging from a checkpoint. With
+    [validation] enabled and training.steps at the loaded step (nothing to train), it validates the loaded weights once."""
 
 
 @dataclass
