@@ -97,6 +97,12 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
                 "convert FILE.pt OUT_FOLDER"
             )
         ck = dataclasses.replace(ck, initial_load_path=str(path), initial_load_in_hf=hf, load_step=-1)
+        folder = path if path.is_dir() else path.parent
+        shipped = [p for p in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json") if (folder / p).is_file()]
+        if hf and shipped and not cfg.model.tokenizer_path:
+            # A Hugging Face model folder ships its tokenizer; the embedded one would only give garbage.
+            logger.info("model.tokenizer_path unset: using the tokenizer of %s (%s)", folder, shipped[0])
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer_path=str(folder)))
     elif not complete_steps(own) and not ck.initial_load_path:
         raise ConfigError(
             f"nothing to generate from: {own} (job.dump_folder / checkpoint.folder) holds no complete checkpoint and "

@@ -133,6 +133,13 @@ def test_other_checkpoints_by_path_give_the_same_text(run: Path, tmp_path: Path)
     ours = _tool(run, "--max-new-tokens", "10")
     assert from_hf["checkpoint"] == str(hf) and from_hf["step"] is None
     assert from_hf["results"][0]["new_token_ids"] == ours["results"][0]["new_token_ids"]
+    # A model folder that ships a tokenizer: it is used where model.tokenizer_path is unset (here a smaller
+    # one, the embedded tokenizer's first 300 ranks: bytes and a few merges, so the prompt takes more ids).
+    ranks = (ROOT / "torchtitan_like/assets/tokenizer/tokenizer.model").read_text().splitlines()[:300]
+    (hf / "tokenizer.model").write_text("\n".join(ranks) + "\n")
+    shipped = _tool(run, "--max-new-tokens", "2", "--checkpoint", str(hf))
+    prompt_ids = build_tokenizer(str(hf / "tokenizer.model")).encode(PROMPT, bos=True, eos=False)
+    assert shipped["results"][0]["prompt_tokens"] == len(prompt_ids) > ours["results"][0]["prompt_tokens"]
     # A step folder by path: its manifest gives the step.
     by_path = _tool(run, "--max-new-tokens", "10", "--checkpoint", str(run / "checkpoint/step-4"))
     assert by_path["step"] == 4
