@@ -374,6 +374,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 tokens = _special_tokens(args.tokenizer, margs) if margs is not None else None
                 with _atomic(dst) as tmp:
                     save_hf_safetensors(sd, tmp, args=margs, special_tokens=tokens)
+                    if tokens is not None:  # (the tokenizer config.json names: its files too)
+                        from torchtitan_like.components.hf_tokenizer import export_hf_tokenizer
+
+                        export_hf_tokenizer(args.tokenizer or "", tmp, model_max_length=margs.max_seq_len)
+                if margs is not None and tokens is None:
+                    print(f"note: no tokenizer files in {dst}: pass --tokenizer (the run's model.tokenizer_path) to "
+                          "write them", file=sys.stderr)
                 if margs is None:
                     print(
                         f"note: wrote our parameter names into {dst / HF_SINGLE}; add --hf --flavor for HF names",
@@ -460,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-layers", type=int, default=None,
                    help="with --hf: the weights' block count, where the job set model.n_layers (default: the flavor's)")
     c.add_argument("--tokenizer", default=None,
-                   help="with --hf: the tokenizer.model the run trained with, for config.json's bos/eos ids "
-                        "(default: the built-in tokenizer; Llama 3's ids for a 128256 vocabulary)")
+                   help="with --hf: the tokenizer the run trained with (model.tokenizer_path), for config.json's "
+                        "bos/eos ids and the folder's tokenizer.json + tokenizer_config.json (default: the built-in "
+                        "tokenizer where it fits the flavor; none for a 128256 vocabulary: Llama 3's ids, no files)")
     c.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="cast the model weights")
     c.add_argument(
         "--step", type=int, help="step recorded in the manifest of a DCP destination (default: from the source, else 0)"

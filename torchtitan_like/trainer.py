@@ -341,6 +341,7 @@ class Trainer:
                 max_seq_len=max(self.model_args.max_seq_len, MODELS[cfg.model.name].flavors[cfg.model.flavor].max_seq_len),
             ),
             special_tokens=self._special_tokens,
+            tokenizer_path=cfg.model.tokenizer_path if self._special_tokens is not None else None,
             timeout_s=cfg.comm.init_timeout_seconds,  # the start-up timeout: a save may be slow
         )
         if cfg.checkpoint.create_seed_checkpoint:

@@ -181,12 +181,14 @@ class CheckpointManager:
         fingerprint: dict[str, Any],
         model_args: Any = None,
         special_tokens: tuple[int, int] | None = None,
+        tokenizer_path: str | None = None,
         timeout_s: float | None = None,
     ):
         """timeout_s: the checkpoint process group's collective timeout (the trainer passes
         comm.init_timeout_seconds: a save may be slow); None = torch's default for a new group."""
         self.cfg = cfg
         self.special_tokens = special_tokens  # (bos, eos) of the run's tokenizer, for the HF config.json
+        self.tokenizer_path = tokenizer_path  # the run's model.tokenizer_path: its files go into the HF export
         check_checkpoint_config(cfg, pp=int(fingerprint.get("layout", {}).get("pp", 1)))
         check_async_device(cfg, device_type="cuda" if torch.cuda.is_available() else "cpu")
         self.folder = Path(dump_folder) / cfg.folder
@@ -608,6 +610,7 @@ class CheckpointManager:
         return None
 
     def _export_hf(self, dst: Path) -> None:
+        from torchtitan_like.components.hf_tokenizer import export_hf_tokenizer
         from torchtitan_like.models.llama3.state_dict_adapter import save_hf_safetensors, to_hf
 
         self._agree(self._check_hf_supported())
@@ -620,6 +623,8 @@ class CheckpointManager:
             try:
                 hf = to_hf({k: v.to(self.export_dtype) for k, v in full.items()}, self.model_args)
                 save_hf_safetensors(hf, dst, args=self.model_args, special_tokens=self.special_tokens)
+                if self.tokenizer_path is not None:
+                    export_hf_tokenizer(self.tokenizer_path, dst, model_max_length=self.model_args.max_seq_len)
             except Exception as e:
                 error = f"Hugging Face export into {dst} failed: {type(e).__name__}: {e}"
         self._agree(error)

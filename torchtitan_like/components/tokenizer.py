@@ -69,6 +69,11 @@ class Tokenizer:
         self._ranks = mergeable_ranks
         self._fingerprint: str | None = None
 
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        """The base vocabulary: each token's bytes -> its id (its BPE merge rank)."""
+        return self._ranks
+
     def fingerprint(self) -> str:
         """sha256 of the vocabulary (every token's bytes, by rank, then the special tokens): equal for two
         tokenizers exactly when they map text to the same ids, whatever file each was read from. Computed
@@ -161,6 +166,20 @@ def _check_ranks(ranks: dict[bytes, int], path: Path) -> None:
 def build_tokenizer(tokenizer_path: str) -> Tokenizer:
     """Load `tokenizer_path` ("" = the embedded default tokenizer): a tiktoken tokenizer.model, a Hugging
     Face tokenizer.json, or a folder holding one (original/tokenizer.model first, as Meta ships it)."""
+    path = tokenizer_file(tokenizer_path)
+    if is_hf_tokenizer_json(path):
+        return Tokenizer(load_hf_tokenizer_json(path), name=path.name)
+    return Tokenizer(load_bpe_ranks(path), name=path.name)
+
+
+def is_hf_tokenizer_json(path: Path) -> bool:
+    """A Hugging Face tokenizer.json (JSON) rather than a tiktoken tokenizer.model (base64 lines)."""
+    with open(path, "rb") as f:
+        return f.read(64).lstrip().startswith(b"{")
+
+
+def tokenizer_file(tokenizer_path: str) -> Path:
+    """The file build_tokenizer reads for `tokenizer_path` (DataError when there is none)."""
     path = Path(tokenizer_path) if tokenizer_path else DEFAULT_TOKENIZER_PATH
     if path.is_dir():
         candidates = (path / "original" / "tokenizer.model", path / "tokenizer.model", path / "tokenizer.json")
@@ -176,14 +195,10 @@ def build_tokenizer(tokenizer_path: str) -> Tokenizer:
         raise DataError(
             f"model.tokenizer_path: tokenizer file {str(path)!r} {what} (leave it empty for the embedded tokenizer)"
         )
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    if head.startswith(b"{"):
-        return Tokenizer(load_hf_tokenizer_json(path), name=path.name)
-    return Tokenizer(load_bpe_ranks(path), name=path.name)
+    return path
 
 
-def _byte_alphabet() -> dict[str, int]:
+def byte_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet of Hugging Face tokenizer.json files (GPT-2's): each byte is stored as
     one printable character. Bytes that print as themselves (! to ~, and Latin-1's ¡ to ¬ and ® to ÿ)
     keep their code point; the other 68 take U+0100, U+0101, ... in byte order. Returns char -> byte."""
@@ -220,7 +235,7 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
     if pattern != LLAMA3_PAT_STR:
         raise DataError(f"{path}: its pre-tokenizer splits text with {pattern!r}, not Llama 3's pattern: only Llama 3 "
                         "family tokenizers are supported (another split would give other tokens)")
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
     ranks: dict[bytes, int] = {}
     for token, rank in model["vocab"].items():

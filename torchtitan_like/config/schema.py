@@ -198,7 +198,8 @@ class Checkpoint:
     initial_load_in_hf: bool = False
     """initial_load_path is a Hugging Face safetensors folder (LlamaForCausalLM names)."""
     last_save_in_hf: bool = False
-    """Also export the final weights as Hugging Face safetensors (LlamaForCausalLM names)."""
+    """Also export the final weights as Hugging Face safetensors (LlamaForCausalLM names), with config.json and the
+    run's tokenizer (tokenizer.json, tokenizer_config.json), into the last step's hf/ folder."""
     create_seed_checkpoint: bool = False
     """Only initialize the model and save it as step-0 (run on one process), then exit."""
     enable_first_step_checkpoint: bool = False
