@@ -7,8 +7,9 @@ The config arguments are the trainer's (the job's TOML and any --section.key ove
 model (model.flavor, model.n_layers, model.tokenizer_path) and where its checkpoints are (job.dump_folder,
 checkpoint.folder; checkpoint.load_step picks one). The newest complete checkpoint of that run is loaded,
 with the checks of a resume; --checkpoint PATH loads another step folder (ours or torchtitan's) or Hugging
-Face safetensors instead (with the tokenizer such a folder ships, where model.tokenizer_path is unset). One process, one device (--device; default cuda when there is one), the weights
-in training.mixed_precision_param's dtype (auto: bfloat16 on CUDA, float32 on CPU); parallelism, compile,
+Face safetensors instead (with the tokenizer such a folder ships, where model.tokenizer_path is unset).
+One process, one device (--device; default cuda when there is one), the weights in
+training.mixed_precision_param's dtype (auto: bfloat16 on CUDA, float32 on CPU); parallelism, compile,
 float8 and activation checkpointing settings do not apply. Each prompt is encoded as training packs a
 document ([bos] text) and continued until the tokenizer's eos or --max-new-tokens; temperature 0 (the
 default) is greedy. The completions go to stdout, one speed line per prompt to the log (stderr), and
