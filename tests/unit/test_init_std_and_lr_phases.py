@@ -67,3 +67,19 @@ def test_a_nonzero_decay_ratio_always_decays_to_min_lr_factor() -> None:
     got = _lr_factors(cfg, steps=10)
     assert got[-1] == pytest.approx(0.1), got
     assert got[:-1] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1, 1, 1, 1])
+
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
+                    reason="torch 2.11's nn.init.trunc_normal_ draws with another algorithm (the reason for _truncate_)")
+@pytest.mark.parametrize("std, cutoff", [(0.02, 2.0), (256**-0.5, 3 * 256**-0.5)])
+def test_truncated_draws_are_torch_2_13s_trunc_normal(std: float, cutoff: float) -> None:
+    """The init's truncation is written out so that torch 2.11 (the GPU machines') draws the same weights as
+    2.13; on 2.13 it is trunc_normal_ to the bit, for the hidden weights' bounds and the output head's 3 std."""
+    from torchtitan_like.models.llama3.model import _truncate_
+
+    gen = torch.Generator().manual_seed(3)
+    ours = torch.empty(2000, 256).normal_(0.0, std, generator=gen)
+    _truncate_(ours, std=std, cutoff=cutoff, generator=gen)
+    theirs = torch.empty(2000, 256)
+    torch.nn.init.trunc_normal_(theirs, mean=0.0, std=std, a=-cutoff, b=cutoff, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours, theirs) and float(ours.abs().max()) <= cutoff

@@ -346,8 +346,21 @@ def _init_from_full_(
         # torchtitan's hidden weights: trunc_normal_'s default bounds, -2 and 2 in absolute terms (100
         # std at 0.02: in effect no truncation). A cut at +-2 std would lower the std by 12%.
         cutoff = 2.0
-    if std >= 1.0:
-        full.normal_(0.0, std, generator=gen)
-    else:
-        nn.init.trunc_normal_(full, mean=0.0, std=std, a=-cutoff, b=cutoff, generator=gen)
+    full.normal_(0.0, std, generator=gen)
+    if std < 1.0:
+        _truncate_(full, std=std, cutoff=cutoff, generator=gen)
     local.copy_(_local(full, param))
+
+
+def _truncate_(full: torch.Tensor, *, std: float, cutoff: float, generator: torch.Generator) -> None:
+    """Make normal draws a truncated normal: while any value is outside [-cutoff, cutoff], a whole new
+    tensor of draws is made and those values are taken from it. This is what nn.init.trunc_normal_ does on
+    torch 2.13 for bounds that keep most of the mass, written out because torch 2.11's trunc_normal_ used
+    another algorithm: one seed gave other weights on each version. Normal draws are the same on both, so
+    now the weights are too (for a cutoff of many std, as the hidden weights', nothing is redrawn)."""
+    while True:
+        outside = full.abs() > cutoff
+        if not outside.any():
+            return
+        fresh = torch.empty_like(full).normal_(0.0, std, generator=generator)
+        full.copy_(torch.where(outside, fresh, full))
