@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                 logger.exception("closing the trainer after the error above failed as well")
     if finished is not None and finished.stopped_by is not None:
         return EXIT_PREEMPTED
-    logger.info("training finished")
+    logger.info("evaluation finished" if finished is not None and finished.evaluate_only else "training finished")
     return 0
 
 

@@ -230,6 +230,8 @@ class Trainer:
         self.preemption = PreemptionWatcher()
         self.stopped_by: signal.Signals | None = None
         """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""
+        self.evaluate_only = False
+        """Validate the loaded weights once and train nothing (load_only, with no step left to train)."""
         check_memory_snapshot(cfg.profiling, self.device)
         check_async_device(cfg.checkpoint, device_type=self.device.type)
         check_async_tp_device(cfg.parallelism, self.device.type)
@@ -351,12 +353,11 @@ class Trainer:
         self.checkpointer.load()
         self._apply_optimizer_config(configured)
         self.evaluate_only = cfg.checkpoint.load_only and self.validator is not None and self.step >= cfg.training.steps
-        """Validate the loaded weights once and train nothing (load_only, with no step left to train)."""
-        if not self.evaluate_only:
-            # Rows of an attempt that died after its last checkpoint; without checkpoints every start is
-            # step 0, so a rerun or a torchrun restart starts the file again instead of listing steps twice.
-            # (Evaluations of several checkpoints, in any order, each keep their row.)
-            self.metrics.drop_after(self.step)
+        if self.evaluate_only:
+            return  # (train() says what it evaluates; evaluations of several checkpoints each keep their row)
+        # Rows of an attempt that died after its last checkpoint; without checkpoints every start is
+        # step 0, so a rerun or a torchrun restart starts the file again instead of listing steps twice.
+        self.metrics.drop_after(self.step)
         logger.info(
             "training %s %s for %d steps: global batch %d x seq %d (%d tokens/step), local batch %d, "
             "grad accumulation %d, world %d, device %s, params %s",

@@ -90,6 +90,7 @@ def test_load_only_with_nothing_to_train_validates_the_loaded_weights(tmp_path, 
     logged = {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
               if "val_loss" in r}
     assert sorted(logged) == [4, 8] and logged[4] != logged[8]
+    capsys.readouterr()  # (the training run's log)
     # Step 8 (the final, model-only save), then step 4 (a full one): each evaluation keeps its row.
     for step in (8, 4):
         job = argv(tmp_path, *CKPT, *val, "--checkpoint.load_only", "--checkpoint.load_step", str(step),
@@ -101,7 +102,8 @@ def test_load_only_with_nothing_to_train_validates_the_loaded_weights(tmp_path, 
     assert sorted(complete_steps(tmp_path / "checkpoint")) == [4, 8]  # nothing saved
     out = capsys.readouterr().out
     assert "step 4 loaded and training.steps=4, so nothing to train: validating the loaded weights once" in out
-    assert "step:    4  (evaluated, not trained)  val_loss:" in out
+    assert "step:    4  (evaluated, not trained)  val_loss:" in out and "evaluation finished" in out
+    assert "training llama3" not in out and "training finished" not in out
     # Without [validation] it is the usual "nothing to train", naming what would evaluate.
     assert train.main(argv(tmp_path, *CKPT, "--checkpoint.load_only", "--training.steps", "8")) == 0
     assert "with [validation] enabled, a load_only run validates the loaded weights" in capsys.readouterr().out
