@@ -58,7 +58,7 @@ from torchtitan_like.config.schema import Debug, JobConfig
 from torchtitan_like.config.validate import ignored_settings
 from torchtitan_like.data.loader import build_dataloader, grad_accum_steps
 from torchtitan_like.data.prefetch import PrefetchingLoader
-from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
+from torchtitan_like.distributed.activation_checkpoint import memory_budget_context, parse_selective_option
 from torchtitan_like.distributed.compile import CompileMonitor, compile_loss, separate_compile_caches
 from torchtitan_like.distributed.context_parallel import context_parallel_ctx, supported_rotate_methods
 from torchtitan_like.distributed.health import (
@@ -799,6 +799,11 @@ class Trainer:
             )
 
     def train(self) -> None:
+        # Every graph torch.compile makes is made in here (the first steps, validation's forward-only ones).
+        with memory_budget_context(self.cfg.activation_checkpoint):
+            self._train()
+
+    def _train(self) -> None:
         cfg = self.cfg
         if cfg.checkpoint.create_seed_checkpoint:
             # The initialized weights as step-0, for a later run to start from (initial_load_path).

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from feature_runs import STEPS, baseline_grad_norms, baseline_losses, grad_norms, losses, train
 from torchtitan_like.config.loader import load_config
 from torchtitan_like.config.schema import ActivationCheckpoint
-from torchtitan_like.distributed.activation_checkpoint import OP_SAC_SAVE_LIST, apply_ac
+from torchtitan_like.distributed.activation_checkpoint import OP_SAC_SAVE_LIST, apply_ac, memory_budget_context
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.models.llama3.args import LLAMA3_FLAVORS
 from torchtitan_like.models.llama3.model import Transformer
@@ -141,5 +141,78 @@ def test_selective_ac_option_must_be_int_or_op(option):
 
 
 def test_unknown_ac_mode_is_named():
-    with pytest.raises(ConfigError, match=r"activation_checkpoint.mode='ful' is not one of 'none', 'full', 'selective'"):
+    with pytest.raises(ConfigError, match=r"activation_checkpoint.mode='ful' is not one of 'none', 'full', 'selective', "
+                                          r"'memory_budget'"):
         load_config(["--activation_checkpoint.mode", "ful"])
+
+
+def _saved_bytes_compiled(budget: float | None) -> int:
+    """Bytes saved for backward in one forward of the aot_eager-compiled blocks (saved_tensors_hooks see
+    what the compiled function saves), under memory_budget_context (None: outside any)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # (each budget is a new partition of the same blocks)
+    model = _model(MODES["none"], n_layers=2, seq=128)
+    for layer_id, block in list(model.layers.items()):
+        model.layers.register_module(layer_id, torch.compile(block, backend="aot_eager", fullgraph=True))
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    ac = ActivationCheckpoint(mode="memory_budget", memory_budget=budget) if budget is not None else MODES["none"]
+    with memory_budget_context(ac), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(_tokens(model)).float().pow(2).mean().backward()
+    torch._dynamo.reset()
+    return total[0]
+
+
+def test_memory_budget_lowers_what_the_compiled_blocks_save():
+    """torchtitan's mode = "memory_budget": the budget reaches the compiler's partitioner, and saved
+    activations fall with it; 1.0 is the compiler's default, and the setting is restored afterwards."""
+    import torch._functorch.config as functorch_config
+
+    saved = {b: _saved_bytes_compiled(b) for b in (0.0, 0.5, 1.0)}
+    assert saved[0.0] < saved[0.5] < saved[1.0] == _saved_bytes_compiled(None), saved
+    assert saved[1.0] - saved[0.0] > 0.3 * saved[1.0], saved  # a real trade, not rounding
+    assert functorch_config.activation_memory_budget == 1.0
+
+
+def test_memory_budget_trains_like_eager_with_the_budget_in_force(tmp_path, monkeypatch):
+    """20 steps of the compiled debug model at budget 0.0 (the most recompute) against eager fp32; the
+    budget is in force while the trainer compiles (inside train()), and only then."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    from torchtitan_like.trainer import Trainer
+
+    seen: list[float] = []
+    step = Trainer.train_step
+
+    def recording(self, batches):
+        seen.append(functorch_config.activation_memory_budget)
+        return step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    torch._dynamo.reset()
+    trainer = train(tmp_path, "--compile.enable", "--compile.backend", "aot_eager", "--activation_checkpoint.mode",
+                    "memory_budget", "--activation_checkpoint.memory_budget", "0.0")
+    torch._dynamo.reset()
+    assert seen == [0.0] * STEPS and functorch_config.activation_memory_budget == 1.0
+    assert all(type(b).__name__ == "OptimizedModule" for b in trainer.model_parts[0].layers.values())
+    # The compile tests' tolerance (test_compile.py): recomputation reruns the same fp32 ops.
+    torch.testing.assert_close(torch.tensor(losses(trainer)), torch.tensor(baseline_losses()), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(grad_norms(trainer)), torch.tensor(baseline_grad_norms()), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], r'mode="memory_budget" is carried out by torch.compile\'s partitioner .* but compile.enable=false'),
+    (["--compile.enable", "--compile.backend", "eager"], "compile.backend='eager' does not partition the graph"),
+    (["--compile.enable", "--compile.components", "loss"], r"compile.components=\['loss'\] has no \"model\""),
+    (["--compile.enable", "--activation_checkpoint.memory_budget", "1.5"],
+     r"activation_checkpoint.memory_budget=1.5 must be between 0.0"),
+])
+def test_memory_budget_needs_compiled_blocks_and_a_budget_in_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--activation_checkpoint.mode", "memory_budget", *overrides])

@@ -177,10 +177,11 @@ def test_every_key_the_torchtitan_hints_name_exists() -> None:
 
 
 # torchtitan 0.2.2's config keys that this trainer does not have (read from its JobConfig). Each must get
-# an explanation or the key to use, never a fuzzy "did you mean" that points at an unrelated key.
+# an explanation or the key to use, never a fuzzy "did you mean" that points at an unrelated key
+# (activation_checkpoint.memory_budget, once here, is ours now, with mode = "memory_budget").
 TORCHTITAN_0_2_2_KEYS_NOT_HERE = """
 activation_checkpoint.debug activation_checkpoint.determinism_check activation_checkpoint.early_stop
-activation_checkpoint.memory_budget activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns
+activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns
 activation_checkpoint.preserve_rng_state activation_checkpoint.visualize_memory_budget_pareto
 checkpoint.enable_ft_dataloader_checkpoints checkpoint.initial_load_in_hf_quantized comm.mode
 debug.moe_force_load_balance experimental.custom_args_module experimental.custom_import fault_tolerance.enable

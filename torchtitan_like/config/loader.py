@@ -355,8 +355,11 @@ _TORCHTITAN_UNSUPPORTED = {
     "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": (
         "not supported: it serves the router of mixture-of-experts models, which this trainer does not have"
     ),
-    **{f"activation_checkpoint.{k}": "not supported: use mode = \"selective\" (selective_ac_option) or \"full\""
-       for k in ("memory_budget", "early_stop", "visualize_memory_budget_pareto")},
+    "activation_checkpoint.early_stop": "not supported: use mode = \"selective\" (selective_ac_option) or \"full\"",
+    "activation_checkpoint.visualize_memory_budget_pareto": (
+        "not supported: it needs plotting libraries this trainer does not install; compare memory_budget values by "
+        "the mem_gib of their runs"
+    ),
 }
 
 # torchtitan sections for what we deliberately do not have.

@@ -211,10 +211,12 @@ class Checkpoint:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: Literal["none", "full", "selective"] = "none"
-    """Recompute activations in backward: none, full (every block), or selective (see selective_ac_option)."""
+    mode: Literal["none", "full", "selective", "memory_budget"] = "none"
+    """Recompute activations in backward: none, full (every block), selective (see selective_ac_option), or memory_budget (the compiler chooses, see memory_budget)."""
     selective_ac_option: str = "2"
     """With mode = selective: an integer N (checkpoint every N-th block) or "op" (save matmul/attention outputs, recompute the rest)."""
+    memory_budget: float = 0.5
+    """With mode = memory_budget (needs compile.enable with "model" and the inductor or aot_eager backend): the activation memory torch.compile's partitioner may keep in each compiled block, from 0.0 (as little as full checkpointing) to 1.0 (its default, fastest)."""
 
 
 @dataclass

@@ -231,7 +231,7 @@ def _validate_features(cfg: JobConfig) -> None:
     parallelize.py.
     """
     from torchtitan_like.components.float8 import CONVERTER_NAMES
-    from torchtitan_like.distributed.activation_checkpoint import parse_selective_option
+    from torchtitan_like.distributed.activation_checkpoint import check_memory_budget, parse_selective_option
 
     converters = cfg.model.converters
     if len(set(converters)) != len(converters):
@@ -242,6 +242,7 @@ def _validate_features(cfg: JobConfig) -> None:
             f"model.converters={converters!r}: 'float8' and 'quantize.linear.float8' are the same converter; keep one"
         )
     parse_selective_option(cfg.activation_checkpoint.selective_ac_option)
+    check_memory_budget(cfg.activation_checkpoint, cfg.compile)
     cp = cfg.parallelism.context_parallel_degree
     if cfg.model.attn_mask_type == "block_causal" and cp > 1:
         raise ConfigError(
@@ -323,6 +324,7 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
         ("profiling", "enable_profiling", lambda c: c.enable_profiling or c.enable_memory_snapshot, {"profile_freq"}),
         ("profiling", "enable_memory_snapshot", lambda c: c.enable_memory_snapshot, {"save_memory_snapshot_folder"}),
         ("activation_checkpoint", "mode", lambda c: c.mode == "selective", {"selective_ac_option"}),
+        ("activation_checkpoint", "mode", lambda c: c.mode == "memory_budget", {"memory_budget"}),
         ("debug", "deterministic", lambda c: c.deterministic, {"deterministic_warn_only"}),
         # (The initial_load_* keys work without checkpoint.enable: a run may start from weights and not save.)
         ("checkpoint", "enable", lambda c: c.enable, {"folder", "interval", "async_mode", "keep_latest_k",

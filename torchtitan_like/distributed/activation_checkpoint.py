@@ -1,4 +1,5 @@
-"""Activation checkpointing (AC) of the transformer blocks: none, full, or selective (per layer or per op).
+"""Activation checkpointing (AC) of the transformer blocks: none, full, selective (per layer or per op), or
+a memory budget for the compiler.
 
 Applied after tensor parallel and before torch.compile and FSDP (see parallelize.py): compile then
 traces the checkpointed block as one graph, and FSDP wraps the checkpoint wrapper, so a recomputed
@@ -12,15 +13,20 @@ forward gathers its parameters through the same FSDP hooks as the first one.
   (matmuls, attention, the float8 amax reductions, TP's reduce-scatter) are saved, the cheap
   element-wise ops (norms, RoPE, SiLU, casts) are recomputed. Unlike torchtitan, which saves only
   every other matmul, this policy saves every matmul output: less recompute, a little more memory.
+- memory_budget: no wrappers; torch.compile's min-cut partitioner saves, in each compiled block,
+  activations of a size activation_checkpoint.memory_budget of the way from what recomputing the whole
+  block needs (0.0) to what its speed-first default saves (1.0), and recomputes the rest (torchtitan's
+  mode of that name; the blocks must be compiled).
 
-Memory saved for backward falls in the order none > selective (layer or op) > full; the unit test
-tests/unit/test_activation_checkpoint.py measures it.
+Memory saved for backward falls in the order none > selective (layer or op) > full, and with the
+budget; the unit test tests/unit/test_activation_checkpoint.py measures both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -58,6 +64,41 @@ OP_SAC_SAVE_LIST: frozenset[Any] = frozenset(
         torch.ops._c10d_functional.reduce_scatter_tensor.default,
     }
 )
+
+
+def check_memory_budget(ac: ActivationCheckpoint, compile_config: Any) -> None:
+    """mode = "memory_budget" is a setting of torch.compile's partitioner: it needs the blocks compiled by a
+    backend that partitions with it (inductor, aot_eager), and a budget in [0, 1]."""
+    if not 0.0 <= ac.memory_budget <= 1.0:
+        raise ConfigError(
+            f"activation_checkpoint.memory_budget={ac.memory_budget} must be between 0.0 (recompute the most) and "
+            "1.0 (keep what the compiler keeps by default)"
+        )
+    if ac.mode != "memory_budget":
+        return
+    c = compile_config
+    if not (c.enable and "model" in c.components and c.backend in ("inductor", "aot_eager")):
+        why = ("compile.enable=false" if not c.enable else f"compile.components={c.components!r} has no \"model\""
+               if "model" not in c.components else f"compile.backend={c.backend!r} does not partition the graph")
+        raise ConfigError(
+            f"activation_checkpoint.mode=\"memory_budget\" is carried out by torch.compile's partitioner in each "
+            f"compiled block, but {why}: set compile.enable=true with \"model\" in compile.components and the "
+            "inductor (or aot_eager) backend, or use mode = \"selective\" or \"full\""
+        )
+
+
+@contextlib.contextmanager
+def memory_budget_context(ac: ActivationCheckpoint) -> Iterator[None]:
+    """While open: torch.compile's partitioner keeps activations within ac.memory_budget (mode
+    "memory_budget"), in every graph it compiles then. A process-wide torch setting, hence a context
+    that the trainer holds from building the model to close() and that restores the previous value."""
+    if ac.mode != "memory_budget":
+        yield
+        return
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(activation_memory_budget=ac.memory_budget):
+        yield
 
 
 def parse_selective_option(option: str) -> int | None:
@@ -100,6 +141,12 @@ def apply_ac(model: Transformer, ac: ActivationCheckpoint) -> None:
     get_model_state_dict) strip it again, and init_weights seeds by the stripped name.
     """
     if ac.mode == "none":
+        return
+    if ac.mode == "memory_budget":
+        logger.info(
+            "activation memory budget %.2f: torch.compile's partitioner chooses what each compiled block saves and "
+            "what it recomputes (no checkpoint wrappers)", ac.memory_budget,
+        )
         return
     every: int | None = 1
     if ac.mode == "selective":
