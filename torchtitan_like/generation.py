@@ -28,7 +28,7 @@ from torch import nn
 
 from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
 from torchtitan_like.components.manifest import MANIFEST, CheckpointError, complete_steps, read_manifest, step_folders
-from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer, check_vocab
+from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer, check_vocab, tokenizer_key
 from torchtitan_like.config.loader import config_hash
 from torchtitan_like.config.schema import JobConfig
 from torchtitan_like.distributed.utils import param_dtype
@@ -115,7 +115,7 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
         logger.info("model.attn_type=%r: generating with sdpa (the same attention, no compile per length)",
                     model_args.attn_type)
         model_args = dataclasses.replace(model_args, attn_type="sdpa")
-    tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+    tokenizer = build_tokenizer(cfg.model.tokenizer_path, key=tokenizer_key(cfg.model))
     check_vocab(tokenizer, model_args.vocab_size, cfg.model.flavor)
     if model_args.attn_mask_type == "block_causal":
         model_args = dataclasses.replace(model_args, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)

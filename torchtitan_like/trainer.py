@@ -46,7 +46,7 @@ from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
 from torchtitan_like.components.optimizer import build_optimizers, check_no_weight_decay, check_optimizer
 from torchtitan_like.components.run_lock import RunLock
 from torchtitan_like.components.profiling import check_memory_snapshot, maybe_enable_memory_snapshot, maybe_enable_profiling
-from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab, tokenizer_key
 from torchtitan_like.components.validation import (
     HeldOutEmbeddedSource,
     Validator,
@@ -385,7 +385,7 @@ class Trainer:
         self._loss_mask_eos: int | None = None
         if (cfg.training.dataset != "synthetic" or (validating and cfg.validation.dataset != "synthetic")
                 or block_causal or cfg.training.eod_mask_loss):
-            tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+            tokenizer = build_tokenizer(cfg.model.tokenizer_path, key=tokenizer_key(cfg.model))
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
             self._special_tokens = (tokenizer.bos_id, tokenizer.eos_id)
             if cfg.training.eod_mask_loss:

@@ -245,8 +245,8 @@ def test_the_checkpoint_group_keeps_the_start_up_timeout(tmp_path):
 
 def test_initial_load_in_hf_without_a_path_is_a_config_error(tmp_path):
     """`initial_load_in_hf` only says what initial_load_path is; without a path, load() never reads
-    anything (there is no other place the HF weights could come from, unlike torchtitan's
-    hf_assets_path), and the job trains the freshly initialised model as if nothing was asked."""
+    anything (nor model.hf_assets_path, torchtitan's other place for them, is set), and the job would
+    train the freshly initialised model as if nothing was asked."""
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.trainer import check_job
 

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
@@ -163,10 +164,11 @@ def _check_ranks(ranks: dict[bytes, int], path: Path) -> None:
         raise DataError(f"{path}: not a byte-level BPE: {len(missing)} single-byte tokens missing (first {missing[0]})")
 
 
-def build_tokenizer(tokenizer_path: str) -> Tokenizer:
+def build_tokenizer(tokenizer_path: str, *, key: str = "model.tokenizer_path") -> Tokenizer:
     """Load `tokenizer_path` ("" = the embedded default tokenizer): a tiktoken tokenizer.model, a Hugging
-    Face tokenizer.json, or a folder holding one (original/tokenizer.model first, as Meta ships it)."""
-    path = tokenizer_file(tokenizer_path)
+    Face tokenizer.json, or a folder holding one (original/tokenizer.model first, as Meta ships it).
+    `key`: the config key that named it, for the errors (tokenizer_key)."""
+    path = tokenizer_file(tokenizer_path, key=key)
     if is_hf_tokenizer_json(path):
         return Tokenizer(load_hf_tokenizer_json(path), name=path.name)
     return Tokenizer(load_bpe_ranks(path), name=path.name)
@@ -178,24 +180,32 @@ def is_hf_tokenizer_json(path: Path) -> bool:
         return f.read(64).lstrip().startswith(b"{")
 
 
-def tokenizer_file(tokenizer_path: str) -> Path:
-    """The file build_tokenizer reads for `tokenizer_path` (DataError when there is none)."""
+def tokenizer_file(tokenizer_path: str, *, key: str = "model.tokenizer_path") -> Path:
+    """The file build_tokenizer reads for `tokenizer_path` (DataError naming `key` when there is none)."""
     path = Path(tokenizer_path) if tokenizer_path else DEFAULT_TOKENIZER_PATH
     if path.is_dir():
         candidates = (path / "original" / "tokenizer.model", path / "tokenizer.model", path / "tokenizer.json")
         found = [p for p in candidates if p.is_file()]
         if not found:
             raise DataError(
-                f"model.tokenizer_path={str(path)!r} is a folder with no tokenizer.model (nor original/tokenizer.model) "
+                f"{key}={str(path)!r} is a folder with no tokenizer.model (nor original/tokenizer.model) "
                 "and no tokenizer.json in it: point it at a Llama 3 tokenizer.model or tokenizer.json"
             )
         path = found[0]
     if not path.is_file():
         what = "is not a regular file (a device or pipe)" if path.exists() else "not found"
-        raise DataError(
-            f"model.tokenizer_path: tokenizer file {str(path)!r} {what} (leave it empty for the embedded tokenizer)"
-        )
+        fix = "leave it empty for the embedded tokenizer" if key == "model.tokenizer_path" else (
+            "download the model's assets there, or set model.tokenizer_path")
+        raise DataError(f"{key}: tokenizer file {str(path)!r} {what} ({fix})")
     return path
+
+
+def tokenizer_key(model: Any) -> str:
+    """The config key that names the tokenizer of `model` (the [model] section): model.hf_assets_path where
+    model.tokenizer_path was taken from it (config/loader.py), else model.tokenizer_path."""
+    if model.hf_assets_path and model.tokenizer_path == model.hf_assets_path:
+        return "model.hf_assets_path"
+    return "model.tokenizer_path"
 
 
 def byte_alphabet() -> dict[str, int]:

@@ -314,11 +314,6 @@ _TORCHTITAN_UNSUPPORTED = {
     "lr_scheduler.lr_min": (
         "torchtitan's name for the final learning rate as a fraction of optimizer.lr: use lr_scheduler.min_lr_factor"
     ),
-    "model.hf_assets_path": (
-        "not supported: set model.tokenizer_path to that folder (its tokenizer.json, or original/tokenizer.model, is "
-        "read), and checkpoint.initial_load_path (with checkpoint.initial_load_in_hf=true) to it to start from its "
-        "safetensors weights"
-    ),
     "comm.mode": "the dry run is chosen by the environment here: COMM_MODE=fake_backend ./run_train.sh (see README)",
     "job.save_config_file": "not needed: every run writes its resolved config to <job.dump_folder>/config.toml",
     "job.custom_config_module": "not supported: models and their settings are registered in torchtitan_like/models",
@@ -384,7 +379,8 @@ _TORCHTITAN_UNSUPPORTED_SECTIONS = {
 
 # Keys whose value is a filesystem path: a leading ~ is the user's home, as in a shell.
 PATH_KEYS = (
-    "job.config_file", "job.dump_folder", "model.tokenizer_path", "training.dataset_path", "validation.dataset_path",
+    "job.config_file", "job.dump_folder", "model.tokenizer_path", "model.hf_assets_path", "training.dataset_path",
+    "validation.dataset_path",
     "checkpoint.initial_load_path", "parallelism.pipeline_parallel_schedule_csv",
 )
 
@@ -474,6 +470,14 @@ def build(values: dict[str, Any]) -> JobConfig:
         for part in section.split("."):
             obj = getattr(obj, part)
         setattr(obj, name, value)
+    hf_assets = cfg.model.hf_assets_path
+    if hf_assets:
+        # torchtitan's meaning of the key: the tokenizer, and the Hugging Face weights to start from, are there
+        # unless given apart. (The resolved config.toml then names them.)
+        if not cfg.model.tokenizer_path:
+            cfg.model.tokenizer_path = hf_assets
+        if cfg.checkpoint.initial_load_in_hf and not cfg.checkpoint.initial_load_path:
+            cfg.checkpoint.initial_load_path = hf_assets
     if cfg.validation.enable and cfg.validation.seq_len is None:
         # Validation sequences as long as the training ones unless set (left unset while validation is off,
         # so the unused-settings warning does not name it).

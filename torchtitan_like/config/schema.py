@@ -31,6 +31,8 @@ class Model:
     """Model size within the family: debugmodel (and its wider debugmodel_w512, debugmodel_w1024, and debugmodel_tied with tied embeddings), 1B, 3B, 8B, 70B, 405B, 8B_slice8 (8B width, 8 layers: one-GPU benchmarks)."""
     tokenizer_path: str = ""
     """Llama 3 format tokenizer.model (base64 token + rank per line), a Llama 3 family Hugging Face tokenizer.json, or a folder with either (original/tokenizer.model first, then tokenizer.model, then tokenizer.json); empty = the embedded tokenizer."""
+    hf_assets_path: str = ""
+    """torchtitan's folder of Hugging Face assets (tokenizer files, config.json, safetensors): where model.tokenizer_path is unset the tokenizer is read from it, and with checkpoint.initial_load_in_hf and no initial_load_path the weights too; empty = none."""
     max_seq_len: int | None = None
     """Override the flavor's RoPE table length (defaults to training.seq_len)."""
     n_layers: int | None = None

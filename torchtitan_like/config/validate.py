@@ -117,7 +117,7 @@ def validate(cfg: JobConfig) -> None:
         which = "initial_load_in_hf=true" if c.initial_load_in_hf else "initial_load_model_only=false"
         raise ConfigError(
             f"checkpoint.{which} needs checkpoint.initial_load_path (a Hugging Face safetensors folder or file for "
-            "initial_load_in_hf, else a DCP step folder)"
+            "initial_load_in_hf, else a DCP step folder){', or model.hf_assets_path' if c.initial_load_in_hf else ''}"
         )
     if c.initial_load_in_hf and not c.initial_load_model_only:
         raise ConfigError(
