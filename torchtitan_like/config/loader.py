@@ -132,6 +132,8 @@ def _check_toml_value(dotted: str, value: Any, p: Path) -> Any:
     key = keys().get(dotted)
     if key is None:
         raise _unknown_key(dotted, origin=str(p))
+    if isinstance(value, str) and (dotted, value) in _TORCHTITAN_HF_DATASETS:
+        return value  # (load_config reads it as "hf")
     try:
         return coerce(key, value, from_cli=False)
     except ConfigError as e:
@@ -286,16 +288,16 @@ _TORCHTITAN_FORMER = {
     "job.print_args": "job.print_config",
 }
 
-# torchtitan's dataset names, as our sources read the same data.
+# torchtitan's names of Hugging Face hub datasets: read as "hf" with these settings where the job gives none
+# (its dataset_path, a local copy in the hub's format, is read as it is there).
+_TORCHTITAN_HF_DATASETS = {
+    ("training.dataset", "c4"): {"dataset_path": "allenai/c4", "dataset_config": "en"},
+    ("validation.dataset", "c4_validation"): {"dataset_path": "allenai/c4", "dataset_config": "en",
+                                              "dataset_split": "validation"},
+}
+
+# torchtitan's dataset names that we have no data for, with the settings that read it here.
 _TORCHTITAN_VALUES = {
-    ("training.dataset", "c4"): (
-        ' (torchtitan\'s c4 is the Hugging Face hub dataset: training.dataset = "hf", training.dataset_path = '
-        '"allenai/c4", training.dataset_config = "en")'
-    ),
-    ("validation.dataset", "c4_validation"): (
-        ' (torchtitan\'s c4_validation is the hub dataset\'s validation split: validation.dataset = "hf", '
-        'validation.dataset_path = "allenai/c4", validation.dataset_config = "en")'
-    ),
     ("training.dataset", "c4_test"): (
         ' (torchtitan\'s c4_test is a small copy of c4 in its repository: training.dataset = "local" with '
         "training.dataset_path naming those files)"
@@ -424,6 +426,7 @@ def load_config(argv: list[str]) -> JobConfig:
         if name == "job.config_file":
             config_file = coerce(keys()[name], value, from_cli=True)  # "none" unsets it, like any optional key
     values: dict[str, Any] = {}
+    hub_names: dict[str, str] = {}  # dataset key -> the torchtitan name it was given
     if config_file:
         for section, table in read_toml(config_file).items():
             for name, value in table.items():
@@ -431,6 +434,8 @@ def load_config(argv: list[str]) -> JobConfig:
                 key = keys().get(dotted)
                 if key is None:
                     raise _unknown_key(dotted, origin=str(config_file))
+                if isinstance(value, str) and (dotted, value) in _TORCHTITAN_HF_DATASETS:
+                    hub_names[dotted], value = value, "hf"
                 values[dotted] = coerce(key, value, from_cli=False)
     given_on_cli: dict[str, Any] = {}
     for name, raw in overrides:
@@ -446,12 +451,23 @@ def load_config(argv: list[str]) -> JobConfig:
             raise _unknown_key(name, origin="command line")
         if raw is None:
             raw = "true"
+        if (target, raw) in _TORCHTITAN_HF_DATASETS:
+            hub_names[target], raw = raw, "hf"
+        elif target in hub_names:
+            del hub_names[target]
         value = coerce(key, raw, from_cli=True)
         if target in given_on_cli and given_on_cli[target] != value:
             # (A script's overrides followed by the user's: legitimate, but never silently.)
             logger.warning("--%s is given twice on the command line (%r, then %r): the last one wins", target,
                            given_on_cli[target], value)
         given_on_cli[target] = values[target] = value
+    for dotted, name in hub_names.items():
+        section = dotted.rpartition(".")[0]
+        settings = {f"{section}.{k}": v for k, v in _TORCHTITAN_HF_DATASETS[(dotted, name)].items()}
+        for k, v in settings.items():
+            values.setdefault(k, v)
+        logger.info("%s = %r (torchtitan's name): the Hugging Face hub dataset, read as %s = \"hf\" with %s", dotted,
+                    name, dotted, ", ".join(f"{k} = {values[k]!r}" for k in settings))
     for dotted in PATH_KEYS:
         if isinstance(values.get(dotted), str) and values[dotted].startswith("~"):
             values[dotted] = os.path.expanduser(values[dotted])
