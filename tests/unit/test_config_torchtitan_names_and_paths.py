@@ -206,3 +206,76 @@ def test_every_torchtitan_key_we_lack_is_explained(key: str, tmp_path: Path) -> 
         assert "did you mean" not in message, message
         assert message.split(": ", 2)[-1].strip(), message  # (an explanation after the key or section)
         assert ": " in message.split("unknown ", 1)[1], message
+
+
+# The settings of torchtitan 0.2.2's Llama 3 8B TOML (its keys and values; comments left out).
+TORCHTITAN_8B_TOML = """
+[job]
+dump_folder = "./outputs"
+description = "Llama 3 8B training"
+[profiling]
+enable_profiling = true
+save_traces_folder = "profile_trace"
+profile_freq = 100
+[metrics]
+log_freq = 10
+enable_tensorboard = true
+save_tb_folder = "tb"
+[model]
+name = "llama3"
+flavor = "8B"
+hf_assets_path = "./assets/hf/Llama-3.1-8B"
+[optimizer]
+name = "AdamW"
+lr = 3e-4
+eps = 1e-8
+[lr_scheduler]
+warmup_steps = 200
+[training]
+local_batch_size = 1
+seq_len = 8192
+max_norm = 1.0
+steps = 1000
+dataset = "c4"
+[parallelism]
+data_parallel_replicate_degree = 1
+data_parallel_shard_degree = -1
+tensor_parallel_degree = 1
+pipeline_parallel_degree = 1
+context_parallel_degree = 1
+[checkpoint]
+enable = false
+folder = "checkpoint"
+interval = 500
+last_save_model_only = true
+export_dtype = "float32"
+async_mode = "disabled"
+[compile]
+enable=false
+components = ["model", "loss"]
+[activation_checkpoint]
+mode = "selective"
+selective_ac_option = "op"
+[quantize.linear.float8]
+enable_fsdp_float8_all_gather = false
+precompute_float8_dynamic_scale_for_fsdp = false
+filter_fqns = ["output"]
+[validation]
+enable = false
+dataset = "c4_validation"
+freq = 500
+steps = 1200
+"""
+
+
+def test_torchtitans_own_8b_toml_loads_unchanged(tmp_path: Path) -> None:
+    """Its asset folder (model.hf_assets_path) gives the tokenizer, its c4 is the hub dataset, and the job
+    passes every pre-build check at 8 ranks."""
+    from torchtitan_like.trainer import check_job
+
+    toml = tmp_path / "llama3_8b.toml"
+    toml.write_text(TORCHTITAN_8B_TOML)
+    cfg = load_config(["--job.config_file", str(toml)])
+    assert cfg.model.tokenizer_path == "./assets/hf/Llama-3.1-8B" and cfg.checkpoint.initial_load_path is None
+    assert (cfg.training.dataset, cfg.training.dataset_path, cfg.training.dataset_config) == ("hf", "allenai/c4", "en")
+    assert check_job(cfg, world_size=8).parallel_dims.dp_shard == 8
