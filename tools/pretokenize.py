@@ -121,7 +121,7 @@ DESCRIBE_CHUNK_TOKENS = 1 << 24
 def describe(prefix: str, cfg) -> str:
     """Check every token id of an existing PREFIX pair against cfg's tokenizer and write PREFIX.json
     naming it; returns the summary line. TrainerError/DataError for anything wrong, before writing."""
-    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab, tokenizer_key
     from torchtitan_like.data.indexed import IndexedTokens
     from torchtitan_like.models import MODELS
 
@@ -130,7 +130,7 @@ def describe(prefix: str, cfg) -> str:
     if record.exists():
         raise TrainerError(f"--out {prefix}: {record} exists already (a record of these files): delete it to "
                            "describe them again")
-    tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+    tokenizer = build_tokenizer(cfg.model.tokenizer_path, key=tokenizer_key(cfg.model))
     check_vocab(tokenizer, MODELS[cfg.model.name].flavors[cfg.model.flavor].vocab_size, cfg.model.flavor)
     largest, bos, eos = -1, 0, 0
     for start in range(0, data.n_tokens, DESCRIBE_CHUNK_TOKENS):
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers {args.workers} must be >= 1 (e.g. the machine's cores)")
     prefix = args.out.removesuffix(".bin").removesuffix(".idx")
-    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab
+    from torchtitan_like.components.tokenizer import build_tokenizer, check_vocab, tokenizer_key
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.data.indexed import write_indexed
     from torchtitan_like.models import MODELS
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainerError(f"{args.section}.dataset={data.dataset!r} has no documents to tokenize: set it to "
                                "embedded, local or hf (with its dataset_path)")
         vocab_size = MODELS[cfg.model.name].flavors[cfg.model.flavor].vocab_size
-        tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+        tokenizer = build_tokenizer(cfg.model.tokenizer_path, key=tokenizer_key(cfg.model))
         check_vocab(tokenizer, vocab_size, cfg.model.flavor)
         source = source_of(cfg, args.section)
         # PREFIX.json: the trainer refuses a model.tokenizer_path with another vocabulary.
