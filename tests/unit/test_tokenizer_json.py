@@ -1,8 +1,9 @@
 """model.tokenizer_path may name a Hugging Face tokenizer.json (or a folder with one and no tokenizer.model,
 as torchtitan's asset download leaves it): the same vocabulary as the tiktoken file, so the same ids.
 
-The files here are written from the embedded tokenizer.model in tokenizer.json's layout (GPT-2's byte
-alphabet, Llama 3's split pattern and added tokens), so both must give the same tokenizer.
+The files here are the embedded tokenizer.model written in tokenizer.json's layout (GPT-2's byte
+alphabet, Llama 3's split pattern and added tokens) by the Hugging Face export's writer, so both must
+give the same tokenizer.
 """
 
 from __future__ import annotations
@@ -14,63 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from torchtitan_like.components.tokenizer import (
-    DEFAULT_TOKENIZER_PATH,
-    LLAMA3_PAT_STR,
-    LLAMA3_SPECIAL_TOKENS,
-    build_tokenizer,
-    load_bpe_ranks,
-)
+from torchtitan_like.components.hf_tokenizer import tokenizer_json
+from torchtitan_like.components.tokenizer import DEFAULT_TOKENIZER_PATH, build_tokenizer
 from torchtitan_like.errors import DataError
-
-
-def _printable(b: int) -> bool:
-    return 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF
-
-
-def _to_chars() -> dict[int, str]:
-    """byte -> tokenizer.json character (the inverse of what the loader reads)."""
-    out, extra = {}, 0
-    for b in range(256):
-        if _printable(b):
-            out[b] = chr(b)
-        else:
-            out[b] = chr(0x100 + extra)
-            extra += 1
-    return out
-
-
-def tokenizer_json(ranks: dict[bytes, int]) -> dict:
-    chars = _to_chars()
-    vocab = {"".join(chars[b] for b in token): rank for token, rank in ranks.items()}
-    # Merges as a conversion from tiktoken writes them: every split of a token into two tokens, in the
-    # order of the merged token's id.
-    merges = [f"{t[:k]} {t[k:]}" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])
-              for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
-    n = len(ranks)
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [{"id": n + i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)],
-        "normalizer": None,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_PAT_STR}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-            ],
-        },
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "vocab": vocab, "merges": merges},
-    }
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return tokenizer_json(load_bpe_ranks(DEFAULT_TOKENIZER_PATH))
+    # The export's writer, which the `tokenizers` package itself checks (test_hf_tokenizer_export.py).
+    return tokenizer_json(build_tokenizer(""))
 
 
 def _write(folder: Path, data: dict | str, name: str = "tokenizer.json") -> Path:
