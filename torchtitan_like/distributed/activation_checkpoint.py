@@ -90,8 +90,8 @@ def check_memory_budget(ac: ActivationCheckpoint, compile_config: Any) -> None:
 @contextlib.contextmanager
 def memory_budget_context(ac: ActivationCheckpoint) -> Iterator[None]:
     """While open: torch.compile's partitioner keeps activations within ac.memory_budget (mode
-    "memory_budget"), in every graph it compiles then. A process-wide torch setting, hence a context
-    that the trainer holds from building the model to close() and that restores the previous value."""
+    "memory_budget"), in every graph it compiles then. A process-wide torch setting, hence a context,
+    which Trainer.train() holds (every compile happens there) and which restores the previous value."""
     if ac.mode != "memory_budget":
         yield
         return
