@@ -265,7 +265,8 @@ def _features(cfg: JobConfig, layout: dict[str, int]) -> list[str]:
         out.append(f"float8 {f8.recipe_name}" + (" all-gather" if f8.enable_fsdp_float8_all_gather else ""))
     ac = cfg.activation_checkpoint
     if ac.mode != "none":
-        out.append(f"AC {ac.mode}" + (f" {ac.selective_ac_option}" if ac.mode == "selective" else ""))
+        detail = {"selective": f" {ac.selective_ac_option}", "memory_budget": f" {ac.memory_budget:g}"}.get(ac.mode, "")
+        out.append(f"AC {ac.mode}{detail}")
     if cfg.compile.enable:
         out.append(f"compile {'+'.join(cfg.compile.components)} ({cfg.compile.backend})")
     t = cfg.training
