@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchtitan_like.config import loader
 from torchtitan_like.config.loader import load_config
 from torchtitan_like.errors import ConfigError
 
@@ -155,7 +156,7 @@ def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, mon
 ])
 def test_torchtitan_keys_we_lack_name_what_to_use(key: str, expected: str, tmp_path: Path) -> None:
     section, _, name = key.rpartition(".")
-    msg = _toml_error(tmp_path, f"[{section}]\n{name} = 1\n")
+    msg = _toml_error(tmp_path, f"[{section}]\n{name} = 2\n")
     assert expected in msg and "did you mean" not in msg, msg
 
 
@@ -202,7 +203,8 @@ validation.dataloader.prefetch_factor
 
 @pytest.mark.parametrize("key", TORCHTITAN_0_2_2_KEYS_NOT_HERE)
 def test_every_torchtitan_key_we_lack_is_explained(key: str, tmp_path: Path) -> None:
-    for message in (_error([f"--{key}", "1"]), _toml_error(tmp_path, f"[{key.rpartition('.')[0]}]\n{key.rpartition('.')[2]} = 1\n")):
+    # (2: a value that asks for something; the inert values of some of these keys are accepted, below.)
+    for message in (_error([f"--{key}", "2"]), _toml_error(tmp_path, f"[{key.rpartition('.')[0]}]\n{key.rpartition('.')[2]} = 2\n")):
         assert "did you mean" not in message, message
         assert message.split(": ", 2)[-1].strip(), message  # (an explanation after the key or section)
         assert ": " in message.split("unknown ", 1)[1], message
@@ -279,3 +281,25 @@ def test_torchtitans_own_8b_toml_loads_unchanged(tmp_path: Path) -> None:
     assert cfg.model.tokenizer_path == "./assets/hf/Llama-3.1-8B" and cfg.checkpoint.initial_load_path is None
     assert (cfg.training.dataset, cfg.training.dataset_path, cfg.training.dataset_config) == ("hf", "allenai/c4", "en")
     assert check_job(cfg, world_size=8).parallel_dims.dp_shard == 8
+
+
+def _toml_literal(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else f'"{value}"' if isinstance(value, str) else str(value)
+
+
+@pytest.mark.parametrize("key", sorted(loader._TORCHTITAN_INERT))
+def test_torchtitan_keys_we_lack_load_at_values_that_ask_for_nothing(key: str, tmp_path: Path, caplog) -> None:
+    """torchtitan's own TOMLs set some of them to their off value (enable_wandb = false, ...): such a file loads
+    with a note; any other value is refused, naming why."""
+    section, _, name = key.rpartition(".")
+    for value in sorted(loader._TORCHTITAN_INERT[key], key=str):
+        path = tmp_path / "job.toml"
+        path.write_text(f"[{section}]\n{name} = {_toml_literal(value)}\n", encoding="utf-8")
+        with caplog.at_level("INFO"):
+            assert load_config(["--job.config_file", str(path), "--training.steps", "3"]).training.steps == 3
+            assert load_config([f"--{key}", _toml_literal(value).strip('"'), "--training.steps", "3"]).training.steps == 3
+        assert f"{key} = {value!r} is torchtitan's and asks for nothing here: ignored" in caplog.text
+    refused = "true" if any(isinstance(v, bool) for v in loader._TORCHTITAN_INERT[key]) else '"other"'
+    if loader._TORCHTITAN_INERT[key] == frozenset({False, True}):
+        refused = '"yes"'
+    assert "unknown key" in _toml_error(tmp_path, f"[{section}]\n{name} = {refused}\n")

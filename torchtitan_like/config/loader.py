@@ -121,7 +121,8 @@ def _flatten_sections(raw: dict[str, Any], p: Path) -> dict[str, dict[str, Any]]
             section = prefix[:-1]
             if section not in known:
                 raise ConfigError(f"{p}: [{section}] is a group of sections, not a section: keys {sorted(leaf)}")
-            out[section] = {k: _check_toml_value(f"{section}.{k}", v, p) for k, v in leaf.items()}
+            checked = {k: _check_toml_value(f"{section}.{k}", v, p) for k, v in leaf.items()}
+            out[section] = {k: v for k, v in checked.items() if v is not _INERT}
 
     walk(raw, "")
     return out
@@ -131,6 +132,8 @@ def _check_toml_value(dotted: str, value: Any, p: Path) -> Any:
     # Checked per file (not after the `extends` merge) so the message names the file holding the key.
     key = keys().get(dotted)
     if key is None:
+        if _inert_torchtitan_setting(dotted, value, origin=str(p)):
+            return _INERT
         raise _unknown_key(dotted, origin=str(p))
     if isinstance(value, str) and (dotted, value) in _TORCHTITAN_HF_DATASETS:
         return value  # (load_config reads it as "hf")
@@ -164,6 +167,10 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
         takes_flag = key is not None and unwrap_optional(key.type)[0] is bool
         negated = _negated(body)
         if key is None and negated is None:
+            if body in _TORCHTITAN_INERT and nxt is not None and not nxt.startswith("--"):
+                out.append((body, nxt))  # (load_config accepts it at a value that asks for nothing)
+                i += 2
+                continue
             raise _unknown_key(body, origin="command line")
         if takes_flag or negated is not None:
             if nxt is not None and nxt.lower() in _TRUE | _FALSE:
@@ -359,6 +366,46 @@ _TORCHTITAN_UNSUPPORTED = {
     ),
 }
 
+# Those of the keys above whose value asks for nothing (the feature's off switch, or what this trainer does
+# anyway): accepted with a note, so torchtitan's own TOMLs, which set some of them so, load unchanged; any
+# other value is refused as above.
+_OFF = frozenset({False})
+_TORCHTITAN_INERT: dict[str, frozenset[Any]] = {
+    "metrics.enable_wandb": _OFF,
+    "metrics.save_for_all_ranks": _OFF,
+    "metrics.disable_color_printing": frozenset({False, True}),  # (no colors here either way)
+    "model.print_after_conversion": _OFF,
+    "training.gc_debug": _OFF,
+    "optimizer.early_step_in_backward": _OFF,
+    "parallelism.enable_compiled_autograd": _OFF,
+    "parallelism.expert_tensor_parallel_degree": frozenset({1}),
+    "parallelism.context_parallel_load_balancer": frozenset({"headtail"}),  # (what context parallel does here)
+    "checkpoint.enable_ft_dataloader_checkpoints": _OFF,
+    "checkpoint.initial_load_in_hf_quantized": _OFF,
+    "activation_checkpoint.preserve_rng_state": frozenset({False, True}),  # (no randomness in forward)
+    "activation_checkpoint.debug": _OFF,
+    "debug.moe_force_load_balance": _OFF,
+    "comm.mode": frozenset({"default"}),
+}
+_INERT = object()
+"""What _check_toml_value returns for such a setting: dropped from the file's values."""
+
+
+def _inert_torchtitan_setting(dotted: str, value: Any, *, origin: str) -> bool:
+    """True (and one info line) for a torchtitan key we lack set to a value that asks for nothing here."""
+    inert = _TORCHTITAN_INERT.get(dotted)
+    if inert is None:
+        return False
+    if isinstance(value, str) and origin == "command line":  # (a CLI value is a string)
+        low = value.lower()
+        value = True if low in _TRUE - {"1"} else False if low in _FALSE - {"0"} else int(value) if value.isdigit() else value
+    if isinstance(value, bool) != any(isinstance(v, bool) for v in inert) or value not in inert:
+        return False
+    logger.info("%s: %s = %r is torchtitan's and asks for nothing here: ignored (%s)", origin, dotted, value,
+                _TORCHTITAN_UNSUPPORTED[dotted])
+    return True
+
+
 # torchtitan sections for what we deliberately do not have.
 _TORCHTITAN_UNSUPPORTED_SECTIONS = {
     "memory_estimation": (
@@ -447,6 +494,8 @@ def load_config(argv: list[str]) -> JobConfig:
             if raw is not None and raw.lower() not in _TRUE | _FALSE:
                 raise ConfigError(f"--{name}={raw!r} must be true or false")
             raw = "false" if raw is None or raw.lower() in _TRUE else "true"
+        if key is None and _inert_torchtitan_setting(name, raw, origin="command line"):
+            continue
         if key is None:
             raise _unknown_key(name, origin="command line")
         if raw is None:
