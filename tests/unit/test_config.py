@@ -345,7 +345,8 @@ def test_cli_strict_errors_name_the_key_and_fix(argv: list[str], fragments: list
 @pytest.mark.parametrize(
     "dotted, value, rule",
     [
-        ("training.steps", "0", "training.steps=0 is out of range: must be >= 1"),
+        ("training.steps", "-1", "training.steps=-1 is out of range: must be >= 1 (or 0 to evaluate loaded weights"),
+        ("training.steps", "0", "training.steps=0 trains nothing: it is for evaluating loaded weights (checkpoint.load_only"),
         ("optimizer.lr", "-1", "optimizer.lr=-1.0 is out of range: must be > 0"),
         ("lr_scheduler.decay_ratio", "1.5", "lr_scheduler.decay_ratio=1.5 is out of range: must be in [0, 1]"),
         ("lr_scheduler.min_lr_factor", "-0.1", "lr_scheduler.min_lr_factor=-0.1 is out of range"),

@@ -14,6 +14,8 @@ from torchtitan_like.config.loader import load_config, to_toml
 from torchtitan_like.errors import DataError
 from torchtitan_like.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("restore_root_logger")  # (train.main reconfigures logging: tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -58,3 +60,24 @@ def test_a_missing_assets_folder_is_named(tmp_path) -> None:
     with pytest.raises(DataError, match=r"model.hf_assets_path: tokenizer file '.*Llama-3.1-8B' not found \(download "
                                         r"the model's assets there, or set model.tokenizer_path\)"):
         Trainer(cfg)
+
+
+def test_hugging_face_weights_are_evaluated_with_training_steps_0(tmp_path) -> None:
+    """training.steps = 0 with load_only and [validation]: the weights of model.hf_assets_path (initial_load_in_hf)
+    are validated once, nothing trained; val_loss equals what the run that made them logged at its last step."""
+    import json
+
+    from torchtitan_like import train as train_main
+
+    val = ("--validation.enable", "--validation.freq", "3", "--validation.steps", "2", "--validation.local_batch_size", "2")
+    src = tmp_path / "src"
+    assert train_main.main(argv(src, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.last_save_in_hf",
+                                *val)) == 0
+    logged = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines()][-1]
+    job = argv(tmp_path / "eval", "--model.hf_assets_path", str(src / "checkpoint/step-3/hf"),
+               "--checkpoint.initial_load_in_hf", "--checkpoint.enable", "--checkpoint.load_only",
+               "--training.steps", "0", *val)
+    assert train_main.main(job) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "eval/load_only/metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 0 and "loss" not in row
+    assert row["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-6)  # (the export is float32)

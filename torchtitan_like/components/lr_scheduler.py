@@ -50,6 +50,8 @@ def phases(cfg: LRScheduler, *, steps: int) -> Phases:
     a warmup longer than the schedule keeps its ramp (it ends during it, and a longer run resumed from it
     continues the same ramp), a decay that does not fit after the warmup is shortened, and a run longer
     than total_steps keeps the final learning rate, each with a warning."""
+    if steps == 0 and not cfg.total_steps:
+        return Phases(warmup=cfg.warmup_steps, stable=0, decay=0)  # (an evaluation: nothing trains, nothing to warn)
     span, key = (cfg.total_steps, "lr_scheduler.total_steps") if cfg.total_steps else (steps, "training.steps")
     warmup = cfg.warmup_steps
     after = max(0, span - warmup)

@@ -94,7 +94,7 @@ class Training:
     max_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still reported)."""
     steps: int = 10000
-    """Optimizer steps to train."""
+    """Optimizer steps to train (0: none, to evaluate loaded weights with checkpoint.load_only and [validation])."""
     dataset: Literal["embedded", "synthetic", "local", "hf", "indexed"] = "embedded"
     """Data source: embedded (Python standard library sources), synthetic (random tokens), local files, an HF hub dataset, or indexed (pre-tokenized PREFIX.bin + PREFIX.idx, Megatron-LM's format)."""
     dataset_path: str | None = None

@@ -29,7 +29,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "training.seq_len": (">= 2", lambda v: v >= 2),
     "training.max_norm": (">= 0", lambda v: v >= 0),
     "training.loss_chunk_size": (">= 0 (0 = no chunking)", lambda v: v >= 0),
-    "training.steps": (">= 1", lambda v: v >= 1),
+    "training.steps": (">= 1 (or 0 to evaluate loaded weights, with checkpoint.load_only)", lambda v: v >= 0),
     "training.gc_freq": (">= 0", lambda v: v >= 0),
     "training.prefetch_batches": (">= 0", lambda v: v >= 0),
     "metrics.log_freq": (">= 1", lambda v: v >= 1),
@@ -111,6 +111,12 @@ def validate(cfg: JobConfig) -> None:
                 f"checkpoint.load_only=true never saves, but checkpoint.{saving[0]}=true asks for a save: set one of "
                 "them to false"
             )
+    if cfg.training.steps == 0 and not (c.load_only and cfg.validation.enable):
+        raise ConfigError(
+            "training.steps=0 trains nothing: it is for evaluating loaded weights (checkpoint.load_only=true with "
+            "[validation] enable=true, and a checkpoint or checkpoint.initial_load_path to load); to train, use "
+            "training.steps >= 1"
+        )
     # Settings of an initial load that has nothing to load would be silently ignored (a fine-tune
     # would start from random weights).
     if not c.initial_load_path and (c.initial_load_in_hf or not c.initial_load_model_only):
