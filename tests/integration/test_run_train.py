@@ -71,7 +71,8 @@ def test_debug_model_trains_end_to_end(tmp_path):
     "args, message",
     [
         (["--training.stpes", "5"], "did you mean 'training.steps'"),
-        (["--training.steps", "0"], "training.steps=0 is out of range"),
+        (["--training.steps", "-1"], "training.steps=-1 is out of range"),
+        (["--training.steps", "0"], "training.steps=0 trains nothing"),
         (["--training.dataset", "local", "--training.dataset_path", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
     ],
 )
