@@ -9,6 +9,7 @@ table (a dtype cast) gives other tokens.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,18 @@ from torchtitan_like.generation import LoadedModel, Sampling, generate, load_mod
 from torchtitan_like.models import MODELS
 from torchtitan_like.trainer import job_model_args
 
-sys.path.insert(0, str(ROOT / "tools"))
-import generate as generate_tool  # noqa: E402
+
+def _load_tool():
+    """tools/generate.py as a module, without putting tools/ on sys.path (as the other tool tests do)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate_tool = _load_tool()
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
               pytest.mark.usefixtures("restore_root_logger")]
@@ -203,8 +214,6 @@ def test_bad_requests_are_one_error_line(run: Path, args: list[str], message: st
     rc = generate_tool.main([*_config_args(run), "--prompt", PROMPT, *(a.format(run=run) for a in args)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("error: ")
-    import re
-
     assert re.search(message, err), err
 
 
