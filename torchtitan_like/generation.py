@@ -28,11 +28,11 @@ from torch import nn
 
 from torchtitan_like.components.checkpoint import CheckpointManager, TrainState
 from torchtitan_like.components.manifest import MANIFEST, CheckpointError, complete_steps, read_manifest, step_folders
-from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer, check_vocab, tokenizer_key
+from torchtitan_like.components.tokenizer import Tokenizer, build_tokenizer, check_vocab, tokenizer_file, tokenizer_key
 from torchtitan_like.config.loader import config_hash
 from torchtitan_like.config.schema import JobConfig
 from torchtitan_like.distributed.utils import param_dtype
-from torchtitan_like.errors import ConfigError
+from torchtitan_like.errors import ConfigError, DataError
 from torchtitan_like.models import MODELS
 
 logger = logging.getLogger(__name__)
@@ -98,11 +98,15 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
             )
         ck = dataclasses.replace(ck, initial_load_path=str(path), initial_load_in_hf=hf, load_step=-1)
         folder = path if path.is_dir() else path.parent
-        shipped = [p for p in ("original/tokenizer.model", "tokenizer.model", "tokenizer.json") if (folder / p).is_file()]
-        if hf and shipped and not cfg.model.tokenizer_path:
-            # A Hugging Face model folder ships its tokenizer; the embedded one would only give garbage.
-            logger.info("model.tokenizer_path unset: using the tokenizer of %s (%s)", folder, shipped[0])
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer_path=str(folder)))
+        if hf and not cfg.model.tokenizer_path:
+            try:  # (the file the trainer would read for that folder)
+                shipped = tokenizer_file(str(folder))
+            except DataError:
+                shipped = None
+            if shipped is not None:
+                # A Hugging Face model folder ships its tokenizer; the embedded one would only give garbage.
+                logger.info("model.tokenizer_path unset: using the tokenizer of %s (%s)", folder, shipped.name)
+                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer_path=str(folder)))
     elif not complete_steps(own) and not ck.initial_load_path:
         raise ConfigError(
             f"nothing to generate from: {own} (job.dump_folder / checkpoint.folder) holds no complete checkpoint and "
