@@ -145,13 +145,12 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
         step = manager.load()
     finally:
         manager.close()
-    if own_first and complete_steps(own):  # (the job's own checkpoints come first, as in a resume)
-        source = str(own / f"step-{step}")
-    else:
-        source = str(ck.initial_load_path)
-        path = Path(source)
+    path = manager.loaded_from
+    assert path is not None  # (nothing to load was refused above, or by the manager)
+    if step is None:
         # A model-only load returns no step: ours has it in its manifest (Hugging Face weights have none).
         step = read_manifest(path)["step"] if (path / MANIFEST).is_file() else None
+    source = str(path)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, max_len=int(model.freqs_cis.shape[0]),

@@ -9,7 +9,9 @@ table (a dtype cast) gives other tokens.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +162,18 @@ def test_other_checkpoints_by_path_give_the_same_text(run: Path, tmp_path: Path)
     from_torchtitan = _tool(run, "--max-new-tokens", "10", "--checkpoint", str(flat))
     assert from_torchtitan["step"] is None
     assert from_torchtitan["results"][0]["new_token_ids"] == ours["results"][0]["new_token_ids"]
+
+
+def test_the_report_names_the_folder_read_for_a_checkpoint_left_aside(run: Path, tmp_path: Path) -> None:
+    """A run killed inside a replace leaves its newest checkpoint as step-N.old-*: the loader reads it there
+    (load_only renames nothing), and the report names that folder, not a step-N that does not exist."""
+    copy = tmp_path / "run"
+    shutil.copytree(run / "checkpoint", copy / "checkpoint")
+    aside = copy / "checkpoint/step-8.old-0badf00d-1"
+    os.rename(copy / "checkpoint/step-8", aside)
+    report = _tool(copy, "--max-new-tokens", "6")
+    assert report["checkpoint"] == str(aside) and report["step"] == 8 and aside.is_dir()
+    assert report["results"][0]["new_token_ids"] == _tool(run, "--max-new-tokens", "6")["results"][0]["new_token_ids"]
 
 
 def test_bfloat16_weights_keep_a_float32_rope_table(run: Path) -> None:

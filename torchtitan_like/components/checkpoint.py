@@ -218,6 +218,9 @@ class CheckpointManager:
         self._nonce = self._broadcast(secrets.token_hex(4))  # names this run's partial folders
         self._saves = 0
         self._branch: int | None = None
+        self.loaded_from: Path | None = None
+        """The folder (or safetensors file) the last load() read weights from; None before one, or when
+        it found nothing to load."""
         """The checkpoint.load_step this run's trajectory started from (inherited when resuming a
         checkpoint that records one), written into every manifest: a restart of the same command finds
         the checkpoints that continue it, and does not go back to load_step every time."""
@@ -780,6 +783,7 @@ class CheckpointManager:
 
     def _load_step(self, path: Path, manifest: dict[str, Any]) -> int:
         step = int(manifest["step"])
+        self.loaded_from = path
         if self._branch is None:
             self._branch = manifest.get("branch")  # resuming a run that started from a load_step: still that run
         if manifest.get("config_hash") != self.fingerprint.get("config_hash"):
@@ -816,6 +820,7 @@ class CheckpointManager:
 
     def _load_initial(self, path: Path) -> int | None:
         # (exclude_from_loading with "model" is refused with initial_load_path: check_checkpoint_config.)
+        self.loaded_from = path
         if self.cfg.initial_load_in_hf:
             self._load_hf(path)
             return None
