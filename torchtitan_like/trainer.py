@@ -632,13 +632,16 @@ class Trainer:
         # The loss is the mean over every token of the global batch: count them first, so each
         # micro-batch's token-sum loss can be scaled by the same global denominator. Counted over
         # the batch group (dp), not the loss group: context-parallel ranks hold the same sequences.
-        n_tokens = torch.tensor(
-            [sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)], dtype=torch.float64, device=self.device
-        )
+        local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)  # (labels are on the host)
         batch_group = self.parallel_dims.batch_group
-        if batch_group is not None:
+        if batch_group is None:
+            # No device round trip: on a GPU, reading back a device tensor here would wait for the previous
+            # step's kernels to finish, leaving the GPU idle while this step's first ones are launched.
+            total_tokens = float(local_tokens)
+        else:
+            n_tokens = torch.tensor([local_tokens], dtype=torch.float64, device=self.device)
             dist.all_reduce(n_tokens, group=batch_group)
-        total_tokens = n_tokens.item()
+            total_tokens = n_tokens.item()
         if total_tokens == 0:
             # Only masking can leave no label: the loss would be 0/0.
             raise TrainingError(
