@@ -33,7 +33,7 @@ from torchtitan_like.components.loss import (
 )
 from torchtitan_like.components.lr_scheduler import build_lr_schedulers
 from torchtitan_like.components.manifest import step_folders
-from torchtitan_like.components.metrics import MetricsLogger
+from torchtitan_like.components.metrics import MetricsLogger, RemainingTime
 from torchtitan_like.components.checkpoint import (
     CheckpointManager,
     TrainState,
@@ -835,6 +835,7 @@ class Trainer:
         window_steps = window_tokens = 0
         data_wait = 0.0
         first_step = self.step + 1
+        eta = RemainingTime(cfg.training.steps)
         prof_kwargs = {
             "dump_folder": str(self._output_folder()), "rank": self.rank, "device": self.device, "global_step": self.step,
         }
@@ -891,6 +892,7 @@ class Trainer:
                             data_wait_s=data_wait,
                             steps=window_steps,
                             extra=extra or None,
+                            eta_s=eta.at(now, self.step),
                         )
                         window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
                         window_validation_s = 0.0

@@ -45,10 +45,16 @@ def test_debug_model_trains_end_to_end(tmp_path):
     # (steps 1-5 -> 16-20); a model that does not learn stays near 7.9.
     assert first > 6.5 and last < first - 1.5, (first, last)
     assert all(r["tps"] > 0 and r["step_time"] > 0 for r in rows)
+    # The remaining time: none at the first log (compile) and the last; in between, the steps left times the
+    # mean wall time per step since the first log, which is the mean step_time of the rows since then.
+    assert ["eta_s" in r for r in rows] == [False] + [True] * (steps - 2) + [False]
+    for k in range(1, steps - 1):
+        pace = sum(r["step_time"] for r in rows[1:k + 1]) / k
+        assert rows[k]["eta_s"] == pytest.approx(pace * (steps - rows[k]["step"]), rel=1e-6)
 
     # The console shows one line per step (log_freq = 1 in debug_model.toml).
     assert r.stdout.count("step: ") >= steps
-    assert "tps:" in r.stdout and "mfu: n/a" in r.stdout
+    assert "tps:" in r.stdout and "mfu: n/a" in r.stdout and r.stdout.count("  eta: ") == steps - 2
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torchtitan_like.components.metrics import MetricsLogger, cpu_memory, format_duration
+from torchtitan_like.components.metrics import MetricsLogger, RemainingTime, cpu_memory, format_duration
 from torchtitan_like.config.schema import Metrics
 
 LOGGER = "torchtitan_like.components.metrics"
@@ -72,6 +72,25 @@ def test_console_line_has_every_field(tmp_path: Path, caplog: pytest.LogCaptureF
     assert line.startswith("step:   10  loss:  6.1234  grad_norm:  1.234  lr: 8.00e-04  tps: 4,096  tflops: 4.10")
     for field in ("mfu: n/a", "mem: ", "GiB rss", "step_time: 0.500s", "data_wait: 5.0%"):
         assert field in line
+
+
+def test_remaining_time_shows_when_given(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = make_logger(tmp_path)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        m.log(1, **INTERVAL)
+        m.log(2, **INTERVAL, eta_s=10800.0)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert " eta:" not in first and second.endswith("  eta: 3.0 hours")
+    rows = read_jsonl(tmp_path)
+    assert "eta_s" not in rows[0] and rows[1]["eta_s"] == 10800.0
+
+
+def test_remaining_time_is_the_pace_since_the_first_log_times_the_steps_left() -> None:
+    eta = RemainingTime(last_step=100)
+    assert eta.at(50.0, 10) is None  # the first log: its interval holds the compile
+    assert eta.at(70.0, 20) == pytest.approx(2.0 * 80)  # 20 s for 10 steps, 80 steps left
+    assert eta.at(150.0, 30) == pytest.approx(5.0 * 70)  # a slow interval (a checkpoint save) raises the pace
+    assert eta.at(500.0, 100) is None  # nothing left
 
 
 def test_console_mfu_percent_when_peak_known(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

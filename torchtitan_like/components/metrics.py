@@ -120,6 +120,27 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+class RemainingTime:
+    """The wall-clock time a run still needs, from its average pace since its first log: compile and
+    warm-up come before that point, and the checkpoints and validations since then are counted, as those
+    ahead will be."""
+
+    def __init__(self, last_step: int) -> None:
+        self.last_step = last_step
+        self._since: tuple[float, int] | None = None
+
+    def at(self, now: float, step: int) -> float | None:
+        """Seconds left after `step`, at time `now` (seconds, any clock); None at the first call (no pace
+        yet) and at the last step."""
+        if self._since is None:
+            self._since = (now, step)
+            return None
+        t0, step0 = self._since
+        if step >= self.last_step or step <= step0:
+            return None
+        return (now - t0) / (step - step0) * (self.last_step - step)
+
+
 class MetricsLogger:
     """Computes the per-step metrics on every rank; the enabled rank prints them and writes TB + metrics.jsonl."""
 
@@ -169,11 +190,14 @@ class MetricsLogger:
         data_wait_s: float,
         steps: int,
         extra: dict[str, float] | None = None,
+        eta_s: float | None = None,
     ) -> dict[str, Any]:
         """Compute, print and record the metrics of the interval ending at `step`; returns the record.
 
         `tokens` is what this device processed since the last log (the trainer divides by the
         non-data-parallel degree, so tps x flops_per_token is this device's share of the work).
+        `eta_s`: the wall-clock seconds the run still needs, when the trainer has an estimate (recorded
+        as eta_s, shown as eta).
         """
         extra = extra or {}
         tps = _ratio(tokens, elapsed_s)
@@ -197,6 +221,8 @@ class MetricsLogger:
         if clash:
             raise ValueError(f"extra metrics {sorted(clash)} would overwrite the built-in keys of the same name")
         record.update(extra)
+        if eta_s is not None:
+            record["eta_s"] = eta_s
         if self.enabled:
             logger.info("%s", self._console_line(record, mem, extra))
             self._write_jsonl(record)
@@ -226,7 +252,8 @@ class MetricsLogger:
             f"lr: {r['lr']:.2e}  tps: {r['tps']:,.0f}  tflops: {r['tflops']:.2f}  mfu: {mfu}  "
             f"mem: {mem.console()}  step_time: {r['step_time']:.3f}s  data_wait: {r['data_wait_pct']:.1f}%"
         )
-        return line + "".join(f"  {k}: {v:.4g}" for k, v in extra.items())
+        line += "".join(f"  {k}: {v:.4g}" for k, v in extra.items())
+        return line + (f"  eta: {format_duration(r['eta_s'])}" if "eta_s" in r else "")
 
     def _write_jsonl(self, record: dict[str, Any]) -> None:
         """Append one line and close the file, so a crash right after loses nothing."""
