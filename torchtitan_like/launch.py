@@ -20,6 +20,11 @@ port in 0..65535 (without one, torchrun's 29400; an IPv6 address in brackets), a
 has several nodes, and a host that resolves here. torchrun itself would retry an unresolvable host until
 its rendezvous timeout. A bad one is one `error:` line naming run_train.sh's variable, and status 2.
 
+With `--tee` (run_train.sh passes it), torchrun prefixes each console line with the worker's local rank;
+here the prefix is the global rank (`[rankN]:`, unless TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE is set), so
+the lines of a multi-node job say which rank wrote them, and the workers leave their own rank tag out of
+their log lines (RANK_PREFIXED_ENV).
+
 torchrun of torch 2.11 (the oldest torch supported) has no `--shutdown-timeout`: there the option is
 accepted and dropped with a warning naming the fixed grace period the workers get instead.
 """
@@ -43,7 +48,7 @@ from torch.distributed.run import get_args_parser, run
 
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS
 from torchtitan_like.errors import ConfigError
-from torchtitan_like.train import EXIT_STATUS_DIR_ENV
+from torchtitan_like.train import EXIT_STATUS_DIR_ENV, RANK_PREFIXED_ENV
 
 
 def _first_line(message: object) -> str:
@@ -154,6 +159,10 @@ def _workers_finished(status_dir: str) -> bool:
     return "0" in _worker_exit_codes(status_dir)
 
 
+PREFIX_TEMPLATE_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+"""torchrun's template of the tee'd lines' prefix (${rank} is the global rank)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = torchrun_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.rdzv_backend != "static":  # (static reads --master-addr / --master-port instead)
@@ -164,15 +173,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     warn_fixed_shutdown_timeout(args)
     status_dir = tempfile.mkdtemp(prefix="torchtitan_like_exit_")
-    previous = os.environ.get(EXIT_STATUS_DIR_ENV)
-    os.environ[EXIT_STATUS_DIR_ENV] = status_dir  # inherited by the workers
+    env = {EXIT_STATUS_DIR_ENV: status_dir}  # inherited by the workers
+    if args.tee not in ("", "0"):  # (torchrun prefixes the tee'd console lines only)
+        env[RANK_PREFIXED_ENV] = "1"
+        env[PREFIX_TEMPLATE_ENV] = os.environ.get(PREFIX_TEMPLATE_ENV) or "[rank${rank}]:"
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return _run(args, status_dir)
     finally:
-        if previous is None:
-            os.environ.pop(EXIT_STATUS_DIR_ENV, None)
-        else:
-            os.environ[EXIT_STATUS_DIR_ENV] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(status_dir, ignore_errors=True)
 
 

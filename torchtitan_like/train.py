@@ -29,13 +29,16 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 EXIT_STATUS_DIR_ENV = "TORCHTITAN_LIKE_EXIT_STATUS_DIR"
 """Set by the launcher (launch.py): each rank writes its exit status there as it leaves, so a launcher
 that got SIGTERM can tell a finished job (exit 0) from a pre-empted one (75)."""
+RANK_PREFIXED_ENV = "TORCHTITAN_LIKE_RANK_PREFIXED"
+"""Set by the launcher when torchrun prefixes every console line with the global rank: the log lines then
+leave out their own rank tag."""
 
 
 def _setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
+    tag = "" if os.environ.get(RANK_PREFIXED_ENV) else f"[rank{os.environ.get('RANK', '0')}] "
     logging.basicConfig(
         level=logging.INFO,
-        format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"{tag}%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stdout,
         force=True,

@@ -8,6 +8,7 @@ consecutive ranks, so the job is the same job whichever launch gets ranks 0-1.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 from jobs import ROOT, RunningJob, free_port, read_metrics
@@ -52,6 +53,10 @@ def test_two_nodes_of_two_train_like_one_node_of_four(tmp_path):
     # One world of 4: global rank 0 (on whichever node) lists all four ranks and both dims.
     assert "world 4" in out and "rank 3: host" in out, out[-6000:]
     assert "collective check passed on world (4), dp_shard (2), tp (2)" in out, out[-6000:]
+    # Each node shows its local rank 0 (LOG_RANK=0): the lines name the global rank, once.
+    for rank in (0, 2):
+        assert re.search(rf"^\[rank{rank}\]:\d\d:\d\d:\d\d INFO torchtitan_like", out, re.M), out[-6000:]
+    assert not re.search(r"^\[rank\d+\]:\[rank\d+\] ", out, re.M), out[-6000:]
 
     single = read_metrics(tmp_path / "single")
     multi = read_metrics(dump)
