@@ -218,12 +218,12 @@ class CheckpointManager:
         self._nonce = self._broadcast(secrets.token_hex(4))  # names this run's partial folders
         self._saves = 0
         self._branch: int | None = None
-        self.loaded_from: Path | None = None
-        """The folder (or safetensors file) the last load() read weights from; None before one, or when
-        it found nothing to load."""
         """The checkpoint.load_step this run's trajectory started from (inherited when resuming a
         checkpoint that records one), written into every manifest: a restart of the same command finds
         the checkpoints that continue it, and does not go back to load_step every time."""
+        self.loaded_from: Path | None = None
+        """The folder (or safetensors file) the last load() read weights from; None before one, or when
+        it found nothing to load."""
 
         self._async = cfg.enable and not cfg.load_only and cfg.async_mode != "disabled"
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-finish") if self._async else None
