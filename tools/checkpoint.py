@@ -238,12 +238,20 @@ def _write_dcp(state: dict[str, Any], dst: Path, *, step: int, source: Path) -> 
                 dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"writing {dst} failed: {_describe(e)}") from None
+        model = state.get("model", {})
+        tied = None  # (unknown without the embeddings)
+        if isinstance(model.get("tok_embeddings.weight"), torch.Tensor):
+            # The loader refuses to load an untied model's two matrices into a tied one (both would land in
+            # the one matrix): it needs to know, as from a run's own manifest. A tied model's state dict
+            # names its matrix twice (or only as tok_embeddings).
+            out = model.get("output.weight")
+            tied = out is None or (isinstance(out, torch.Tensor) and torch.equal(out, model["tok_embeddings.weight"]))
         manifest = build_manifest(
             step=step,
             files=hash_files(tmp, list_files(tmp)),
             fingerprint={"config_hash": "", "layout": {}, "world_size": 1},
             contents=list(state),
-            extra={"model_only": list(state) == ["model"], "converted_from": str(source)},
+            extra={"model_only": list(state) == ["model"], "converted_from": str(source), "tie_word_embeddings": tied},
         )
         write_manifest(tmp, manifest)
 

@@ -67,7 +67,8 @@ def test_restart_of_the_same_command_with_load_step_resumes_from_the_latest(tmp_
 
 def test_going_back_ignores_the_newer_checkpoints_of_the_trajectory_left_behind(tmp_path):
     """A first run saved 1..8; going back to 3 must load 3, not the old run's 4..8, and a restart must
-    resume the new run's checkpoints even while old higher-numbered ones remain (keep_latest_k 2)."""
+    resume the new run's checkpoints. keep_latest_k 2 keeps the new run's two newest (its fallbacks), and
+    purges the old run's 6..8 first: they once pushed the new run's own checkpoints out."""
     first = make_run(0)
     mgr = manager(first, tmp_path, interval=1)
     first.train(8, mgr)
@@ -80,12 +81,23 @@ def test_going_back_ignores_the_newer_checkpoints_of_the_trajectory_left_behind(
     rewound.train(2, mgr)  # saves 4 and 5 over the old ones
     mgr.close()
     steps = sorted(int(p.name.split("-")[1]) for p in ckpt_dir(tmp_path).iterdir())
-    assert steps == [3, 5, 7, 8]  # newest 2 (7, 8: the old run's), the one just saved, and load_step
-    assert read_manifest(ckpt_dir(tmp_path) / "step-5")["branch"] == 3
+    assert steps == [3, 4, 5]  # the new run's newest 2 and load_step
+    assert [read_manifest(ckpt_dir(tmp_path) / f"step-{i}")["branch"] for i in (4, 5)] == [3, 3]
     again = make_run(2)
     mgr = manager(again, tmp_path, interval=1, keep_latest_k=2, load_step=3)
     assert mgr.load() == 5
     mgr.close()
+
+
+def test_reading_a_load_step_takes_that_step_not_the_run_that_went_on_from_it(tmp_path):
+    """load_only (an evaluation, tools/generate.py) with load_step=K reads step K, even where a run went
+    back to K and saved more: continuing that run is what a restart of the training command does."""
+    _rewound_run_that_goes_on(tmp_path, keep_latest_k=0)
+    reader = make_run(2)
+    mgr = manager(reader, tmp_path, load_only=True, load_step=3)
+    assert mgr.load() == 3 and mgr.loaded_from == ckpt_dir(tmp_path) / "step-3"
+    mgr.close()
+    assert manager(make_run(3), tmp_path, load_step=3).load() == 6  # (training: the run that went on)
 
 
 def test_load_step_without_checkpointing_is_refused_not_ignored():

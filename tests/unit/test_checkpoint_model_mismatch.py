@@ -10,6 +10,8 @@ weights because exclude_from_loading lists "model" is refused.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,26 @@ def test_an_untied_checkpoint_is_refused_by_a_tied_flavor_and_a_tied_one_loads(t
     tied.train(1, mgr)
     mgr.close()
     assert manager(make_run(1, tied_args), tmp_path / "tied").load() == 1
+    # Through tools/checkpoint.py convert (DCP -> .pt -> DCP): its manifest says whether the weights are tied
+    # (it once said nothing, and the untied head loaded over a tied model's embeddings).
+    tool = _checkpoint_tool()
+    for name, run_dir, refused in (("untied", tmp_path / "untied", True), ("tied", tmp_path / "tied", False)):
+        pt, converted = tmp_path / f"{name}.pt", tmp_path / f"{name}_dcp"
+        assert tool.main(["convert", str(ckpt_dir(run_dir) / "step-1"), str(pt), "--model-only"]) == 0
+        assert tool.main(["convert", str(pt), str(converted)]) == 0
+        load = manager(make_run(2, tied_args), tmp_path / f"from_{name}", initial_load_path=str(converted)).load
+        if refused:
+            with pytest.raises(CheckpointError, match=r"output head of its own \(tie_word_embeddings=false\)"):
+                load()
+        else:
+            load()
+
+
+def _checkpoint_tool():
+    spec = importlib.util.spec_from_file_location("checkpoint_tool_tied", Path(__file__).parents[2] / "tools/checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def test_zero_padded_step_folders_are_purged(tmp_path):

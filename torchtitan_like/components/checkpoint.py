@@ -540,20 +540,24 @@ class CheckpointManager:
                 self._purger.submit(_rmtree_quietly, p)
 
     def _purge(self, just_saved: int) -> None:
-        """Keep the newest keep_latest_k complete checkpoints (and the one just written, the one
-        checkpoint.load_step names: the same command needs it to start again, and the newest full-state
-        one up to the one just written: a model-only final save is not one to continue training from)."""
+        """Keep the newest keep_latest_k complete checkpoints of this trajectory, up to the one just
+        written (and the one checkpoint.load_step names: the same command needs it to start again, and the
+        newest full-state one up to the one just written: a model-only final save is not one to continue
+        training from). Checkpoints past the one just written that this run did not save belong to the
+        trajectory left behind by going back (load_step): they are not counted among the newest, so they
+        never push this run's own fallbacks out, and are purged."""
         with self._publish_lock:
             folders = complete_steps(self.folder)
             # What this run published from just_saved on: a purge that runs late (the purge thread was
-            # busy deleting) must not delete a newer save of this run that a lower step number hides
-            # among an older trajectory's checkpoints (load_step).
+            # busy deleting) must not delete this run's newer saves.
             order = self._published
             last = len(order) - 1 - order[::-1].index(just_saved) if just_saved in order else len(order)
             since = set(order[last:])
-        steps = sorted(folders)
+            published = set(order)
+        steps = sorted(s for s in folders if s <= just_saved or s in published)
         keep = set(steps[-self.cfg.keep_latest_k :]) | {just_saved, self.cfg.load_step} | since
         keep.add(self._newest_full_state_before(just_saved + 1))
+        steps = sorted(folders)
         for s in steps:
             if s in keep:
                 continue
@@ -566,7 +570,8 @@ class CheckpointManager:
                 logger.warning("could not purge %s: %s", path, e)
                 continue
             _rmtree_quietly(doomed)
-            logger.info("purged checkpoint %s (keep_latest_k=%d)", path, self.cfg.keep_latest_k)
+            logger.info("purged checkpoint %s (keep_latest_k=%d%s)", path, self.cfg.keep_latest_k,
+                        "; left behind by going back" if s > just_saved else "")
 
     def wait_for_staging(self) -> None:
         """async_with_pinned_mem: block until the last save's copy to host memory is done."""
@@ -705,7 +710,9 @@ class CheckpointManager:
         folders = step_folders(self.folder) | in_place
         if self.cfg.load_step >= 0:
             step = self.cfg.load_step
-            resumed = self._continue_branch(folders, step)
+            # A restart of a training command that went back to load_step continues that run; reading
+            # (load_only: an evaluation, tools/generate.py) takes the step it names.
+            resumed = None if self.cfg.load_only else self._continue_branch(folders, step)
             if resumed is not None:
                 return resumed
             if step not in folders:
@@ -723,9 +730,11 @@ class CheckpointManager:
             elif newer:
                 logger.warning(
                     "checkpoint.load_step=%d: going back from %s; the newer checkpoints %s belong to the "
-                    "trajectory left behind and are replaced as this run saves those steps (keep load_step in "
-                    "the command: a restart then continues this run, not the old one)",
+                    "trajectory left behind and are %s (keep load_step in the command: a restart then continues "
+                    "this run, not the old one)",
                     step, f"step-{newer[-1]}", newer,
+                    f"purged at this run's first save (keep_latest_k={self.cfg.keep_latest_k})"
+                    if self.cfg.keep_latest_k > 0 else "replaced as this run saves those steps",
                 )
             self._branch = step
             return self._load_step(folders[step], manifest)

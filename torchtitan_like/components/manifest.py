@@ -129,6 +129,16 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a torchtitan_like manifest (no 'step' or 'files')")
     if not isinstance(manifest["step"], int) or isinstance(manifest["step"], bool):
         raise CheckpointError(f"{path} is damaged: its step is {manifest['step']!r}, not a number")
+    named = re.match(r"^step-(\d+)(\.old-[0-9a-f]+-\d+)?$", Path(folder).name)
+    if named and int(named.group(1)) != manifest["step"]:
+        # Checkpoints are ranked by their folders' names: a copied or renamed one would resume the wrong step.
+        raise CheckpointError(
+            f"{path} says step {manifest['step']}, but its folder is named step-{int(named.group(1))} (copied or "
+            f"renamed?): rename it step-{manifest['step']}, or move it out of the checkpoint folder"
+        )
+    contents = manifest.get("contents", [])
+    if not isinstance(contents, list) or not all(isinstance(c, str) for c in contents):
+        raise CheckpointError(f"{path} is damaged: its contents are {contents!r}, not a list of names")
     for name, entry in manifest["files"].items():
         # Valid JSON can still be damaged (a flipped byte in a key): every entry needs its size and hash.
         if not (

@@ -184,7 +184,7 @@ class Checkpoint:
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
     """disabled = save blocks training; async = save in the background; async_with_pinned_mem = also stage in pinned memory."""
     keep_latest_k: int = 10
-    """Keep only the newest K complete checkpoints (older ones are purged in the background; never load_step's); 0 keeps all."""
+    """Keep only the newest K complete checkpoints (older ones are purged in the background; never load_step's, and newer ones left behind by going back to load_step are purged first); 0 keeps all."""
     load_step: int = -1
     """Step to resume from (go back to); -1 = the latest complete checkpoint. A restart of the same command resumes the newest checkpoint saved after going back."""
     exclude_from_loading: list[str] = field(default_factory=list)
