@@ -537,6 +537,15 @@ class Trainer:
             try:
                 for folder, key in folders:
                     locks.append(RunLock.acquire(folder, key=key))
+                # The folders written later, made now: one that cannot be (a file of that name, no permission)
+                # is a start-up error naming its key, not a failure steps into the run (inside the profiler's
+                # trace handler, a crash).
+                for folder, key in self._output_subfolders():
+                    try:
+                        folder.mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise ConfigError(f"cannot create {folder} ({key}): {e.strerror or e}; choose a writable "
+                                          "folder") from None
             except ConfigError as e:
                 error = str(e)
                 for lock in locks:
@@ -549,6 +558,17 @@ class Trainer:
         if error is not None:
             raise ConfigError(error)
         return locks
+
+    def _output_subfolders(self) -> list[tuple[Path, str]]:
+        """The folders under the output folder that this job's enabled features write to, with their keys."""
+        out, cfg = self._output_folder(), self.cfg
+        wanted = [
+            (cfg.metrics.enable_tensorboard, cfg.metrics.save_tb_folder, "metrics.save_tb_folder"),
+            (cfg.profiling.enable_profiling, cfg.profiling.save_traces_folder, "profiling.save_traces_folder"),
+            (cfg.profiling.enable_memory_snapshot, cfg.profiling.save_memory_snapshot_folder,
+             "profiling.save_memory_snapshot_folder"),
+        ]
+        return [(out / folder, key) for on, folder, key in wanted if on]
 
     def _fingerprint(self) -> dict[str, Any]:
         pd = self.parallel_dims

@@ -123,8 +123,9 @@ def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, mon
     from torchtitan_like.config.loader import PATH_KEYS
 
     # Every key of the schema that names a file or folder the user gives is in PATH_KEYS (the folders
-    # under job.dump_folder are relative to it).
-    named = {k for k in keys() if k.endswith(("_path", "_csv", "config_file", "dump_folder"))}
+    # under job.dump_folder too: relative to it, but ~ makes one absolute, as in a shell; checkpoint.folder
+    # = "~/ckpt" once made a folder named ~ in the dump folder).
+    named = {k for k in keys() if k.endswith(("_path", "_csv", "config_file", "folder"))}
     assert named <= set(PATH_KEYS), named - set(PATH_KEYS)
 
     home = tmp_path / "home"
@@ -137,6 +138,8 @@ def test_tilde_paths_expand_in_every_path_key_and_in_extends(tmp_path: Path, mon
     assert cfg.training.steps == 7
     assert cfg.job.dump_folder == str(home / "runs" / "x")
     assert cfg.training.dataset_path == str(home / "data")
+    folders = load_config(["--checkpoint.folder=~/ckpt", "--metrics.save_tb_folder", "~/tb"])
+    assert (folders.checkpoint.folder, folders.metrics.save_tb_folder) == (str(home / "ckpt"), str(home / "tb"))
 
 
 # --- torchtitan keys we do not have: each names what to use here ------------------------------------

@@ -154,3 +154,19 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: out of {where} memory (")
     assert "lower training.local_batch_size" in err[0] and "tools/plan.py" in err[0]
+
+
+@pytest.mark.parametrize("key, switch", [
+    ("metrics.save_tb_folder", "--metrics.enable_tensorboard"),
+    ("profiling.save_traces_folder", "--profiling.enable_profiling"),
+])
+def test_an_output_subfolder_that_cannot_be_created_is_one_error_line_at_start(tmp_path, capsys, key, switch):
+    """The TensorBoard and profiler folders were first made when written: a traceback steps into the run,
+    and a segmentation fault inside the profiler's trace handler."""
+    (tmp_path / "afile").write_text("")
+    args = ["--training.steps", "2", "--profiling.profile_freq", "2", "--profiling.profiler_warmup", "0",
+            switch, f"--{key}", str(tmp_path / "afile")]
+    assert train.main(argv(tmp_path / "run", *args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot create {tmp_path / 'afile'} ({key}): File exists; choose a writable folder"]
+    assert not list((tmp_path / "run").glob("metrics.jsonl"))  # (refused before training)

@@ -431,6 +431,9 @@ PATH_KEYS = (
     "job.config_file", "job.dump_folder", "model.tokenizer_path", "model.hf_assets_path", "training.dataset_path",
     "validation.dataset_path",
     "checkpoint.initial_load_path", "parallelism.pipeline_parallel_schedule_csv",
+    # (Relative to job.dump_folder unless absolute; ~ makes one absolute, as it does in a shell.)
+    "checkpoint.folder", "metrics.save_tb_folder", "comm.save_traces_folder", "profiling.save_traces_folder",
+    "profiling.save_memory_snapshot_folder",
 )
 
 
