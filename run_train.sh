@@ -43,6 +43,18 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
+# An interpreter that cannot run the trainer: one line that says so, not a shell or import error later. (find_spec
+# does not import torch: this costs a bare interpreter start.)
+if ! command -v "$PYTHON" > /dev/null 2>&1; then
+  echo "error: PYTHON=$PYTHON is not an interpreter found here: point it at a Python with torch, or run" \
+    "tools/setup.sh (it makes .venv, which this script uses)" >&2
+  exit 2
+fi
+if ! "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)' > /dev/null 2>&1; then
+  echo "error: PYTHON=$PYTHON cannot import torch: run tools/setup.sh (it makes .venv, which this script uses)," \
+    "or point PYTHON at the interpreter of an environment with this project's requirements" >&2
+  exit 2
+fi
 # need_int VAR MIN MAX WHAT: $VAR must be a decimal whole number in MIN..MAX (MAX empty: no upper bound), else
 # one error line naming it and what it is (WHAT), and exit 2. Leading zeros are decimal (NGPU=08 is 8: bash
 # arithmetic would read them as octal), and the variable is rewritten without them.

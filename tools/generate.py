@@ -80,7 +80,10 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     if args.out:
         check_output_file(Path(args.out), f"--out {args.out}", example="generate.json")  # before the load
     cfg = load_config(rest)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # (not a device string torch knows)
+        raise ConfigError(f"--device {args.device}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     if device.type not in ("cpu", "cuda"):

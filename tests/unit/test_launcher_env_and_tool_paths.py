@@ -21,9 +21,10 @@ LAUNCH_VARS = ("NGPU", "NNODES", "NODE_RANK", "LOG_RANK", "MAX_RESTARTS", "SHUTD
 
 @pytest.fixture
 def fake_python(tmp_path: Path) -> Path:
-    """A PYTHON that records its arguments instead of starting torchrun or the dry run."""
+    """A PYTHON that records its arguments instead of starting torchrun or the dry run (and answers
+    run_train.sh's probe for torch, `-c ...`, with yes)."""
     script = tmp_path / "python"
-    script.write_text(f'#!/bin/bash\necho "$*" > {tmp_path / "started"}\n')
+    script.write_text(f'#!/bin/bash\n[[ "$1" == -c ]] && exit 0\necho "$*" > {tmp_path / "started"}\n')
     script.chmod(0o755)
     return script
 
@@ -76,6 +77,19 @@ def test_a_bad_variable_is_one_error_line_and_nothing_starts(fake_python: Path, 
     r, started = run_train(fake_python, **env)
     assert (r.returncode, started) == (2, None), (r.returncode, started, r.stderr)
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+
+
+def test_a_python_that_cannot_run_the_trainer_is_one_error_line(fake_python: Path) -> None:
+    """PYTHON was not checked: a missing one was bash's 'No such file or directory' (127), one without torch
+    an import traceback, /bin/false nothing at all."""
+    no_torch = fake_python.parent / "python_without_torch"
+    no_torch.write_text(f'#!/bin/bash\n[[ "$1" == -c ]] && exit 1\necho "$*" > {fake_python.parent / "started"}\n')
+    no_torch.chmod(0o755)
+    for python, message in ((fake_python.parent / "missing", "is not an interpreter found here"),
+                            (no_torch, "cannot import torch: run tools/setup.sh")):
+        r, started = run_train(python, NGPU="1")
+        assert (r.returncode, started) == (2, None), (r.returncode, started, r.stderr)
+        assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: PYTHON={python} {message}")
 
 
 @pytest.mark.parametrize("env, expected", [

@@ -101,6 +101,13 @@ def from_hf(hf_state_dict: dict[str, torch.Tensor], args: TransformerArgs) -> di
             continue
         m = _HF_LAYER.match(name)
         if m is None or m.group(2) not in _LAYER_FROM_HF:
+            if name.startswith(("layers.", "tok_embeddings.", "norm.", "output.")):
+                # (tools/checkpoint.py convert to .safetensors without --hf writes this trainer's names.)
+                raise CheckpointError(
+                    f"tensor {name!r} has this trainer's name, not a Hugging Face one: load such a file as "
+                    "checkpoint.initial_load_path after `tools/checkpoint.py convert FILE OUT_FOLDER` (a DCP "
+                    "folder), or write Hugging Face names with `tools/checkpoint.py convert ... --hf --flavor F`"
+                )
             raise CheckpointError(f"Hugging Face tensor {name!r} has no counterpart in the llama3 model")
         layer, rest = m.groups()
         ours = _LAYER_FROM_HF[rest]
