@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -20,10 +21,13 @@ def render(text: str) -> str:
     return f"{head}{README_BEGIN}\n{markdown_reference()}\n{README_END}{tail}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the config reference section of README.md from the schema.")
+    parser.add_argument("--check", action="store_true", help="only check: exit 1 if README.md is out of date")
+    args = parser.parse_args(argv)  # (an unknown argument, a typo of --check, must not rewrite README.md)
     text = README.read_text(encoding="utf-8")
     new = render(text)
-    if "--check" in sys.argv[1:]:
+    if args.check:
         if new != text:
             print("README.md config reference is stale: run python tools/config_reference.py", file=sys.stderr)
             return 1

@@ -112,6 +112,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--allow: unknown features {unknown}; choose from {', '.join(FEATURES)}")
         if "float8" in allow and args.precision != "fp8":
             raise ConfigError("--allow float8 needs --precision fp8")
+        if "float8" not in allow and args.precision == "fp8":
+            # (It would plan bf16 layouts only, while the request says float8.)
+            raise ConfigError(f"--precision fp8 with --allow {args.allow}: add float8 to --allow, or drop --precision fp8")
         if allow & {"hsdp", "cp"}:
             allow.add("fsdp")  # both shard the parameters (over dp_shard, or over cp)
     if args.precision == "fp8" and hw.peak_fp8_tflops is None:
@@ -131,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
     elif cfg.training.global_batch_size > 0:
         gbs = cfg.training.global_batch_size
     else:
-        raise ConfigError("--global-batch is needed: the config's training.global_batch_size is -1 (derived from the layout)")
+        where = (f"--config {args.config} leaves training.global_batch_size at -1 (derived from the layout)"
+                 if args.model is None else f"--model {args.model} comes with no batch")
+        raise ConfigError(f"--global-batch N is needed: {where}; give the global batch in sequences")
     inputs = PlanInputs(
         base_argv=tuple(base), world_size=args.ngpu, hardware=hw, seq_len=seq, global_batch_size=gbs,
         compile=_compiled(args, cfg), allow=frozenset(allow), max_local_batch_size=args.max_local_batch,

@@ -161,7 +161,9 @@ def describe(prefix: str, cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, or 2 with one error line (a bad argument or config, unreadable data, an unwritable output)."""
-    parser = argparse.ArgumentParser(prog="tools/pretokenize.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tools/pretokenize.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every other argument is the trainer's: --job.config_file FILE and --section.key VALUE overrides.")
     parser.add_argument("--out", required=True, help="PREFIX: writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--section", choices=("training", "validation"), default="training",
                         help="whose dataset settings name the source (default training)")

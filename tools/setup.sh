@@ -8,7 +8,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+case "$*" in
+  "") ;;
+  --dev) extras="[dev]" ;;
+  *)
+    echo "error: tools/setup.sh takes no arguments, or --dev (also the test dependencies); got: $*" >&2
+    exit 2
+    ;;
+esac
 
 if [[ ! -x .venv/bin/python ]]; then
   "${PYTHON:-python3}" -m venv --system-site-packages .venv

@@ -122,7 +122,9 @@ def write_tokenizer_model(vocab: list[bytes], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, or 2 with one error line (a bad argument, a corpus too small, an unwritable output)."""
     parser = argparse.ArgumentParser(prog="tools/train_tokenizer.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_TOKENIZER_PATH)
+    parser.add_argument("--output", type=Path, default=DEFAULT_TOKENIZER_PATH,
+                        help=f"the tokenizer.model to write (default: the committed one, {DEFAULT_TOKENIZER_PATH}, "
+                             "which the trainer's default model.tokenizer_path reads)")
     parser.add_argument("--base-tokens", type=int, default=1744, help="256 bytes + merges (at least 256)")
     parser.add_argument("--max-mb", type=float, default=None, help="train on this many corpus MB (default: all)")
     args = parser.parse_args(argv)

@@ -562,3 +562,29 @@ def test_torchtitans_hub_dataset_names_read_the_same_data(tmp_path) -> None:
     assert (local.dataset, local.dataset_path, local.dataset_config) == ("hf", "/data/c4", "en")
     # Another dataset on the command line replaces it, settings and all.
     assert load_config(["--job.config_file", str(toml), "--training.dataset", "embedded"]).training.dataset_path is None
+
+
+def test_a_config_file_named_inside_a_toml_is_said_to_be_a_record_only(tmp_path: Path, caplog) -> None:
+    """[job] config_file = "other.toml" in a file read nothing, silently (extends is the way to build on a
+    file; a resolved config.toml records the file it came from under that key)."""
+    (tmp_path / "other.toml").write_text("[training]\nsteps = 7\n", encoding="utf-8")
+    main = tmp_path / "main.toml"
+    main.write_text('[job]\nconfig_file = "other.toml"\n', encoding="utf-8")
+    with caplog.at_level("INFO", logger="torchtitan_like.config.loader"):
+        cfg = load_config(["--job.config_file", str(main)])
+    assert cfg.job.config_file == str(main) and cfg.training.steps != 7
+    assert f"{main}: job.config_file = 'other.toml' is a record only, not read (to build on a file, write extends = " \
+           "'other.toml' at the top)" in caplog.text
+    # A resolved config.toml loads back to the same config (its job.config_file names where it came from).
+    again = tmp_path / "config.toml"
+    again.write_text(to_toml(cfg), encoding="utf-8")
+    assert dataclasses.replace(load_config(["--job.config_file", str(again)]).job, config_file=str(main)) == cfg.job
+
+
+def test_config_reference_refuses_an_unknown_argument_and_leaves_the_readme(capsys) -> None:
+    """A typo of --check (or --help read as a request to rewrite) used to rewrite README.md and exit 0."""
+    before = (REPO / "README.md").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        _config_reference_tool().main(["--chek"])
+    assert e.value.code == 2 and "unrecognized arguments: --chek" in capsys.readouterr().err
+    assert (REPO / "README.md").read_bytes() == before

@@ -167,3 +167,12 @@ def test_a_worker_error_whose_message_starts_on_its_second_line_is_still_named()
     assert _first_line(recorded) == "RuntimeError: Failed to run stage backward input:"
     assert _first_line({"message": "ValueError: bad value\nmore"}) == "ValueError: bad value"
     assert _first_line({"message": "  \n"}) == "" and _first_line(None) == ""
+
+
+def test_setup_sh_refuses_an_unknown_argument_before_doing_anything():
+    """`tools/setup.sh --devv` (or --help) started a plain install without the test dependencies."""
+    import subprocess
+
+    r = subprocess.run(["bash", str(ROOT / "tools" / "setup.sh"), "--devv"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: tools/setup.sh takes no arguments, or --dev (also the test dependencies); got: --devv\n"

@@ -486,6 +486,11 @@ def load_config(argv: list[str]) -> JobConfig:
                     raise _unknown_key(dotted, origin=str(config_file))
                 if isinstance(value, str) and (dotted, value) in _TORCHTITAN_HF_DATASETS:
                     hub_names[dotted], value = value, "hf"
+                if dotted == "job.config_file":
+                    # (A resolved config.toml records the file it came from; a file names the next one by extends.)
+                    logger.info("%s: job.config_file = %r is a record only, not read (to build on a file, write "
+                                "extends = %r at the top)", config_file, value, value)
+                    continue
                 values[dotted] = coerce(key, value, from_cli=False)
     given_on_cli: dict[str, Any] = {}
     for name, raw in overrides:
