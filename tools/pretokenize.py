@@ -125,7 +125,7 @@ def describe(prefix: str, cfg) -> str:
     from torchtitan_like.data.indexed import IndexedTokens
     from torchtitan_like.models import MODELS
 
-    data = IndexedTokens(prefix, section="--out")
+    data = IndexedTokens(prefix, section="--out", label=f"--out {prefix}")
     record = Path(data.prefix + ".json")
     if record.exists():
         raise TrainerError(f"--out {prefix}: {record} exists already (a record of these files): delete it to "

@@ -330,6 +330,12 @@ def test_toml_strict_errors_name_the_file_key_and_fix(tmp_path: Path, toml: str,
         (["--training.steps"], ["--training.steps needs a value"]),
         (["--training.steps", "--debug.seed", "1"], ["--training.steps needs a value"]),
         (["steps=5"], ["unexpected command-line argument 'steps=5'", "--section.key value"]),
+        # (Was a suggestion of quantize.linear.float8.emulate.)
+        (["--quantize.linear.float8", "3"], ["'quantize.linear.float8' is a section, not a key: set its keys, e.g. "
+                                             "quantize.linear.float8."]),
+        # (Was "unexpected command-line argument 'maybe'", naming no key.)
+        (["--metrics.enable_tensorboard", "maybe"], ["--metrics.enable_tensorboard is a switch: give it alone, or "
+                                                     "with true or false, not 'maybe'"]),
         # torchtitan's names for what we have differently or not at all.
         (["--training.dataset", "c4_test"], ["'c4_test' is not one of", 'training.dataset = "local"']),
         (["--metrics.enable_wandb"], ["unknown key 'metrics.enable_wandb': Weights & Biases is not supported",
@@ -588,3 +594,12 @@ def test_config_reference_refuses_an_unknown_argument_and_leaves_the_readme(caps
         _config_reference_tool().main(["--chek"])
     assert e.value.code == 2 and "unrecognized arguments: --chek" in capsys.readouterr().err
     assert (REPO / "README.md").read_bytes() == before
+
+
+def test_extends_below_a_section_header_says_where_extends_goes(tmp_path: Path) -> None:
+    """It was "unknown key 'training.extends' (did you mean 'training.steps'?)"."""
+    path = tmp_path / "job.toml"
+    path.write_text('[training]\nextends = "base.toml"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"extends is read only at the top of a file, before any \[section\] "
+                                          r"header \(here it is training.extends\)"):
+        load_config(["--job.config_file", str(path)])

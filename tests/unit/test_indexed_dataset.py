@@ -576,6 +576,8 @@ def test_describe_records_the_tokenizer_of_files_written_elsewhere(tok, tmp_path
                                        "model.tokenizer_path (2000 ids): these files were tokenized with another "
                                        "tokenizer\n")
     assert not Path(f"{wide}.json").exists()
+    assert tool.main(["--describe", "--out", str(tmp_path / "none")]) == 2  # (was named --out.dataset_path='...')
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'none'}: {tmp_path / 'none'}.idx does not exist")
     r = pretokenize("--describe", "--out", str(wide), "--workers", "2")
     assert r.returncode == 2 and r.stderr.splitlines()[-1].endswith(
         "error: --workers: not used with --describe, which tokenizes nothing; leave it out"), r.stderr

@@ -68,6 +68,10 @@ def test_product_must_equal_world_size() -> None:
     ) in msg
     # -1 is suggested only where it works: tp 3 does not divide 4 ranks.
     assert "data_parallel_shard_degree=-1" not in msg and "multiply to 3, which does not divide 4" in msg
+    assert "change them, e.g. tensor_parallel_degree 1, 2 or 4" in msg  # (the one degree set: what fits)
+    auto = _error(_dims, 2, tensor_parallel_degree=3)
+    assert auto.endswith("choose degrees whose product divides 2, e.g. tensor_parallel_degree 1 or 2"), auto
+    assert ", e.g." not in _error(_dims, 4, tensor_parallel_degree=3, pipeline_parallel_degree=3)  # (two set: no list)
     assert "set data_parallel_shard_degree=-1" in _error(_dims, 4, data_parallel_shard_degree=3, tensor_parallel_degree=2)
 
 

@@ -176,6 +176,9 @@ def parse_cli(argv: list[str]) -> list[tuple[str, str | None]]:
             if nxt is not None and nxt.lower() in _TRUE | _FALSE:
                 out.append((body, nxt))
                 i += 2
+            elif nxt is not None and not nxt.startswith("--"):
+                # (Nothing else may follow a switch: every override starts with --.)
+                raise ConfigError(f"--{body} is a switch: give it alone, or with true or false, not {nxt!r}")
             else:
                 out.append((body, None))
                 i += 1
@@ -438,6 +441,12 @@ PATH_KEYS = (
 
 
 def _unknown_key(dotted: str, *, origin: str) -> ConfigError:
+    if dotted in sections():
+        example = next(k for k in keys() if k.startswith(dotted + "."))
+        return ConfigError(f"{origin}: '{dotted}' is a section, not a key: set its keys, e.g. {example}")
+    if dotted.rpartition(".")[2] == "extends" and origin != "command line":
+        return ConfigError(f"{origin}: extends is read only at the top of a file, before any [section] header "
+                           f"(here it is {dotted})")
     if dotted in _TORCHTITAN_UNSUPPORTED:
         return ConfigError(f"{origin}: unknown key '{dotted}': {_TORCHTITAN_UNSUPPORTED[dotted]}")
     if dotted in _TORCHTITAN_FORMER:

@@ -68,8 +68,9 @@ class IndexedTokens:
     """The token stream of one PREFIX.bin / PREFIX.idx pair, checked when opened: both files exist, the
     index is one (header, version, an integer dtype, its size), and PREFIX.bin ends where the index says."""
 
-    def __init__(self, dataset_path: str, *, section: str) -> None:
-        self.label = f"{section}.dataset_path={dataset_path!r}"
+    def __init__(self, dataset_path: str, *, section: str, label: str | None = None) -> None:
+        """label: how messages name the path (default: `{section}.dataset_path='...'`, the config key)."""
+        self.label = label or f"{section}.dataset_path={dataset_path!r}"
         prefix = split_prefix(dataset_path)
         self.prefix, self.bin_path, self.idx_path = prefix, prefix + ".bin", prefix + ".idx"
         self.files = [self.bin_path]  # (the trainer's held-out check compares these)

@@ -113,6 +113,7 @@ class ParallelDims:
                     f"parallelism: data_parallel_shard_degree=-1 takes what the world size leaves, but "
                     f"{_product_text(p, shard='-1', with_shard=False)} = {others} does not divide world size "
                     f"{world_size} (NGPU); choose degrees whose product divides {world_size}"
+                    f"{_divisor_hint(p, world_size)}"
                 )
             dp_shard = world_size // others
         elif dp_shard < 1:
@@ -122,7 +123,8 @@ class ParallelDims:
             )
         if others * dp_shard != world_size:
             fix = ("set data_parallel_shard_degree=-1 to take what the others leave" if world_size % others == 0
-                   else f"the other degrees multiply to {others}, which does not divide {world_size}: change them")
+                   else f"the other degrees multiply to {others}, which does not divide {world_size}: change them"
+                        f"{_divisor_hint(p, world_size)}")
             if world_size == 1 and "RANK" not in os.environ:
                 fix += (f"; or, for {others * dp_shard} ranks, launch through torchrun: "
                         f"NGPU={others * dp_shard} ./run_train.sh (RANK is unset here, so this is one process)")
@@ -328,6 +330,17 @@ def _product_text(p: Parallelism, *, shard: str, with_shard: bool) -> str:
         f"pipeline_parallel_degree({p.pipeline_parallel_degree})",
     ]
     return " x ".join(parts)
+
+
+def _divisor_hint(p: Parallelism, world_size: int) -> str:
+    """Where one degree besides data_parallel_shard_degree is set: the values that divide the world size."""
+    named = {"data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+             "context_parallel_degree": p.context_parallel_degree, "tensor_parallel_degree": p.tensor_parallel_degree,
+             "pipeline_parallel_degree": p.pipeline_parallel_degree}
+    over = [k for k, v in named.items() if v > 1]
+    if len(over) != 1:
+        return ""
+    return f", e.g. {over[0]} {_or_list([d for d in range(1, world_size + 1) if world_size % d == 0])}"
 
 
 def _or_list(values: list[int]) -> str:
