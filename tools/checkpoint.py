@@ -37,6 +37,7 @@ from torchtitan_like.components.checkpoint import (
 )
 from torchtitan_like.components.manifest import (
     MANIFEST,
+    STEP_RE,
     CheckpointError,
     build_manifest,
     hash_files,
@@ -53,10 +54,20 @@ def _is_dcp(path: Path) -> bool:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
-    steps = sorted(p.name for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
-    if steps and not (folder / MANIFEST).exists() and not (folder / ".metadata").exists():
-        raise CheckpointError(f"{folder} holds step folders ({', '.join(steps[:4])}{', ...' if len(steps) > 4 else ''}), "
-                              f"not a checkpoint: verify one of them, e.g. {folder / steps[-1]}")
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file: verify checks a step folder against its {MANIFEST} (a .pt or "
+                              ".safetensors file has none)")
+    checkpoint = not (folder / MANIFEST).exists() and not (folder / ".metadata").exists()
+    # A run's checkpoint folder, or its dump folder (checkpoint/ under it): name a step folder to verify.
+    steps = sorted((p for p in (*folder.glob("step-*"), *folder.glob("*/step-*")) if STEP_RE.match(p.name) and p.is_dir()),
+                   key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() and checkpoint else []
+    if steps:
+        names = ", ".join(p.name for p in steps[:4]) + (", ..." if len(steps) > 4 else "")
+        raise CheckpointError(f"{folder} holds step folders ({names}), not a checkpoint: verify one of them, e.g. "
+                              f"{steps[-1]}")
+    if folder.is_dir() and checkpoint and not STEP_RE.match(folder.name) and not any(folder.glob("*.distcp")):
+        # (A step folder without its manifest is a save that never finished: verify says so below.)
+        raise CheckpointError(f"{folder} is not a checkpoint: it has no {MANIFEST}, no .metadata and no step folders")
     if is_flat_model_layout(folder):
         raise CheckpointError(f"{folder} is in torchtitan's layout, which has no {MANIFEST} to verify against "
                               "(torchtitan writes none): `inspect` lists what it holds, and checkpoint.initial_load_path "

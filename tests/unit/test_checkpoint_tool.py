@@ -167,6 +167,11 @@ def _tool_main():
         (["convert", "{step}", "{tmp}/w.safetensors", "--no-model-only"], "safetensors hold model weights only"),
         (["inspect", "{tmp}"], ".metadata is missing or unreadable"),
         (["verify", "{tmp}/nowhere"], "nowhere does not exist"),
+        # (These three said "manifest.json is missing: ... incomplete (its save never finished)", or "does not
+        # exist or is not a folder" for a file.)
+        (["verify", "{step}/../.."], "holds step folders (step-1), not a checkpoint: verify one of them, e.g. "),
+        (["verify", "{tmp}/taken"], "taken is not a checkpoint: it has no manifest.json, no .metadata and no step"),
+        (["verify", "{step}/manifest.json"], "manifest.json is a file: verify checks a step folder"),
     ],
 )
 def test_errors_are_one_line_with_exit_2(trained, tmp_path, capsys, argv, message):

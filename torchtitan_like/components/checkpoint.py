@@ -749,7 +749,8 @@ class CheckpointManager:
         if skipped:
             raise CheckpointError(
                 f"no usable checkpoint in {self.folder}: every step folder is damaged or incomplete "
-                f"(latest: {skipped[0]}); delete them to start over, or set checkpoint.load_step"
+                f"(latest: {skipped[0]}); move them out of {self.folder} to start over, or point "
+                "checkpoint.initial_load_path at a good copy"
             )
         return None
 
