@@ -852,6 +852,7 @@ class Trainer:
         window_start = time.perf_counter()
         train_start, tokens_at_start = window_start, self.tokens_seen
         window_validation_s = total_validation_s = 0.0  # validating is not training time
+        window_saving_s = total_saving_s = 0.0  # nor is saving a checkpoint (the blocking part of it)
         window_steps = window_tokens = 0
         data_wait = 0.0
         first_step = self.step + 1
@@ -894,7 +895,7 @@ class Trainer:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         now = time.perf_counter()
-                        elapsed = now - window_start - window_validation_s
+                        elapsed = now - window_start - window_validation_s - window_saving_s
                         extra: dict[str, float] = {}
                         if self.compile_monitor is not None:
                             extra.update(self.compile_monitor.metrics(self._max_over_ranks if self.world_size > 1 else None))
@@ -915,10 +916,14 @@ class Trainer:
                             eta_s=eta.at(now, self.step),
                         )
                         window_start, window_steps, window_tokens, data_wait = now, 0, 0, 0.0
-                        window_validation_s = 0.0
+                        window_validation_s = window_saving_s = 0.0
+                    t0 = time.perf_counter()
                     self.checkpointer.maybe_save(
                         self.step, last=self.step == cfg.training.steps, first=self.step == first_step
                     )
+                    if self.checkpointer.saved_step == self.step:  # (a save happened: the time is its own)
+                        window_saving_s += time.perf_counter() - t0
+                        total_saving_s += time.perf_counter() - t0
                     if profiler is not None:
                         profiler.step()
                     if snapshotter is not None:
@@ -926,8 +931,9 @@ class Trainer:
                     if self._stop_if_preempted():
                         break
             self.metrics.summary(
-                self.tokens_seen - tokens_at_start, time.perf_counter() - train_start - total_validation_s,
-                validation_s=total_validation_s,
+                self.tokens_seen - tokens_at_start,
+                time.perf_counter() - train_start - total_validation_s - total_saving_s,
+                validation_s=total_validation_s, saving_s=total_saving_s,
             )
         finally:
             # The handlers stay until close(), which restores them: after an error, torchrun SIGTERMs this

@@ -147,6 +147,14 @@ def test_total_steps_sets_the_curve_whatever_the_run_length(caplog) -> None:
         longer = factors(LRScheduler(**{**vars(cfg), "total_steps": 100}), 120)
     assert longer[:100] == full and longer[100:] == [full[-1]] * 20 and full[-1] == pytest.approx(0.1)
     assert "training.steps=120 runs past lr_scheduler.total_steps=100: its last 20 steps keep the schedule's final" in caplog.text
+    # Inside a warmup longer than total_steps the ramp goes on: the warning said the lr was held (it was not).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ramp = factors(LRScheduler(warmup_steps=10, total_steps=4), 8)
+    assert ramp == pytest.approx([(i + 1) / 11 for i in range(8)])
+    assert ("training.steps=8 runs past lr_scheduler.total_steps=4, inside lr_scheduler.warmup_steps=10: the warmup "
+            "goes on ramping (the last step at 73% of optimizer.lr)") in caplog.text
+    assert "keep the schedule's final" not in caplog.text
     with pytest.raises(ConfigError, match=r"lr_scheduler.total_steps=0 is out of range: must be >= 1"):
         load_config(["--lr_scheduler.total_steps", "0"])
     assert ignored_settings(load_config(["--debug.deterministic_warn_only"]), pp=1) == [

@@ -190,3 +190,39 @@ def test_summary_of_an_empty_run(tmp_path: Path) -> None:
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_saving_a_checkpoint_is_not_counted_as_training_time(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A save's time was charged to the next step: its step_time, tps and MFU dipped after every save. Each
+    save here takes 1000 s on the trainer's clock: no row's step_time holds it, the summary names it apart,
+    and the remaining time (wall clock: saves ahead will take as long) counts it."""
+    import time as real_time
+    import types
+
+    from feature_runs import train
+    from torchtitan_like import trainer as trainer_module
+    from torchtitan_like.components.checkpoint import CheckpointManager
+
+    offset = [0.0]
+    clock = types.SimpleNamespace(**{k: getattr(real_time, k) for k in dir(real_time) if not k.startswith("_")})
+    clock.perf_counter = lambda: real_time.perf_counter() + offset[0]
+    monkeypatch.setattr(trainer_module, "time", clock)
+    save = CheckpointManager.maybe_save
+
+    def slow_save(self, step, **kw):
+        saved = save(self, step, **kw)
+        if step % 2 == 0:
+            offset[0] += 1000.0
+        return saved
+
+    monkeypatch.setattr(CheckpointManager, "maybe_save", slow_save)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        train(tmp_path, "--training.steps", "6", "--metrics.log_freq", "1", "--checkpoint.enable",
+              "--checkpoint.interval", "2")
+    rows = read_jsonl(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["step_time"] < 100 for r in rows), [r["step_time"] for r in rows]
+    # At step 4's line: step 2's save (1000 s) in the 3 steps since the first line; 2 steps left.
+    assert rows[3]["eta_s"] == pytest.approx(1000 / 3 * 2, rel=0.01)
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("summary:")]
+    assert "(plus 50.0 min saving checkpoints)" in summary  # 3 saves of 1000 s (steps 2, 4 and the last, 6)

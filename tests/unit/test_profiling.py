@@ -61,6 +61,25 @@ def test_a_resumed_run_profiles_the_same_steps(tmp_path):
     ]
 
 
+def test_a_run_that_ends_during_a_captures_warm_up_names_the_step_it_would_have_captured(tmp_path, caplog):
+    """Steps 5..8 of a run resumed at step 4, capturing every 3rd step after a warm-up step: step 6 is
+    traced, step 8 is the warm-up of step 9's capture, which never runs (the message named step 8)."""
+    import logging
+
+    from torchtitan_like.components.profiling import maybe_enable_profiling
+    from torchtitan_like.config.schema import Profiling
+
+    cfg = Profiling(enable_profiling=True, profile_freq=3, profiler_warmup=1, profiler_active=1)
+    with caplog.at_level(logging.INFO, logger="torchtitan_like.components.profiling"):
+        with maybe_enable_profiling(cfg, dump_folder=str(tmp_path), rank=0, device=torch.device("cpu"),
+                                    global_step=4) as prof:
+            for _ in range(4):
+                torch.ones(8) @ torch.ones(8)
+                prof.step()
+    assert [p.parent.name for p in (tmp_path / "profile_traces").rglob("rank0_trace.json")] == ["iteration_6"]
+    assert "profiler: the run ended before the capture at step 9; no trace" in caplog.text
+
+
 def test_profile_freq_must_hold_warmup_and_active(tmp_path):
     with pytest.raises(ConfigError, match=r"profiling.profile_freq=3 must be >= profiler_warmup\(3\) \+ profiler_active\(1\)"):
         load_config(argv(tmp_path, "--profiling.enable_profiling", "--profiling.profile_freq", "3"))

@@ -72,7 +72,16 @@ def phases(cfg: LRScheduler, *, steps: int) -> Phases:
                 "warmup: decaying over those %d", cfg.decay_ratio, key, span, decay, after, after,
             )
             decay = after
-    if steps > span:
+    if steps > span and warmup > span:
+        # (The ramp is not cut at total_steps: a run that goes on continues it, as a resumed longer run does.)
+        last = lr_factor(steps - 1, warmup_steps=warmup, stable_steps=after - decay, decay_steps=decay,
+                         decay_type=cfg.decay_type, min_lr_factor=cfg.min_lr_factor)
+        logger.warning(
+            "training.steps=%d runs past lr_scheduler.total_steps=%d, inside lr_scheduler.warmup_steps=%d: the "
+            "warmup goes on ramping%s (the last step at %.0f%% of optimizer.lr)", steps, span, warmup,
+            "" if steps <= warmup else ", then optimizer.lr holds", 100 * last,
+        )
+    elif steps > span:
         logger.warning(
             "training.steps=%d runs past lr_scheduler.total_steps=%d: its last %d steps keep the schedule's final "
             "learning rate", steps, span, steps - span,

@@ -194,8 +194,9 @@ class MetricsLogger:
     ) -> dict[str, Any]:
         """Compute, print and record the metrics of the interval ending at `step`; returns the record.
 
-        `tokens` is what this device processed since the last log (the trainer divides by the
-        non-data-parallel degree, so tps x flops_per_token is this device's share of the work).
+        `tokens` is what this device processed since the last log (the trainer divides the global tokens by
+        the world size, so tps x flops_per_token is this device's share of the work); `elapsed_s` leaves out
+        the time spent validating and saving checkpoints.
         `eta_s`: the wall-clock seconds the run still needs, when the trainer has an estimate (recorded
         as eta_s, shown as eta).
         """
@@ -320,15 +321,19 @@ class MetricsLogger:
             )
         return dropped
 
-    def summary(self, total_tokens_seen_global: int, elapsed_s: float, *, validation_s: float = 0.0) -> dict[str, Any]:
+    def summary(self, total_tokens_seen_global: int, elapsed_s: float, *, validation_s: float = 0.0,
+                saving_s: float = 0.0) -> dict[str, Any]:
         """Log the run's global tokens/s and how long 1B / 100B / 1T tokens would take at that rate.
-        elapsed_s: the training time (validation_s, the time spent validating, is left out of it and named)."""
+        elapsed_s: the training time (validation_s and saving_s, the time spent validating and saving
+        checkpoints, are left out of it and named)."""
         global_tps = _ratio(total_tokens_seen_global, elapsed_s)
         etas = {name: budget / global_tps if global_tps > 0 else math.inf for name, budget in _SUMMARY_BUDGETS}
         result = {"global_tps": global_tps, "world_size": self.world_size, "time_to_train_s": etas}
         if self.enabled:
             eta_text = ", ".join(f"{name} tokens: {format_duration(s)}" for name, s in etas.items())
-            validating = f" (plus {format_duration(validation_s)} validating)" if validation_s > 0 else ""
+            besides = [f"{format_duration(t)} {what}" for t, what in ((validation_s, "validating"),
+                                                                   (saving_s, "saving checkpoints")) if t > 0]
+            validating = f" (plus {' and '.join(besides)})" if besides else ""
             logger.info(
                 "summary: %s tokens in %s%s on %d device(s) = %s tokens/s global (%s per device); "
                 "time to train at this rate: %s",

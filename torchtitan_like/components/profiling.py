@@ -64,7 +64,9 @@ def maybe_enable_profiling(
         # Also called when the profiler stops: a run that ended (or was pre-empted) just before a capture
         # has already started recording a step that never ran; its trace would hold no training step.
         if schedule(prof.step_num - 1) not in recording:
-            logger.info("profiler: the run ended before the capture at step %d; no trace", prof.step_num + global_step)
+            # (step_num steps ran here: the capture in progress was of the next one.)
+            logger.info("profiler: the run ended before the capture at step %d; no trace",
+                        prof.step_num + global_step + 1)
             return
         step = prof.step_num + global_step
         path = trace_path(folder, step, rank)
