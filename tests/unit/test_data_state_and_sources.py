@@ -218,3 +218,33 @@ def test_files_of_other_formats_in_a_dataset_folder_or_glob_are_named_not_skippe
     with caplog.at_level(logging.WARNING, logger="torchtitan_like.data.sources"):
         LocalSource(str(data / "part1.jsonl"), "text")
     assert not caplog.records
+
+
+def test_an_indexed_datasets_record_beside_the_documents_is_not_read_as_one(tmp_path, caplog):
+    """tools/pretokenize.py --out data/train writes data/train.json beside .bin and .idx: a local source over
+    data/ read that record as a document file (an error about its missing text field, at the epoch boundary,
+    hours in); a rerun of pretokenize on the folder failed the same way."""
+    import logging
+    import subprocess
+    import sys
+
+    from torchtitan_like.data.sources import LocalSource
+
+    root = Path(__file__).resolve().parents[2]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    write = [sys.executable, str(root / "tools/pretokenize.py"), "--out", str(data / "train"),
+             "--training.dataset", "local", "--training.dataset_path", str(data)]
+    for _ in range(2):  # (the second run reads the folder with the first one's output in it)
+        r = subprocess.run(write, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["docs.jsonl", "train.bin", "train.idx", "train.json"]
+    for path in (str(data), str(data / "*")):
+        with caplog.at_level(logging.INFO, logger="torchtitan_like.data.sources"):
+            assert list(LocalSource(path, "text").documents(0, 0)) == ["one", "two"]
+        (line,) = [r.getMessage() for r in caplog.records]  # one info line, no warning about .bin and .idx
+        assert "not reading the indexed dataset(s) train (.bin, .idx and the .json record" in line, line
+        caplog.clear()
+    with pytest.raises(DataError, match=r"is the record of an indexed dataset .* training.dataset = \"indexed\""):
+        LocalSource(str(data / "train.json"), "text")

@@ -600,3 +600,38 @@ def test_validation_and_profiling_that_never_fire_in_the_run_are_named():
     # An evaluation validates the loaded weights whatever validation.freq.
     evaluation = ["--checkpoint.enable", "--checkpoint.load_only", "--training.steps", "3", "--validation.enable"]
     assert ignored_settings(load_config(evaluation), pp=1) == []
+
+
+def test_a_resume_under_another_seq_len_goes_on_from_the_tokens_read_or_is_refused(two, caplog):
+    """The position is a count of windows of seq_len + 1 tokens: resumed with another training.seq_len it
+    was read as windows of the new length, skipping (longer) or repeating (shorter) data without a word."""
+
+    def make(seq_len: int, path: Path, **kw):
+        training = Training(dataset="indexed", dataset_path=str(path), local_batch_size=2, global_batch_size=GBS,
+                            seq_len=seq_len, **kw)
+        return build_dataloader(training=training, tokenizer=None, vocab_size=VOCAB, dp_rank=0, dp_degree=1, seed=0)
+
+    a = two[0]  # tokens i % 500, 50 windows of 17
+    first = make(SEQ, a)
+    it = iter(first)
+    for _ in range(3 * GBS // 2):  # 3 global batches of 8 windows of 17 tokens: tokens 0..407
+        next(it)
+    state = first.state_dict()
+    longer = make(2 * SEQ, a)  # windows of 33 tokens: the next boundary at or after token 408 is 33 * 13 = 429
+    with caplog.at_level(logging.WARNING, logger="torchtitan_like.data.indexed"):
+        longer.load_state_dict(state)
+        x, y = next(iter(longer))
+    assert x[0, 0].item() == 429 and "goes on from token 429, the next window boundary (21 tokens skipped)" in caplog.text
+    shorter = make(SEQ // 2, a)  # windows of 9: 408 = 9 * 45 + 3, on from 414
+    shorter.load_state_dict(state)
+    assert next(iter(shorter))[0][0, 0].item() == 414
+    for kw, path, what in (({"dataset_shuffle": True}, a, "shuffled order"),
+                           ({"dataset_weights": [3.0, 1.0]}, ",".join(map(str, two)), "blend")):
+        saved = make(SEQ, path, **kw)
+        it = iter(saved)
+        next(it)
+        with pytest.raises(DataError, match=rf"indexed data's {what} counts windows of 17 tokens, and this run's "
+                                            r"are 33 \(training.seq_len 16 -> 32\): resume with the same"):
+            resumed = make(2 * SEQ, path, **kw)
+            resumed.load_state_dict(saved.state_dict())
+            next(iter(resumed))  # (the loader hands the state to its dataset when iterated)

@@ -289,7 +289,7 @@ class IndexedIterator(_SliceIterator):
     def state_dict(self) -> dict[str, Any]:
         return {**self._cursor_state(), "indexed_tokens": [t.n_tokens for t in self.sources],
                 "indexed_weights": list(self.weights), "indexed_counts": list(self.counts),
-                "indexed_shuffle_seed": self.shuffle_seed}
+                "indexed_shuffle_seed": self.shuffle_seed, "indexed_seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("indexed_tokens")
@@ -315,8 +315,34 @@ class IndexedIterator(_SliceIterator):
                 "debug.seed, or add \"dataloader\" to checkpoint.exclude_from_loading to start the data over"
             )
         self._load_cursor(state)
-        self.counts = list(state["indexed_counts"])
+        self.counts = self._counts_at(list(state["indexed_counts"]), state.get("indexed_seq_len", self.seq_len))
         self._next_counts = None
+
+    def _counts_at(self, counts: list[int], saved_seq_len: int) -> list[int]:
+        """The checkpoint's counts, in windows of this run's seq_len + 1 tokens. The counts are windows of the
+        saved training.seq_len: read as windows of another length they would skip or repeat data. One source
+        in file order goes on from the first window boundary at or after the tokens it read (fewer than
+        seq_len + 1 tokens skipped, said); a blend or a shuffled order, which are orders of whole windows, is
+        refused."""
+        if saved_seq_len == self.seq_len:
+            return counts
+        change = f"training.seq_len {saved_seq_len} -> {self.seq_len}"
+        if self.shuffle_seed is not None or len(self.sources) > 1:
+            what = "shuffled order" if self.shuffle_seed is not None else "blend"
+            raise DataError(
+                f"dataloader checkpoint: its position in the indexed data's {what} counts windows of "
+                f"{saved_seq_len + 1} tokens, and this run's are {self.seq_len + 1} ({change}): resume with the "
+                f"same training.seq_len, or add \"dataloader\" to checkpoint.exclude_from_loading to start the data "
+                "over"
+            )
+        (count,) = counts
+        read, w = count * (saved_seq_len + 1), self.seq_len + 1
+        now = -(-read // w)  # the first whole window at or after the tokens read
+        if now * w != read:
+            logger.warning("%s: the checkpoint read %d tokens in windows of %d (%s); this run goes on from token %d, "
+                           "the next window boundary (%d tokens skipped)", self.sources[0].label, read,
+                           saved_seq_len + 1, change, now * w, now * w - read)
+        return [now]
 
 
 def _order(shuffle_seed: int | None) -> str:

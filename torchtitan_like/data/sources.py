@@ -200,31 +200,57 @@ class LocalSource:
         return text
 
 
+def _indexed_record(path: Path) -> bool:
+    """PREFIX.json beside PREFIX.bin and PREFIX.idx: the record tools/pretokenize.py writes of an indexed
+    dataset (its tokenizer and source), not a document file."""
+    return path.suffix == ".json" and path.with_suffix(".bin").is_file() and path.with_suffix(".idx").is_file()
+
+
+def _drop_indexed(key: str, dataset_path: str, files: list[Path], others: list[Path]) -> tuple[list[Path], list[Path]]:
+    """`files` without the records of indexed datasets, and `others` (the files not read) without those
+    datasets' .bin and .idx: they are said in one line of their own."""
+    records = [p for p in files if _indexed_record(p)]
+    if not records:
+        return files, others
+    stems = {p.with_suffix("") for p in records}
+    logger.info("%s=%r: not reading the indexed dataset(s) %s (.bin, .idx and the .json record tools/pretokenize.py "
+                "writes): training.dataset = \"indexed\" reads them", key, dataset_path, _names(sorted(stems)))
+    return ([p for p in files if p not in records],
+            [p for p in others if not (p.suffix in (".bin", ".idx") and p.with_suffix("") in stems)])
+
+
 def _resolve_local_files(dataset_path: str, *, key: str) -> list[Path]:
     """The files `dataset_path` names (file, directory or glob), sorted; errors name the path. A path
-    that exists is that file or directory, even with glob characters in its name (`data[1].jsonl`)."""
+    that exists is that file or directory, even with glob characters in its name (`data[1].jsonl`). The
+    record of an indexed dataset (PREFIX.json beside PREFIX.bin and .idx) is not a document file."""
     if any(c in dataset_path for c in "*?[") and not Path(dataset_path).exists():
         listed = glob.glob(dataset_path, recursive=True)
         _refuse_broken_links(Path(p) for p in listed)
         matched = sorted(Path(p) for p in listed if Path(p).is_file())
-        files = [p for p in matched if p.suffix in LOCAL_SUFFIXES]
+        files, skipped = _drop_indexed(key, dataset_path, [p for p in matched if p.suffix in LOCAL_SUFFIXES],
+                                       [p for p in matched if p.suffix not in LOCAL_SUFFIXES])
         if not files:
             others = f" (it matches {len(matched)} other file(s): {_names(matched)})" if matched else ""
             raise DataError(f"{key}={dataset_path!r}: no .txt/.jsonl/.json files match this glob{others}")
-        _warn_skipped(key, dataset_path, [p for p in matched if p.suffix not in LOCAL_SUFFIXES])
+        _warn_skipped(key, dataset_path, skipped)
         return files
     path = Path(dataset_path)
     if not path.exists():
         raise DataError(f"{key}={dataset_path!r}: no such file or directory")
     if path.is_dir():
         files, skipped = _walk(path)
-        files.sort(key=lambda p: p.relative_to(path).as_posix())
+        files, skipped = _drop_indexed(key, dataset_path, sorted(files, key=lambda p: p.relative_to(path).as_posix()),
+                                       skipped)
         if not files:
             raise DataError(f"{key}={dataset_path!r}: directory holds no .txt/.jsonl/.json files")
         _warn_skipped(key, dataset_path, sorted(skipped, key=lambda p: p.relative_to(path).as_posix()))
         return files
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{key}={dataset_path!r}: unsupported file type (use .txt, .jsonl or .json)")
+    if _indexed_record(path):
+        raise DataError(f"{key}={dataset_path!r} is the record of an indexed dataset (tools/pretokenize.py wrote it "
+                        f"beside {path.with_suffix('.bin').name}): train on that data with training.dataset = "
+                        f"\"indexed\" and dataset_path = {str(path.with_suffix(''))!r}")
     return [path]
 
 
