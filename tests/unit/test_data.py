@@ -165,6 +165,24 @@ def test_a_synthetic_state_resumed_with_documents_is_a_clear_error(tok, corpus):
         next(iter(packed))  # once a KeyError: 'epoch'
 
 
+def test_an_embedded_position_resumed_under_another_seed_is_refused(tok):
+    """The embedded corpus's document order is drawn from debug.seed: its position under another seed is
+    another document (a resume went on in the other order, unless a tail check happened to fail)."""
+    def embedded(seed: int):
+        return build_dataloader(training=make_training(None, dataset="embedded"), tokenizer=tok, vocab_size=2000,
+                                dp_rank=0, dp_degree=1, seed=seed)
+
+    first = embedded(0)
+    next(iter(first))
+    same, other = embedded(0), embedded(1)
+    same.load_state_dict(first.state_dict())
+    next(iter(same))
+    other.load_state_dict(first.state_dict())
+    with pytest.raises(DataError, match=r"in the order of debug.seed=0, this run draws it with debug.seed=1: resume "
+                                        r"with the same debug.seed"):
+        next(iter(other))
+
+
 def test_epochs_infinite_and_finite(tok, docs, corpus, caplog):
     training = make_training(corpus)
     n_steps = len(stream_windows(tok, docs)) // GBS

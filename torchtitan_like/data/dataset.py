@@ -236,6 +236,8 @@ class PackedIterator(_SliceIterator):
             "epoch": self.epoch, "doc_index": self.doc_index, "txt_piece_chars": sources.txt_piece_chars(),
             **self._cursor_state(),
         }
+        if isinstance(self.source, sources.EmbeddedSource):  # (its document order is drawn from debug.seed)
+            state["order_seed"] = self.source.seed
         if self.buffer is not None:  # loaded from an older checkpoint and not yet past its first step
             state["buffer"] = list(self.buffer)
         else:
@@ -249,6 +251,14 @@ class PackedIterator(_SliceIterator):
                 "the checkpoint's data loader state holds no document position (it was saved with synthetic "
                 "tokens or an indexed dataset): resume with the same training.dataset, or add \"dataloader\" to "
                 "checkpoint.exclude_from_loading to read this dataset from its beginning"
+            )
+        saved_seed = state.get("order_seed")
+        if isinstance(self.source, sources.EmbeddedSource) and saved_seed not in (None, self.source.seed):
+            # Its position (document k of epoch e) means another document under another order.
+            raise DataError(
+                f"dataloader checkpoint: it read the embedded data in the order of debug.seed={saved_seed}, this run "
+                f"draws it with debug.seed={self.source.seed}: resume with the same debug.seed, or add \"dataloader\" "
+                "to checkpoint.exclude_from_loading to start the data over"
             )
         self._load_cursor(state)
         self.epoch, self.doc_index = state["epoch"], state["doc_index"]
