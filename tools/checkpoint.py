@@ -57,15 +57,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if folder.is_file():
         raise CheckpointError(f"{folder} is a file: verify checks a step folder against its {MANIFEST} (a .pt or "
                               ".safetensors file has none)")
-    checkpoint = not (folder / MANIFEST).exists() and not (folder / ".metadata").exists()
+    unmarked = folder.is_dir() and not (folder / MANIFEST).exists() and not (folder / ".metadata").exists()
     # A run's checkpoint folder, or its dump folder (checkpoint/ under it): name a step folder to verify.
     steps = sorted((p for p in (*folder.glob("step-*"), *folder.glob("*/step-*")) if STEP_RE.match(p.name) and p.is_dir()),
-                   key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() and checkpoint else []
+                   key=lambda p: int(p.name.split("-")[1])) if unmarked else []
     if steps:
         names = ", ".join(p.name for p in steps[:4]) + (", ..." if len(steps) > 4 else "")
         raise CheckpointError(f"{folder} holds step folders ({names}), not a checkpoint: verify one of them, e.g. "
                               f"{steps[-1]}")
-    if folder.is_dir() and checkpoint and not STEP_RE.match(folder.name) and not any(folder.glob("*.distcp")):
+    if unmarked and not STEP_RE.match(folder.name) and not any(folder.glob("*.distcp")):
         # (A step folder without its manifest is a save that never finished: verify says so below.)
         raise CheckpointError(f"{folder} is not a checkpoint: it has no {MANIFEST}, no .metadata and no step folders")
     if is_flat_model_layout(folder):
