@@ -635,3 +635,13 @@ def test_a_resume_under_another_seq_len_goes_on_from_the_tokens_read_or_is_refus
             resumed = make(2 * SEQ, path, **kw)
             resumed.load_state_dict(saved.state_dict())
             next(iter(resumed))  # (the loader hands the state to its dataset when iterated)
+
+
+def test_a_blend_for_validation_is_refused_at_start_naming_it():
+    """It failed when opened, as '.../a,/.../b.idx does not exist'."""
+    from torchtitan_like.config.loader import load_config
+
+    with pytest.raises(ConfigError, match=r"validation.dataset_path='data/a,data/b' names 2 indexed datasets \(a "
+                                          r"blend, which training reads\): validation reads one PREFIX"):
+        load_config(["--validation.enable", "--validation.dataset", "indexed", "--validation.dataset_path",
+                     "data/a,data/b"])

@@ -207,6 +207,12 @@ def _validate_profiling_and_validation(cfg: JobConfig) -> None:
             f"validation.dataset={v.dataset!r} needs validation.dataset_path (a file, folder or glob for local; a hub "
             "name for hf; PREFIX of PREFIX.bin + PREFIX.idx for indexed)"
         )
+    if v.dataset == "indexed" and len(indexed_prefixes(v.dataset_path)) > 1:
+        raise ConfigError(
+            f"validation.dataset_path={v.dataset_path!r} names {len(indexed_prefixes(v.dataset_path))} indexed datasets "
+            "(a blend, which training reads): validation reads one PREFIX; validate on each in its own run, or "
+            "pretokenize the held-out text into one pair"
+        )
     if v.dataset == "synthetic" and v.steps == -1:
         raise ConfigError(
             "validation.dataset=\"synthetic\" never ends, so validation.steps=-1 (the whole dataset) would never "
