@@ -922,8 +922,11 @@ class Trainer:
                         self.step, last=self.step == cfg.training.steps, first=self.step == first_step
                     )
                     if self.checkpointer.saved_step == self.step:  # (a save happened: the time is its own)
-                        window_saving_s += time.perf_counter() - t0
-                        total_saving_s += time.perf_counter() - t0
+                        # (On a GPU, a save at a step without a metrics line also waits for that step's last
+                        # kernels: at most that tail is counted as saving.)
+                        spent = time.perf_counter() - t0
+                        window_saving_s += spent
+                        total_saving_s += spent
                     if profiler is not None:
                         profiler.step()
                     if snapshotter is not None:
