@@ -523,8 +523,8 @@ class Trainer:
 
     def _lock_run_folders(self) -> list[RunLock]:
         """Rank 0 locks the output folder, and the checkpoint folder where it lies outside it (an absolute
-        checkpoint.folder two runs with their own dump folders could share); every rank raises the same
-        ConfigError if it cannot."""
+        checkpoint.folder two runs with their own dump folders could share), and makes the subfolders the
+        enabled features write to; every rank raises the same ConfigError if it cannot."""
         locks, error = [], None
         if self.rank == 0:
             output = self._output_folder()

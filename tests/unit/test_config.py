@@ -603,3 +603,22 @@ def test_extends_below_a_section_header_says_where_extends_goes(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"extends is read only at the top of a file, before any \[section\] "
                                           r"header \(here it is training.extends\)"):
         load_config(["--job.config_file", str(path)])
+
+
+def test_validation_and_profiling_that_never_fire_in_the_run_are_named():
+    """validation.freq (default 10) or profiling.profile_freq above training.steps: the run ended without a
+    val_loss or a trace, and nothing said why."""
+    from torchtitan_like.config.validate import ignored_settings
+
+    short = load_config(["--training.steps", "3", "--validation.enable", "--profiling.enable_profiling"])
+    assert ignored_settings(short, pp=1) == [
+        "validation.enable (validation.freq=10 > training.steps=3: no step validates; lower validation.freq)",
+        "profiling.enable_profiling (profiling.profile_freq=10 > training.steps=3: no trace is captured; lower "
+        "profiling.profile_freq)",
+    ]
+    assert ignored_settings(load_config(["--training.steps", "10", "--validation.enable",
+                                         "--profiling.enable_profiling"]), pp=1) == []
+    # An evaluation validates the loaded weights whatever validation.freq.
+    evaluation = ["--checkpoint.enable", "--checkpoint.load_only", "--training.steps", "3", "--validation.enable"]
+    assert ignored_settings(load_config(evaluation), pp=1) == []
+

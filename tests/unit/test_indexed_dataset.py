@@ -583,25 +583,6 @@ def test_describe_records_the_tokenizer_of_files_written_elsewhere(tok, tmp_path
         "error: --workers: not used with --describe, which tokenizes nothing; leave it out"), r.stderr
 
 
-def test_validation_and_profiling_that_never_fire_in_the_run_are_named():
-    """validation.freq (default 10) or profiling.profile_freq above training.steps: the run ended without a
-    val_loss or a trace, and nothing said why."""
-    from torchtitan_like.config.loader import load_config
-    from torchtitan_like.config.validate import ignored_settings
-
-    short = load_config(["--training.steps", "3", "--validation.enable", "--profiling.enable_profiling"])
-    assert ignored_settings(short, pp=1) == [
-        "validation.enable (validation.freq=10 > training.steps=3: no step validates; lower validation.freq)",
-        "profiling.enable_profiling (profiling.profile_freq=10 > training.steps=3: no trace is captured; lower "
-        "profiling.profile_freq)",
-    ]
-    assert ignored_settings(load_config(["--training.steps", "10", "--validation.enable",
-                                         "--profiling.enable_profiling"]), pp=1) == []
-    # An evaluation validates the loaded weights whatever validation.freq.
-    evaluation = ["--checkpoint.enable", "--checkpoint.load_only", "--training.steps", "3", "--validation.enable"]
-    assert ignored_settings(load_config(evaluation), pp=1) == []
-
-
 def test_a_resume_under_another_seq_len_goes_on_from_the_tokens_read_or_is_refused(two, caplog):
     """The position is a count of windows of seq_len + 1 tokens: resumed with another training.seq_len it
     was read as windows of the new length, skipping (longer) or repeating (shorter) data without a word."""

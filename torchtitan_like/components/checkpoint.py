@@ -36,7 +36,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import secrets
 import shutil
 import threading
@@ -65,6 +64,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from torchtitan_like.components.manifest import (
+    ASIDE_RE,
     MANIFEST,
     CheckpointError,
     build_manifest,
@@ -681,7 +681,7 @@ class CheckpointManager:
             try:
                 present = step_folders(self.folder)
                 for p in sorted(self.folder.iterdir(), key=lambda p: p.name):
-                    m = re.match(r"^step-(\d+)\.old-[0-9a-f]+-\d+$", p.name)
+                    m = ASIDE_RE.match(p.name)
                     step = int(m.group(1)) if m else None
                     if step is None or step in present or step in in_place or not (p / MANIFEST).is_file():
                         continue

@@ -129,7 +129,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a torchtitan_like manifest (no 'step' or 'files')")
     if not isinstance(manifest["step"], int) or isinstance(manifest["step"], bool):
         raise CheckpointError(f"{path} is damaged: its step is {manifest['step']!r}, not a number")
-    named = re.match(r"^step-(\d+)(\.old-[0-9a-f]+-\d+)?$", Path(folder).name)
+    named = STEP_RE.match(Path(folder).name) or ASIDE_RE.match(Path(folder).name)
     if named and int(named.group(1)) != manifest["step"]:
         # Checkpoints are ranked by their folders' names: a copied or renamed one would resume the wrong step.
         raise CheckpointError(
@@ -187,6 +187,8 @@ def verify(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+ASIDE_RE = re.compile(r"^step-(\d+)\.old-[0-9a-f]+-\d+$")
+"""A complete checkpoint set aside by a replace (renamed back, or read in place, by the next load)."""
 PARTIAL_RE = re.compile(r"^step-\d+\.(tmp|old|del)-[0-9a-f]+-\d+$")
 """Leftovers of an interrupted save, replace or purge; removed by rank 0 at the next save."""
 
