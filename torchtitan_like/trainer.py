@@ -962,8 +962,11 @@ class Trainer:
         self.metrics.log_validation(self.step, result, seconds=seconds)
 
     def _maybe_validate(self, *, always: bool = False) -> tuple[dict[str, float], float]:
-        """({"val_loss", "val_ppl"} or {}, seconds spent) for this step (`always`: whatever validation.freq)."""
-        if self.validator is None or not (always or self.validator.should_run(self.step)):
+        """({"val_loss", "val_ppl"} or {}, seconds spent) for this step: every validation.freq steps and the last step
+        (`always`: whatever the step)."""
+        # The last step validates whatever validation.freq: the final weights' val_loss is the one a run is for.
+        last = self.step == self.cfg.training.steps
+        if self.validator is None or not (always or last or self.validator.should_run(self.step)):
             return {}, 0.0
         t0 = time.perf_counter()
         # Its forward-only graphs (eval, no grad) compile once per block: not a training recompile.

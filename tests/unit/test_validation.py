@@ -79,6 +79,14 @@ def test_validation_adds_val_loss_and_leaves_training_alone(tmp_path):
     assert "val_loss" not in rows[1]
 
 
+def test_the_last_step_validates_whatever_the_freq(tmp_path):
+    """validation.freq=3 in a run of 4 steps validated at step 3 only: the final weights had no val_loss."""
+    overrides = [a if a != "2" or VALIDATION[i - 1] != "--validation.freq" else "3" for i, a in enumerate(VALIDATION)]
+    run(tmp_path, *overrides)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 4]
+
+
 def test_validation_loss_is_the_mean_token_loss_of_the_held_out_batches(tmp_path):
     trainer = Trainer(load_config(argv(tmp_path, *VALIDATION)))
     try:

@@ -302,7 +302,7 @@ class Validation:
     dataset_config: str | None = None
     """Configuration (subset) of an HF hub dataset that has several, e.g. "en" for allenai/c4; unset = its default."""
     freq: int = 10
-    """Validate every N steps."""
+    """Validate every N steps, and at the last step (training.steps)."""
     steps: int = -1
     """Global batches per validation; -1 = the whole dataset (synthetic data needs a number: it never ends)."""
     local_batch_size: int = 8

@@ -366,11 +366,8 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
             continue
         out += [f"{section}.{key} ({section}.dataset={_toml(value.dataset)}, not hf)"
                 for key in ("dataset_split", "dataset_config") if getattr(value, key) != getattr(default, key)]
-    # Schedules that never fire in a run of training.steps steps (an evaluation, load_only, validates anyway).
+    # A schedule that never fires in a run of training.steps steps (validation always runs at the last step).
     steps = cfg.training.steps
-    if cfg.validation.enable and cfg.validation.freq > steps and not cfg.checkpoint.load_only:
-        out.append(f"validation.enable (validation.freq={cfg.validation.freq} > training.steps={steps}: no step "
-                   "validates; lower validation.freq)")
     if cfg.profiling.enable_profiling and cfg.profiling.profile_freq > steps:
         out.append(f"profiling.enable_profiling (profiling.profile_freq={cfg.profiling.profile_freq} > training.steps="
                    f"{steps}: no trace is captured; lower profiling.profile_freq)")
