@@ -618,3 +618,18 @@ def test_a_profiling_schedule_that_never_fires_in_the_run_is_named():
     assert ignored_settings(load_config(["--training.steps", "10", "--validation.enable",
                                          "--profiling.enable_profiling"]), pp=1) == []
 
+
+
+def test_decay_shape_keys_without_a_decay_are_named():
+    """lr_scheduler.decay_ratio = 0 has no decay phase: a decay_type or min_lr_factor set beside it did nothing,
+    without a word."""
+    from torchtitan_like.config.validate import ignored_settings
+
+    cfg = load_config(["--lr_scheduler.decay_ratio", "0", "--lr_scheduler.decay_type", "cosine",
+                       "--lr_scheduler.min_lr_factor", "0.1"])
+    assert ignored_settings(cfg, pp=1) == [
+        "lr_scheduler.decay_type (lr_scheduler.decay_ratio=0.0)",
+        "lr_scheduler.min_lr_factor (lr_scheduler.decay_ratio=0.0)",
+    ]
+    assert ignored_settings(load_config(["--lr_scheduler.decay_ratio", "0.2", "--lr_scheduler.decay_type", "cosine",
+                                         "--lr_scheduler.min_lr_factor", "0.1"]), pp=1) == []

@@ -338,6 +338,8 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
         ("activation_checkpoint", "mode", lambda c: c.mode == "selective", {"selective_ac_option"}),
         ("activation_checkpoint", "mode", lambda c: c.mode == "memory_budget", {"memory_budget"}),
         ("debug", "deterministic", lambda c: c.deterministic, {"deterministic_warn_only"}),
+        # (decay_ratio = 0: warmup, then the peak learning rate to the end; there is no decay to shape.)
+        ("lr_scheduler", "decay_ratio", lambda c: c.decay_ratio != 0, {"decay_type", "min_lr_factor"}),
         # (The initial_load_* keys work without checkpoint.enable: a run may start from weights and not save.)
         ("checkpoint", "enable", lambda c: c.enable, {"folder", "interval", "async_mode", "keep_latest_k",
                                                      "last_save_model_only", "last_save_in_hf", "export_dtype",
