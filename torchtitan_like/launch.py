@@ -14,6 +14,8 @@
   the workers finished training (the final save done, the ranks past their exit barrier) gives 0:
   each worker writes its exit status into a folder this launcher names (EXIT_STATUS_DIR_ENV), so a
   finished job is not reported, and requeued, as pre-empted.
+  Workers that failed while stopping (their pre-emption save on a full disk) are named as failed, with
+  their exit status, not as killed by torchrun's shutdown timeout.
 
 Before torchrun starts, the rendezvous endpoint is checked (`check_rendezvous_endpoint`): host[:port] with a
 port in 0..65535 (without one, torchrun's 29400; an IPv6 address in brackets), a fixed port when the job
@@ -216,9 +218,15 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
             print(f"run_train: got {name} after the workers had finished training; exit 0", file=sys.stderr)
             return 0
         if e.sigval in PREEMPTION_SIGNALS:
-            if str(EXIT_PREEMPTED) in _worker_exit_codes(status_dir):
+            codes = _worker_exit_codes(status_dir)
+            failed = sorted({c for c in codes if c not in ("0", str(EXIT_PREEMPTED))}, key=lambda c: (len(c), c))
+            if str(EXIT_PREEMPTED) in codes:
                 what = ("the workers stopped at a step boundary (saving a checkpoint first when checkpoint.enable is "
                         "on: see the log)")
+            elif failed:
+                # (A worker that failed while stopping, e.g. its pre-emption save on a full disk, wrote its status.)
+                what = (f"the workers failed before they could stop (exit status {', '.join(failed)}: their error is "
+                        "above), so nothing was saved after the latest complete checkpoint")
             else:
                 # (No status: the signal ended them before training started, when they do not handle it yet,
                 # or torchrun killed them after its grace period.)

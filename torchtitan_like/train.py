@@ -188,6 +188,7 @@ def _out_of_memory(e: BaseException) -> str | None:
 
 def _exit_now(code: int) -> NoReturn:
     """Flush and leave at once: no close(), no barrier, no process-group teardown (the others may be stuck)."""
+    _record_exit_status(code)  # (the launcher, signalled meanwhile, then tells a failure from a kill)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -87,6 +87,34 @@ def test_a_signal_after_the_workers_finished_is_exit_0_not_pre_empted(monkeypatc
     assert not os.path.exists(seen["dir"]) and EXIT_STATUS_DIR_ENV not in os.environ
 
 
+@pytest.mark.parametrize("exit_call, code", [("_exit", 2), ("_exit_now", 1)])
+def test_workers_that_failed_while_stopping_are_not_reported_as_killed(monkeypatch, capsys, exit_call, code):
+    """A pre-empted job whose workers reached the step boundary and then failed (the pre-emption save on a
+    full disk: CheckpointError, exit 2; an unexpected error: fail-fast, exit 1) used to be reported as
+    "no worker reached a step boundary ... the signal came before training started, or ... took longer than
+    torchrun's shutdown timeout", sending the user after SHUTDOWN_TIMEOUT instead of the workers' error."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def run(args):
+        for rank in range(2):
+            done = subprocess.run(
+                [sys.executable, "-c", f"from torchtitan_like.train import {exit_call}; {exit_call}({code})"],
+                cwd=ROOT, env={**os.environ, "RANK": str(rank)}, timeout=120,
+            )
+            assert done.returncode == code
+        raise SignalException("got SIGTERM", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.delenv(EXIT_STATUS_DIR_ENV, raising=False)
+    assert launch.main(["--nproc-per-node=2", "-m", "torchtitan_like.train"]) == 75
+    err = capsys.readouterr().err
+    assert err == (
+        f"run_train: got SIGTERM; the workers failed before they could stop (exit status {code}: their error is "
+        "above), so nothing was saved after the latest complete checkpoint; exit 75: run the same command again "
+        "to resume\n"
+    )
+
+
 @pytest.mark.parametrize("visible, local_rank, devices, torchrun, expected", [
     (4, 3, "0,1,2,3", True, "cuda:3"),
     (1, 5, "5", False, "cuda:0"),  # a launcher that binds one GPU per process: each sees only its own
