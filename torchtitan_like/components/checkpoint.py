@@ -31,6 +31,7 @@ background thread when the upload completes. The next save, `wait()` and `close(
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -141,6 +142,59 @@ class TrainState(Stateful):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+FULL_DISK_BYTES = 16 * 2**20
+"""Free space below which a failed save is reported as a full disk. A write that fails for want of space
+fills the disk to its last block first; the partial files are still there when this is measured."""
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes free to this process on the file system holding `path` (its nearest existing folder); None when
+    that file system does not say."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except FileNotFoundError:  # (not yet made: its parent's file system is the one it would be on)
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def _disk_full_errno(e: BaseException | None) -> bool:
+    """Whether `e` (a DCP CheckpointException with its per-rank failures included) or its causes is an
+    OSError saying the disk or the quota is full."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_FULL_ERRNOS:
+            return True
+        if isinstance(x, CheckpointException):  # (rank -> (exception, traceback))
+            todo.extend(f[0] if isinstance(f, tuple) else f for f in x.failures.values())
+        todo.extend((x.__cause__, x.__context__))
+    return False
+
+
+def disk_full_note(folder: Path, error: BaseException | None) -> str:
+    """'' or the advice for a save that failed because the disk is full. torch.save, which DCP writes with,
+    turns the writer's ENOSPC into "RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos
+    N vs M" (torch 2.13), so the free space left says it where the errno is lost. Measure before the
+    failed save's partial folder is deleted."""
+    if _disk_full_errno(error):
+        state = "is full"
+    elif (free := _free_bytes(folder)) is not None and free < FULL_DISK_BYTES:
+        state = f"is full ({free / 1e6:.1f} MB free when the save failed)"
+    else:
+        return ""
+    return (f"; the disk holding {folder} {state}: free space there, lower checkpoint.keep_latest_k (a save needs "
+            "room for one more checkpoint than it keeps) or point checkpoint.folder / job.dump_folder at another disk "
+            "(complete checkpoints are intact; a rerun resumes from the newest)")
 
 
 def _rmtree_quietly(path: Path) -> None:
@@ -315,7 +369,7 @@ class CheckpointManager:
                 self._remove_partials()
                 tmp.mkdir(parents=True, exist_ok=False)
             except OSError as e:
-                error = f"cannot create the checkpoint folder {tmp}: {e}"
+                error = f"cannot create the checkpoint folder {tmp}: {e}{disk_full_note(self.folder, e)}"
         # Every rank waits for rank 0 here: rank 0 deletes partial folders (step-N.tmp-*) first, and
         # each rank's DCP writer also creates `tmp` (FileSystemWriter.prepare_local_plan). Without the
         # wait a fast rank created it first and rank 0's mkdir failed (seen on a loaded machine).
@@ -334,8 +388,8 @@ class CheckpointManager:
                 with self._quiet():
                     dcp.save(state, storage_writer=writer, **pg_kwargs)
             except (Exception, CheckpointException) as e:
-                self._discard_failed(tmp)
-                raise CheckpointError(f"saving step {step} into {tmp} failed: {_describe(e)}") from e
+                note = self._discard_failed(tmp, e)
+                raise CheckpointError(f"saving step {step} into {tmp} failed: {_describe(e)}{note}") from e
             self._finish(*finish)
         else:
             try:
@@ -347,9 +401,9 @@ class CheckpointManager:
                     torch.cuda.current_stream().synchronize()
                 response = dcp.async_save(state, storage_writer=writer, async_stager=self._stager, **pg_kwargs)
             except (Exception, CheckpointException) as e:
-                self._discard_failed(tmp)
+                note = self._discard_failed(tmp, e)
                 raise CheckpointError(
-                    f"starting the async save of step {step} into {tmp} failed: {_describe(e)}"
+                    f"starting the async save of step {step} into {tmp} failed: {_describe(e)}{note}"
                 ) from e
             if self._stager is not None:  # AsyncSaveResponse: staging and upload complete separately
                 self._staging, upload = response.staging_completion, response.upload_completion
@@ -463,8 +517,8 @@ class CheckpointManager:
         try:
             upload.result()
         except (Exception, CheckpointException) as e:
-            self._discard_failed(tmp)
-            raise CheckpointError(f"async save of step {step} into {tmp} failed: {_describe(e)}") from e
+            note = self._discard_failed(tmp, e)
+            raise CheckpointError(f"async save of step {step} into {tmp} failed: {_describe(e)}{note}") from e
         self._finish(*finish)
 
     def _finish(
@@ -485,7 +539,8 @@ class CheckpointManager:
                 write_manifest(tmp, manifest)
                 self._publish(tmp, step)
             except Exception as e:  # reported on every rank below
-                status = f"finishing checkpoint step {step} in {tmp} failed: {type(e).__name__}: {e}"
+                status = (f"finishing checkpoint step {step} in {tmp} failed: {type(e).__name__}: {e}"
+                          f"{disk_full_note(self.folder, e)}")
         status = self._broadcast(status)
         if status:
             self._discard_failed(tmp)
@@ -522,13 +577,18 @@ class CheckpointManager:
             self._purger.submit(_rmtree_quietly, aside)
         fsync_dir(self.folder)
 
-    def _discard_failed(self, tmp: Path) -> None:
+    def _discard_failed(self, tmp: Path, error: BaseException | None = None) -> str:
         """Rank 0, after a save failed on every rank (DCP gathers the failure, so no rank still writes):
         delete its partial folder now, not at the next save. A disk that filled up is freed at once, and the
-        rerun does not find it still full."""
-        if self.rank == 0 and tmp.exists():
+        rerun does not find it still full. Returns disk_full_note for `error`, measured before the deletion
+        (on the other ranks, from the error alone: rank 0 may have deleted the folder already)."""
+        if self.rank != 0:
+            return disk_full_note(self.folder, error) if _disk_full_errno(error) else ""
+        note = disk_full_note(self.folder, error)
+        if tmp.exists():
             _rmtree_quietly(tmp)
             logger.info("removed the failed save's partial folder %s", tmp)
+        return note
 
     def _remove_partials(self) -> None:
         """Rank 0, at the start of a save (none in flight): delete leftovers of interrupted saves."""
