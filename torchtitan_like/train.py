@@ -101,14 +101,10 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             print(f"error: {advice}", file=sys.stderr, flush=True)
             _record_for_launcher(e)
             return EXIT_FAILURE
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        advice = _disk_full(e)
+        if advice is not None:
             # A full disk or quota, in one line: the traceback of whichever write hit it adds nothing.
-            where = f" writing {e.filename}" if e.filename else ""
-            print(
-                f"error: {e.strerror}{where}: free space there or point job.dump_folder at another disk "
-                "(complete checkpoints are intact; a rerun resumes from the newest)",
-                file=sys.stderr, flush=True,
-            )
+            print(f"error: {advice}", file=sys.stderr, flush=True)
             _record_for_launcher(e)
             return EXIT_FAILURE
         _record_for_launcher(e)  # (a world of one under torchrun: the launcher's line shows it too)
@@ -160,7 +156,7 @@ def _fail_fast(e: Exception) -> NoReturn:
         "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", rank, type(e).__name__, e,
         exc_info=True,
     )
-    advice = _out_of_memory(e)
+    advice = _out_of_memory(e) or _disk_full(e)
     if advice is not None:
         logger.error("rank %d: %s", rank, advice)
     _record_for_launcher(e)
@@ -184,6 +180,16 @@ def _out_of_memory(e: BaseException) -> str | None:
         "\"full\", shard more (parallelism.data_parallel_shard_degree, tensor_parallel_degree) or ask tools/plan.py "
         "for a layout that fits; profiling.enable_memory_snapshot records what held the memory"
     )
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """What to do after a write hit a full disk or quota (metrics, TensorBoard, config.toml), in one line;
+    None for any other error."""
+    if not (isinstance(e, OSError) and e.errno in _DISK_FULL):
+        return None
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"{e.strerror}{where}: free space there or point job.dump_folder at another disk (complete checkpoints "
+            "are intact; a rerun resumes from the newest)")
 
 
 def _exit_now(code: int) -> NoReturn:

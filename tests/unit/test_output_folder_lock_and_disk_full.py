@@ -119,6 +119,35 @@ def test_a_full_disk_is_one_error_line_and_exit_1(tmp_path, monkeypatch, capsys)
     ]
 
 
+def test_a_full_disk_in_a_distributed_run_logs_what_to_do(tmp_path, monkeypatch, caplog):
+    """A rank of a distributed job fails fast (train._fail_fast): a full disk there logged only its
+    traceback and "OSError: [Errno 28] No space left on device" (seen with the dump folder on a full 40 MB
+    tmpfs, NGPU=2), without the advice a single process prints."""
+    import logging
+
+    import torch.distributed as dist
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train, "_exit_now", exit_now)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # (_fail_fast ignores them)
+    error = OSError(28, "No space left on device")
+    try:
+        with caplog.at_level(logging.ERROR, logger="torchtitan_like"), pytest.raises(SystemExit) as exited:
+            try:
+                raise error
+            except OSError as e:
+                train._fail_fast(e)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert exited.value.code == 1
+    assert ("rank 0: No space left on device: free space there or point job.dump_folder at another disk (complete "
+            "checkpoints are intact; a rerun resumes from the newest)") in caplog.messages
+
+
 def test_ctrl_c_is_one_line_and_exit_130_and_leaves_the_checkpoints(tmp_path, monkeypatch, capsys):
     from test_signals_and_faults import signal_self_at
 
