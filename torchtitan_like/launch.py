@@ -134,6 +134,16 @@ def check_rendezvous_endpoint(endpoint: str, nnodes: str) -> None:
         ) from None
 
 
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "remote process exited")
+"""What gloo (and NCCL) say on a rank whose peer died: a consequence of another rank's failure, never its cause."""
+
+
+def _peer_lost(failure: Any) -> bool:
+    message = failure.message
+    text = message.get("message", "") if isinstance(message, dict) else str(message or "")
+    return any(s in text for s in PEER_LOST)
+
+
 def _when(failure: Any) -> tuple[float, float]:
     try:
         return (failure.timestamp, os.stat(failure.error_file).st_mtime_ns)
@@ -198,8 +208,10 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
     except ChildFailedError as e:
         # torchrun's "first" failure compares whole-second timestamps: a rank that fails fast because a peer
         # failed (exit 1, same second) would win over the peer (a data error, exit 2) by its lower rank.
-        # The error files' write times (ns) order them truly; a rank killed by a signal wrote none: last.
-        order = sorted(e.failures.items(), key=lambda kv: (_when(kv[1]), kv[0]))
+        # The error files' write times (ns) order them truly; a rank killed by a signal wrote none: last, but
+        # before a rank whose error is that its peer died (the one killed from outside, the kernel's OOM killer
+        # say, is what the others lost: its SIGKILL used to be listed after their "Connection reset by peer").
+        order = sorted(e.failures.items(), key=lambda kv: (_peer_lost(kv[1]), _when(kv[1]), kv[0]))
         rank, failure = order[0]
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         for r, f in order:

@@ -57,6 +57,30 @@ def test_a_data_error_on_one_rank_is_exit_2_when_a_peer_fails_fast_in_the_same_s
     assert "first failure: rank 1" in err, err
 
 
+def test_a_worker_killed_from_outside_is_the_first_failure_not_the_peer_that_lost_it(tmp_path, monkeypatch, capsys):
+    """A worker SIGKILLed mid-run (the OOM killer; seen with kill -9 on rank 1 of an NGPU=2 run) records no
+    error; rank 0's next collective fails with gloo's "Connection reset by peer" and records that. The
+    launcher named rank 0 as the first failure, pointing the user at a consequence."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from torchtitan_like import launch
+
+    t = int(time.time())
+    consequence = _failure(tmp_path, 0, 1, "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error "
+                           "[127.0.0.1]:27521: Connection reset by peer. This is typically caused by ...", t)
+    killed = ProcessFailure(local_rank=1, pid=1001, exitcode=-9, error_file=str(tmp_path / "none.json"))
+    failures = {0: consequence, 1: killed}
+
+    def run(args):
+        raise ChildFailedError(name="torchtitan_like.train", failures=failures)
+
+    monkeypatch.setattr(launch, "run", run)
+    assert launch.main(["--nproc-per-node=2", "-m", "torchtitan_like.train"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "run_train: rank 1 exited with code -9 (signal SIGKILL)", err
+    assert err[-1] == "run_train: job failed (first failure: rank 1); the full error is above", err
+
+
 # --- 2. train._exit: the success barrier runs under the training timeout while rank 0 is still closing ------
 
 
