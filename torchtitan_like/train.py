@@ -156,7 +156,7 @@ def _fail_fast(e: Exception) -> NoReturn:
         "rank %d failed: %s: %s; this rank exits now, torchrun stops the others", rank, type(e).__name__, e,
         exc_info=True,
     )
-    advice = _out_of_memory(e) or _disk_full(e)
+    advice = _out_of_memory(e) or _disk_full(e) or _collective_timeout(e)
     if advice is not None:
         logger.error("rank %d: %s", rank, advice)
     _record_for_launcher(e)
@@ -190,6 +190,23 @@ def _disk_full(e: BaseException) -> str | None:
     where = f" writing {e.filename}" if e.filename else ""
     return (f"{e.strerror}{where}: free space there or point job.dump_folder at another disk (complete checkpoints "
             "are intact; a rerun resumes from the newest)")
+
+
+COLLECTIVE_TIMEOUT_TEXT = "Timed out waiting"
+"""How gloo's error for a collective that outlived its process group's timeout begins (torch 2.13:
+"[.../unbound_buffer.cc:78] Timed out waiting 100000ms for recv operation to complete")."""
+
+
+def _collective_timeout(e: BaseException) -> str | None:
+    """What a collective timeout means and which keys set it, in one line; None for any other error."""
+    if not (isinstance(e, RuntimeError) and COLLECTIVE_TIMEOUT_TEXT in str(e)):
+        return None
+    return (
+        "a collective waited longer than its timeout (comm.train_timeout_seconds once the first step has ended; "
+        "comm.init_timeout_seconds before it and for checkpoint saves): another rank is stuck or far slower (its log "
+        "says where; the launcher's lines name the ranks that failed); raise the key only if that work really takes "
+        "so long"
+    )
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -119,10 +119,23 @@ def test_a_full_disk_is_one_error_line_and_exit_1(tmp_path, monkeypatch, capsys)
     ]
 
 
-def test_a_full_disk_in_a_distributed_run_logs_what_to_do(tmp_path, monkeypatch, caplog):
-    """A rank of a distributed job fails fast (train._fail_fast): a full disk there logged only its
-    traceback and "OSError: [Errno 28] No space left on device" (seen with the dump folder on a full 40 MB
-    tmpfs, NGPU=2), without the advice a single process prints."""
+@pytest.mark.parametrize("error, advice", [
+    # A full disk logged only its traceback and "OSError: [Errno 28] No space left on device" (seen with the
+    # dump folder on a full 40 MB tmpfs, NGPU=2), without the advice a single process prints.
+    (OSError(28, "No space left on device"), "rank 0: No space left on device: free space there or point "
+     "job.dump_folder at another disk (complete checkpoints are intact; a rerun resumes from the newest)"),
+    # A collective timeout named neither its cause nor the keys that set it (seen with rank 1 stuck at step 3
+    # and comm.train_timeout_seconds=5, NGPU=2).
+    (RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                  "waiting 5000ms for recv operation to complete"),
+     "rank 0: a collective waited longer than its timeout (comm.train_timeout_seconds once the first step has "
+     "ended; comm.init_timeout_seconds before it and for checkpoint saves): another rank is stuck or far slower "
+     "(its log says where; the launcher's lines name the ranks that failed); raise the key only if that work "
+     "really takes so long"),
+], ids=["full_disk", "collective_timeout"])
+def test_a_distributed_rank_that_fails_fast_logs_what_to_do(monkeypatch, caplog, error, advice):
+    """A rank of a distributed job fails fast (train._fail_fast): after its traceback, one line says what to
+    do, as for running out of memory."""
     import logging
 
     import torch.distributed as dist
@@ -133,19 +146,17 @@ def test_a_full_disk_in_a_distributed_run_logs_what_to_do(tmp_path, monkeypatch,
     monkeypatch.setattr(train, "_exit_now", exit_now)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # (_fail_fast ignores them)
-    error = OSError(28, "No space left on device")
     try:
         with caplog.at_level(logging.ERROR, logger="torchtitan_like"), pytest.raises(SystemExit) as exited:
             try:
                 raise error
-            except OSError as e:
+            except Exception as e:
                 train._fail_fast(e)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
     assert exited.value.code == 1
-    assert ("rank 0: No space left on device: free space there or point job.dump_folder at another disk (complete "
-            "checkpoints are intact; a rerun resumes from the newest)") in caplog.messages
+    assert advice in caplog.messages
 
 
 def test_ctrl_c_is_one_line_and_exit_130_and_leaves_the_checkpoints(tmp_path, monkeypatch, capsys):
