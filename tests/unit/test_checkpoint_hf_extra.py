@@ -85,3 +85,14 @@ def test_tied_hf_weights_without_a_config_into_an_untied_flavor_name_the_tying(t
     with pytest.raises(CheckpointError, match=r"has no lm_head\.weight \(tied embeddings\), but this model\.flavor "
                        r"has an output head of its own"):
         _load_into(untied, folder, tmp_path)
+
+
+def test_hf_weights_of_another_shape_without_a_config_are_refused_naming_the_tensor(tmp_path):
+    # Same names, other shapes (a vocabulary of 80, not 64): only the shapes tell, and they were found by
+    # set_model_state_dict's multi-line RuntimeError (a traceback, exit 1, from the trainer and generate.py).
+    folder = _hf_folder_without_config(tmp_path, TransformerArgs(**{**ARGS.__dict__, "vocab_size": 80}))
+    model = Transformer(ARGS)
+    model.init_weights(1)
+    with pytest.raises(CheckpointError, match=r"output\.weight has shape \(80, 32\), this model\.flavor has \(64, 32\) "
+                       r"\(1 more differ\): choose the model\.flavor"):
+        _load_into(model, folder, tmp_path)

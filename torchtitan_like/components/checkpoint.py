@@ -1100,6 +1100,16 @@ class CheckpointManager:
                         f"{' ...' if len(extra) > 5 else ''} (a deeper or different model? choose the matching "
                         "model.flavor)"
                     )
+                # Without a config.json the shapes are the only sign of another width or vocabulary: name them
+                # here (set_model_state_dict would raise a multi-line RuntimeError).
+                shapes = {k: tuple(v.shape) for t in targets for k, v in t.items()}
+                wrong = sorted(k for k in shapes if tuple(full[k].shape) != shapes[k])
+                if wrong:
+                    raise CheckpointError(
+                        f"{path}: {wrong[0]} has shape {tuple(full[wrong[0]].shape)}, this model.flavor has "
+                        f"{shapes[wrong[0]]}{f' ({len(wrong) - 1} more differ)' if len(wrong) > 1 else ''}: choose "
+                        "the model.flavor (and model.n_layers) these weights were trained as"
+                    )
             except CheckpointError as e:
                 error = str(e)
         self._agree(error)
