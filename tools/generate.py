@@ -36,7 +36,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(prog="tools/generate.py", description=__doc__.splitlines()[0],
                                  epilog="Any other --section.key VALUE is a config override, as for run_train.sh.")
     ap.add_argument("--prompt", action="append", default=[], help="text to continue (repeat for several)")
-    ap.add_argument("--prompt-file", help="a UTF-8 file whose whole text is one more prompt")
+    ap.add_argument("--prompt-file", help="a UTF-8 file whose whole text is one more prompt (a leading byte-order "
+                                          "mark is dropped, as training drops a document's)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each prompt at most (default 64)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8 to sample")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = all)")
@@ -70,7 +71,9 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     prompts = list(args.prompt)
     if args.prompt_file:
         try:
-            prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
+            # utf-8-sig: a leading byte-order mark (Windows editors write one) is no text, as for the .txt
+            # documents training reads (data/sources.py); kept, it was three more prompt tokens.
+            prompts.append(Path(args.prompt_file).read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
     if not prompts:

@@ -164,6 +164,18 @@ def test_other_checkpoints_by_path_give_the_same_text(run: Path, tmp_path: Path)
     assert from_torchtitan["results"][0]["new_token_ids"] == ours["results"][0]["new_token_ids"]
 
 
+def test_a_prompt_file_with_a_byte_order_mark_is_the_prompt_without_it(run: Path, tmp_path: Path, capsys) -> None:
+    """Training drops a .txt document's leading byte-order mark (data/sources.py); --prompt-file does too, so a
+    prompt saved by an editor that writes one is encoded as the same text ([bos] text), not [bos] BOM text."""
+    with_bom = tmp_path / "prompt.txt"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + PROMPT.encode())
+    report = _tool(run, "--max-new-tokens", "6", "--prompt-file", str(with_bom))
+    plain, from_file = report["results"]
+    assert from_file["prompt"] == PROMPT and from_file["prompt_tokens"] == plain["prompt_tokens"]
+    assert from_file["new_token_ids"] == plain["new_token_ids"]
+    assert "\ufeff" not in capsys.readouterr().out
+
+
 def test_the_report_names_the_folder_read_for_a_checkpoint_left_aside(run: Path, tmp_path: Path) -> None:
     """A run killed inside a replace leaves its newest checkpoint as step-N.old-*: the loader reads it there
     (load_only renames nothing), and the report names that folder, not a step-N that does not exist."""
