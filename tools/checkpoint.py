@@ -275,9 +275,9 @@ def _special_tokens(tokenizer_path: str | None, margs: Any) -> tuple[int, int] |
     from torchtitan_like.errors import DataError
 
     try:
-        tok = build_tokenizer(tokenizer_path or "")
+        tok = build_tokenizer(tokenizer_path or "", key="--tokenizer")
     except DataError as e:
-        raise CheckpointError(f"--tokenizer: {e}") from None
+        raise CheckpointError(str(e)) from None
     if tok.vocab_size > margs.vocab_size or (tokenizer_path is None and margs.vocab_size == 128256):
         if tokenizer_path is not None:
             raise CheckpointError(f"--tokenizer {tokenizer_path}: {tok.vocab_size} tokens do not fit the flavor's "

@@ -97,6 +97,20 @@ def test_tied_hf_folder_without_config_into_an_untied_flavor_is_refused(tmp_path
     assert not (tmp_path / "dcp").exists()
 
 
+def test_a_missing_tokenizer_names_the_tokenizer_option_and_its_fix(tmp_path, ckpt, steps, capsys):
+    # (It named model.tokenizer_path, a key this tool has not, and said to leave that empty.)
+    missing = tmp_path / "nope" / "tokenizer.model"
+    argv = ["convert", str(steps["debugmodel"]), str(tmp_path / "hf"), "--hf", "--flavor", "debugmodel"]
+    assert ckpt([*argv, "--tokenizer", str(missing)]) == 2
+    assert _one_error_line(capsys) == (
+        f"error: --tokenizer: tokenizer file {str(missing)!r} not found (leave --tokenizer out for the embedded "
+        "tokenizer)"
+    )
+    assert ckpt([*argv, "--tokenizer", str(tmp_path)]) == 2
+    assert _one_error_line(capsys).startswith(f"error: --tokenizer={str(tmp_path)!r} is a folder with no tokenizer.model")
+    assert not (tmp_path / "hf").exists()
+
+
 # --- .pt sources and --step ----------------------------------------------------------------------------
 
 

@@ -194,8 +194,10 @@ def tokenizer_file(tokenizer_path: str, *, key: str = "model.tokenizer_path") ->
         path = found[0]
     if not path.is_file():
         what = "is not a regular file (a device or pipe)" if path.exists() else "not found"
-        fix = "leave it empty for the embedded tokenizer" if key == "model.tokenizer_path" else (
-            "download the model's assets there, or set model.tokenizer_path")
+        fix = {
+            "model.tokenizer_path": "leave it empty for the embedded tokenizer",
+            "--tokenizer": "leave --tokenizer out for the embedded tokenizer",
+        }.get(key, "download the model's assets there, or set model.tokenizer_path")
         raise DataError(f"{key}: tokenizer file {str(path)!r} {what} ({fix})")
     return path
 
