@@ -247,6 +247,15 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
     if pattern != LLAMA3_PAT_STR:
         raise DataError(f"{path}: its pre-tokenizer splits text with {pattern!r}, not Llama 3's pattern: only Llama 3 "
                         "family tokenizers are supported (another split would give other tokens)")
+    # Settings that change Hugging Face's tokens, which tiktoken's ranks cannot express (Llama 3's file sets none).
+    byte_level = data["pre_tokenizer"]["pretokenizers"][1]  # (_split_pattern checked the layout)
+    changes = {"pre_tokenizer ByteLevel.add_prefix_space": byte_level.get("add_prefix_space"),
+               **{f"model.{key}": model.get(key) for key in ("dropout", "continuing_subword_prefix",
+                                                               "end_of_word_suffix")}}
+    for key, value in changes.items():
+        if value:
+            raise DataError(f"{path}: {key} is {json.dumps(value)}, which Llama 3's tokenizer.json does not set and "
+                            "which changes the tokens Hugging Face makes: only Llama 3 family tokenizers are supported")
     alphabet = byte_alphabet()
     added = {t.get("content"): t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
     ranks: dict[bytes, int] = {}
