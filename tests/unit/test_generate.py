@@ -236,6 +236,8 @@ def test_generation_stops_at_eos_and_never_picks_ids_past_the_tokenizer() -> Non
     (["--model.flavor", "debugmodel_tied"], r"output head of its own \(tie_word_embeddings=false\), but this "
                                             "model.flavor ties"),
     (["--device", "tpu"], r"--device tpu: use cpu, cuda or cuda:N$"),  # (torch.device raised a traceback)
+    (["--temperature", "1", "--seed", str(2**64)],  # (torch's manual_seed raised a traceback)
+     r"--seed 18446744073709551616 must be in \[-2\*\*63, 2\*\*64\) \(what torch.manual_seed takes\)$"),
     (["--checkpoint", "{run}/ours.safetensors"], r"has this trainer's name, not a Hugging Face one: .* convert FILE "
                                                  "OUT_FOLDER"),
 ])
