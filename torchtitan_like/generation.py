@@ -161,7 +161,10 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     """The next token id from one position's logits (vocab,)."""
     if sampling.temperature == 0:
         return int(torch.argmax(logits))
-    scaled = logits.float() / sampling.temperature
+    logits = logits.float()
+    # Shifted so the largest is 0 before the division (softmax is the same): a tiny temperature (below ~1e-37)
+    # then makes the others -inf, not the largest inf and the softmax NaN.
+    scaled = (logits - logits.max()) / sampling.temperature
     if sampling.top_k and sampling.top_k < scaled.numel():
         kth = torch.topk(scaled, sampling.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -261,6 +261,17 @@ def test_no_checkpoint_and_no_prompt_exit_2_from_the_command_line(tmp_path: Path
     assert no_prompt.returncode == 2 and "error: no prompt: give --prompt TEXT" in no_prompt.stderr
 
 
+def test_a_tiny_temperature_samples_the_argmax() -> None:
+    # logits / 1e-45 overflowed to inf, and softmax of inf is NaN: torch.multinomial raised a RuntimeError.
+    from torchtitan_like.generation import next_token
+
+    logits = torch.tensor([1.0, 3.0, 2.5, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (1e-45, 1e-38):
+        for top_k in (0, 2):
+            assert next_token(logits, Sampling(1, temperature, top_k), generator) == 1
+
+
 def test_sampling_arguments_are_checked() -> None:
     with pytest.raises(ConfigError, match="--max-new-tokens 0 must be >= 1"):
         Sampling(max_new_tokens=0).check()
