@@ -83,6 +83,7 @@ BROKEN = {
     "merge_order": (lambda d: d["model"]["merges"].reverse(), "not in id order"),
     "merge_unknown": (lambda d: d["model"]["merges"].append("Ġ ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ"), "not in model.vocab"),
     "merge_shape": (lambda d: d["model"]["merges"].insert(0, ["a", "b", "c"]), r"merges\[0\]"),
+    "merge_missing": (lambda d: d["model"]["merges"].pop(), r"model\.merges lacks .*, the merge that builds token"),
     # Accepted once, while Hugging Face's `tokenizers` gave other ids for them (" hello" for "hello", random
     # merges, suffixed tokens) than ours, and an export copied the file as it is.
     "prefix_space": (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True),
@@ -91,6 +92,45 @@ BROKEN = {
     "subword_prefix": (lambda d: d["model"].update(continuing_subword_prefix="##"), r"model\.continuing_subword_prefix"),
     "word_suffix": (lambda d: d["model"].update(end_of_word_suffix="</w>"), r"model\.end_of_word_suffix is \"</w>\""),
 }
+
+
+def _three_letter_vocab(reference: dict, tokens: list[str], merges: list[str], *, ignore_merges: bool) -> dict:
+    """The 256 bytes, then `tokens` (ids 256, 257, ...), `merges`, and the special tokens right after them."""
+    data = copy.deepcopy(reference)
+    vocab = {token: i for token, i in reference["model"]["vocab"].items() if i < 256}
+    vocab.update({token: 256 + i for i, token in enumerate(tokens)})
+    data["model"].update(vocab=vocab, merges=merges, ignore_merges=ignore_merges)
+    data["added_tokens"] = [dict(t, id=len(vocab) + i) for i, t in enumerate(reference["added_tokens"])]
+    return data
+
+
+def test_merges_that_hugging_face_cannot_build_every_token_with_are_refused(reference, tmp_path) -> None:
+    """Merges in id order are not enough: Hugging Face merges only the pairs its list names, tiktoken any two
+    parts that make a token. With "ab" (256), "bc" (257) and "abc" (258) made by "a bc" only, tiktoken gives
+    "abcd" as [abc, d], the tokenizers package as [ab, c, d]; that file was accepted as the same ids."""
+    hf_tokenizer = pytest.importorskip("tokenizers").Tokenizer
+
+    def hf_ids(path: Path, text: str) -> list[int]:
+        return hf_tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
+
+    only_a_bc = _three_letter_vocab(reference, ["ab", "bc", "abc"], ["a b", "b c", "a bc"], ignore_merges=True)
+    assert hf_ids(_write(tmp_path / "a_bc", only_a_bc), "abcd") == [256, 99, 100]
+    with pytest.raises(DataError, match=r'model\.merges lacks "ab c", the merge that builds token \'abc\' \(id 258\)'):
+        build_tokenizer(str(_write(tmp_path / "a_bc", only_a_bc)))
+    # Hugging Face's own conversion lists every split of a token (both here): accepted, and the ids agree.
+    both = _three_letter_vocab(reference, ["ab", "bc", "abc"], ["a b", "b c", "a bc", "ab c"], ignore_merges=True)
+    path = _write(tmp_path / "both", both)
+    assert build_tokenizer(str(path)).encode("abcd", bos=False, eos=False) == hf_ids(path, "abcd") == [258, 100]
+    # A token no merge builds ("abc" without "ab" or "bc"): whole, tiktoken looks it up; Hugging Face does
+    # too only with ignore_merges.
+    whole = _three_letter_vocab(reference, ["abc"], [], ignore_merges=False)
+    assert hf_ids(_write(tmp_path / "whole", whole), "abc") == [97, 98, 99]
+    with pytest.raises(DataError, match=r"no BPE merge builds token 'abc' \(id 256\) from two tokens, and "
+                                        r"model\.ignore_merges is not true"):
+        build_tokenizer(str(_write(tmp_path / "whole", whole)))
+    whole["model"]["ignore_merges"] = True
+    path = _write(tmp_path / "whole", whole)
+    assert build_tokenizer(str(path)).encode("abc", bos=False, eos=False) == hf_ids(path, "abc") == [256]
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

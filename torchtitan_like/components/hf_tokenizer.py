@@ -20,6 +20,7 @@ from pathlib import Path
 from torchtitan_like.components.tokenizer import (
     LLAMA3_PAT_STR,
     Tokenizer,
+    bpe_parts,
     byte_alphabet,
     build_tokenizer,
     is_hf_tokenizer_json,
@@ -77,7 +78,7 @@ def tokenizer_json(tok: Tokenizer) -> dict:
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
             continue
-        parts = _bpe(ranks, token, below=rank)
+        parts = bpe_parts(ranks, token, below=rank)
         if len(parts) != 2:
             raise ValueError(f"token {token!r} (id {rank}) is not the merge of two lower-ranked tokens, so no list "
                              "of BPE merges reproduces this vocabulary")
@@ -117,18 +118,3 @@ def tokenizer_json(tok: Tokenizer) -> dict:
             "merges": merges,
         },
     }
-
-
-def _bpe(ranks: dict[bytes, int], token: bytes, *, below: int) -> list[bytes]:
-    """tiktoken's BPE of `token` with only the merges that make tokens of rank < `below`."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best, best_rank = -1, below
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < best_rank:
-                best, best_rank = i, r
-        if best < 0:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return parts

@@ -270,7 +270,8 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
             raise DataError(f"{path}: vocab token {token!r} has {e.args[0]!r}, which is not in the byte-level alphabet: "
                             "not a byte-level BPE") from None
     _check_ranks(ranks, path)
-    _check_merge_order(model["vocab"], model.get("merges") or [], path)
+    merges = _check_merge_order(model["vocab"], model.get("merges") or [], path)
+    _check_merges_build_every_token(ranks, merges, ignore_merges=model.get("ignore_merges") is True, path=path)
     # Our Tokenizer puts Llama 3's special tokens right after the base vocabulary; bos and eos must be there.
     for i, name in enumerate(LLAMA3_SPECIAL_TOKENS[:2]):
         if added.get(name) != len(ranks) + i:
@@ -279,10 +280,12 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def _check_merge_order(vocab: dict[str, int], merges: list, path: Path) -> None:
+def _check_merge_order(vocab: dict[str, int], merges: list, path: Path) -> set[tuple[str, str]]:
     """tiktoken applies the merge whose result has the lowest id; Hugging Face applies the earliest merge in
-    the list. They agree when the merges are in the order of their results' ids, as in Llama 3's file."""
+    the list. They agree when the merges are in the order of their results' ids, as in Llama 3's file.
+    Returns the merges as (left, right) pairs."""
     last = -1
+    pairs: set[tuple[str, str]] = set()
     for i, merge in enumerate(merges):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
@@ -296,6 +299,46 @@ def _check_merge_order(vocab: dict[str, int], merges: list, path: Path) -> None:
                 "are not in id order, so its ids would tokenize differently here than under Hugging Face"
             )
         last = rank
+        pairs.add((pair[0], pair[1]))
+    return pairs
+
+
+def _check_merges_build_every_token(ranks: dict[bytes, int], merges: set[tuple[str, str]], *, ignore_merges: bool,
+                                    path: Path) -> None:
+    """Hugging Face merges only the pairs its list names; tiktoken merges any two adjacent parts that make a
+    token (the lowest id first). Inside a longer piece tiktoken builds each token with the last merge of its
+    own BPE (bpe_parts): the list must name that pair, or Hugging Face stops short of the token. A token that
+    BPE never reaches (tiktoken's lookup of whole pieces makes it) needs ignore_merges, as in Llama 3's file."""
+    chars = {b: ch for ch, b in byte_alphabet().items()}
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        parts = bpe_parts(ranks, token, below=rank)
+        text = ["".join(chars[b] for b in part) for part in parts]
+        if len(parts) == 2 and (text[0], text[1]) not in merges:
+            raise DataError(f"{path}: model.merges lacks \"{text[0]} {text[1]}\", the merge that builds token "
+                            f"{''.join(text)!r} (id {rank}) in tiktoken's BPE: Hugging Face would tokenize text that "
+                            "holds it differently (a merges list that is not Llama 3's)")
+        if len(parts) != 2 and not ignore_merges:
+            raise DataError(f"{path}: no BPE merge builds token {''.join(text)!r} (id {rank}) from two tokens, and "
+                            "model.ignore_merges is not true: Hugging Face would split that word where tiktoken keeps "
+                            "it whole; set \"ignore_merges\": true in model, as Llama 3's tokenizer.json does")
+
+
+def bpe_parts(ranks: dict[bytes, int], token: bytes, *, below: int) -> list[bytes]:
+    """tiktoken's BPE of `token` with only the merges that make tokens of rank < `below`: for a token's own
+    rank, the two parts its last merge joins (more where BPE never reaches the token)."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best, best_rank = -1, below
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best, best_rank = i, r
+        if best < 0:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    return parts
 
 
 def _split_pattern(pre_tokenizer: object) -> str | None:
