@@ -190,6 +190,16 @@ def test_a_missing_shard_is_named(hf_saved, tmp_path):
         load_hf_safetensors(copy)
 
 
+def test_one_shard_of_a_sharded_checkpoint_names_the_folder_to_pass(hf_saved):
+    # (It loaded alone, and the others' tensors were reported missing as a model.flavor mismatch.)
+    _, _, _, sharded = hf_saved
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    n = len(list(sharded.glob("model-*.safetensors")))
+    with pytest.raises(CheckpointError, match=rf"{shard} is one of the {n} shards that "
+                                              rf"\S+model\.safetensors\.index\.json lists: pass their folder, {sharded}$"):
+        load_hf_safetensors(shard)
+
+
 def _manager(model: Transformer, dump: Path, **cfg) -> CheckpointManager:
     optimizer = torch.optim.AdamW(model.parameters())
     return CheckpointManager(

@@ -243,6 +243,17 @@ def hf_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of an HF checkpoint: a file, or a folder with model.safetensors or an index."""
     path = Path(path)
     if path.is_file():
+        index = path.parent / HF_INDEX
+        if index.is_file():
+            # One shard of a sharded checkpoint: loading it alone named the others' tensors as missing, with a
+            # model.flavor mismatch as the likely cause.
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = set()
+            if path.name in shards and len(shards) > 1:
+                raise CheckpointError(f"{path} is one of the {len(shards)} shards that {index} lists: pass their "
+                                      f"folder, {path.parent}")
         return [path]
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist (expected a Hugging Face folder or a .safetensors file)")
