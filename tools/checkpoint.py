@@ -6,7 +6,7 @@
     python tools/checkpoint.py convert outputs/checkpoint/step-100 model.safetensors [--dtype bfloat16]
     python tools/checkpoint.py convert outputs/checkpoint/step-100 hf_out/ --hf --flavor 8B
     python tools/checkpoint.py convert model.pt dcp_out/                   (and .safetensors, or an HF
-    python tools/checkpoint.py convert hf_folder/ dcp_out/ --hf --flavor 8B  folder with --hf)
+    python tools/checkpoint.py convert hf_folder/ dcp_out/ --hf --flavor 8B  folder or HF-named .pt with --hf)
 
 A DCP source is verified against its manifest first. A DCP destination is written like a training
 save: into a temp folder, manifest last, then renamed. Exit status: 0 ok, 2 a checkpoint problem
@@ -411,8 +411,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{src} is not a DCP checkpoint folder (no .metadata), and {dst} is not a folder")
         step = args.step
         if src.suffix.lower() == ".pt":
-            if args.hf:
-                raise CheckpointError("--hf applies to .safetensors files and HF folders, not .pt")
             loaded = _load_pt(src)
             state = loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
             model = state["model"]
@@ -422,8 +420,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     f"{src} holds a {type(model).__name__}, not a state dict (parameter name -> tensor, or a dict "
                     "with one under \"model\")"
                 )
-            if args.model_only:
+            if args.model_only or args.hf:
                 state = {"model": state["model"]}
+            if args.hf:  # a state dict under Hugging Face's names (its other states would be in its own formats)
+                from torchtitan_like.models.llama3.state_dict_adapter import from_hf
+
+                margs = _model_args(args.flavor, args.n_layers)
+                state["model"] = from_hf(state["model"], margs)
+                _check_flavor(state["model"], margs, src=src, flavor=args.flavor, hf=True,
+                              n_layers_set=args.n_layers is not None)
             state["model"] = _cast(state["model"], args.dtype)
             if step is None and isinstance(state.get("train_state"), dict):
                 saved = state["train_state"].get("step", 0)

@@ -79,3 +79,16 @@ def test_hf_named_weights_never_land_in_a_dcp_under_hf_names(weights, tmp_path, 
         assert _model_keys(tmp_path / "dcp") == set(weights), sorted(_model_keys(tmp_path / "dcp"))[:2]
     else:
         assert rc == 2
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_pt_of_hf_names_converts_with_the_hf_flag_its_error_names(weights, tmp_path, capsys):
+    """Without --hf the tool says to add --hf --flavor; with them it once refused ("--hf applies to .safetensors
+    files and HF folders, not .pt"), so no advice led anywhere. Now the weights come back bit for bit."""
+    torch.save(to_hf(weights, ARGS), tmp_path / "hf.pt")
+    assert _main()(["convert", str(tmp_path / "hf.pt"), str(tmp_path / "dcp")]) == 2
+    assert "add --hf --flavor NAME" in capsys.readouterr().err
+    assert _main()(["convert", str(tmp_path / "hf.pt"), str(tmp_path / "dcp"), "--hf", "--flavor", "debugmodel"]) == 0
+    state = {"model": {k: torch.empty_like(v) for k, v in weights.items()}}
+    dcp.load(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    assert all(torch.equal(state["model"][k], v) for k, v in weights.items())
