@@ -262,6 +262,14 @@ def _validate_features(cfg: JobConfig) -> None:
             'ring attention is causal over the whole sequence and takes no document mask; use attn_mask_type="causal" '
             "or context_parallel_degree=1"
         )
+    if cfg.model.attn_type == "flex" and cp > 1:
+        # CP's context turns only F.scaled_dot_product_attention into ring attention: FlexAttention would
+        # run on each rank's (head-tail reordered) sequence shard alone, a different model, silently.
+        raise ConfigError(
+            f'model.attn_type="flex" with parallelism.context_parallel_degree={cp}: context parallel\'s ring '
+            "attention replaces SDPA only, so FlexAttention would attend within each rank's shard of the sequence; "
+            'use attn_type="sdpa" or context_parallel_degree=1'
+        )
 
     comp = cfg.compile
     if len(set(comp.components)) != len(comp.components):
