@@ -157,6 +157,15 @@ def test_async_tp_needs_compile():
     assert "CUDA" in msg and "set it to false" in msg
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+def test_async_tp_needs_the_inductor_backend(backend):
+    """Async TP is inductor's micro-pipeline pass: with another backend it was accepted and did nothing."""
+    msg = _config_error("--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel",
+                        "--compile.enable", "--compile.backend", backend)
+    assert 'parallelism.enable_async_tensor_parallel=true needs compile.backend="inductor"' in msg
+    assert f"the {backend!r} backend never runs" in msg and "set enable_async_tensor_parallel=false" in msg
+
+
 def test_async_tp_needs_cuda():
     p = Parallelism(tensor_parallel_degree=2, enable_async_tensor_parallel=True)
     dims = ParallelDims.from_config(p, 2)  # compile is on (validated elsewhere); the device is not CUDA

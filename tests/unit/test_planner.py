@@ -505,6 +505,7 @@ def test_the_search_offers_async_tp_and_float8_all_gather_only_where_the_trainer
     assert (1, 2, True, True, False) in got  # float8 all-gather with FSDP only, and with float8 only
     assert not any(ag for tp, fsdp, f8, ag, _ in got if fsdp == 1 or not f8)
     assert not any(L[4] for L in options(compile=False))  # async TP is an inductor pass
+    assert not any(L[4] for L in options(base_argv=(*DEBUG_ARGV, "--compile.backend", "aot_eager")))
     assert not any(L[4] for L in options(hardware=dataclasses.replace(ROUND_HW, device="cpu")))  # and CUDA-only
     assert not any(L[4] for L in options(allow=frozenset(FEATURES) - {"async_tp"}))
     # Not resharding after forward: FSDP without PP only (PP never reshards anyway).

@@ -170,7 +170,7 @@ class Parallelism:
     disable_loss_parallel: bool = False
     """With TP, gather the full logits before the loss instead of computing it on vocab shards."""
     enable_async_tensor_parallel: bool = False
-    """Overlap TP communication with matmuls (needs CUDA and compile.enable)."""
+    """Overlap TP communication with matmuls (needs CUDA and compile.enable with backend inductor)."""
 
 
 @dataclass

@@ -282,6 +282,13 @@ def _validate_features(cfg: JobConfig) -> None:
             "compile.components (async TP is an inductor pass), tensor_parallel_degree > 1 and CUDA; set it to "
             "false or enable compile"
         )
+    if cfg.parallelism.enable_async_tensor_parallel and comp.backend != "inductor":
+        # Its overlap is a rewrite among inductor's post-grad passes: aot_eager and eager never run them.
+        raise ConfigError(
+            f"parallelism.enable_async_tensor_parallel=true needs compile.backend=\"inductor\" (async TP is an "
+            f"inductor pass, which the {comp.backend!r} backend never runs: TP would stay synchronous): set "
+            "compile.backend=\"inductor\" or set enable_async_tensor_parallel=false"
+        )
 
     f8 = cfg.quantize.linear.float8
     if float8_names:

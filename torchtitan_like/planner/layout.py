@@ -183,11 +183,13 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
     tps = [t for t in _divisors(min(world, gpn)) if t == 1 or "tp" in allow]
     cps = [c for c in _powers_of_two_up_to(world) if c == 1 or "cp" in allow]
     ac_modes = [a for a in AC_MODES if a == "none" or "ac" in allow]
-    # Async TP is an inductor pass over symmetric memory: compiled CUDA jobs only.
-    async_ok = "async_tp" in allow and inputs.compile and inputs.hardware.device == "cuda"
+    base = load_config(list(inputs.base_argv))
+    # Async TP is an inductor pass over symmetric memory: CUDA jobs compiled by inductor only.
+    async_ok = ("async_tp" in allow and inputs.compile and inputs.hardware.device == "cuda"
+                and base.compile.backend == "inductor")
     schedules = [s for s in ("1F1B", "Interleaved1F1B") if s in available_schedules()]
     # The job's own choice: with disable_loss_parallel the logits are whole under TP too.
-    loss_parallel = not load_config(list(inputs.base_argv)).parallelism.disable_loss_parallel
+    loss_parallel = not base.parallelism.disable_loss_parallel
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             continue
