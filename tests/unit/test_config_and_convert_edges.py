@@ -184,6 +184,34 @@ def test_settings_the_job_does_not_use_are_named() -> None:
     assert ignored_settings(with_float8, pp=1) == []
 
 
+def test_pipeline_keys_another_pipeline_key_overrides_are_named(tmp_path) -> None:
+    """With pipeline parallel on, an explicit split never reads the *_less_layers weights, and a CSV schedule
+    replaces pipeline_parallel_schedule: set beside them, those keys did nothing, without a word."""
+    from torchtitan_like.config.validate import ignored_settings
+
+    base = ["--job.config_file", str(DEBUG_CONFIG), "--parallelism.pipeline_parallel_degree", "2"]
+    split = load_config([*base,
+                         "--parallelism.module_fqns_per_model_part", "tok_embeddings,layers.0;layers.1,norm,output",
+                         "--parallelism.pipeline_parallel_first_stage_less_layers", "0",
+                         "--parallelism.pipeline_parallel_last_stage_less_layers", "2"])
+    assert ignored_settings(split, pp=2) == [
+        "parallelism.pipeline_parallel_first_stage_less_layers (module_fqns_per_model_part gives the split)",
+        "parallelism.pipeline_parallel_last_stage_less_layers (module_fqns_per_model_part gives the split)",
+    ]
+    csv = tmp_path / "gpipe.csv"
+    csv.write_text("0F0,0F1,0B0,0B1\n1F0,1F1,1B0,1B1\n")
+    scheduled = load_config([*base, "--parallelism.pipeline_parallel_schedule_csv", str(csv),
+                             "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"])
+    assert ignored_settings(scheduled, pp=2) == [
+        "parallelism.pipeline_parallel_schedule (pipeline_parallel_schedule_csv gives the schedule)"
+    ]
+    # Each read where nothing overrides it (the *_less_layers weigh the split that layers_per_stage sizes too).
+    used = load_config([*base, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                        "--parallelism.pipeline_parallel_layers_per_stage", "2",
+                        "--parallelism.pipeline_parallel_first_stage_less_layers", "0"])
+    assert ignored_settings(used, pp=2) == []
+
+
 def test_keys_of_a_switched_off_section_are_named() -> None:
     """A base config's [validation] or [compile] settings with the section's switch off do nothing: the
     start-up warning names them, with the switch (and a key the switch does not govern is not named)."""

@@ -324,6 +324,16 @@ def ignored_settings(cfg: JobConfig, *, pp: int, dims: Any = None) -> list[str]:
                 if (f.name.startswith("pipeline_parallel_") or f.name == "module_fqns_per_model_part")
                 and f.name != "pipeline_parallel_degree"
                 and getattr(cfg.parallelism, f.name) != getattr(default, f.name)]
+    else:
+        # Pipeline keys that another one overrides (plan_pipeline never reads them then).
+        p, default = cfg.parallelism, Parallelism()
+        overridden = []
+        if p.pipeline_parallel_schedule_csv is not None:
+            overridden.append(("pipeline_parallel_schedule", "pipeline_parallel_schedule_csv gives the schedule"))
+        if p.module_fqns_per_model_part is not None:
+            overridden += [(key, "module_fqns_per_model_part gives the split") for key in
+                           ("pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers")]
+        out += [f"parallelism.{key} ({why})" for key, why in overridden if getattr(p, key) != getattr(default, key)]
     if not any(c in CONVERTER_NAMES for c in cfg.model.converters):
         default = Float8()
         out += [f"quantize.linear.float8.{f.name} (no float8 in model.converters)" for f in fields(Float8)
