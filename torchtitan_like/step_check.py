@@ -205,6 +205,12 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         notes.append("float8 matmuls (emulated on CPU; casts, scales and all-gathers run)")
     if float8 and f8.recipe_name == "tensorwise" and small["tp"] > 1:
         notes.append("float8 tensor-parallel styles (gloo cannot all-gather float8: bf16/fp32 TP collectives)")
+    fsdp_dropped = layout.get("dp_shard", 1) * layout.get("cp", 1) > 1 and small["dp_shard"] * small["cp"] == 1
+    if float8 and f8.enable_fsdp_float8_all_gather and fsdp_dropped:
+        # The rehearsal's own shrinking took FSDP away, which the float8 all-gather needs (the trainer refuses it
+        # without): not the job's failure.
+        f8.enable_fsdp_float8_all_gather = f8.precompute_float8_dynamic_scale_for_fsdp = False
+        notes.append("float8 FSDP all-gather and precomputed scales (no FSDP left at this rank count)")
     if float8 and "auto_filter_small_kn" in f8.filter_fqns:
         f8.filter_fqns = [f for f in f8.filter_fqns if f != "auto_filter_small_kn"]
         notes.append("float8 auto_filter_small_kn (every debug-model linear is small)")
@@ -448,7 +454,11 @@ def step_check(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda", 
 def _check_rehearsal(reh: Rehearsal) -> None:
     """The trainer's checks on the rehearsal's config, as its ranks will load it: a shrinking that the
     trainer refuses is the step check's limit, and is reported as such (the job passed the dry run)."""
+    import torch
+
+    from torchtitan_like.components.float8 import build_float8_converter
     from torchtitan_like.config.loader import load_config, to_toml
+    from torchtitan_like.distributed.utils import param_dtype
     from torchtitan_like.trainer import check_job
 
     with tempfile.TemporaryDirectory() as folder:
@@ -457,7 +467,13 @@ def _check_rehearsal(reh: Rehearsal) -> None:
         path = Path(folder) / "config.toml"
         path.write_text(to_toml(cfg))
         try:
-            check_job(load_config(["--job.config_file", str(path)]), reh.ranks)
+            loaded = load_config(["--job.config_file", str(path)])
+            checked = check_job(loaded, reh.ranks)
+            # The float8 converter's rules between the recipe and the layout (all-gather needs FSDP; CPU autocast).
+            build_float8_converter(
+                loaded.model.converters, loaded.quantize.linear.float8, parallel_dims=checked.parallel_dims,
+                device=torch.device("cpu"), param_dtype=param_dtype(loaded.training, "cpu"), check_device=False,
+            )
         except ConfigError as e:
             raise ConfigError(
                 f"step check: this job cannot be rehearsed on {reh.ranks} CPU rank(s) ({_layout_text(reh.layout)}) "

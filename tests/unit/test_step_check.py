@@ -92,6 +92,33 @@ def test_five_dims_drop_replicate_then_shard_to_fit_the_rank_limit() -> None:
         rehearsal(cfg, layout, max_ranks=3)
 
 
+def test_float8_settings_the_shrunk_layout_cannot_run_are_not_reported_as_the_jobs_failure() -> None:
+    """Dropping dp_shard to fit the rank limit took FSDP away, which float8 all-gather needs: the launch then
+    failed with the trainer's ConfigError and the step check said FAILED, the job "would likely fail the same
+    way", of a job that passed the dry run. The rehearsal now leaves the all-gather out with a note; what it
+    still cannot run on CPU is refused before any launch as the step check's own limit."""
+    from torchtitan_like.step_check import _check_rehearsal
+
+    f8 = ("--model.converters", "float8", "--quantize.linear.float8.enable_fsdp_float8_all_gather",
+          "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp")
+    cfg = _cfg("--parallelism.pipeline_parallel_degree", "4", "--parallelism.tensor_parallel_degree", "2",
+               "--parallelism.data_parallel_shard_degree", "2", "--parallelism.pipeline_parallel_schedule",
+               "ZBVZeroBubble", "--training.local_batch_size", "8", *f8)
+    reh = rehearsal(cfg, resolved_layout(cfg, 16), max_ranks=4)
+    assert reh.layout["dp_shard"] == 1 and reh.layout["cp"] == 1
+    f8_reh = reh.cfg.quantize.linear.float8
+    assert not f8_reh.enable_fsdp_float8_all_gather and not f8_reh.precompute_float8_dynamic_scale_for_fsdp
+    assert "float8 FSDP all-gather and precomputed scales (no FSDP left at this rank count)" in reh.not_rehearsed
+    _check_rehearsal(reh)  # the trainer accepts the rehearsal
+    assert rehearsal(cfg, resolved_layout(cfg, 16), max_ranks=8).cfg.quantize.linear.float8.enable_fsdp_float8_all_gather
+
+    # rowwise_with_gw_hp under CPU autocast (a CUDA job's bf16 on a TP-only rehearsal): the rehearsal's limit.
+    gw_hp = _cfg("--parallelism.tensor_parallel_degree", "2", "--model.converters", "float8",
+                 "--quantize.linear.float8.recipe_name", "rowwise_with_gw_hp")
+    with pytest.raises(ConfigError, match=r"step check: this job cannot be rehearsed .*rowwise_with_gw_hp"):
+        _check_rehearsal(rehearsal(gw_hp, resolved_layout(gw_hp, 2)))
+
+
 def test_tied_flavor_accumulation_and_cuda_only_settings() -> None:
     cfg = _cfg("--model.flavor", "1B", "--training.local_batch_size", "2", "--training.global_batch_size", "64",
                "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_async_tensor_parallel",
