@@ -225,8 +225,14 @@ def test_1f1b_needs_a_microbatch_per_stage() -> None:
 
 
 def test_interleaved_microbatches_must_fill_rounds() -> None:
+    # 5 microbatches on 2 ranks make 2 rounds of 2.5; 3 (one round) or 4 and 6 (2 and 3 rounds of 2) are torch's.
     msg = _error(pp=2, local_batch_size=5, pipeline_parallel_schedule="Interleaved1F1B")
-    assert "needs a multiple of pipeline_parallel_degree=2 microbatches" in msg
+    assert "needs a microbatch count that fills its rounds evenly (m // pipeline_parallel_degree=2 rounds: e.g. 4 or " \
+           "6 microbatches)" in msg and "gives 5" in msg
+    msg = _error(pp=4, local_batch_size=9, pipeline_parallel_schedule="InterleavedZeroBubble")
+    assert "e.g. 8 or 10 microbatches" in msg  # (10 is 2 rounds of 5: not a multiple of 4, and torch runs it)
+    for accepted in (3, 7, 10):  # fewer than pp = 4; one round of 7; two rounds of 5
+        _plan(pp=4, local_batch_size=accepted, pipeline_parallel_schedule="Interleaved1F1B")
 
 
 @pytest.mark.parametrize("schedule", ["InterleavedZeroBubble", "ZBVZeroBubble"])

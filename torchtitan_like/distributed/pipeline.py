@@ -437,16 +437,23 @@ def _check_microbatches(schedule: str, *, n_mb: int, pp: int, num_stages: int, l
         need = f"at least {num_stages} microbatches (one per stage)"
     elif schedule == "DualPipeV" and n_mb < num_stages:
         need = f"at least {num_stages} microbatches (one per stage)"
-    elif schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
-        rounds = max(1, n_mb // pp)
-        if n_mb % rounds:
-            need = f"a multiple of pipeline_parallel_degree={pp} microbatches (or fewer than {pp})"
+    elif schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_mb % _rounds(n_mb, pp):
+        # torch runs the microbatches in rounds of at least pp: m // pp rounds, which must share them evenly.
+        fits = [m for m in range(1, 2 * n_mb) if m % _rounds(m, pp) == 0]
+        below, above = max(m for m in fits if m < n_mb), min(m for m in fits if m > n_mb)
+        need = (f"a microbatch count that fills its rounds evenly (m // pipeline_parallel_degree={pp} rounds: "
+                f"e.g. {below} or {above} microbatches)")
     if need:
         raise ConfigError(
             f"parallelism.pipeline_parallel_schedule={schedule!r} needs {need}, but training.local_batch_size="
             f"{local_batch_size} / pipeline_parallel_microbatch_size={mbs} gives {n_mb}; raise local_batch_size or "
             "lower the microbatch size"
         )
+
+
+def _rounds(n_mb: int, pp: int) -> int:
+    """The rounds an interleaved schedule runs `n_mb` microbatches in (torch 2.11-2.13)."""
+    return max(1, n_mb // pp)
 
 
 def _check_csv_order(path: str, actions: dict[int, list[Any]], *, pp: int, num_stages: int, n_mb: int) -> None:
