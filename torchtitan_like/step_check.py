@@ -313,7 +313,7 @@ class Outcome:
 
 def run_rehearsal(reh: Rehearsal, folder: Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Outcome:
     """Train `reh` in `folder` (its dump folder, config and log): 2 steps, then, where the job saves
-    checkpoints, a second launch that resumes and trains step 3."""
+    checkpoints, a second launch that resumes and trains step 3. Each launch may take `timeout_s`."""
     from torchtitan_like.components.metrics import DROPPED_JSONL
     from torchtitan_like.config.loader import to_toml
 
@@ -334,7 +334,9 @@ def run_rehearsal(reh: Rehearsal, folder: Path, *, timeout_s: float = DEFAULT_TI
         cfg.checkpoint.last_save_model_only = reh.cfg.checkpoint.last_save_model_only and not resumed_later
         cfg.checkpoint.last_save_in_hf = reh.cfg.checkpoint.last_save_in_hf and not resumed_later
         config.write_text(to_toml(cfg))
-        rc, why = _launch(config, reh.ranks, log, phase=phase, timeout_s=timeout_s - (time.monotonic() - t0))
+        # Each launch gets the whole timeout (DRY_RUN_STEP_CHECK_TIMEOUT is per launch): the resume's own
+        # compile must not be cut short by the time the first launch took.
+        rc, why = _launch(config, reh.ranks, log, phase=phase, timeout_s=timeout_s)
         if rc != 0:
             return Outcome(False, time.monotonic() - t0, folder, f"{phase} (steps 1..{steps}) {why}")
         missing = _missing_steps(Path(cfg.job.dump_folder) / "metrics.jsonl", steps)

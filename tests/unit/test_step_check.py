@@ -220,3 +220,34 @@ def test_weight_decay_patterns_the_debug_model_lacks_are_left_out_with_a_note() 
     assert "optimizer.no_weight_decay_keywords ['layers.20.*'] (they name no parameter of debugmodel)" in reh.not_rehearsed
     assert cfg.optimizer.no_weight_decay_keywords == ["*norm*", "layers.20.*"], "the job's config is left as it was"
     load_config(["--job.config_file", _write(reh)])  # the rehearsal's config loads
+
+
+def test_the_resume_launch_gets_the_whole_timeout_not_what_the_first_launch_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DRY_RUN_STEP_CHECK_TIMEOUT / --timeout is "seconds each of its launches may take" (README, --help): a
+    # first launch that took most of it (a slow CPU compile) must not leave the resume a few seconds.
+    import json
+    import types
+
+    import torchtitan_like.step_check as sc
+
+    now = [0.0]
+    given: list[float] = []
+
+    def fake_launch(config: Path, ranks: int, log: Path, *, phase: str, timeout_s: float) -> tuple[int, str]:
+        given.append(timeout_s)
+        steps = load_config(["--job.config_file", str(config)]).training.steps
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text("".join(json.dumps({"step": s, "loss": 7.0}) + "\n" for s in range(1, steps + 1)))
+        now[0] += 900.0  # each launch takes 900 s of the 1200 s allowed per launch
+        return 0, ""
+
+    monkeypatch.setattr(sc, "_launch", fake_launch)
+    monkeypatch.setattr(sc, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    cfg = _cfg("--training.dataset", "synthetic", "--training.local_batch_size", "2", "--checkpoint.enable")
+    reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cpu")
+    outcome = run_rehearsal(reh, tmp_path, timeout_s=1200)
+    assert outcome.ok, outcome
+    assert given == [1200, 1200], given
