@@ -186,7 +186,8 @@ def _run(args: argparse.Namespace) -> int:
             # The rank whose memory the plan reports: the first of the pipeline rank that peaks.
             rank = best.memory.pp_rank * (args.ngpu // best.layout.pp)
             # The layout is what is verified here; the data files are the run's (its own dry run checks them).
-            report = dry_run(["--job.config_file", str(args.out)], world_size=args.ngpu, rank=rank, files=False)
+            report = dry_run(["--job.config_file", str(args.out)], world_size=args.ngpu, rank=rank,
+                             device=hw.device, files=False)
             got, predicted = report["state_bytes"], best.memory.state.as_dict()
             if got != predicted:
                 raise RuntimeError(f"planner state bytes {predicted} != dry run {got} for rank {rank}: a planner bug")

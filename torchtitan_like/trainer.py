@@ -122,6 +122,15 @@ def job_model_args(cfg: JobConfig) -> TransformerArgs:
     )
 
 
+def check_job_device(cfg: JobConfig, device_type: str) -> None:
+    """The settings a job's device type must support ("cuda" or "cpu"): raises ConfigError naming the key.
+    The trainer runs it first, for its device; the planner for its hardware profile's."""
+    check_memory_snapshot(cfg.profiling, torch.device(device_type))
+    check_async_device(cfg.checkpoint, device_type=device_type)
+    check_async_tp_device(cfg.parallelism, device_type)
+    check_attention_device(cfg.model, device_type)
+
+
 def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
     """Every check of a job that needs neither a process group nor a model: raises ConfigError naming
     the keys. The trainer runs it first; the planner runs it on each layout it considers."""
@@ -232,10 +241,7 @@ class Trainer:
         """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""
         self.evaluate_only = False
         """Validate the loaded weights once and train nothing (load_only, with no step left to train)."""
-        check_memory_snapshot(cfg.profiling, self.device)
-        check_async_device(cfg.checkpoint, device_type=self.device.type)
-        check_async_tp_device(cfg.parallelism, self.device.type)
-        check_attention_device(cfg.model, self.device.type)
+        check_job_device(cfg, self.device.type)
         self._setup_determinism(cfg.debug.seed, cfg.debug.deterministic, warn_only=cfg.debug.deterministic_warn_only)
 
         # 1. Everything that can be checked without building the model, before building it.

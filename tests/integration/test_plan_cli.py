@@ -120,3 +120,18 @@ def test_user_errors_exit_2_with_one_error_line(tmp_path: Path, args: list[str],
     assert message in errors[0], errors[0]
     assert "Traceback" not in r.stdout + r.stderr
     assert not out.exists()
+
+
+def test_a_cpu_profile_plans_and_dry_runs_the_job_as_a_cpu_job(tmp_path: Path) -> None:
+    # FlexAttention has no CPU backward and the CPU trainer refuses it: a plan for a CPU profile must say so,
+    # not write a TOML and report "dry run ... OK" from a dry run on CUDA.
+    config = tmp_path / "flex.toml"
+    config.write_text('[model]\nflavor = "debugmodel"\nattn_type = "flex"\n')
+    out = tmp_path / "plan.toml"
+    r = run_plan("--config", str(config), "--ngpu", "2", "--hardware", str(ROOT / "benchmarks" / "profiles" /
+                 "cpu_ci_2core.json"), "--global-batch", "4", "--out", str(out))
+    assert r.returncode == 2, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: no layout of 2 GPUs passes the trainer's checks"), r.stderr
+    assert 'model.attn_type="flex" needs CUDA to train' in errors[0], errors[0]
+    assert not out.exists()

@@ -682,3 +682,19 @@ def test_plan_for_the_debug_model_on_8_gpus_ranks_only_layouts_that_fit_fastest_
     assert all(s > 0 for s in speeds)
     # More than one kind of layout is on offer (the search is not one point).
     assert len({(p.layout.dp_shard, p.layout.tp, p.layout.pp, p.layout.cp) for p in plan.ranked}) > 3
+
+
+def test_check_refuses_what_the_profiles_device_refuses_as_the_trainer_does():
+    # A CPU profile (benchmarks/calibrate.py on a CPU) plans a CPU job: FlexAttention, which the CPU trainer
+    # refuses at start, must not be planned (and "verified" by a CUDA dry run) as a fitting layout.
+    cpu = dataclasses.replace(ROUND_HW, device="cpu")
+    layout = Layout(dp_replicate=1, dp_shard=2, cp=1, tp=1, pp=1, local_batch_size=1, microbatch_size=1)
+    flex = PlanInputs(base_argv=(*DEBUG_ARGV, "--model.attn_type", "flex"), world_size=2, hardware=cpu, seq_len=64,
+                      global_batch_size=2)
+    with pytest.raises(ConfigError, match=r'model\.attn_type="flex" needs CUDA to train'):
+        check(flex, layout)
+    plan = make_plan(flex, DEBUG.n_layers)
+    assert not plan.ranked and not plan.too_big
+    assert any("model.attn_type" in reason for reason in plan.refused), plan.refused
+    # The same job on a CUDA profile is planned.
+    assert check(dataclasses.replace(flex, hardware=ROUND_HW), layout).cfg.model.attn_type == "flex"

@@ -238,14 +238,21 @@ def layouts(inputs: PlanInputs, n_layers: int) -> Iterator[Layout]:
 
 
 def check(inputs: PlanInputs, layout: Layout) -> Candidate:
-    """The layout as the trainer's config, through the trainer's checks; ConfigError if refused."""
+    """The layout as the trainer's config, through the trainer's checks for the hardware profile's device;
+    ConfigError if refused."""
     from torchtitan_like.components.float8 import build_float8_converter
+    from torchtitan_like.distributed.pipeline import check_schedule_backend
     from torchtitan_like.distributed.utils import param_dtype
-    from torchtitan_like.trainer import check_job
+    from torchtitan_like.trainer import check_job, check_job_device
 
     cfg = load_config(inputs.argv(layout))
-    checked = check_job(cfg, layout.world_size)
     device = inputs.hardware.device
+    # The device's own refusals first, as the trainer runs them (flex attention or pinned-memory staging on
+    # a CPU profile): a layout the planner offers is one the job's device accepts too.
+    check_job_device(cfg, device)
+    checked = check_job(cfg, layout.world_size)
+    if checked.pp_plan is not None:
+        check_schedule_backend(checked.pp_plan, device)
     build_float8_converter(
         cfg.model.converters, cfg.quantize.linear.float8, parallel_dims=checked.parallel_dims,
         device=torch.device(device), param_dtype=param_dtype(cfg.training, device),
