@@ -184,11 +184,16 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
                      f"{n_layers})")
         ac.selective_ac_option = str(n_layers)
 
+    # Names for the job's model may name blocks the debug model lacks (e.g. "layers.20.*"); the trainer
+    # refuses a name that matches nothing, so the rehearsal leaves those out.
     o = cfg.optimizer
-    if o.no_weight_decay_keywords:
-        # A pattern for the job's model may name blocks the debug model lacks (e.g. "layers.20.*").
+    f8 = cfg.quantize.linear.float8
+    float8 = float8_requested(cfg.model.converters)
+    if o.no_weight_decay_keywords or (float8 and f8.filter_fqns):
         import torch
+        from torch import nn
 
+        from torchtitan_like.components.float8 import AUTO_FILTER
         from torchtitan_like.components.optimizer import unmatched_patterns
 
         with torch.device("meta"):
@@ -197,9 +202,13 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         if unmatched:
             o.no_weight_decay_keywords = [p for p in o.no_weight_decay_keywords if p not in unmatched]
             notes.append(f"optimizer.no_weight_decay_keywords {unmatched} (they name no parameter of {flavor})")
+        if float8:
+            linears = [n for n, m in debug.named_modules() if isinstance(m, nn.Linear)]
+            unmatched = [f for f in f8.filter_fqns if f != AUTO_FILTER and not any(f in n for n in linears)]
+            if unmatched:
+                f8.filter_fqns = [f for f in f8.filter_fqns if f not in unmatched]
+                notes.append(f"quantize.linear.float8.filter_fqns {unmatched} (they name no linear layer of {flavor})")
 
-    f8 = cfg.quantize.linear.float8
-    float8 = float8_requested(cfg.model.converters)
     if float8 and not f8.emulate:
         f8.emulate = True
         notes.append("float8 matmuls (emulated on CPU; casts, scales and all-gathers run)")

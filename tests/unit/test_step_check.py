@@ -251,3 +251,27 @@ def test_the_resume_launch_gets_the_whole_timeout_not_what_the_first_launch_left
     outcome = run_rehearsal(reh, tmp_path, timeout_s=1200)
     assert outcome.ok, outcome
     assert given == [1200, 1200], given
+
+
+def test_float8_filter_names_of_blocks_the_debug_model_lacks_are_left_out_of_the_rehearsal() -> None:
+    # "layers.20." keeps the 21st block of a 24-block job in high precision (the dry run accepts it); the debug
+    # model has 6 blocks, and the trainer refuses a filter entry that matches no linear: the rehearsal would
+    # fail at the build, reported as "the job would likely fail the same way".
+    import torch
+
+    from torchtitan_like.components.float8 import build_float8_converter
+    from torchtitan_like.models import MODELS
+
+    cfg = _cfg("--model.n_layers", "24", "--model.converters", "float8",
+               "--quantize.linear.float8.filter_fqns", "output,layers.20.")
+    reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cpu")
+    f8 = reh.cfg.quantize.linear.float8
+    assert f8.filter_fqns == ["output"], f8.filter_fqns
+    assert any("filter_fqns ['layers.20.']" in n for n in reh.not_rehearsed), reh.not_rehearsed
+    # The rehearsal's float8 conversion of the debug model goes through, as its ranks will run it.
+    checked = check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)
+    converter = build_float8_converter(reh.cfg.model.converters, f8, parallel_dims=checked.parallel_dims,
+                                       device=torch.device("cpu"), param_dtype=torch.float32, check_device=False)
+    with torch.device("meta"):
+        model = MODELS["llama3"].build(checked.model_args)
+    converter.convert(model)
