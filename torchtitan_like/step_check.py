@@ -121,7 +121,9 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         raise ConfigError(f"step check: model.name={cfg.model.name!r} has no {flavor!r} flavor to rehearse with")
     n_layers = spec.flavors[flavor].n_layers
     cfg.model.flavor, cfg.model.n_layers = flavor, None
-    cfg.model.tokenizer_path = ""
+    # The embedded tokenizer, also where the job reads its tokenizer from model.hf_assets_path (loading the
+    # rehearsal's config would resolve an unset tokenizer_path to that folder again).
+    cfg.model.tokenizer_path = cfg.model.hf_assets_path = ""
     seq = REHEARSAL_SEQ_LEN
     if job.model.max_seq_len is not None:
         # (Context parallel needs it equal to seq_len; longer RoPE tables stay longer.)

@@ -275,3 +275,14 @@ def test_float8_filter_names_of_blocks_the_debug_model_lacks_are_left_out_of_the
     with torch.device("meta"):
         model = MODELS["llama3"].build(checked.model_args)
     converter.convert(model)
+
+
+def test_a_job_reading_its_tokenizer_from_hf_assets_path_is_rehearsed_with_the_embedded_one() -> None:
+    # torchtitan's model.hf_assets_path names the tokenizer where model.tokenizer_path is unset: the rehearsal's
+    # ranks, loading its config, must not resolve it back to the job's tokenizer (absent here with
+    # DRY_RUN_SKIP_FILES=1; a 128k vocabulary against the debug model's 2000 where present).
+    cfg = _cfg("--model.hf_assets_path", "/cluster/assets/Llama-3.1-8B")
+    assert cfg.model.tokenizer_path == "/cluster/assets/Llama-3.1-8B"
+    reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cpu")
+    loaded = load_config(["--job.config_file", _write(reh)])
+    assert (loaded.model.tokenizer_path, loaded.model.hf_assets_path) == ("", "")
