@@ -214,6 +214,13 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
     if float8 and not f8.emulate:
         f8.emulate = True
         notes.append("float8 matmuls (emulated on CPU; casts, scales and all-gathers run)")
+    sharded_or_replicated = small["dp_shard"] * small["cp"] > 1 or small["dp_replicate"] > 1
+    if (float8 and f8.recipe_name == "rowwise_with_gw_hp" and device == "cuda" and not sharded_or_replicated
+            and (t.mixed_precision_param == "bfloat16" or t.dtype == "bfloat16")):
+        # bf16 without FSDP or DDP trains under autocast, which this recipe cannot do on CPU (components/float8.py;
+        # CUDA's autocast can): the trainer refuses it there, so the rehearsal computes in float32.
+        t.mixed_precision_param, t.dtype = "float32", "float32"
+        notes.append("bfloat16 (rowwise_with_gw_hp cannot train under CPU autocast: rehearsed in float32)")
     if float8 and f8.recipe_name == "tensorwise" and small["tp"] > 1:
         notes.append("float8 tensor-parallel styles (gloo cannot all-gather float8: bf16/fp32 TP collectives)")
     fsdp_dropped = layout.get("dp_shard", 1) * layout.get("cp", 1) > 1 and small["dp_shard"] * small["cp"] == 1

@@ -286,3 +286,29 @@ def test_a_job_reading_its_tokenizer_from_hf_assets_path_is_rehearsed_with_the_e
     reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cpu")
     loaded = load_config(["--job.config_file", _write(reh)])
     assert (loaded.model.tokenizer_path, loaded.model.hf_assets_path) == ("", "")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_gpu_jobs_rowwise_with_gw_hp_without_fsdp_is_rehearsed_in_float32(dtype: str) -> None:
+    # On its GPUs the job trains under CUDA autocast, which rowwise_with_gw_hp supports; the trainer refuses it
+    # under CPU autocast only. Rehearsed in bf16 on one CPU rank it failed at the build, reported as "the job
+    # would likely fail the same way".
+    import torch
+
+    from torchtitan_like.components.float8 import build_float8_converter
+    from torchtitan_like.distributed.utils import param_dtype
+
+    cfg = _cfg("--model.converters", "float8", "--quantize.linear.float8.recipe_name", "rowwise_with_gw_hp",
+               "--training.dtype", dtype)
+    reh = rehearsal(cfg, resolved_layout(cfg, 1), device="cuda")
+    t = reh.cfg.training
+    assert (t.mixed_precision_param, t.dtype) == ("float32", "float32")
+    assert any("rowwise_with_gw_hp cannot train under CPU autocast" in n for n in reh.not_rehearsed), reh.not_rehearsed
+    loaded = load_config(["--job.config_file", _write(reh)])
+    checked = check_job(loaded, reh.ranks)
+    build_float8_converter(loaded.model.converters, loaded.quantize.linear.float8, parallel_dims=checked.parallel_dims,
+                           device=torch.device("cpu"), param_dtype=param_dtype(loaded.training, "cpu"),
+                           check_device=False)
+    # With FSDP the job's bf16 is rehearsed as it is (FSDP casts the parameters: no autocast).
+    sharded = rehearsal(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1}, device="cuda")
+    assert sharded.cfg.training.mixed_precision_param == "bfloat16"
