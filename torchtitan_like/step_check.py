@@ -478,8 +478,9 @@ def _check_rehearsal(reh: Rehearsal) -> None:
 
     from torchtitan_like.components.float8 import build_float8_converter
     from torchtitan_like.config.loader import load_config, to_toml
+    from torchtitan_like.distributed.pipeline import check_schedule_backend
     from torchtitan_like.distributed.utils import param_dtype
-    from torchtitan_like.trainer import check_job
+    from torchtitan_like.trainer import check_job, check_job_device
 
     with tempfile.TemporaryDirectory() as folder:
         cfg = copy.deepcopy(reh.cfg)
@@ -488,7 +489,11 @@ def _check_rehearsal(reh: Rehearsal) -> None:
         path.write_text(to_toml(cfg))
         try:
             loaded = load_config(["--job.config_file", str(path)])
+            # As the trainer checks it on the rehearsal's CPU ranks (a GPU job's schedule may need CUDA here).
+            check_job_device(loaded, "cpu")
             checked = check_job(loaded, reh.ranks)
+            if checked.pp_plan is not None:
+                check_schedule_backend(checked.pp_plan, "cpu")
             # The float8 converter's rules between the recipe and the layout (all-gather needs FSDP; CPU autocast).
             build_float8_converter(
                 loaded.model.converters, loaded.quantize.linear.float8, parallel_dims=checked.parallel_dims,

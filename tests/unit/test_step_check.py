@@ -312,3 +312,22 @@ def test_a_gpu_jobs_rowwise_with_gw_hp_without_fsdp_is_rehearsed_in_float32(dtyp
     # With FSDP the job's bf16 is rehearsed as it is (FSDP casts the parameters: no autocast).
     sharded = rehearsal(cfg, {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "cp": 1, "tp": 1}, device="cuda")
     assert sharded.cfg.training.mixed_precision_param == "bfloat16"
+
+
+def test_a_schedule_the_cpu_ranks_cannot_run_is_said_to_be_the_step_checks_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch 2.11 (the GPU machines' torch) sends between the two adjacent stages a V schedule puts on one rank,
+    # which gloo cannot: the trainer refuses it on CPU only (check_schedule_backend). A CUDA job with such a
+    # schedule passes its dry run; its CPU rehearsal must be refused as the step check's limit (exit 2) before
+    # launching, not fail at the launch as "the job would likely fail the same way".
+    from torch.distributed.pipelining import PipelineStage
+
+    from torchtitan_like.step_check import _check_rehearsal
+
+    if hasattr(PipelineStage, "_is_same_rank"):
+        monkeypatch.delattr(PipelineStage, "_is_same_rank")  # as torch 2.11's
+    cfg = _cfg("--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule",
+               "ZBVZeroBubble", "--training.local_batch_size", "4")
+    reh = rehearsal(cfg, resolved_layout(cfg, 2), device="cuda")
+    with pytest.raises(ConfigError, match=r"step check: this job cannot be rehearsed on 2 CPU rank\(s\) \(pp 2\) .*"
+                       r"'ZBVZeroBubble' on CPU \(gloo\) needs torch >= 2.12"):
+        _check_rehearsal(reh)
