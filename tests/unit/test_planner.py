@@ -618,6 +618,21 @@ def test_profile_errors_name_the_problem(tmp_path: Path):
         load_profile(str(path))
 
 
+@pytest.mark.parametrize("field", ["peak_bf16_tflops", "peak_fp8_tflops", "hbm_gib", "hbm_gbps", "intra_node_gbps",
+                                   "inter_node_gbps", "gemm_efficiency", "fp8_gemm_efficiency",
+                                   "attention_efficiency", "link_efficiency"])
+def test_a_profile_rate_of_zero_is_refused_naming_the_field(tmp_path: Path, field: str):
+    # The cost model divides by each of them: a 0 (a calibration that measured nothing) was a ZeroDivisionError
+    # traceback out of tools/plan.py.
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({**json.loads(ROUND_HW.to_json()), field: 0}))
+    with pytest.raises(ConfigError, match=rf"hardware profile .*gpu.json: field {field}=0 must be > 0"):
+        load_profile(str(path))
+    # reserved_gib may be 0 (nothing held back), and peak_fp8_tflops null (no float8 matmuls).
+    path.write_text(json.dumps({**json.loads(ROUND_HW.to_json()), "reserved_gib": 0, "peak_fp8_tflops": None}))
+    assert load_profile(str(path)).reserved_gib == 0
+
+
 # ---- layout.py and plan.py ----------------------------------------------------------------------
 
 

@@ -88,6 +88,13 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
 }
 
 
+POSITIVE_FIELDS = frozenset({
+    "peak_bf16_tflops", "peak_fp8_tflops", "hbm_gib", "hbm_gbps", "intra_node_gbps", "inter_node_gbps",
+    "gemm_efficiency", "fp8_gemm_efficiency", "attention_efficiency", "link_efficiency",
+})
+"""Rates and sizes the cost model divides by: 0 is refused (reserved_gib may be 0)."""
+
+
 def load_profile(name_or_path: str) -> HardwareProfile:
     """A built-in profile by name (case-insensitive), or a JSON profile file."""
     key = name_or_path.upper()
@@ -113,10 +120,15 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if missing:
         raise ConfigError(f"hardware profile {path}: missing fields {missing}")
     for name, value in data.items():
+        if name in POSITIVE_FIELDS and _is_number(value) and value == 0:
+            raise ConfigError(
+                f"hardware profile {path}: field {name}={value!r} must be > 0 (the planner divides by it); "
+                "measure it with benchmarks/calibrate.py, or use a built-in profile's value"
+            )
         if name == "name":
             ok = isinstance(value, str)
         elif name == "peak_fp8_tflops":
-            ok = value is None or _is_number(value)
+            ok = value is None or _is_number(value) and value >= 0
         elif name == "device":
             if value not in ("cuda", "cpu"):
                 raise ConfigError(f'hardware profile {path}: field device={value!r} must be "cuda" or "cpu"')
