@@ -214,6 +214,18 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
     if float8 and not f8.emulate:
         f8.emulate = True
         notes.append("float8 matmuls (emulated on CPU; casts, scales and all-gathers run)")
+    if small["dp_shard"] * small["cp"] == 1 and layout.get("dp_shard", 1) * layout.get("cp", 1) > 1:
+        # FSDP itself was dropped to fit max_ranks: what only FSDP can run goes with it (the trainer refuses it
+        # without FSDP), rather than failing the launch as if the job would.
+        fsdp_only = []
+        if float8 and f8.enable_fsdp_float8_all_gather:
+            f8.enable_fsdp_float8_all_gather = f8.precompute_float8_dynamic_scale_for_fsdp = False
+            fsdp_only.append("float8 FSDP all-gather")
+        if t.enable_cpu_offload:
+            t.enable_cpu_offload = False
+            fsdp_only.append("CPU offload")
+        if fsdp_only:
+            notes.append(f"{' and '.join(fsdp_only)} (FSDP-only; FSDP was dropped to fit {max_ranks} ranks)")
     sharded_or_replicated = small["dp_shard"] * small["cp"] > 1 or small["dp_replicate"] > 1
     if (float8 and f8.recipe_name == "rowwise_with_gw_hp" and device == "cuda" and not sharded_or_replicated
             and (t.mixed_precision_param == "bfloat16" or t.dtype == "bfloat16")):
@@ -223,12 +235,6 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         notes.append("bfloat16 (rowwise_with_gw_hp cannot train under CPU autocast: rehearsed in float32)")
     if float8 and f8.recipe_name == "tensorwise" and small["tp"] > 1:
         notes.append("float8 tensor-parallel styles (gloo cannot all-gather float8: bf16/fp32 TP collectives)")
-    fsdp_dropped = layout.get("dp_shard", 1) * layout.get("cp", 1) > 1 and small["dp_shard"] * small["cp"] == 1
-    if float8 and f8.enable_fsdp_float8_all_gather and fsdp_dropped:
-        # The rehearsal's own shrinking took FSDP away, which the float8 all-gather needs (the trainer refuses it
-        # without): not the job's failure.
-        f8.enable_fsdp_float8_all_gather = f8.precompute_float8_dynamic_scale_for_fsdp = False
-        notes.append("float8 FSDP all-gather and precomputed scales (no FSDP left at this rank count)")
     if float8 and "auto_filter_small_kn" in f8.filter_fqns:
         f8.filter_fqns = [f for f in f8.filter_fqns if f != "auto_filter_small_kn"]
         notes.append("float8 auto_filter_small_kn (every debug-model linear is small)")

@@ -108,7 +108,7 @@ def test_float8_settings_the_shrunk_layout_cannot_run_are_not_reported_as_the_jo
     assert reh.layout["dp_shard"] == 1 and reh.layout["cp"] == 1
     f8_reh = reh.cfg.quantize.linear.float8
     assert not f8_reh.enable_fsdp_float8_all_gather and not f8_reh.precompute_float8_dynamic_scale_for_fsdp
-    assert "float8 FSDP all-gather and precomputed scales (no FSDP left at this rank count)" in reh.not_rehearsed
+    assert "float8 FSDP all-gather (FSDP-only; FSDP was dropped to fit 4 ranks)" in reh.not_rehearsed
     _check_rehearsal(reh)  # the trainer accepts the rehearsal
     assert rehearsal(cfg, resolved_layout(cfg, 16), max_ranks=8).cfg.quantize.linear.float8.enable_fsdp_float8_all_gather
 
@@ -331,3 +331,31 @@ def test_a_schedule_the_cpu_ranks_cannot_run_is_said_to_be_the_step_checks_limit
     with pytest.raises(ConfigError, match=r"step check: this job cannot be rehearsed on 2 CPU rank\(s\) \(pp 2\) .*"
                        r"'ZBVZeroBubble' on CPU \(gloo\) needs torch >= 2.12"):
         _check_rehearsal(reh)
+
+
+def test_what_needs_fsdp_goes_with_fsdp_when_the_rank_limit_drops_it() -> None:
+    # FSDP x TP on 2 ranks at most: the shard dim drops to 1, and the trainer refuses float8's FSDP all-gather
+    # and CPU offload without FSDP. The launch then failed, reported as "the job would likely fail the same way".
+    cfg = _cfg("--parallelism.tensor_parallel_degree", "2", "--model.converters", "float8",
+               "--quantize.linear.float8.enable_fsdp_float8_all_gather",
+               "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp", "--training.enable_cpu_offload")
+    layout = resolved_layout(cfg, 4)
+    assert layout["dp_shard"] == 2
+    reh = rehearsal(cfg, layout, device="cpu", max_ranks=2)
+    assert reh.layout["dp_shard"] == 1 and reh.layout["tp"] == 2
+    f8 = reh.cfg.quantize.linear.float8
+    assert not f8.enable_fsdp_float8_all_gather and not f8.precompute_float8_dynamic_scale_for_fsdp
+    assert not reh.cfg.training.enable_cpu_offload
+    assert any("float8 FSDP all-gather and CPU offload (FSDP-only; FSDP was dropped" in n for n in reh.not_rehearsed), reh.not_rehearsed
+    # The rehearsal's config passes the trainer's checks and float8 converter on its 2 ranks.
+    import torch
+
+    from torchtitan_like.components.float8 import build_float8_converter
+
+    loaded = load_config(["--job.config_file", _write(reh)])
+    checked = check_job(loaded, reh.ranks)
+    build_float8_converter(loaded.model.converters, loaded.quantize.linear.float8, parallel_dims=checked.parallel_dims,
+                           device=torch.device("cpu"), check_device=False)
+    # Within the limit, FSDP and what needs it are rehearsed as the job sets them.
+    full = rehearsal(cfg, layout, device="cpu", max_ranks=8)
+    assert full.cfg.quantize.linear.float8.enable_fsdp_float8_all_gather and full.cfg.training.enable_cpu_offload
