@@ -170,7 +170,9 @@ def _run(args: argparse.Namespace) -> int:
         smallest = plan.too_big[0] if plan.too_big else None
         hint = (f"; the smallest valid layout needs {smallest.memory.total / GIB:.1f} GiB ({smallest.layout.describe()})"
                 if smallest else "")
-        raise ConfigError(f"no layout fits in {hw.hbm_gib:.0f} GiB per GPU{hint}: add GPUs, allow more features, "
+        # (The usable memory, not the GPU's: a layout needing less than hbm_gib may still not fit.)
+        raise ConfigError(f"no layout fits in {hw.hbm_gib:.0f} GiB per GPU ({hw.hbm_gib - hw.reserved_gib:.1f} GiB "
+                          f"usable after {hw.reserved_gib:g} GiB reserved){hint}: add GPUs, allow more features, "
                           "or lower --seq-len / --global-batch")
     if args.explain is not None:
         if not 1 <= args.explain <= len(plan.ranked):

@@ -135,3 +135,19 @@ def test_a_cpu_profile_plans_and_dry_runs_the_job_as_a_cpu_job(tmp_path: Path) -
     assert len(errors) == 1 and errors[0].startswith("error: no layout of 2 GPUs passes the trainer's checks"), r.stderr
     assert 'model.attn_type="flex" needs CUDA to train' in errors[0], errors[0]
     assert not out.exists()
+
+
+def test_nothing_fits_names_the_usable_memory_the_smallest_layout_exceeds(tmp_path: Path) -> None:
+    # The 8B at seq 8192 on one GPU needs ~122 GiB at least: on a 123 GiB GPU with 2 GiB reserved it does not
+    # fit, and the message said "no layout fits in 123 GiB per GPU; the smallest valid layout needs 122.1 GiB".
+    profile = json.loads((ROOT / "benchmarks" / "profiles" / "nvidia_h200.json").read_text())
+    hw = tmp_path / "gpu.json"
+    hw.write_text(json.dumps({**profile, "hbm_gib": 123.0, "reserved_gib": 2.0}))
+    r = run_plan("--model", "llama3:8B", "--ngpu", "1", "--hardware", str(hw), "--seq-len", "8192",
+                 "--global-batch", "1", "--no-verify")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    error = next(line for line in r.stderr.splitlines() if line.startswith("error: "))
+    m = re.search(r"\(([\d.]+) GiB usable after 2 GiB reserved\); the smallest valid layout needs ([\d.]+) GiB", error)
+    assert m, error
+    usable, needed = float(m.group(1)), float(m.group(2))
+    assert needed > usable and usable == 121.0, error
