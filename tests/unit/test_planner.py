@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -713,3 +714,27 @@ def test_check_refuses_what_the_profiles_device_refuses_as_the_trainer_does():
     assert any("model.attn_type" in reason for reason in plan.refused), plan.refused
     # The same job on a CUDA profile is planned.
     assert check(dataclasses.replace(flex, hardware=ROUND_HW), layout).cfg.model.attn_type == "flex"
+
+
+def test_check_refuses_a_float8_layout_whose_tp_split_cuda_cannot_multiply_as_the_dry_run_does():
+    # The debug model's 2000-token output projection converted to float8 (filter_fqns = []): under TP 2 each rank
+    # multiplies a 1000 x 256 weight, which CUDA's float8 matmul refuses (the trainer's check_gemm_dims, in the dry
+    # run and at start). The planner ranked such layouts.
+    argv = (*DEBUG_ARGV, "--quantize.linear.float8.filter_fqns", "")
+    inputs = PlanInputs(base_argv=argv, world_size=2, hardware=ROUND_HW, seq_len=64, global_batch_size=2)
+    tp2 = Layout(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, local_batch_size=1, microbatch_size=1, float8=True)
+    message = "float8: linear 'output' multiplies a 1000x256 weight on each rank with tensor parallel's split"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check(inputs, tp2)
+    # The dry run of that layout refuses it with the same message.
+    from torchtitan_like.dry_run import dry_run
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dry_run(inputs.argv(tp2), world_size=2, device="cuda", files=False)
+    # Without TP (2000 x 256 is fine), with output kept in high precision, or emulated, it is offered.
+    check(inputs, dataclasses.replace(tp2, tp=1, dp_shard=2))
+    check(dataclasses.replace(inputs, base_argv=DEBUG_ARGV), tp2)
+    check(dataclasses.replace(inputs, base_argv=(*argv, "--quantize.linear.float8.emulate")), tp2)
+    plan = make_plan(dataclasses.replace(inputs, global_batch_size=4), DEBUG.n_layers)
+    assert not [p for p in plan.ranked + plan.too_big if p.layout.float8 and p.layout.tp > 1]
+    assert [p for p in plan.ranked if p.layout.float8]

@@ -234,14 +234,9 @@ class Float8Converter:
                 placement = weight.placements[i]
                 if placement.is_shard():
                     shape[placement.dim] //= weight.device_mesh.size(i)
-            if any(d % 16 for d in shape):
-                split = " with tensor parallel's split" if "tp" in names else ""
-                raise ConfigError(
-                    f"float8: linear {name!r} multiplies a {shape[0]}x{shape[1]} weight on each rank{split}; CUDA's "
-                    "float8 matmul needs both dimensions divisible by 16: add its name to "
-                    "quantize.linear.float8.filter_fqns (keeps it in high precision), or choose a "
-                    "tensor_parallel_degree that keeps them multiples of 16"
-                )
+            error = gemm_dims_error(name, shape, tp_split="tp" in names)
+            if error:
+                raise ConfigError(error)
 
     def post_optimizer_step(self, model_parts: list[nn.Module]) -> None:
         """After optimizer.step(): compute the float8 scales of every FSDP-sharded weight, one all-reduce."""
@@ -297,6 +292,21 @@ def build_float8_converter(
         return None
     return Float8Converter(
         cfg, parallel_dims=parallel_dims, device=device, param_dtype=param_dtype, check_device=check_device
+    )
+
+
+def gemm_dims_error(name: str, shape: list[int] | tuple[int, ...], *, tp_split: bool) -> str | None:
+    """The error for a float8 linear `name` whose weight, as a rank multiplies it (`shape`, after tensor
+    parallel's split when `tp_split`), CUDA's `torch._scaled_mm` cannot run: both dimensions must be divisible
+    by 16. None when it can. (Float8Converter.check_gemm_dims and the planner's layout check.)"""
+    if not any(d % 16 for d in shape):
+        return None
+    split = " with tensor parallel's split" if tp_split else ""
+    return (
+        f"float8: linear {name!r} multiplies a {shape[0]}x{shape[1]} weight on each rank{split}; CUDA's "
+        "float8 matmul needs both dimensions divisible by 16: add its name to "
+        "quantize.linear.float8.filter_fqns (keeps it in high precision), or choose a "
+        "tensor_parallel_degree that keeps them multiples of 16"
     )
 
 

@@ -7,6 +7,7 @@ float8 converter: a layout the planner offers is one the trainer accepts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections import Counter
@@ -253,12 +254,53 @@ def check(inputs: PlanInputs, layout: Layout) -> Candidate:
     checked = check_job(cfg, layout.world_size)
     if checked.pp_plan is not None:
         check_schedule_backend(checked.pp_plan, device)
-    build_float8_converter(
+    converter = build_float8_converter(
         cfg.model.converters, cfg.quantize.linear.float8, parallel_dims=checked.parallel_dims,
         device=torch.device(device), param_dtype=param_dtype(cfg.training, device),
         check_device=False,
     )
+    if converter is not None and device == "cuda" and not cfg.quantize.linear.float8.emulate:
+        _check_float8_gemm_dims(cfg, checked.model_args, tp=layout.tp)
     return Candidate(layout=layout, cfg=cfg, model_args=checked.model_args, pp_plan=checked.pp_plan, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _float8_weight_shapes(model_args: TransformerArgs, recipe: str, filter_fqns: tuple[str, ...]
+                          ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, full weight shape) of each linear that float8 converts under `recipe` and `filter_fqns`: one
+    meta build and conversion per model and filter, not per layout."""
+    from torchtitan_like.components.float8 import Float8Converter, is_float8_linear
+    from torchtitan_like.config.schema import Float8, Parallelism
+    from torchtitan_like.distributed.parallel_dims import ParallelDims
+    from torchtitan_like.models import MODELS
+
+    # (Which linears convert depends on the recipe and filter only; one rank stands for the layout.)
+    converter = Float8Converter(
+        Float8(recipe_name=recipe, filter_fqns=list(filter_fqns), emulate=True),
+        parallel_dims=ParallelDims.from_config(Parallelism(), 1), device=torch.device("meta"), check_device=False,
+    )
+    with torch.device("meta"):
+        model = MODELS["llama3"].build(model_args)
+    converter.convert(model)
+    return tuple((name, tuple(m.weight.shape)) for name, m in model.named_modules() if is_float8_linear(m))
+
+
+def _check_float8_gemm_dims(cfg: JobConfig, model_args: TransformerArgs, *, tp: int) -> None:
+    """The trainer's Float8Converter.check_gemm_dims on CUDA, from shapes: each converted linear's weight, as a
+    rank multiplies it after tensor parallel's split, must have both dimensions divisible by 16."""
+    from torchtitan_like.components.float8 import gemm_dims_error
+    from torchtitan_like.planner.state import _TP_SHARD_DIM
+
+    f8 = cfg.quantize.linear.float8
+    for name, full in _float8_weight_shapes(model_args, f8.recipe_name, tuple(f8.filter_fqns)):
+        shape = list(full)
+        dim = next((d for suffix, d in _TP_SHARD_DIM.items() if f"{name}.weight".endswith(suffix)), None)
+        split = tp > 1 and dim is not None
+        if split:
+            shape[dim] //= tp  # (as check_gemm_dims divides it)
+        error = gemm_dims_error(name, shape, tp_split=split)
+        if error:
+            raise ConfigError(error)
 
 
 def valid_candidates(inputs: PlanInputs, n_layers: int) -> tuple[list[Candidate], Counter[str]]:
