@@ -78,7 +78,9 @@ def dry_run(argv: list[str], *, world_size: int, rank: int = 0, device: str = "c
     from torchtitan_like.planner.state import measured_state_bytes
     from torchtitan_like.trainer import Trainer
 
-    if world_size < 1 or not 0 <= rank < world_size:
+    if world_size < 1:
+        raise TrainerError(f"dry run: --world-size {world_size} must be >= 1 (the job's ranks, NGPU x NNODES)")
+    if not 0 <= rank < world_size:
         raise TrainerError(f"dry run: --rank {rank} must be in 0..{world_size - 1} (--world-size {world_size})")
     cfg = load_config(argv)
     if dist.is_initialized():
@@ -118,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = _parse(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     try:
+        # (Checked before the dry run: 0 is not "the default", and a bad limit should not wait for it.)
+        if args.step_check_ranks is not None and args.step_check_ranks < 1:
+            raise TrainerError(f"--step-check-ranks {args.step_check_ranks} must be >= 1 (DRY_RUN_STEP_CHECK_RANKS: "
+                               "the CPU processes the step check may start)")
+        if args.step_check_timeout is not None and not args.step_check_timeout > 0:
+            raise TrainerError(f"--step-check-timeout {args.step_check_timeout:g} must be > 0 seconds "
+                               "(DRY_RUN_STEP_CHECK_TIMEOUT: each step-check launch's limit)")
         if args.json is not None:  # (before the dry run, which can take a while at large world sizes)
             check_output_file(args.json, _json_name(args.json))
         report = dry_run(rest, world_size=args.world_size, rank=args.rank, device=args.device,
@@ -145,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from torchtitan_like.step_check import DEFAULT_MAX_RANKS, DEFAULT_TIMEOUT_S, step_check
 
         try:
-            return step_check(load_config(rest), report["layout"], device=args.device,
-                              max_ranks=args.step_check_ranks or DEFAULT_MAX_RANKS,
-                              timeout_s=args.step_check_timeout or DEFAULT_TIMEOUT_S)
+            max_ranks = DEFAULT_MAX_RANKS if args.step_check_ranks is None else args.step_check_ranks
+            timeout_s = DEFAULT_TIMEOUT_S if args.step_check_timeout is None else args.step_check_timeout
+            return step_check(load_config(rest), report["layout"], device=args.device, max_ranks=max_ranks,
+                              timeout_s=timeout_s)
         except TrainerError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG_OR_DATA

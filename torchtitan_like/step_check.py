@@ -534,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from torchtitan_like.config.loader import load_config
 
+        if args.world_size < 1:
+            raise ConfigError(f"step check: --world-size {args.world_size} must be >= 1 (the job's ranks, NGPU x NNODES)")
+        if not args.timeout > 0:
+            raise ConfigError(f"step check: --timeout {args.timeout:g} must be > 0 seconds (each launch's limit)")
         cfg = load_config(rest)
         return step_check(cfg, resolved_layout(cfg, args.world_size), device=args.device, max_ranks=args.max_ranks,
                           timeout_s=args.timeout)

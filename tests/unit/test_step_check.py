@@ -359,3 +359,34 @@ def test_what_needs_fsdp_goes_with_fsdp_when_the_rank_limit_drops_it() -> None:
     # Within the limit, FSDP and what needs it are rehearsed as the job sets them.
     full = rehearsal(cfg, layout, device="cpu", max_ranks=8)
     assert full.cfg.quantize.linear.float8.enable_fsdp_float8_all_gather and full.cfg.training.enable_cpu_offload
+
+
+@pytest.mark.usefixtures("restore_root_logger")  # (the mains set up logging)
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("step_check", ["--world-size", "0"], "step check: --world-size 0 must be >= 1"),
+        ("step_check", ["--world-size", "1", "--timeout", "-5"], "step check: --timeout -5 must be > 0 seconds"),
+        ("dry_run", ["--world-size", "0"], "dry run: --world-size 0 must be >= 1"),
+        ("dry_run", ["--world-size", "1", "--step-check", "--step-check-ranks", "0"],
+         "--step-check-ranks 0 must be >= 1 (DRY_RUN_STEP_CHECK_RANKS"),
+        ("dry_run", ["--world-size", "1", "--step-check", "--step-check-timeout", "0"],
+         "--step-check-timeout 0 must be > 0 seconds (DRY_RUN_STEP_CHECK_TIMEOUT"),
+    ],
+    ids=["step-check-world-0", "step-check-timeout-negative", "dry-run-world-0", "ranks-0", "timeout-0"],
+)
+def test_a_bad_limit_on_the_command_line_is_one_error_line_and_exit_2(
+    module: str, args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --world-size 0 passed the step check (a 1-rank rehearsal), 0 for the dry run's step-check limits silently
+    # became the defaults, and a negative --timeout failed the rehearsal (exit 1) as if the job would.
+    import importlib
+
+    import torchtitan_like.step_check as sc
+
+    monkeypatch.setattr(sc, "run_rehearsal", lambda *a, **k: pytest.fail("launched a rehearsal"))
+    main = importlib.import_module(f"torchtitan_like.{module}").main
+    rc = main([*args, "--device", "cpu", "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
