@@ -40,6 +40,7 @@ from torchtitan_like.components.checkpoint import (
     check_async_device,
     check_checkpoint_config,
     check_initial_load,
+    check_load_only_source,
 )
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
@@ -273,6 +274,7 @@ class Trainer:
                 own = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
                 if not (cfg.checkpoint.enable and step_folders(own)):  # a resuming job never reads it
                     check_initial_load(cfg.checkpoint, self.model_args)
+                check_load_only_source(cfg.checkpoint, own)
             self._build_model_parts()
             return
         # Before anything is written there: one run per output folder (run_lock.py).

@@ -226,3 +226,24 @@ def test_skip_files_through_run_train(tmp_path: Path) -> None:
                                     "DRY_RUN_SKIP_FILES": "1"})
     assert skipped.returncode == 0, skipped.stdout[-3000:] + skipped.stderr[-3000:]
     assert "files not checked (--skip-files)" in skipped.stdout
+
+
+def test_a_load_only_run_with_nothing_to_load_fails_the_dry_run_as_it_fails_the_real_run(tmp_path: Path) -> None:
+    # checkpoint.load_only evaluates a run's checkpoint: where the folder holds none and initial_load_path is
+    # unset, the real run stops at start ("nothing to load"); the dry run, which looks at the same folder to
+    # decide whether initial_load_path is read, said OK.
+    from torchtitan_like.dry_run import dry_run
+    from torchtitan_like.errors import ConfigError
+
+    dump = tmp_path / "run"
+    args = ["--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_only",
+            "--training.dataset", "synthetic", "--training.local_batch_size", "2", "--training.seq_len", "64"]
+    message = r"checkpoint\.load_only=true, but there is nothing to load: .*run/checkpoint holds no complete checkpoint"
+    with pytest.raises(ConfigError, match=message):
+        dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
+    r = run_train(*args, env={"NGPU": "1"}, timeout=120)  # the real run, for its message
+    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr[-3000:]
+    # Skipped with the other files; with a checkpoint (or an initial_load_path) to load, it passes.
+    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu", files=False)
+    (dump / "checkpoint" / "step-10").mkdir(parents=True)
+    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")

@@ -709,11 +709,7 @@ class CheckpointManager:
         if self.cfg.initial_load_path:
             return self._load_initial(Path(self.cfg.initial_load_path))
         if self.cfg.load_only:  # (every rank reached this: the folder scan above is agreed)
-            raise ConfigError(
-                f"checkpoint.load_only=true, but there is nothing to load: {self.folder} holds no complete "
-                "checkpoint and checkpoint.initial_load_path is unset (a run that never saves would start from "
-                "scratch); point job.dump_folder / checkpoint.folder at the run to load, or set initial_load_path"
-            )
+            raise _nothing_to_load(self.folder)
         return None
 
     def _verify_everywhere(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -1227,6 +1223,25 @@ def check_initial_load(cfg: Checkpoint, model_args: Any) -> None:
                 "torchtitan's Llama 3 models have their own output head, which would overwrite the embeddings; "
                 "choose an untied flavor"
             )
+
+
+def _nothing_to_load(folder: Path) -> ConfigError:
+    return ConfigError(
+        f"checkpoint.load_only=true, but there is nothing to load: {folder} holds no complete "
+        "checkpoint and checkpoint.initial_load_path is unset (a run that never saves would start from "
+        "scratch); point job.dump_folder / checkpoint.folder at the run to load, or set initial_load_path"
+    )
+
+
+def check_load_only_source(cfg: Checkpoint, folder: Path) -> None:
+    """What the dry run can tell of a load_only run without reading a checkpoint: it has one to load (a step
+    folder, or one set aside by an interrupted replace, in `folder`, else checkpoint.initial_load_path), as
+    CheckpointManager.load requires."""
+    if not cfg.load_only or cfg.initial_load_path:
+        return
+    if step_folders(folder) or (folder.is_dir() and any(ASIDE_RE.match(p.name) for p in folder.iterdir())):
+        return
+    raise _nothing_to_load(folder)
 
 
 def check_async_device(cfg: Checkpoint, *, device_type: str) -> None:
