@@ -41,6 +41,7 @@ from torchtitan_like.components.checkpoint import (
     check_checkpoint_config,
     check_initial_load,
     check_load_only_source,
+    check_load_step_source,
 )
 from torchtitan_like.components.float8 import build_float8_converter
 from torchtitan_like.components.flops import model_flops_per_token, peak_tflops
@@ -275,6 +276,7 @@ class Trainer:
                 if not (cfg.checkpoint.enable and step_folders(own)):  # a resuming job never reads it
                     check_initial_load(cfg.checkpoint, self.model_args)
                 check_load_only_source(cfg.checkpoint, own)
+                check_load_step_source(cfg.checkpoint, own)
             self._build_model_parts()
             return
         # Before anything is written there: one run per output folder (run_lock.py).

@@ -247,3 +247,28 @@ def test_a_load_only_run_with_nothing_to_load_fails_the_dry_run_as_it_fails_the_
     dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu", files=False)
     (dump / "checkpoint" / "step-10").mkdir(parents=True)
     dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
+
+
+def test_a_load_step_that_is_not_there_fails_the_dry_run_as_it_fails_the_real_run(tmp_path: Path) -> None:
+    # checkpoint.load_step=K goes back to step-K of the run's folder: without it the real run stops at start;
+    # the dry run said OK.
+    from torchtitan_like.components.manifest import CheckpointError
+    from torchtitan_like.dry_run import dry_run
+
+    dump = tmp_path / "run"
+    args = ["--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_step", "5",
+            "--training.dataset", "synthetic", "--training.local_batch_size", "2", "--training.seq_len", "64"]
+    message = (r"checkpoint\.load_step=5: .*run/checkpoint/step-5 does not exist \(complete checkpoints: none\); "
+               r"use load_step=-1 for the latest")
+    with pytest.raises(CheckpointError, match=message):
+        dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
+    r = run_train(*args, env={"NGPU": "1"}, timeout=120)  # the real run, for its message
+    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr[-3000:]
+    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu", files=False)
+    # A restart of the command after step-5 was purged resumes the checkpoint its run saved, branched from 5.
+    (dump / "checkpoint" / "step-7").mkdir(parents=True)
+    (dump / "checkpoint" / "step-7" / "manifest.json").write_text(json.dumps({"step": 7, "files": {}, "branch": 5}))
+    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
+    (dump / "checkpoint" / "step-7" / "manifest.json").unlink()
+    (dump / "checkpoint" / "step-5").mkdir(parents=True)
+    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")

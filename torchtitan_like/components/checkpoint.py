@@ -772,11 +772,7 @@ class CheckpointManager:
             if resumed is not None:
                 return resumed
             if step not in folders:
-                have = sorted(complete_steps(self.folder))
-                raise CheckpointError(
-                    f"checkpoint.load_step={step}: {self.folder / f'step-{step}'} does not exist "
-                    f"(complete checkpoints: {have or 'none'}); use load_step=-1 for the latest"
-                )
+                raise _missing_load_step(self.folder, step)
             manifest, error = self._verify_everywhere(folders[step])
             if error:
                 raise CheckpointError(f"checkpoint.load_step={step}: {error}")
@@ -1242,6 +1238,36 @@ def check_load_only_source(cfg: Checkpoint, folder: Path) -> None:
     if step_folders(folder) or (folder.is_dir() and any(ASIDE_RE.match(p.name) for p in folder.iterdir())):
         return
     raise _nothing_to_load(folder)
+
+
+def _missing_load_step(folder: Path, step: int) -> CheckpointError:
+    have = sorted(complete_steps(folder))
+    return CheckpointError(
+        f"checkpoint.load_step={step}: {folder / f'step-{step}'} does not exist "
+        f"(complete checkpoints: {have or 'none'}); use load_step=-1 for the latest"
+    )
+
+
+def check_load_step_source(cfg: Checkpoint, folder: Path) -> None:
+    """What the dry run can tell of checkpoint.load_step=K without reading a checkpoint: `folder` holds step-K
+    (or one set aside by an interrupted replace), or, for a training run, a checkpoint that a run from K saved
+    (a restart resumes that one), as CheckpointManager.load requires. Whether it is complete is checked when
+    it is loaded."""
+    if not cfg.enable or cfg.load_step < 0:
+        return
+    k = cfg.load_step
+    if k in step_folders(folder):
+        return
+    if folder.is_dir() and any((m := ASIDE_RE.match(p.name)) and int(m.group(1)) == k for p in folder.iterdir()):
+        return
+    if not cfg.load_only:
+        for step, path in step_folders(folder).items():
+            try:
+                if step > k and read_manifest(path).get("branch") == k:
+                    return
+            except CheckpointError:
+                continue
+    raise _missing_load_step(folder, k)
 
 
 def check_async_device(cfg: Checkpoint, *, device_type: str) -> None:
