@@ -112,11 +112,15 @@ def test_float8_settings_the_shrunk_layout_cannot_run_are_not_reported_as_the_jo
     _check_rehearsal(reh)  # the trainer accepts the rehearsal
     assert rehearsal(cfg, resolved_layout(cfg, 16), max_ranks=8).cfg.quantize.linear.float8.enable_fsdp_float8_all_gather
 
-    # rowwise_with_gw_hp under CPU autocast (a CUDA job's bf16 on a TP-only rehearsal): the rehearsal's limit.
+    # The float8 converter's own rules run there too: rowwise_with_gw_hp on a TP-only rehearsal passes them because
+    # the rehearsal trains it in float32 (bf16 would be CPU autocast, which the recipe cannot run).
     gw_hp = _cfg("--parallelism.tensor_parallel_degree", "2", "--model.converters", "float8",
                  "--quantize.linear.float8.recipe_name", "rowwise_with_gw_hp")
+    _check_rehearsal(rehearsal(gw_hp, resolved_layout(gw_hp, 2)))
+    bf16 = rehearsal(gw_hp, resolved_layout(gw_hp, 2))
+    bf16.cfg.training.mixed_precision_param = "bfloat16"
     with pytest.raises(ConfigError, match=r"step check: this job cannot be rehearsed .*rowwise_with_gw_hp"):
-        _check_rehearsal(rehearsal(gw_hp, resolved_layout(gw_hp, 2)))
+        _check_rehearsal(bf16)
 
 
 def test_tied_flavor_accumulation_and_cuda_only_settings() -> None:
