@@ -159,3 +159,76 @@ def test_total_steps_sets_the_curve_whatever_the_run_length(caplog) -> None:
         load_config(["--lr_scheduler.total_steps", "0"])
     assert ignored_settings(load_config(["--debug.deterministic_warn_only"]), pp=1) == [
         "debug.deterministic_warn_only (debug.deterministic=false)"]
+
+
+# ---- what README says of the schedule, and of torchtitan 0.2.2's ------------------------------------------------
+
+
+def torchtitan_factor(step: int, *, steps: int, warmup: int, decay_ratio: float | None, decay_type: str,
+                      min_lr_factor: float) -> float:
+    """torchtitan 0.2.2's factor for 0-based `step` of a `steps`-step schedule, restated from its formula: the warmup
+    is cut to the schedule, its stable phase has one step more than the steps left by warmup and decay, and step s
+    of the decay (s >= warmup + stable) is at progress (s + 1 - warmup - stable) / decay."""
+    warmup = min(warmup, steps)
+    decay = steps - warmup if decay_ratio is None else min(round(steps * decay_ratio), steps - warmup)
+    stable = steps + 1 - warmup - decay
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < warmup + stable:
+        return 1.0
+    p = (step + 1 - warmup - stable) / decay
+    remaining = {"linear": 1 - p, "sqrt": 1 - math.sqrt(p), "cosine": 0.5 * (1 + math.cos(math.pi * p))}[decay_type]
+    return min_lr_factor + (1 - min_lr_factor) * remaining
+
+
+def _readme_row(name: str) -> list[float]:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith(f"| {name} | ")]
+    assert len(rows) == 1, f"README.md has {len(rows)} schedule example rows for {name!r}, not 1"
+    return [float(v) for v in rows[0].split("|")[2].split()]
+
+
+def test_the_readme_example_is_our_schedule_and_torchtitans() -> None:
+    """README's example (10 steps, warmup 2, decay_ratio unset, min_lr_factor 0.1): our factors, read from the
+    scheduler, and torchtitan 0.2.2's."""
+    cfg = LRScheduler(warmup_steps=2, min_lr_factor=0.1)
+    assert _readme_row("ours") == pytest.approx(factors(cfg, 10), abs=1e-4)
+    theirs = [torchtitan_factor(s, steps=10, warmup=2, decay_ratio=None, decay_type="linear", min_lr_factor=0.1)
+              for s in range(10)]
+    assert _readme_row("torchtitan 0.2.2") == pytest.approx(theirs, abs=1e-4)
+
+
+@pytest.mark.parametrize("decay_type", ["linear", "sqrt", "cosine"])
+@pytest.mark.parametrize("min_lr_factor", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "steps, warmup, decay_ratio",
+    [(10, 2, None), (10, 2, 0.5), (10, 0, None), (10, 0, 0.3), (10, 3, 1.0), (10, 10, None), (1, 0, None),
+     (10, 5, 0.04), (500, 50, 0.2), (97, 13, 0.37)],
+)
+def test_torchtitans_schedule_differs_from_ours_as_the_readme_says(
+    steps: int, warmup: int, decay_ratio: float | None, decay_type: str, min_lr_factor: float
+) -> None:
+    """README (Training): with the warmup inside the schedule, torchtitan 0.2.2's warmup is k/W where ours is
+    k/(W+1), and after it its factor at each step is ours of the step before (1 after our warmup): its curve is
+    ours one step later, so never below it. Ours ends at min_lr_factor; its last step one decay step above."""
+    cfg = LRScheduler(warmup_steps=warmup, decay_ratio=decay_ratio, decay_type=decay_type,  # type: ignore[arg-type]
+                      min_lr_factor=min_lr_factor)
+    ours = factors(cfg, steps)
+    theirs = [torchtitan_factor(s, steps=steps, warmup=warmup, decay_ratio=decay_ratio, decay_type=decay_type,
+                                min_lr_factor=min_lr_factor) for s in range(steps)]
+    assert ours[:warmup] == pytest.approx([(k + 1) / (warmup + 1) for k in range(warmup)])
+    assert theirs[:warmup] == pytest.approx([(k + 1) / warmup for k in range(warmup)])
+    assert theirs[warmup:] == pytest.approx([ours[s - 1] if s > warmup else 1.0 for s in range(warmup, steps)])
+    if warmup < steps and decay_ratio != 0:
+        assert ours[-1] == pytest.approx(min_lr_factor)  # (a ratio that rounds to no step still decays one)
+
+
+def test_torchtitan_cuts_a_warmup_longer_than_the_schedule_and_ours_keeps_its_ramp() -> None:
+    """README (Training): 10 steps, warmup_steps 12: torchtitan 0.2.2 reaches the peak at step 10, ours 10/13."""
+    ours = factors(LRScheduler(warmup_steps=12), 10)
+    theirs = [torchtitan_factor(s, steps=10, warmup=12, decay_ratio=None, decay_type="linear", min_lr_factor=0.0)
+              for s in range(10)]
+    assert ours == pytest.approx([k / 13 for k in range(1, 11)])
+    assert theirs == pytest.approx([k / 10 for k in range(1, 11)])

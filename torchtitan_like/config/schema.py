@@ -68,13 +68,13 @@ class Optimizer:
 @dataclass
 class LRScheduler:
     warmup_steps: int = 200
-    """Steps of linear warmup from near zero to optimizer.lr."""
+    """Steps of linear warmup: the k-th runs at k/(warmup_steps + 1) of optimizer.lr (torchtitan: k/warmup_steps; README, Training)."""
     decay_ratio: float | None = None
     """Fraction of all training steps spent decaying, at the end (warmup-stable-decay, as torchtitan); unset = decay over every step after warmup."""
     decay_type: Literal["linear", "sqrt", "cosine"] = "linear"
     """Shape of the decay phase."""
     min_lr_factor: float = 0.0
-    """Learning rate at the end of decay, as a fraction of optimizer.lr."""
+    """Learning rate of the schedule's last step (the end of decay) and of any step after it, as a fraction of optimizer.lr."""
     total_steps: int | None = None
     """Steps the schedule spans (warmup, stable, decay; decay_ratio is a fraction of these); unset = training.steps. Set it to stop a run early, or try a few steps, on the learning-rate curve of the full run (as torchtitan)."""
 
