@@ -142,6 +142,24 @@ def test_a_tokenizer_json_that_is_not_llama_3s_is_refused_saying_why(case: str, 
     assert str(path) in str(e.value)
 
 
+def test_added_tokens_beyond_llama_3s_special_tokens_are_refused_naming_them(reference, tmp_path) -> None:
+    """A `<pad>` appended at the first id past the 256 special tokens, or a non-special added token: Hugging Face
+    matches them in text, and they were dropped here without a word (the text got other ids than under HF)."""
+    n = reference["added_tokens"][0]["id"] + 256
+    pad = _broken(reference, lambda d: d["added_tokens"].append(
+        {"id": n, "content": "<pad>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}))
+    path = _write(tmp_path / "pad", pad)
+    hf = pytest.importorskip("tokenizers").Tokenizer.from_file(str(path))
+    assert hf.encode("a<pad>b", add_special_tokens=False).ids[1] == n  # (Hugging Face matches it in text)
+    with pytest.raises(DataError, match=rf"added_tokens holds 1 token\(s\) besides Llama 3's 256 special tokens "
+                                        rf"\(special, ids {n - 256}..{n - 1}\): '<pad>' \(id {n}\); .*remove them"):
+        build_tokenizer(str(path))
+    plain = _broken(reference, lambda d: d["added_tokens"][-1].update(special=False))
+    with pytest.raises(DataError, match=r"'<\|reserved_special_token_246\|>' \(id \d+, not special\)"):
+        build_tokenizer(str(_write(tmp_path / "plain", plain)))
+
+
 def test_a_malformed_tokenizer_json_names_its_line(tmp_path) -> None:
     path = _write(tmp_path, '{\n  "version": "1.0",\n  "model": {\n    "type": "BPE",,\n  }\n}\n')
     with pytest.raises(DataError, match=r"tokenizer.json:4: malformed tokenizer.json"):

@@ -277,6 +277,23 @@ def load_hf_tokenizer_json(path: Path) -> dict[bytes, int]:
         if added.get(name) != len(ranks) + i:
             raise DataError(f"{path}: {name} has id {added.get(name)!r} in added_tokens, not {len(ranks) + i} (right "
                             "after the base vocabulary, as in Llama 3): not a Llama 3 family tokenizer")
+    # Hugging Face matches every added token in the text before its BPE runs (a `<pad>` written in a document
+    # becomes its id); this tokenizer has Llama 3's 256 special tokens alone, right after the base vocabulary,
+    # and encodes all text as data. Another added token would be dropped here, and text holding it would get
+    # other ids than under Hugging Face: refused.
+    n = len(ranks)
+    extra = [t for t in data.get("added_tokens") or [] if not (
+        isinstance(t, dict) and t.get("special") is True and type(t.get("id")) is int
+        and n <= t["id"] < n + NUM_SPECIAL_TOKENS)]
+    if extra:
+        shown = ", ".join(
+            f"{t.get('content')!r} (id {t.get('id')!r}{'' if t.get('special') is True else ', not special'})"
+            if isinstance(t, dict) else repr(t) for t in extra[:5])
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise DataError(f"{path}: added_tokens holds {len(extra)} token(s) besides Llama 3's {NUM_SPECIAL_TOKENS} special "
+                        f"tokens (special, ids {n}..{n + NUM_SPECIAL_TOKENS - 1}): {shown}{more}; Hugging Face matches "
+                        "them in text and this tokenizer cannot: remove them from added_tokens (only Llama 3 family "
+                        "tokenizers are supported)")
     return ranks
 
 
