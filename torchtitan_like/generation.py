@@ -140,6 +140,8 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
         fingerprint={"config_hash": config_hash(cfg),
                      "layout": {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1, "pp": 1}},
         model_args=model_args,
+        # A checkpoint trained with another tokenizer is loaded, with a warning (its text would be garbage).
+        tokenizer=tokenizer.identity(), tokenizer_key=tokenizer_key(cfg.model), tokenizer_mismatch="warn",
     )
     try:
         step = manager.load()

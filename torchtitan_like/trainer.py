@@ -354,6 +354,9 @@ class Trainer:
             ),
             special_tokens=self._special_tokens,
             tokenizer_path=cfg.model.tokenizer_path if self._special_tokens is not None else None,
+            # Recorded in every manifest; a resume with a tokenizer of other ids is refused.
+            tokenizer=self._tokenizer_identity,
+            tokenizer_key=tokenizer_key(cfg.model),
             timeout_s=cfg.comm.init_timeout_seconds,  # the start-up timeout: a save may be slow
         )
         if cfg.checkpoint.create_seed_checkpoint:
@@ -390,6 +393,7 @@ class Trainer:
                 )
         tokenizer = None
         self._special_tokens: tuple[int, int] | None = None
+        self._tokenizer_identity: dict[str, Any] | None = None
         block_causal = cfg.model.attn_mask_type == "block_causal"
         # The eos id that training.eod_mask_loss masks the label after (None: no masking).
         self._loss_mask_eos: int | None = None
@@ -398,6 +402,7 @@ class Trainer:
             tokenizer = build_tokenizer(cfg.model.tokenizer_path, key=tokenizer_key(cfg.model))
             check_vocab(tokenizer, self.model_args.vocab_size, cfg.model.flavor)
             self._special_tokens = (tokenizer.bos_id, tokenizer.eos_id)
+            self._tokenizer_identity = tokenizer.identity()  # (its hash, once: ~0.1 s for a 128K vocabulary)
             if cfg.training.eod_mask_loss:
                 self._loss_mask_eos = tokenizer.eos_id
             if block_causal:

@@ -164,6 +164,24 @@ def test_other_checkpoints_by_path_give_the_same_text(run: Path, tmp_path: Path)
     assert from_torchtitan["results"][0]["new_token_ids"] == ours["results"][0]["new_token_ids"]
 
 
+def test_a_checkpoint_trained_with_another_tokenizer_is_loaded_with_a_warning(run: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    """The checkpoint's manifest records its tokenizer: generating with another of the same size (the embedded
+    one with two ranks exchanged) once said nothing, and its text was garbage. Now a warning names both."""
+    lines = (ROOT / "torchtitan_like/assets/tokenizer/tokenizer.model").read_text().splitlines()
+    (a, ra), (b, rb) = lines[1000].split(), lines[1001].split()
+    lines[1000], lines[1001] = f"{a} {rb}", f"{b} {ra}"
+    other = tmp_path / "tokenizer.model"
+    other.write_text("\n".join(lines) + "\n")
+    for checkpoint in ([], ["--checkpoint", str(run / "checkpoint/step-4")]):  # (its own run's; one by path)
+        capsys.readouterr()
+        _tool(run, "--max-new-tokens", "2", "--model.tokenizer_path", str(other), *checkpoint)
+        err = capsys.readouterr().err
+        assert re.search(rf"WARNING .* was trained with .*tokenizer.*{re.escape(str(other))}", err), (checkpoint, err)
+    _tool(run, "--max-new-tokens", "2")
+    assert "trained with" not in capsys.readouterr().err
+
+
 def test_a_prompt_file_with_a_byte_order_mark_is_the_prompt_without_it(run: Path, tmp_path: Path, capsys) -> None:
     """Training drops a .txt document's leading byte-order mark (data/sources.py); --prompt-file does too, so a
     prompt saved by an editor that writes one is encoded as the same text ([bos] text), not [bos] BOM text."""

@@ -82,6 +82,7 @@ from torchtitan_like.components.manifest import (
     verify_errors,
     write_manifest,
 )
+from torchtitan_like.components.tokenizer import describe_identity
 from torchtitan_like.config.schema import Checkpoint
 from torchtitan_like.errors import ConfigError
 
@@ -219,7 +220,10 @@ class CheckpointManager:
     parallel), or None for a manager that only loads model weights (checkpoint.load_only, e.g. for
     tools/generate.py). `lr_scheduler` and `dataloader` may be None (not saved). `fingerprint` =
     {"config_hash", "layout", "world_size"} goes into each manifest. `model_args` (default: the first
-    model part's `.args`) is needed only for the Hugging Face import/export.
+    model part's `.args`) is needed only for the Hugging Face import/export. `tokenizer`: the run's
+    Tokenizer.identity() (None: a run without one), recorded in each manifest and compared with the
+    checkpoint's on load (`tokenizer_key` names it in the errors; `tokenizer_mismatch="warn"` for a reader
+    such as tools/generate.py, which only warns).
     """
 
     def __init__(
@@ -236,6 +240,9 @@ class CheckpointManager:
         model_args: Any = None,
         special_tokens: tuple[int, int] | None = None,
         tokenizer_path: str | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        tokenizer_key: str = "model.tokenizer_path",
+        tokenizer_mismatch: str = "error",
         timeout_s: float | None = None,
     ):
         """timeout_s: the checkpoint process group's collective timeout (the trainer passes
@@ -243,6 +250,10 @@ class CheckpointManager:
         self.cfg = cfg
         self.special_tokens = special_tokens  # (bos, eos) of the run's tokenizer, for the HF config.json
         self.tokenizer_path = tokenizer_path  # the run's model.tokenizer_path: its files go into the HF export
+        self.tokenizer = tokenizer
+        self.tokenizer_key = tokenizer_key
+        assert tokenizer_mismatch in ("error", "warn"), tokenizer_mismatch
+        self.tokenizer_mismatch = tokenizer_mismatch
         check_checkpoint_config(cfg, pp=int(fingerprint.get("layout", {}).get("pp", 1)))
         check_async_device(cfg, device_type="cuda" if torch.cuda.is_available() else "cpu")
         self.folder = Path(dump_folder) / cfg.folder
@@ -533,6 +544,8 @@ class CheckpointManager:
                 files = {k: v for part in hashes for k, v in part.items()}
                 extra = {"model_only": model_only, "model_dtype": model_dtype, "branch": self._branch,
                          "tie_word_embeddings": getattr(self.model_args, "tie_word_embeddings", None)}
+                if self.tokenizer is not None:
+                    extra["tokenizer"] = self.tokenizer
                 manifest = build_manifest(
                     step=step, files=files, fingerprint=self.fingerprint, contents=contents, extra=extra
                 )
@@ -843,8 +856,42 @@ class CheckpointManager:
                 continue
         return None
 
+    def _check_tokenizer(self, path: Path, manifest: dict[str, Any], *, initial: bool) -> None:
+        """Refuse (or, for a reader, warn about) a checkpoint trained with another tokenizer than the run's: the
+        same ids would mean other text. A checkpoint that records none (older ones, synthetic data) loads as before.
+        `initial`: checkpoint.initial_load_path; its model-only load is how a run changes tokenizer on purpose."""
+        saved = manifest.get("tokenizer")
+        if self.tokenizer is None or not isinstance(saved, dict):
+            return
+        if saved.get("fingerprint") == self.tokenizer["fingerprint"]:
+            return
+        if initial and self.cfg.initial_load_model_only:
+            logger.warning(
+                "checkpoint.initial_load_path=%s was trained with another tokenizer (%s) than %s gives (%s): starting "
+                "from its weights alone, with this run's tokenizer", path, describe_identity(saved),
+                self.tokenizer_key, describe_identity(self.tokenizer),
+            )
+            return
+        what = f"{path} was trained with the tokenizer {describe_identity(saved)}, but {self.tokenizer_key} gives "
+        what += f"another: {describe_identity(self.tokenizer)}"
+        if self.tokenizer_mismatch == "warn":
+            logger.warning("%s; the same ids mean other text (set %s to the checkpoint's tokenizer)", what,
+                           self.tokenizer_key)
+            return
+        if initial:
+            raise CheckpointError(
+                f"{what}: its data position would read other tokens; set {self.tokenizer_key} to the checkpoint's "
+                "tokenizer, or checkpoint.initial_load_model_only=true to start from its weights alone with this one"
+            )
+        raise CheckpointError(
+            f"{what}: resuming would train on other tokens; set {self.tokenizer_key} to the checkpoint's tokenizer, or, "
+            f"to change tokenizer on purpose, start a new run (another job.dump_folder) from its weights with "
+            f"checkpoint.initial_load_path={path}"
+        )
+
     def _load_step(self, path: Path, manifest: dict[str, Any]) -> int:
         step = int(manifest["step"])
+        self._check_tokenizer(path, manifest, initial=False)
         self.loaded_from = path
         if self._branch is None:
             self._branch = manifest.get("branch")  # resuming a run that started from a load_step: still that run
@@ -890,9 +937,10 @@ class CheckpointManager:
         if is_flat_model_layout(path):
             return self._load_torchtitan(path)
         if (path / MANIFEST).is_file():
-            _, error = self._verify_everywhere(path)
+            manifest, error = self._verify_everywhere(path)
             if error:
                 raise CheckpointError(f"checkpoint.initial_load_path: {error}")
+            self._check_tokenizer(path, manifest, initial=True)
         else:
             logger.warning("%s has no %s: loading it without an integrity check", path, MANIFEST)
         wanted = {"model"} if self.cfg.initial_load_model_only else set(COMPONENTS)

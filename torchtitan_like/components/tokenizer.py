@@ -58,7 +58,9 @@ _SPACE_RUNS = re.compile(r"\s+")
 class Tokenizer:
     """Byte-level BPE with Llama 3 special tokens; `encode` never treats special-token text as special."""
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], *, name: str) -> None:
+    def __init__(self, mergeable_ranks: dict[bytes, int], *, name: str, source: Path | None = None) -> None:
+        """`source`: the file it was read from (for identity(); None for one built in memory)."""
+        self.source = source
         self.num_base_tokens = len(mergeable_ranks)
         self.special_tokens = {tok: self.num_base_tokens + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(
@@ -88,6 +90,14 @@ class Tokenizer:
             h.update(rank.to_bytes(4, "little") + token.encode())
         self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records of the tokenizer it was trained with (checkpoint.py compares the
+        fingerprint; the file and its kind only say where it came from: a tokenizer.model and the
+        tokenizer.json converted from it have one fingerprint)."""
+        kind = "tokenizer.json" if self.source is not None and is_hf_tokenizer_json(self.source) else "tokenizer.model"
+        return {"fingerprint": self.fingerprint(), "vocab_size": self.vocab_size, "kind": kind,
+                "file": str(self.source) if self.source is not None else None}
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         """Token ids of `text`, optionally framed by bos/eos."""
@@ -170,8 +180,8 @@ def build_tokenizer(tokenizer_path: str, *, key: str = "model.tokenizer_path") -
     `key`: the config key that named it, for the errors (tokenizer_key)."""
     path = tokenizer_file(tokenizer_path, key=key)
     if is_hf_tokenizer_json(path):
-        return Tokenizer(load_hf_tokenizer_json(path), name=path.name)
-    return Tokenizer(load_bpe_ranks(path), name=path.name)
+        return Tokenizer(load_hf_tokenizer_json(path), name=path.name, source=path.resolve())
+    return Tokenizer(load_bpe_ranks(path), name=path.name, source=path.resolve())
 
 
 def is_hf_tokenizer_json(path: Path) -> bool:
@@ -200,6 +210,12 @@ def tokenizer_file(tokenizer_path: str, *, key: str = "model.tokenizer_path") ->
         }.get(key, "download the model's assets there, or set model.tokenizer_path")
         raise DataError(f"{key}: tokenizer file {str(path)!r} {what} ({fix})")
     return path
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    """One line for a Tokenizer.identity() (as read back from a manifest: any field may be missing)."""
+    fingerprint = str(identity.get("fingerprint"))[:12]
+    return f"{identity.get('file')}: {identity.get('kind')}, vocab {identity.get('vocab_size')}, sha256 {fingerprint}..."
 
 
 def tokenizer_key(model: Any) -> str:
