@@ -11,8 +11,10 @@ Face safetensors instead (with the tokenizer such a folder ships, where model.to
 One process, one device (--device; default cuda when there is one), the weights in
 training.mixed_precision_param's dtype (auto: bfloat16 on CUDA, float32 on CPU); parallelism, compile,
 float8 and activation checkpointing settings do not apply. Each prompt is encoded as training packs a
-document ([bos] text) and continued until the tokenizer's eos or --max-new-tokens; temperature 0 (the
-default) is greedy. The completions go to stdout, one speed line per prompt to the log (stderr), and
+document ([bos] text) and continued until a stop token or --max-new-tokens; temperature 0 (the default)
+is greedy. The stop tokens: the eos ids of the generation_config.json of the Hugging Face weights loaded
+(else of model.hf_assets_path), where there is one (Llama 3 instruct: <|eot_id|> too), else the
+tokenizer's eos; plus each --stop-token. The completions go to stdout, one speed line per prompt to the log (stderr), and
 --out writes them all as JSON. Exit status: 0, or 2 with one error line.
 """
 
@@ -41,6 +43,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each prompt at most (default 64)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.8 to sample")
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = all)")
+    ap.add_argument("--stop-token", action="append", default=[],
+                    help="also stop at this special token, e.g. '<|eot_id|>' (repeat for several)")
     ap.add_argument("--seed", type=int, default=None, help="seed of the sampling (default debug.seed)")
     ap.add_argument("--checkpoint", help="a step-N folder (ours or torchtitan's) or Hugging Face safetensors to load "
                                          "instead of the job's newest checkpoint")
@@ -93,7 +97,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {args.device}: use cpu, cuda or cuda:N")
-    loaded = load_model(cfg, device=device, checkpoint=args.checkpoint)
+    loaded = load_model(cfg, device=device, checkpoint=args.checkpoint, stop_tokens=args.stop_token)
     logging.getLogger("generate").info("loaded %s (step %s), %s on %s", loaded.source, loaded.step,
                                        next(loaded.model.parameters()).dtype, device)
     seed = cfg.debug.seed if args.seed is None else args.seed
@@ -101,7 +105,8 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     for i, prompt in enumerate(prompts, 1):
         r = generate(loaded, prompt, sampling, seed=seed)
         results.append(r)
-        end = "stopped at eos" if r["stopped_at_eos"] else f"reached --max-new-tokens {sampling.max_new_tokens}"
+        end = (f"stopped at {loaded.tokenizer.decode([r['stop_token_id']])}" if r["stopped_at_eos"]
+               else f"reached --max-new-tokens {sampling.max_new_tokens}")
         logging.getLogger("generate").info(
             "prompt %d: %d tokens + %d new in %.2f s (%s tokens/s), %s", i, r["prompt_tokens"],
             len(r["new_token_ids"]), r["seconds"], r["tokens_per_s"], end,
@@ -113,7 +118,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
             "model": {"name": cfg.model.name, "flavor": cfg.model.flavor, "n_layers": loaded.model.args.n_layers},
             "device": str(device), "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
             "sampling": {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-                         "top_k": sampling.top_k, "seed": seed},
+                         "top_k": sampling.top_k, "seed": seed, "stop_token_ids": list(loaded.stop_ids)},
             "results": results,
         }
         write_text_atomically(Path(args.out), json.dumps(report, indent=1) + "\n", f"--out {args.out}",

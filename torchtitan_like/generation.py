@@ -10,13 +10,17 @@ tying checks as a resume. Only the weights (and the step) are read.
 
 Decoding is plain: every new token runs the model over the whole sequence so far (no KV cache), then
 takes the argmax (temperature 0) or samples from softmax(logits / temperature), restricted to the
-top_k most likely tokens when top_k > 0, with a generator seeded by the caller. It stops at the
-tokenizer's eos or after max_new_tokens.
+top_k most likely tokens when top_k > 0, with a generator seeded by the caller. It stops at a stop
+token or after max_new_tokens. The stop tokens: the eos ids of the generation_config.json that Hugging Face
+weights or assets carry (the folder of the Hugging Face weights loaded, else model.hf_assets_path; Llama 3
+instruct models list <|eot_id|>, which ends their turns), else the tokenizer's eos (<|end_of_text|>); plus
+any special tokens the caller names (--stop-token).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -71,12 +75,46 @@ class LoadedModel:
     """What was loaded, for the log and the report."""
     step: int | None
     """The training step of the loaded weights (None where the checkpoint does not say: Hugging Face's, torchtitan's)."""
+    stop_ids: tuple[int, ...] = ()
+    """Generation stops at any of these ids; () = at the tokenizer's eos."""
 
 
-def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None = None) -> LoadedModel:
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_config_eos(folder: Path, tokenizer: Tokenizer) -> list[int] | None:
+    """The eos ids of `folder`/generation_config.json (None when there is no file, or it names none)."""
+    path = folder / GENERATION_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not a readable generation config ({e}); fix or remove it") from None
+    if eos is None:
+        return None
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or not all(type(i) is int and 0 <= i < tokenizer.vocab_size for i in ids):
+        raise DataError(f"{path}: eos_token_id {eos!r} is not an id (or list of ids) of the tokenizer, whose "
+                        f"vocabulary has {tokenizer.vocab_size}: use the model's own tokenizer (model.tokenizer_path)")
+    return ids
+
+
+def stop_token_ids(tokenizer: Tokenizer, names: list[str]) -> list[int]:
+    """The ids of the special tokens `names` (--stop-token)."""
+    unknown = [n for n in names if n not in tokenizer.special_tokens]
+    if unknown:
+        raise ConfigError(f"--stop-token {unknown[0]!r} is not a special token of the tokenizer: give one such as "
+                          "<|eot_id|> or <|end_of_text|>")
+    return [tokenizer.special_tokens[n] for n in names]
+
+
+def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None = None,
+               stop_tokens: list[str] | None = None) -> LoadedModel:
     """The job's model with its trained weights, on `device`, ready for forward passes. `checkpoint`: load
     that step folder (ours or torchtitan's) or Hugging Face safetensors (a file, or a folder without DCP's
-    .metadata) instead of the job's own checkpoints, as checkpoint.initial_load_path."""
+    .metadata) instead of the job's own checkpoints, as checkpoint.initial_load_path. `stop_tokens`: names
+    of special tokens to stop at too (--stop-token)."""
     from torchtitan_like.trainer import job_model_args
 
     ck = cfg.checkpoint
@@ -121,6 +159,7 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
         model_args = dataclasses.replace(model_args, attn_type="sdpa")
     tokenizer = build_tokenizer(cfg.model.tokenizer_path, key=tokenizer_key(cfg.model))
     check_vocab(tokenizer, model_args.vocab_size, cfg.model.flavor)
+    extra_stops = stop_token_ids(tokenizer, stop_tokens or [])
     if model_args.attn_mask_type == "block_causal":
         model_args = dataclasses.replace(model_args, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     dtype = param_dtype(cfg.training, device.type)
@@ -153,10 +192,24 @@ def load_model(cfg: JobConfig, *, device: torch.device, checkpoint: str | None =
         # A model-only load returns no step: ours has it in its manifest (Hugging Face weights have none).
         step = read_manifest(path)["step"] if (path / MANIFEST).is_file() else None
     source = str(path)
+    # Hugging Face weights or assets end text where their generation_config.json says (Llama 3 instruct: at
+    # <|eot_id|> too), not only at the tokenizer's eos.
+    hf_loaded = load_cfg.initial_load_in_hf and path == Path(load_cfg.initial_load_path)
+    folders = [path if path.is_dir() else path.parent] if hf_loaded else []
+    if cfg.model.hf_assets_path:
+        folders.append(Path(cfg.model.hf_assets_path))
+    stops = [tokenizer.eos_id]
+    for folder in folders:
+        eos = generation_config_eos(folder, tokenizer)
+        if eos is not None:
+            stops = eos
+            logger.info("stopping at eos ids %s (%s)", eos, folder / GENERATION_CONFIG)
+            break
+    stops += [i for i in extra_stops if i not in stops]
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, max_len=int(model.freqs_cis.shape[0]),
-                       source=source, step=step)
+                       source=source, step=step, stop_ids=tuple(stops))
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -178,6 +231,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 def generate(loaded: LoadedModel, prompt: str, sampling: Sampling, *, seed: int) -> dict[str, Any]:
     """Continue `prompt` ([bos] prompt, as training packs documents); returns the report of one prompt."""
     tok = loaded.tokenizer
+    stops = set(loaded.stop_ids or (tok.eos_id,))
     prompt_ids = tok.encode(prompt, bos=True, eos=False)
     total = len(prompt_ids) + sampling.max_new_tokens
     if total > loaded.max_len:
@@ -201,17 +255,20 @@ def generate(loaded: LoadedModel, prompt: str, sampling: Sampling, *, seed: int)
         logits = loaded.model(tokens)[0, -1, : tok.vocab_size]
         token = next_token(logits, sampling, generator)
         new.append(token)
-        if token == tok.eos_id:
+        if token in stops:
             break
         tokens = torch.cat([tokens, tokens.new_tensor([[token]])], dim=1)
     seconds = time.perf_counter() - t0  # (.item() in next_token waited for the device)
-    text_ids = new[:-1] if new and new[-1] == tok.eos_id else new
+    stopped = bool(new) and new[-1] in stops
+    text_ids = new[:-1] if stopped else new
     return {
         "prompt": prompt,
         "prompt_tokens": len(prompt_ids),
         "new_token_ids": new,
         "completion": tok.decode(text_ids),
-        "stopped_at_eos": bool(new) and new[-1] == tok.eos_id,
+        # (at a stop token: the tokenizer's eos, a generation_config.json eos id, or a --stop-token)
+        "stopped_at_eos": stopped,
+        "stop_token_id": new[-1] if stopped else None,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None,
     }

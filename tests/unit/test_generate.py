@@ -25,7 +25,7 @@ from feature_runs import ROOT, argv, train
 from torchtitan_like.components.tokenizer import build_tokenizer
 from torchtitan_like.config.loader import load_config
 from torchtitan_like.errors import ConfigError
-from torchtitan_like.generation import LoadedModel, Sampling, generate, load_model
+from torchtitan_like.generation import LoadedModel, Sampling, generate, load_model, stop_token_ids
 from torchtitan_like.models import MODELS
 from torchtitan_like.trainer import job_model_args
 
@@ -182,6 +182,45 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_loaded_with_a_warning(ru
     assert "trained with" not in capsys.readouterr().err
 
 
+def test_hugging_face_weights_stop_at_their_generation_configs_eos_ids(run: Path, tmp_path: Path, capsys) -> None:
+    """Llama 3 instruct models end a turn with <|eot_id|>, listed with <|end_of_text|> as eos_token_id in their
+    generation_config.json; generation stopped only at the tokenizer's eos and ran on past the turn. Here the
+    file names a token the model generates greedily, which must end the completion."""
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, str(ROOT / "tools/checkpoint.py"), "convert", str(run / "checkpoint/step-8"),
+                    str(hf), "--hf", "--flavor", "debugmodel", "--n-layers", "2"], check=True, capture_output=True)
+    free = _tool(run, "--max-new-tokens", "8", "--checkpoint", str(hf))["results"][0]
+    ids = free["new_token_ids"]
+    assert not free["stopped_at_eos"] and len(ids) == 8
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # (the first stop is at k, not before)
+    tok = build_tokenizer(str(hf))
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_id, ids[k]]}))
+    for where in (["--checkpoint", str(hf)], ["--model.hf_assets_path", str(hf)]):  # (the run's own step-8)
+        report = _tool(run, "--max-new-tokens", "8", *where)
+        r = report["results"][0]
+        assert r["new_token_ids"] == ids[: k + 1] and r["stopped_at_eos"] and r["stop_token_id"] == ids[k], where
+        assert r["completion"] == tok.decode(ids[:k]) and report["sampling"]["stop_token_ids"] == [tok.eos_id, ids[k]]
+    # Without the file (our own checkpoint, no assets): the tokenizer's eos alone, as before.
+    assert _tool(run, "--max-new-tokens", "8")["results"][0]["new_token_ids"] == ids
+    # An id the tokenizer does not have is refused, naming the file.
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": 128009}))
+    assert generate_tool.main([*_config_args(run), "--prompt", PROMPT, "--checkpoint", str(hf)]) == 2
+    assert re.search(r"generation_config.json: eos_token_id 128009 is not an id \(or list of ids\) of the tokenizer",
+                     capsys.readouterr().err)
+
+
+def test_stop_tokens_end_the_completion_and_unknown_ones_are_refused() -> None:
+    tok = build_tokenizer("")
+    eot = stop_token_ids(tok, ["<|eot_id|>"])
+    model = _Scripted([65, eot[0], 67], vocab=tok.vocab_size + 8)
+    loaded = LoadedModel(model=model, tokenizer=tok, device=torch.device("cpu"), max_len=64, source="x", step=None,
+                         stop_ids=(tok.eos_id, *eot))
+    r = generate(loaded, "hi", Sampling(max_new_tokens=10), seed=0)
+    assert r["new_token_ids"] == [65, eot[0]] and r["stop_token_id"] == eot[0] and r["completion"] == tok.decode([65])
+    with pytest.raises(ConfigError, match=r"--stop-token 'eot' is not a special token of the tokenizer"):
+        stop_token_ids(tok, ["eot"])
+
+
 def test_a_prompt_file_with_a_byte_order_mark_is_the_prompt_without_it(run: Path, tmp_path: Path, capsys) -> None:
     """Training drops a .txt document's leading byte-order mark (data/sources.py); --prompt-file does too, so a
     prompt saved by an editor that writes one is encoded as the same text ([bos] text), not [bos] BOM text."""
@@ -253,6 +292,7 @@ def test_generation_stops_at_eos_and_never_picks_ids_past_the_tokenizer() -> Non
     (["--model.n_layers", "3"], r"lacks model weights that this model.flavor has: \['layers.2"),
     (["--model.flavor", "debugmodel_tied"], r"output head of its own \(tie_word_embeddings=false\), but this "
                                             "model.flavor ties"),
+    (["--stop-token", "eot"], r"--stop-token 'eot' is not a special token of the tokenizer: give one such as "),
     (["--device", "tpu"], r"--device tpu: use cpu, cuda or cuda:N$"),  # (torch.device raised a traceback)
     (["--temperature", "1", "--seed", str(2**64)],  # (torch's manual_seed raised a traceback)
      r"--seed 18446744073709551616 must be in \[-2\*\*63, 2\*\*64\) \(what torch.manual_seed takes\)$"),
