@@ -14,6 +14,9 @@
   the workers finished training (the final save done, the ranks past their exit barrier) gives 0:
   each worker writes its exit status into a folder this launcher names (EXIT_STATUS_DIR_ENV), so a
   finished job is not reported, and requeued, as pre-empted.
+  Workers that got the signal but did not stop at a step boundary (stuck in a collective, killed after the
+  shutdown timeout) leave every thread's Python stack at the signal in a file (distributed/stack_dump.py):
+  one `run_train: Python stacks of a rank ...: PATH` line names each, in both outcomes.
   Workers that failed while stopping (their pre-emption save on a full disk) are named as failed, with
   their exit status, not as killed by torchrun's shutdown timeout.
 
@@ -49,6 +52,7 @@ from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, run
 
 from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS
+from torchtitan_like.distributed.stack_dump import collect_stack_files
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.train import EXIT_STATUS_DIR_ENV, RANK_PREFIXED_ENV
 
@@ -171,6 +175,14 @@ def _workers_finished(status_dir: str) -> bool:
     return "0" in _worker_exit_codes(status_dir)
 
 
+def _report_stacks(status_dir: str) -> None:
+    """One line per worker that got SIGTERM/SIGUSR1 and did not then stop cleanly: where its Python stacks are
+    (torchtitan_like.distributed.stack_dump; a rank stuck in a collective shows there where it was stuck)."""
+    for path in collect_stack_files(status_dir).values():
+        print(f"run_train: Python stacks of a rank that was signalled and did not stop at a step boundary: {path}",
+              file=sys.stderr)
+
+
 PREFIX_TEMPLATE_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
 """torchrun's template of the tee'd lines' prefix (${rank} is the global rank)."""
 
@@ -219,6 +231,7 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
             error = _first_line(f.message)
             detail = f": {error}" if error and f.exitcode > 0 and "To enable traceback see" not in error else ""
             print(f"run_train: rank {r} exited with code {f.exitcode}{signal_text}{detail}", file=sys.stderr)
+        _report_stacks(status_dir)
         if code == EXIT_PREEMPTED:
             print("run_train: pre-empted; run the same command again to resume", file=sys.stderr)
         else:
@@ -229,6 +242,7 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
         if _workers_finished(status_dir):
             print(f"run_train: got {name} after the workers had finished training; exit 0", file=sys.stderr)
             return 0
+        _report_stacks(status_dir)
         if e.sigval in PREEMPTION_SIGNALS:
             codes = _worker_exit_codes(status_dir)
             failed = sorted({c for c in codes if c not in ("0", str(EXIT_PREEMPTED))}, key=lambda c: (len(c), c))

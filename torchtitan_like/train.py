@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         return EXIT_TRAINING if isinstance(e, TrainingError) else EXIT_CONFIG_OR_DATA
     except Exception as e:
         if _distributed():
-            _fail_fast(e)  # no close(): it could wait on collectives that the other ranks never join
+            _fail_fast(e, trainer)  # no close(): it could wait on collectives that the other ranks never join
         advice = _out_of_memory(e)
         if advice is not None:
             print(f"error: {advice}", file=sys.stderr, flush=True)
@@ -137,18 +137,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _fail_fast(e: Exception) -> NoReturn:
+def _fail_fast(e: Exception, trainer: object | None = None) -> NoReturn:
     """Log the error, hand it to torchrun (which prints it whatever LOG_RANK shows), exit 1 at once.
 
     Call inside the `except` block (the error file records the active traceback). Waiting here, on
     a barrier, a checkpoint or the process group's destructor, is what turns one rank's error into a
-    job that hangs until the collective timeout.
+    job that hangs until the collective timeout. `trainer`: the failed run's, whose stack dump on
+    SIGTERM/SIGUSR1 is disarmed first (kept only if a signal came before the error: where it was stuck).
     """
     import torch.distributed as dist
 
     from torchtitan_like.distributed.health import dump_flight_recorder
     from torchtitan_like.distributed.preemption import PREEMPTION_SIGNALS
 
+    stacks = getattr(trainer, "stack_dumps", None)
+    kept = stacks.disarm(keep=True) if stacks is not None else None  # (before signal.signal: see stack_dump.py)
     for sig in PREEMPTION_SIGNALS:  # torchrun's SIGTERM to the survivors must not cut the report short
         signal.signal(sig, signal.SIG_IGN)
     rank = dist.get_rank()
@@ -163,6 +166,8 @@ def _fail_fast(e: Exception) -> NoReturn:
     trace = dump_flight_recorder(rank)
     if trace is not None:
         logger.error("%s", trace)
+    if kept is not None:
+        logger.error("rank %d: its Python stacks when it got SIGTERM/SIGUSR1, before this error: %s", rank, kept)
     _exit_now(EXIT_FAILURE)
 
 

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,7 +82,9 @@ from torchtitan_like.distributed.pipeline import (
     plan_pipeline,
     split_model,
 )
-from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PreemptionWatcher
+from torchtitan_like.distributed.preemption import EXIT_PREEMPTED, PREEMPTION_SIGNALS, PreemptionWatcher
+from torchtitan_like.distributed.stack_dump import StackDumps, stack_file
+from torchtitan_like.train import EXIT_STATUS_DIR_ENV
 from torchtitan_like.distributed.tensor_parallel import match_grad_placements, settle_grad_placements
 from torchtitan_like.distributed.utils import clip_grad_norm_, init_distributed, local_device, param_dtype
 from torchtitan_like.errors import ConfigError, TrainingError
@@ -142,11 +145,13 @@ def check_job(cfg: JobConfig, world_size: int) -> CheckedJob:
             f"checkpoint.create_seed_checkpoint=true runs on one process, not {world_size}: use NGPU=1 "
             "(the seed checkpoint then loads under any layout)"
         )
-    if cfg.debug.fail_at_step and cfg.debug.fail_rank >= world_size:
-        raise ConfigError(
-            f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this world of {world_size}: "
-            f"use -1 (every rank) or 0..{world_size - 1}"
-        )
+    for key, at_step, rank in (("fail_rank", cfg.debug.fail_at_step, cfg.debug.fail_rank),
+                               ("hang_rank", cfg.debug.hang_at_step, cfg.debug.hang_rank)):
+        if at_step and rank >= world_size:
+            raise ConfigError(
+                f"debug.{key}={rank} is not a rank of this world of {world_size}: "
+                f"use -1 (every rank) or 0..{world_size - 1}"
+            )
     ac = cfg.activation_checkpoint
     every = parse_selective_option(ac.selective_ac_option) if ac.mode == "selective" else None
     if every is not None and every > model_args.n_layers:
@@ -239,6 +244,14 @@ class Trainer:
         """The last HISTORY_STEPS steps' loss, grad norm and lr (benchmarks and tests read it; the metrics
         files keep every logged step). Bounded: a million steps would hold ~300 MB per rank."""
         self.preemption = PreemptionWatcher()
+        self.stack_dumps = StackDumps(
+            stack_file(self._output_folder(), self.rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)),
+            PREEMPTION_SIGNALS,
+            status_dir=os.environ.get(EXIT_STATUS_DIR_ENV),
+        )
+        """Every thread's Python stack at SIGTERM/SIGUSR1, to a file kept unless the run then ends cleanly."""
+        self._run_ended = False
+        """train() returned (finished or stopped at a step boundary): close() then drops the stack dump."""
         self.stopped_by: signal.Signals | None = None
         """The pre-emption signal the run stopped on (train.py then exits with EXIT_PREEMPTED)."""
         self.evaluate_only = False
@@ -876,6 +889,8 @@ class Trainer:
             "dump_folder": str(self._output_folder()), "rank": self.rank, "device": self.device, "global_step": self.step,
         }
         self.preemption.install()
+        if not self.dry_run:
+            self.stack_dumps.arm()  # after install(): signal.signal would replace faulthandler's C-level handler
         try:
             with contextlib.ExitStack() as stack:
                 profiler = stack.enter_context(maybe_enable_profiling(cfg.profiling, **prof_kwargs))
@@ -884,6 +899,7 @@ class Trainer:
                     self._step_t0 = time.perf_counter()
                     self.train_state.step += 1
                     maybe_inject_fault(cfg.debug, step=self.step, rank=self.rank)
+                    maybe_inject_hang(cfg.debug, step=self.step, rank=self.rank)
                     if gc_freq > 0 and self.step % gc_freq == 0:
                         gc.collect(1)
                     t0 = time.perf_counter()
@@ -953,6 +969,7 @@ class Trainer:
                 time.perf_counter() - train_start - total_validation_s - total_saving_s,
                 validation_s=total_validation_s, saving_s=total_saving_s,
             )
+            self._run_ended = True
         finally:
             # The handlers stay until close(), which restores them: after an error, torchrun SIGTERMs this
             # rank as soon as a peer dies, and the default handler would kill it before it reports its own
@@ -1033,9 +1050,14 @@ class Trainer:
         if not self.dry_run:
             set_pg_timeouts(self.parallel_dims, self.cfg.comm.init_timeout_seconds)
         # Never leave with a save in flight: close() waits for it (and raises if it failed).
+        clean = False
         try:
             self.checkpointer.close()
+            clean = self._run_ended
         finally:
+            # A stack dumped by a signal says nothing once the run ended cleanly (a pre-emption's stop); after an
+            # error it shows where this rank was when told to stop. Before restore(): see stack_dump.py.
+            self.stack_dumps.disarm(keep=not clean)
             self.preemption.restore(ignore=exiting)
             self.metrics.close()
             if self.compile_monitor is not None:
@@ -1056,6 +1078,17 @@ def maybe_inject_fault(debug: Debug, *, step: int, rank: int) -> None:
             f"debug.fail_at_step={step}: injected failure on rank {rank} (debug.fail_rank={debug.fail_rank}; "
             f"for testing fault handling)"
         )
+
+
+def maybe_inject_hang(debug: Debug, *, step: int, rank: int) -> None:
+    """debug.hang_at_step: block this rank forever (signals are still handled: they only record a stop that
+    never comes), as a rank stuck in a collective or a blocking call would, until it is killed."""
+    if debug.hang_at_step and step == debug.hang_at_step and debug.hang_rank in (-1, rank):
+        logger.warning(
+            "debug.hang_at_step=%d: rank %d blocks here until it is killed (debug.hang_rank=%d; for testing fault "
+            "handling)", step, rank, debug.hang_rank,
+        )
+        threading.Event().wait()
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

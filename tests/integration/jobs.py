@@ -125,6 +125,19 @@ class RunningJob:
         self.kill()
         raise AssertionError(f"job did not reach step {step} within {timeout:.0f} s:\n{self.output()[-6000:]}")
 
+    def wait_for_text(self, text: str, timeout: float) -> None:
+        """Block until the job's output holds `text` (the job must still be running)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.workers()
+            if text in self.output():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"job ended (status {self.proc.returncode}) before {text!r}:\n{self.output()[-6000:]}")
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"job did not print {text!r} within {timeout:.0f} s:\n{self.output()[-6000:]}")
+
     def kill(self) -> None:
         self.workers()
         for pid in sorted(self._seen_workers):

@@ -74,6 +74,8 @@ def interrupt(tmp_path: Path, name: str, dump: Path, sig: signal.Signals, after_
     assert f"pre-empted by {sig.name}: every rank stopped after step {stopped}" in out, out[-4000:]
     assert f"checkpoint step-{stopped} saved (full state)" in out
     assert f"exit {EXIT_PREEMPTED}" in out  # the launcher's closing line names the status
+    # Every rank stopped at the boundary: the stacks its signal dumped are removed, none reached the console.
+    assert not (dump / "stacks").exists() and "most recent call first" not in out and "Python stacks" not in out
     return out, stopped
 
 

@@ -81,6 +81,30 @@ def test_sigterm_stops_at_the_step_boundary_with_a_full_checkpoint(tmp_path, mon
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are back after train()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_stop_leaves_no_stack_dump_behind(tmp_path, monkeypatch, capfd, sig):
+    """The signal dumps every thread's stack to a file at once (a stuck rank could never write it later); a
+    rank that then stops at the step boundary removes it, and nothing reaches the console."""
+    original = Trainer.train_step
+    dumped = []
+
+    def train_step(self, batches):
+        out = original(self, batches)
+        if self.step == 2:
+            os.kill(os.getpid(), sig)
+            dumped.append((tmp_path / "stacks" / "rank0.txt").read_text())
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert train.main(argv(tmp_path)) == EXIT_PREEMPTED
+    assert "in train_step" in dumped[0] and "most recent call first" in dumped[0], dumped
+    assert not (tmp_path / "stacks").exists()
+    out, err = capfd.readouterr()
+    assert f"pre-empted by {sig.name}: every rank stopped after step 2" in out
+    assert "most recent call first" not in out + err
+    assert signal.getsignal(sig) is signal.SIG_DFL
+
+
 def test_a_signal_in_the_last_step_is_an_ordinary_finish(tmp_path, monkeypatch):
     signal_self_at(monkeypatch, 6, signal.SIGUSR1)
     try:
@@ -117,6 +141,14 @@ def test_fail_at_step_raises_on_the_named_rank(tmp_path):
         trainer.close()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert [h["step"] for h in trainer.history] == [1, 2]
+    # The signal came to a run that did not end cleanly: where this rank was then stays on disk.
+    stacks = (tmp_path / "stacks" / "rank0.txt").read_text()
+    assert "in test_fail_at_step_raises_on_the_named_rank" in stacks, stacks
+
+
+def test_hang_rank_outside_the_world_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"debug.hang_rank=2 is not a rank of this world of 1: use -1 \(every rank\) or 0..0"):
+        Trainer(load_config(argv(tmp_path, "--debug.hang_at_step", "2", "--debug.hang_rank", "2")))
 
 
 def test_fail_rank_outside_the_world_is_a_config_error(tmp_path):

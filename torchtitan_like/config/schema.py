@@ -328,6 +328,10 @@ class Debug:
     """For testing fault handling only: raise an error at the start of this step (0 = never)."""
     fail_rank: int = 0
     """For testing fault handling only: the rank that raises at fail_at_step (-1 = every rank)."""
+    hang_at_step: int = 0
+    """For testing fault handling only: block forever at the start of this step, until killed (0 = never)."""
+    hang_rank: int = 0
+    """For testing fault handling only: the rank that blocks at hang_at_step (-1 = every rank)."""
 
 
 @dataclass

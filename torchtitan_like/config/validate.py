@@ -53,6 +53,8 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "debug.seed": ("in [-2**63, 2**64) (what torch.manual_seed takes)", lambda v: -(2**63) <= v < 2**64),
     "debug.fail_at_step": (">= 0 (0 = never)", lambda v: v >= 0),
     "debug.fail_rank": ("-1 (every rank) or >= 0", lambda v: v >= -1),
+    "debug.hang_at_step": (">= 0 (0 = never)", lambda v: v >= 0),
+    "debug.hang_rank": ("-1 (every rank) or >= 0", lambda v: v >= -1),
     "parallelism.data_parallel_replicate_degree": (">= 1", lambda v: v >= 1),
     "parallelism.data_parallel_shard_degree": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "parallelism.tensor_parallel_degree": (">= 1", lambda v: v >= 1),
