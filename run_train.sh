@@ -6,9 +6,10 @@
 #   NNODES           nodes in the job (default: 1)
 #   NODE_RANK        this node's index, 0..NNODES-1 (default: 0)
 #   RDZV_ENDPOINT    host:port of the rendezvous, the same on every node (default: MASTER_ADDR:MASTER_PORT;
-#                    on one node without them, localhost and a free port). Without :port, torchrun's 29400; an
+#                    on one node without MASTER_ADDR, localhost on MASTER_PORT, else on a free port). Without :port, torchrun's 29400; an
 #                    IPv6 address in brackets ([::1]:29500). The host must resolve on this node (checked first)
-#   MASTER_ADDR      rendezvous host when RDZV_ENDPOINT is unset; MASTER_PORT its port (default: 29500)
+#   MASTER_ADDR      rendezvous host when RDZV_ENDPOINT is unset; MASTER_PORT its port (default: 29500; on one
+#                    node, MASTER_PORT without MASTER_ADDR is a port on localhost)
 #   RDZV_ID          job id, the same on every node (default: torchrun's "none"; tools/slurm_train.sbatch
 #                    passes SLURM_JOB_ID)
 #   MAX_RESTARTS     times torchrun restarts the workers after a failure, each time resuming from the latest
@@ -178,6 +179,10 @@ if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
     MASTER_PORT=${MASTER_PORT:-29500}
     need_int MASTER_PORT 0 65535 "the rendezvous port on MASTER_ADDR=$MASTER_ADDR (default 29500)"
     RDZV_ENDPOINT="${MASTER_ADDR}:${MASTER_PORT}"
+  elif [[ "$NNODES" == 1 && -n "${MASTER_PORT:-}" ]]; then
+    # (MASTER_PORT alone on one node: its port on this machine, not a free one picked in its place.)
+    need_int MASTER_PORT 0 65535 "the rendezvous port on this node (MASTER_ADDR unset: localhost)"
+    RDZV_ENDPOINT="localhost:${MASTER_PORT}"
   elif [[ "$NNODES" == 1 ]]; then
     RDZV_ENDPOINT="localhost:0"  # port 0: the agent picks a free one
   else

@@ -98,13 +98,18 @@ def warn_fixed_shutdown_timeout(args: argparse.Namespace) -> None:
 DEFAULT_RDZV_PORT = 29400
 
 
-def _endpoint_source(endpoint: str) -> str:
-    """How the user spelled `endpoint`: run_train.sh's variable it came from, else torchrun's option."""
+def _endpoint_source(endpoint: str, *, port_at_fault: bool = False) -> str:
+    """How the user spelled `endpoint`: run_train.sh's variable it came from, else torchrun's option. With
+    `port_at_fault`, the variable that set the port (MASTER_PORT rather than MASTER_ADDR)."""
     if os.environ.get("RDZV_ENDPOINT", "").strip() == endpoint:
         return f"RDZV_ENDPOINT={endpoint}"
-    addr = os.environ.get("MASTER_ADDR")
-    if addr and endpoint == f"{addr}:{os.environ.get('MASTER_PORT') or 29500}":
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and endpoint == f"{addr}:{port or 29500}":
+        if port_at_fault and port:
+            return f"MASTER_PORT={port} (rendezvous {endpoint})"
         return f"MASTER_ADDR={addr} (rendezvous {endpoint})"
+    if not addr and port and endpoint == f"localhost:{port}":  # (run_train.sh: MASTER_PORT alone, on one node)
+        return f"MASTER_PORT={port} (rendezvous {endpoint})"
     return f"--rdzv-endpoint={endpoint}"
 
 
@@ -123,9 +128,11 @@ def check_rendezvous_endpoint(endpoint: str, nnodes: str) -> None:
         ) from None
     max_nodes = nnodes.rsplit(":", 1)[-1]
     if port == 0 and max_nodes.isdigit() and int(max_nodes) > 1:
+        name = _endpoint_source(endpoint, port_at_fault=True)
+        fix = "MASTER_PORT=29500" if name.startswith("MASTER_PORT=") else f"{host}:29500"
         raise ConfigError(
             f"{name}: port 0 (a free port picked on one node) cannot be found by the other nodes of NNODES={nnodes}: "
-            f"name a fixed port every node uses, e.g. {host}:29500"
+            f"name a fixed port every node uses, e.g. {fix}"
         )
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

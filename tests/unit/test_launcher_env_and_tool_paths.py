@@ -59,6 +59,9 @@ def run_train(fake_python: Path, **env: str) -> tuple[subprocess.CompletedProces
                                                                       " number in 0..65535"),
     ({"NGPU": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "99999"}, "error: MASTER_PORT=99999 must be a whole"
                                                                         " number in 0..65535"),
+    # MASTER_PORT without MASTER_ADDR on one node was ignored (a free port instead), so never checked either.
+    ({"NGPU": "1", "MASTER_PORT": "abc"}, "error: MASTER_PORT=abc must be a whole number in 0..65535: the"
+                                          " rendezvous port on this node (MASTER_ADDR unset: localhost)"),
     ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_SKIP_FILES": "yes"}, "error: DRY_RUN_SKIP_FILES=yes must"
                                                                               " be 1"),
     ({"COMM_MODE": "fake_backend", "NGPU": "2", "DRY_RUN_RANK": "2"}, "error: DRY_RUN_RANK=2 must be a whole number"
@@ -102,6 +105,8 @@ def test_a_python_that_cannot_run_the_trainer_is_one_error_line(fake_python: Pat
      "--step-check --step-check-ranks 8 --step-check-timeout 3600"),
     ({"NGPU": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "029500"}, "--rdzv-endpoint=node0:29500"),
     ({"NGPU": "4", "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "node0:29500"}, "--node-rank=1"),
+    # MASTER_PORT alone on one node: that port on localhost (it was dropped for a free port, localhost:0).
+    ({"NGPU": "1", "MASTER_PORT": "029600"}, "--rdzv-endpoint=localhost:29600"),
 ])
 def test_valid_values_start_as_before(fake_python: Path, env: dict[str, str], expected: str) -> None:
     r, started = run_train(fake_python, **env)
@@ -177,6 +182,26 @@ def test_an_endpoint_that_is_not_host_port_is_refused(monkeypatch, capsys, endpo
     assert launch_main(monkeypatch, argv(endpoint, nnodes)) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("env, endpoint, message", [
+    # The port is the fault: it named MASTER_ADDR, whose value was fine.
+    ({"MASTER_ADDR": "localhost", "MASTER_PORT": "0"}, "localhost:0",
+     "error: MASTER_PORT=0 (rendezvous localhost:0): port 0 (a free port picked on one node) cannot be found by the "
+     "other nodes of NNODES=2: name a fixed port every node uses, e.g. MASTER_PORT=29500"),
+    ({"RDZV_ENDPOINT": "localhost:0"}, "localhost:0",
+     "error: RDZV_ENDPOINT=localhost:0: port 0 (a free port picked on one node) cannot be found by the other nodes "
+     "of NNODES=2: name a fixed port every node uses, e.g. localhost:29500"),
+])
+def test_a_multi_node_port_0_names_the_variable_that_set_the_port(monkeypatch, capsys, env, endpoint,
+                                                                   message) -> None:
+    for var in ("RDZV_ENDPOINT", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert launch_main(monkeypatch, argv(endpoint, "2")) == 2
+    err = capsys.readouterr().err
+    assert err == message + "\n", err
 
 
 @pytest.mark.parametrize("endpoint", ["localhost:0", "127.0.0.1:29500", "[::1]:29500", "localhost"])
