@@ -38,7 +38,7 @@ from pathlib import Path
 
 from torchtitan_like.errors import ConfigError, TrainerError
 from torchtitan_like.output_files import check_output_file, write_text_atomically
-from torchtitan_like.train import EXIT_CONFIG_OR_DATA, _setup_logging
+from torchtitan_like.train import EXIT_CONFIG_OR_DATA, EXIT_INTERRUPTED, _setup_logging
 
 logger = logging.getLogger("torchtitan_like")
 
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_OR_DATA
+    except KeyboardInterrupt:
+        print("error: dry run interrupted by SIGINT (Ctrl-C): nothing was written", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     s = report["state_bytes"]
     logger.info(
         "dry run OK: %s, rank %d of %d %s, stages %s: parameters %s, gradients %s, optimizer states %s, "

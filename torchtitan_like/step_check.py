@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,13 +416,20 @@ def _launch(config: Path, ranks: int, log: Path, *, phase: str, timeout_s: float
 
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a launch: SIGTERM to torchrun, which stops its workers (each in a session of its own) within
-    its --shutdown-timeout; SIGKILL to what is left of its process group after that."""
-    proc.send_signal(signal.SIGTERM)
+    its --shutdown-timeout; SIGKILL to what is left of its process group after that. A second Ctrl-C meanwhile
+    is ignored: it would leave the launch running."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
-        proc.wait(timeout=STOP_GRACE_S + 15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S + 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _error_lines(log: Path, limit: int = 3) -> list[str]:
@@ -451,18 +459,29 @@ def _missing_steps(metrics: Path, steps: int) -> list[int]:
 
 def step_check(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda", max_ranks: int = DEFAULT_MAX_RANKS,
                timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-    """Rehearse job `cfg` (resolved `layout`) and log the result line; the exit status (0 passed)."""
+    """Rehearse job `cfg` (resolved `layout`) and log the result line; the exit status (0 passed; 130 stopped by
+    Ctrl-C: one `error:` line, its ranks stopped and its folder removed)."""
+    from torchtitan_like.train import EXIT_INTERRUPTED
+
     if cfg.checkpoint.create_seed_checkpoint:
         logger.info("step check: nothing to rehearse: checkpoint.create_seed_checkpoint=true trains no step")
         return 0
-    reh = rehearsal(cfg, layout, device=device, max_ranks=max_ranks)
-    _check_rehearsal(reh)
-    plan = (f"{reh.ranks} CPU rank(s) ({_layout_text(reh.layout)}), {reh.cfg.model.flavor}, "
-            f"{', '.join(reh.features) or 'no parallelism or extra features'}")
-    logger.info("step check: training %d steps%s on %s ...", REHEARSAL_STEPS,
-                " (then a resume and step 3)" if reh.resumes else "", plan)
-    folder = Path(tempfile.mkdtemp(prefix="torchtitan_like_step_check_"))
-    outcome = run_rehearsal(reh, folder, timeout_s=timeout_s)
+    folder: Path | None = None
+    try:
+        reh = rehearsal(cfg, layout, device=device, max_ranks=max_ranks)
+        _check_rehearsal(reh)
+        plan = (f"{reh.ranks} CPU rank(s) ({_layout_text(reh.layout)}), {reh.cfg.model.flavor}, "
+                f"{', '.join(reh.features) or 'no parallelism or extra features'}")
+        logger.info("step check: training %d steps%s on %s ...", REHEARSAL_STEPS,
+                    " (then a resume and step 3)" if reh.resumes else "", plan)
+        folder = Path(tempfile.mkdtemp(prefix="torchtitan_like_step_check_"))
+        outcome = run_rehearsal(reh, folder, timeout_s=timeout_s)
+    except KeyboardInterrupt:  # (a launch in flight has stopped its ranks by now: _launch)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        print("error: step check interrupted by SIGINT (Ctrl-C): its ranks were stopped and its files removed",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     skipped = f"; not rehearsed: {'; '.join(reh.not_rehearsed)}" if reh.not_rehearsed else ""
     if outcome.ok:
         shutil.rmtree(folder, ignore_errors=True)

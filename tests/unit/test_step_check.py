@@ -394,3 +394,71 @@ def test_a_bad_limit_on_the_command_line_is_one_error_line_and_exit_2(
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
+
+
+class _InterruptedLaunch:
+    """A torchrun launch that the user interrupts (Ctrl-C) while the step check waits for it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.pid, self.signals, self.waits = 0, [], 0
+
+    def wait(self, timeout=None) -> int:
+        self.waits += 1
+        if self.waits == 1:
+            raise KeyboardInterrupt
+        return 75
+
+    def send_signal(self, sig) -> None:
+        self.signals.append(sig)
+
+
+@pytest.mark.usefixtures("restore_root_logger")  # (dry_run.main sets up logging)
+@pytest.mark.parametrize("entry", ["step_check", "dry_run"])
+def test_ctrl_c_during_the_step_check_stops_its_ranks_removes_its_files_and_exits_130(
+    entry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Ctrl-C used to end in a KeyboardInterrupt traceback (exit by SIGINT), leaving the rehearsal's folder.
+    import importlib
+    import signal
+    import subprocess
+    import tempfile
+
+    import torchtitan_like.step_check as sc
+
+    launches: list[_InterruptedLaunch] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: launches.append(_InterruptedLaunch()) or launches[-1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = ["--world-size", "1", "--device", "cpu", "--job.config_file", str(ROOT / "train_configs" / "debug_model.toml")]
+    if entry == "dry_run":
+        args = ["--skip-files", "--step-check", *args]
+    try:
+        rc = importlib.import_module(f"torchtitan_like.{entry}").main(args)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped (a traceback for the user)")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 130 and errors == ["error: step check interrupted by SIGINT (Ctrl-C): its ranks were stopped and "
+                                    "its files removed"], err[-2000:]
+    assert "Traceback" not in err
+    assert len(launches) == 1 and launches[0].signals == [signal.SIGTERM]  # (torchrun stops its workers)
+    assert list(tmp_path.glob("torchtitan_like_step_check_*")) == [], list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (ignored only while stopping)
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_ctrl_c_during_the_dry_run_is_one_error_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torchtitan_like.dry_run as dr
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dr, "dry_run", interrupted)
+    try:
+        rc = dr.main(["--world-size", "1", "--device", "cpu", "--job.config_file",
+                      str(ROOT / "train_configs" / "debug_model.toml")])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped (a traceback for the user)")
+    err = capsys.readouterr().err
+    assert rc == 130 and err.splitlines()[-1] == "error: dry run interrupted by SIGINT (Ctrl-C): nothing was written"
