@@ -104,6 +104,42 @@ def test_no_valid_layout_is_not_reported_as_a_memory_problem(capsys) -> None:
     assert not line.startswith("error: no layout fits in"), line
 
 
+def test_the_refusal_summary_states_each_rule_not_its_first_word(tmp_path: Path, capsys) -> None:
+    # Every float8 refusal was summarised as "float8" (the message cut at its first ":"), and longer rules at 90
+    # characters, mid-word.
+    config = tmp_path / "f8.toml"
+    config.write_text((ROOT / "train_configs" / "debug_model.toml").read_text()
+                      + "\n[quantize.linear.float8]\nfilter_fqns = []\n")  # ('output', 1000 rows per TP rank of 2)
+    rc, stdout, err = run_plan(capsys, "--config", str(config), "--ngpu", "8", "--precision", "fp8",
+                               "--global-batch", "16", "--no-verify", "--top", "1")
+    assert rc == 0, err
+    summary = stdout.split("refused by the trainer's checks (count, reason):\n", 1)[1].splitlines()
+    assert re.fullmatch(r" +\d+  float8: linear 'output' multiplies a 1000x256 weight on each rank with tensor "
+                        r"parallel's split; CUDA's float8 matmul needs both dimensions divisible by 16", summary[0]), \
+        summary
+
+
+def test_a_refusal_reason_is_the_rule_without_its_fix_or_layout_hints() -> None:
+    from torchtitan_like.components.float8 import gemm_dims_error
+    from torchtitan_like.planner.layout import refusal_reason
+
+    assert refusal_reason(gemm_dims_error("output", [1000, 256], tp_split=True)) == (
+        "float8: linear 'output' multiplies a 1000x256 weight on each rank with tensor parallel's split; CUDA's "
+        "float8 matmul needs both dimensions divisible by 16")
+    # Layouts refused for one rule count together, whatever hint about the rest of the layout follows it.
+    rule = ("parallelism.tensor_parallel_degree=3 must divide model n_heads=16 and n_kv_heads=8 (KV heads are "
+            "sharded, not replicated)")
+    assert {refusal_reason(rule + hint) for hint in (
+        "; with data_parallel_shard_degree=-1 (it takes what the other degrees leave), try 1",
+        "; no degree that does also fits training.global_batch_size=6 (a multiple of local_batch_size(3) x the "
+        "data-parallel degree the world leaves): change those too, or let tools/plan.py choose the layout",
+    )} == {rule}
+    # A "; " or ": " inside parentheses is part of the rule.
+    fsdp = ("quantize.linear.float8.enable_fsdp_float8_all_gather=true needs FSDP (parameters sharded over "
+            "data_parallel_shard_degree x context_parallel_degree > 1; this layout has 1 x 1)")
+    assert refusal_reason(fsdp + ": set it to false or shard the model") == fsdp
+
+
 def test_explain_prints_overrides_that_load_when_pasted_into_a_shell() -> None:
     from torchtitan_like.config.loader import load_config
     from torchtitan_like.planner.hardware import load_profile

@@ -303,13 +303,42 @@ def _check_float8_gemm_dims(cfg: JobConfig, model_args: TransformerArgs, *, tp: 
             raise ConfigError(error)
 
 
+def _top_level_split(text: str, sep: str) -> list[str]:
+    """`text` split at each `sep` outside parentheses and brackets."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth = max(0, depth - 1)
+        elif depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i = i + len(sep)
+            continue
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def refusal_reason(message: str) -> str:
+    """The rule a trainer's refusal states, without its fix and its layout-specific hints, so that the layouts
+    refused for one rule count together: "key=value must ... (why)" of "key=value must ... (why); hint: fix".
+    A bare label before the first ": " ("float8: linear 'output' ...") keeps the whole statement after it:
+    alone it would say nothing."""
+    segments = _top_level_split(message, ": ")
+    if len(segments) > 1 and " " not in segments[0]:
+        return f"{segments[0]}: {segments[1]}"
+    return _top_level_split(segments[0], "; ")[0]
+
+
 def valid_candidates(inputs: PlanInputs, n_layers: int) -> tuple[list[Candidate], Counter[str]]:
-    """The layouts the trainer accepts, and how many were refused for each reason (first words)."""
+    """The layouts the trainer accepts, and how many were refused for each reason (`refusal_reason`)."""
     ok: list[Candidate] = []
     refused: Counter[str] = Counter()
     for layout in layouts(inputs, n_layers):
         try:
             ok.append(check(inputs, layout))
         except ConfigError as e:
-            refused[str(e).split(":")[0][:90]] += 1
+            refused[refusal_reason(str(e))] += 1
     return ok, refused
