@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
                           "the trainer refuses float8 there unless quantize.linear.float8.emulate): use --precision bf16")
     for flag, value in (("--seq-len", args.seq_len), ("--global-batch", args.global_batch),
                         ("--gpus-per-node", args.gpus_per_node), ("--max-local-batch", args.max_local_batch),
-                        ("--top", args.top)):
+                        ("--top", args.top), ("--explain", args.explain)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
     if args.ngpu > hw.gpus_per_node and args.ngpu % hw.gpus_per_node:
@@ -153,12 +154,8 @@ def _run(args: argparse.Namespace) -> int:
         print("refused by the trainer's checks (count, reason):")
         for reason, n in plan.refused.most_common(5):
             print(f"  {n:5d}  {reason}")
-    if args.json:
-        rows = [{"rank": i, "layout": p.layout.describe(), "overrides": p.layout.overrides(),
-                 "tokens_per_s_per_gpu": p.speed.tokens_per_s_per_gpu, "tflops_per_gpu": p.speed.tflops_per_gpu,
-                 "mfu": p.speed.mfu, "memory_bytes": p.memory.items(), "step_s": p.step.items()}
-                for i, p in enumerate(plan.ranked, 1)]
-        write_text_atomically(args.json, json.dumps(rows, indent=2) + "\n", f"--json {args.json}", example="plan.json")
+    # Nothing is written until every check has passed, the dry run of the winner included: a refused command
+    # leaves no --json or --out behind.
     if not plan.ranked and not plan.too_big:
         reasons = "; ".join(f"{n} x {reason}" for reason, n in plan.refused.most_common(3))
         raise ConfigError(
@@ -179,22 +176,35 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--explain {args.explain}: the table has rows 1..{len(plan.ranked)}")
         print(explain(plan.ranked[args.explain - 1], hw))
     best = plan.ranked[0]
+    verified = None
+    if args.out and not args.no_verify:
+        from torchtitan_like.dry_run import dry_run
+
+        # The rank whose memory the plan reports: the first of the pipeline rank that peaks.
+        rank = best.memory.pp_rank * (args.ngpu // best.layout.pp)
+        # The layout is what is verified here, from a copy of the TOML (--out is written once it passed); the data
+        # files are the run's (its own dry run checks them).
+        with tempfile.TemporaryDirectory(prefix="torchtitan_like_plan_") as folder:
+            toml = Path(folder) / args.out.name
+            toml.write_text(winner_toml(best))
+            report = dry_run(["--job.config_file", str(toml)], world_size=args.ngpu, rank=rank, device=hw.device,
+                             files=False)
+        got, predicted = report["state_bytes"], best.memory.state.as_dict()
+        if got != predicted:
+            raise RuntimeError(f"planner state bytes {predicted} != dry run {got} for rank {rank}: a planner bug")
+        verified = (f"dry run of {args.out} on {args.ngpu} ranks: OK; rank {rank} state {got['total'] / GIB:.2f} "
+                    "GiB, exactly as planned")
+    if args.json:
+        rows = [{"rank": i, "layout": p.layout.describe(), "overrides": p.layout.overrides(),
+                 "tokens_per_s_per_gpu": p.speed.tokens_per_s_per_gpu, "tflops_per_gpu": p.speed.tflops_per_gpu,
+                 "mfu": p.speed.mfu, "memory_bytes": p.memory.items(), "step_s": p.step.items()}
+                for i, p in enumerate(plan.ranked, 1)]
+        write_text_atomically(args.json, json.dumps(rows, indent=2) + "\n", f"--json {args.json}", example="plan.json")
     if args.out:
         write_text_atomically(args.out, winner_toml(best), f"--out {args.out}", example="plan.toml")
         print(f"wrote {args.out}: {best.layout.describe()}")
-        if not args.no_verify:
-            from torchtitan_like.dry_run import dry_run
-
-            # The rank whose memory the plan reports: the first of the pipeline rank that peaks.
-            rank = best.memory.pp_rank * (args.ngpu // best.layout.pp)
-            # The layout is what is verified here; the data files are the run's (its own dry run checks them).
-            report = dry_run(["--job.config_file", str(args.out)], world_size=args.ngpu, rank=rank,
-                             device=hw.device, files=False)
-            got, predicted = report["state_bytes"], best.memory.state.as_dict()
-            if got != predicted:
-                raise RuntimeError(f"planner state bytes {predicted} != dry run {got} for rank {rank}: a planner bug")
-            print(f"dry run of {args.out} on {args.ngpu} ranks: OK; rank {rank} state {got['total'] / GIB:.2f} GiB, "
-                  "exactly as planned")
+        if verified:
+            print(verified)
     return 0
 
 

@@ -181,6 +181,41 @@ def test_json_into_a_new_folder_is_written_or_refused_cleanly(tmp_path: Path, ca
         assert json.loads(out.read_text())
 
 
+@pytest.mark.parametrize("args, message", [
+    # The ranked JSON was written before these refusals, which left it behind (an empty list when nothing was valid).
+    (("--ngpu", "2", "--global-batch", "4", "--explain", "9999"), "error: --explain 9999: the table has rows 1.."),
+    (("--ngpu", "3", "--global-batch", "4", "--allow", "fsdp,hsdp,ddp,tp,cp,ac"),
+     "error: no layout of 3 GPUs passes the trainer's checks"),
+    # Now refused before planning, like --top 0.
+    (("--ngpu", "2", "--global-batch", "4", "--explain", "0"), "error: --explain 0 must be >= 1"),
+], ids=["explain-past-the-table", "no-valid-layout", "explain-0"])
+def test_a_refused_plan_writes_neither_json_nor_toml(tmp_path: Path, capsys, args: tuple[str, ...],
+                                                     message: str) -> None:
+    out, ranked = tmp_path / "plan.toml", tmp_path / "plan.json"
+    rc, _, err = run_plan(capsys, "--model", "llama3:debugmodel", "--seq-len", "256", "--no-verify",
+                          "--out", str(out), "--json", str(ranked), *args)
+    assert rc == 2 and len(error_lines(err)) == 1 and error_lines(err)[0].startswith(message), err
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_plan_whose_dry_run_fails_writes_neither_json_nor_toml(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The winner's TOML was written, then dry-run: a refusal there left it behind, and the JSON with it.
+    import torchtitan_like.dry_run as dr
+    from torchtitan_like.errors import ConfigError
+
+    out, ranked = tmp_path / "plan.toml", tmp_path / "plan.json"
+
+    def refused(argv, **kwargs):
+        assert Path(argv[-1]).is_file()  # (the winner's TOML, to dry-run)
+        raise ConfigError("the dry run refuses this layout")
+
+    monkeypatch.setattr(dr, "dry_run", refused)
+    rc, _, err = run_plan(capsys, "--model", "llama3:debugmodel", "--seq-len", "256", "--ngpu", "2",
+                          "--global-batch", "4", "--hardware", "H100", "--out", str(out), "--json", str(ranked))
+    assert rc == 2 and error_lines(err) == ["error: the dry run refuses this layout"], err
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 def test_the_config_example_in_plan_py_docstring_runs(capsys) -> None:
     cli = plan_cli()
     examples = [ln.strip() for ln in cli.__doc__.splitlines() if ln.strip().startswith("tools/plan.py --config")]
