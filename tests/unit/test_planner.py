@@ -597,6 +597,24 @@ def test_profile_json_round_trip(tmp_path: Path):
     assert loaded == dataclasses.replace(ROUND_HW, gemm_efficiency=defaults["gemm_efficiency"])
 
 
+@pytest.mark.parametrize("field, text", [
+    ("hbm_gib", "Infinity"),  # (was accepted: "fit in inf GiB", every layout fits)
+    ("hbm_gbps", "-Infinity"),
+    ("gemm_efficiency", "NaN"),  # (was "has the wrong type or sign")
+    ("peak_fp8_tflops", "1e999"),  # (json reads it as inf)
+    ("reserved_gib", "NaN"),
+])
+def test_a_profile_with_infinity_or_nan_is_refused_naming_the_field(tmp_path: Path, field: str, text: str):
+    path = tmp_path / "gpu.json"
+    data = json.loads(ROUND_HW.to_json())
+    path.write_text(json.dumps({**data, field: "VALUE"}).replace('"VALUE"', text))
+    with pytest.raises(ConfigError) as e:
+        load_profile(str(path))
+    value = {"Infinity": "inf", "-Infinity": "-inf", "NaN": "nan", "1e999": "inf"}[text]
+    assert str(e.value) == (f"hardware profile {path}: field {field}={value} must be a finite number: measure it "
+                            "with benchmarks/calibrate.py, or use a built-in profile's value")
+
+
 def test_profile_errors_name_the_problem(tmp_path: Path):
     path = tmp_path / "gpu.json"
     data = json.loads(ROUND_HW.to_json())

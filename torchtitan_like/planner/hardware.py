@@ -12,6 +12,7 @@ calibration run on the GPU itself.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -120,6 +121,12 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     if missing:
         raise ConfigError(f"hardware profile {path}: missing fields {missing}")
     for name, value in data.items():
+        if _is_number(value) and not math.isfinite(value):
+            # (Python's json reads Infinity, NaN and 1e999; the cost model would print inf GiB or nan tokens/s.)
+            raise ConfigError(
+                f"hardware profile {path}: field {name}={value!r} must be a finite number: measure it with "
+                "benchmarks/calibrate.py, or use a built-in profile's value"
+            )
         if name in POSITIVE_FIELDS and _is_number(value) and value == 0:
             raise ConfigError(
                 f"hardware profile {path}: field {name}={value!r} must be > 0 (the planner divides by it); "
