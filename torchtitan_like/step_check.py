@@ -416,10 +416,11 @@ def _launch(config: Path, ranks: int, log: Path, *, phase: str, timeout_s: float
 
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a launch: SIGTERM to torchrun, which stops its workers (each in a session of its own) within
-    its --shutdown-timeout; SIGKILL to what is left of its process group after that. A second Ctrl-C meanwhile
-    is ignored: it would leave the launch running."""
+    its --shutdown-timeout; SIGKILL to what is left of its process group after that. A second Ctrl-C (or
+    SIGTERM, SIGHUP) meanwhile is ignored: it would leave the launch running."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if main_thread else ()
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stopping}
     try:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -428,8 +429,8 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _error_lines(log: Path, limit: int = 3) -> list[str]:
@@ -457,16 +458,39 @@ def _missing_steps(metrics: Path, steps: int) -> list[int]:
     return [s for s in range(1, steps + 1) if s not in seen]
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP while the step check runs (a scheduler's limit, a closed terminal): raised like Ctrl-C's
+    KeyboardInterrupt, so that the launch in flight is stopped and the folder removed, not orphaned by the
+    signal's default action (the launch runs in a session of its own)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+def _raise_on_termination() -> dict[int, object]:
+    """Handlers that raise Terminated for SIGTERM and SIGHUP; the previous handlers, to restore (none off the
+    main thread, where Python cannot set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def step_check(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda", max_ranks: int = DEFAULT_MAX_RANKS,
                timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """Rehearse job `cfg` (resolved `layout`) and log the result line; the exit status (0 passed; 130 stopped by
-    Ctrl-C: one `error:` line, its ranks stopped and its folder removed)."""
+    Ctrl-C, 143 by SIGTERM, 129 by SIGHUP: one `error:` line, its ranks stopped and its folder removed)."""
     from torchtitan_like.train import EXIT_INTERRUPTED
 
     if cfg.checkpoint.create_seed_checkpoint:
         logger.info("step check: nothing to rehearse: checkpoint.create_seed_checkpoint=true trains no step")
         return 0
     folder: Path | None = None
+    previous = _raise_on_termination()
     try:
         reh = rehearsal(cfg, layout, device=device, max_ranks=max_ranks)
         _check_rehearsal(reh)
@@ -476,12 +500,15 @@ def step_check(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda", 
                     " (then a resume and step 3)" if reh.resumes else "", plan)
         folder = Path(tempfile.mkdtemp(prefix="torchtitan_like_step_check_"))
         outcome = run_rehearsal(reh, folder, timeout_s=timeout_s)
-    except KeyboardInterrupt:  # (a launch in flight has stopped its ranks by now: _launch)
+    except (KeyboardInterrupt, Terminated) as e:  # (a launch in flight has stopped its ranks by now: _launch)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-        print("error: step check interrupted by SIGINT (Ctrl-C): its ranks were stopped and its files removed",
-              file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        how = f"stopped by {e.name}" if isinstance(e, Terminated) else "interrupted by SIGINT (Ctrl-C)"
+        print(f"error: step check {how}: its ranks were stopped and its files removed", file=sys.stderr, flush=True)
+        return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     skipped = f"; not rehearsed: {'; '.join(reh.not_rehearsed)}" if reh.not_rehearsed else ""
     if outcome.ok:
         shutil.rmtree(folder, ignore_errors=True)

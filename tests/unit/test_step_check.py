@@ -462,3 +462,44 @@ def test_ctrl_c_during_the_dry_run_is_one_error_line_and_exit_130(
         pytest.fail("the KeyboardInterrupt escaped (a traceback for the user)")
     err = capsys.readouterr().err
     assert rc == 130 and err.splitlines()[-1] == "error: dry run interrupted by SIGINT (Ctrl-C): nothing was written"
+
+
+SIGNALLED_STEP_CHECK = """
+import os, signal, subprocess, sys
+from torchtitan_like.step_check import main
+
+class Launch:  # a torchrun launch; the step check gets SIGTERM/SIGHUP while it waits for it
+    pid = 0
+    def __init__(self, *args, **kwargs):
+        self.waits = 0
+    def wait(self, timeout=None):
+        self.waits += 1
+        if self.waits == 1:
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        return 75
+    def send_signal(self, sig):
+        print("launch got", signal.Signals(sig).name, flush=True)
+
+subprocess.Popen = Launch
+sys.exit(main(["--world-size", "1", "--device", "cpu", "--job.config_file", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("sig, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_or_sighup_during_the_step_check_stops_its_ranks_and_removes_its_files(tmp_path: Path, sig: str,
+                                                                                       status: int) -> None:
+    # Their default action ended the step check at once: its launch (a session of its own) trained on, orphaned,
+    # and its folder stayed in the temp directory. (In a subprocess: the signal is real.)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", SIGNALLED_STEP_CHECK, sig, str(ROOT / "train_configs" / "debug_model.toml")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert (r.returncode, errors) == (status, [f"error: step check stopped by {sig}: its ranks were stopped and "
+                                               "its files removed"]), r.stderr[-2000:]
+    assert [line for line in r.stdout.splitlines() if line.startswith("launch got")] == ["launch got SIGTERM"], \
+        r.stdout  # (torchrun stops its workers)
+    assert list(tmp_path.glob("torchtitan_like_step_check_*")) == [], list(tmp_path.iterdir())
