@@ -9,7 +9,8 @@
 #                    on one node without MASTER_ADDR, localhost on MASTER_PORT, else on a free port). Without :port, torchrun's 29400; an
 #                    IPv6 address in brackets ([::1]:29500). The host must resolve on this node (checked first)
 #   MASTER_ADDR      rendezvous host when RDZV_ENDPOINT is unset; MASTER_PORT its port (default: 29500; on one
-#                    node, MASTER_PORT without MASTER_ADDR is a port on localhost)
+#                    node, MASTER_PORT without MASTER_ADDR is a port on localhost). With RDZV_ENDPOINT set, they
+#                    do nothing, and are named in a warning where they differ from its host or port
 #   RDZV_ID          job id, the same on every node (default: torchrun's "none"; tools/slurm_train.sbatch
 #                    passes SLURM_JOB_ID)
 #   MAX_RESTARTS     times torchrun restarts the workers after a failure, each time resuming from the latest
@@ -174,6 +175,15 @@ if [[ "${COMM_MODE:-}" == fake_backend ]]; then
   exit 1
 fi
 
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+  # RDZV_ENDPOINT wins: a MASTER_ADDR or MASTER_PORT that names another host or port is named, not ignored unsaid.
+  rdzv_host=${RDZV_ENDPOINT%:*} rdzv_port=${RDZV_ENDPOINT##*:}
+  if [[ "$RDZV_ENDPOINT" != *:* || "$RDZV_ENDPOINT" == *"]" ]]; then rdzv_host=$RDZV_ENDPOINT rdzv_port=29400; fi
+  ignored=()
+  if [[ -n "${MASTER_ADDR:-}" && "$MASTER_ADDR" != "$rdzv_host" ]]; then ignored+=(MASTER_ADDR); fi
+  if [[ -n "${MASTER_PORT:-}" && "$MASTER_PORT" != "$rdzv_port" ]]; then ignored+=(MASTER_PORT); fi
+  warn_unused "${ignored[*]-}" "do nothing when RDZV_ENDPOINT is set: the rendezvous is RDZV_ENDPOINT=$RDZV_ENDPOINT"
+fi
 if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
   if [[ -n "${MASTER_ADDR:-}" ]]; then
     MASTER_PORT=${MASTER_PORT:-29500}

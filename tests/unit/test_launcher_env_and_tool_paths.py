@@ -107,6 +107,11 @@ def test_a_python_that_cannot_run_the_trainer_is_one_error_line(fake_python: Pat
     ({"NGPU": "4", "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "node0:29500"}, "--node-rank=1"),
     # MASTER_PORT alone on one node: that port on localhost (it was dropped for a free port, localhost:0).
     ({"NGPU": "1", "MASTER_PORT": "029600"}, "--rdzv-endpoint=localhost:29600"),
+    # The same endpoint twice: nothing is ignored, no warning.
+    ({"NGPU": "1", "RDZV_ENDPOINT": "node0:29500", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"},
+     "--rdzv-endpoint=node0:29500"),
+    ({"NGPU": "1", "RDZV_ENDPOINT": "node0:29500", "MASTER_ADDR": "node0"}, "--rdzv-endpoint=node0:29500"),
+    ({"NGPU": "1", "RDZV_ENDPOINT": "[::1]", "MASTER_PORT": "29400"}, "--rdzv-endpoint=[::1]"),
 ])
 def test_valid_values_start_as_before(fake_python: Path, env: dict[str, str], expected: str) -> None:
     r, started = run_train(fake_python, **env)
@@ -123,6 +128,13 @@ def test_valid_values_start_as_before(fake_python: Path, env: dict[str, str], ex
     ({"COMM_MODE": "fake_backend", "NGPU": "1", "DRY_RUN_STEP_CHECK_RANKS": "4", "DRY_RUN_STEP_CHECK_TIMEOUT": "60"},
      "run_train: warning: DRY_RUN_STEP_CHECK_RANKS=4 DRY_RUN_STEP_CHECK_TIMEOUT=60 do nothing without "
      "DRY_RUN_STEP_CHECK=1: no step check runs after this dry run", "--world-size 1 --rank 0 --device cuda"),
+    # MASTER_ADDR / MASTER_PORT beside RDZV_ENDPOINT were ignored without a word.
+    ({"NGPU": "1", "RDZV_ENDPOINT": "node0:29500", "MASTER_ADDR": "node1", "MASTER_PORT": "29600"},
+     "run_train: warning: MASTER_ADDR=node1 MASTER_PORT=29600 do nothing when RDZV_ENDPOINT is set: the rendezvous "
+     "is RDZV_ENDPOINT=node0:29500", "--rdzv-endpoint=node0:29500"),
+    ({"NGPU": "1", "RDZV_ENDPOINT": "node0:29500", "MASTER_ADDR": "node0", "MASTER_PORT": "29600"},
+     "run_train: warning: MASTER_PORT=29600 do nothing when RDZV_ENDPOINT is set: the rendezvous is "
+     "RDZV_ENDPOINT=node0:29500", "--rdzv-endpoint=node0:29500"),
 ])
 def test_variables_that_do_nothing_in_this_launch_are_named_in_one_warning(fake_python: Path, env: dict[str, str],
                                                                           warning: str, expected: str) -> None:
