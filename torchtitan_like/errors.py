@@ -3,6 +3,11 @@
 Everything else (a bug, an internal invariant) keeps its traceback.
 """
 
+import errno
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+"""The OSError errnos of a write that found the disk or the quota full (train.py's advice, checkpoint.py's note)."""
+
 
 class TrainerError(Exception):
     """An error the user can fix: the message names the cause and the fix."""

@@ -8,7 +8,6 @@ once with status 1, without waiting on the other ranks (torchrun then stops them
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import os
@@ -16,7 +15,7 @@ import signal
 import sys
 from typing import NoReturn
 
-from torchtitan_like.errors import TrainerError, TrainingError
+from torchtitan_like.errors import DISK_FULL_ERRNOS, TrainerError, TrainingError
 
 logger = logging.getLogger("torchtitan_like")
 
@@ -25,7 +24,6 @@ EXIT_TRAINING = 3
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as a shell reports it
 EXIT_PREEMPTED = 75  # torchtitan_like.distributed.preemption.EXIT_PREEMPTED (not imported: --help stays torch-free)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 EXIT_STATUS_DIR_ENV = "TORCHTITAN_LIKE_EXIT_STATUS_DIR"
 """Set by the launcher (launch.py): each rank writes its exit status there as it leaves, so a launcher
 that got SIGTERM can tell a finished job (exit 0) from a pre-empted one (75)."""
@@ -190,7 +188,7 @@ def _out_of_memory(e: BaseException) -> str | None:
 def _disk_full(e: BaseException) -> str | None:
     """What to do after a write hit a full disk or quota (metrics, TensorBoard, config.toml), in one line;
     None for any other error."""
-    if not (isinstance(e, OSError) and e.errno in _DISK_FULL):
+    if not (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS):
         return None
     where = f" writing {e.filename}" if e.filename else ""
     return (f"{e.strerror}{where}: free space there or point job.dump_folder at another disk (complete checkpoints "

@@ -31,7 +31,6 @@ background thread when the upload completes. The next save, `wait()` and `close(
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -84,7 +83,7 @@ from torchtitan_like.components.manifest import (
 )
 from torchtitan_like.components.tokenizer import describe_identity
 from torchtitan_like.config.schema import Checkpoint
-from torchtitan_like.errors import ConfigError
+from torchtitan_like.errors import DISK_FULL_ERRNOS, ConfigError
 
 __all__ = [
     "COMPONENTS", "CheckpointError", "CheckpointManager", "TrainState", "check_checkpoint_config", "check_initial_load",
@@ -148,7 +147,6 @@ class TrainState(Stateful):
 FULL_DISK_BYTES = 16 * 2**20
 """Free space below which a failed save is reported as a full disk. A write that fails for want of space
 fills the disk to its last block first; the partial files are still there when this is measured."""
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -174,7 +172,7 @@ def _disk_full_errno(e: BaseException | None) -> bool:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in _DISK_FULL_ERRNOS:
+        if isinstance(x, OSError) and x.errno in DISK_FULL_ERRNOS:
             return True
         if isinstance(x, CheckpointException):  # (rank -> (exception, traceback))
             todo.extend(f[0] if isinstance(f, tuple) else f for f in x.failures.values())
