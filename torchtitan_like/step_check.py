@@ -264,7 +264,8 @@ def rehearsal(cfg: JobConfig, layout: dict[str, int], *, device: str = "cuda",
         pr.enable_profiling = pr.enable_memory_snapshot = False
         notes.append("profiling")
     pr.save_traces_folder, pr.save_memory_snapshot_folder = "profile_traces", "memory_snapshot"
-    cfg.debug.fail_at_step = 0
+    # The job's injected faults are not rehearsed: a hang would block a rank until the step check's timeout.
+    cfg.debug.fail_at_step = cfg.debug.hang_at_step = 0
     return Rehearsal(cfg=cfg, layout=small, features=_features(cfg, small), not_rehearsed=notes)
 
 

@@ -503,3 +503,13 @@ def test_sigterm_or_sighup_during_the_step_check_stops_its_ranks_and_removes_its
     assert [line for line in r.stdout.splitlines() if line.startswith("launch got")] == ["launch got SIGTERM"], \
         r.stdout  # (torchrun stops its workers)
     assert list(tmp_path.glob("torchtitan_like_step_check_*")) == [], list(tmp_path.iterdir())
+
+
+def test_the_jobs_injected_faults_are_not_rehearsed() -> None:
+    """debug.hang_at_step blocked a rehearsal rank until the step-check timeout (then 'FAILED ... a hang'), and its
+    hang_rank, beyond the shrunk world, was refused as the step check's limit; fail_at_step was already cleared."""
+    cfg = _cfg("--debug.fail_at_step", "2", "--debug.fail_rank", "7", "--debug.hang_at_step", "1",
+               "--debug.hang_rank", "7")
+    reh = rehearsal(cfg, resolved_layout(cfg, 8), max_ranks=4)
+    assert (reh.cfg.debug.fail_at_step, reh.cfg.debug.hang_at_step) == (0, 0)
+    check_job(load_config(["--job.config_file", _write(reh)]), reh.ranks)  # (hang_rank=7 of 4 ranks: not refused)
