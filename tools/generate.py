@@ -68,6 +68,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     import torch
 
     from torchtitan_like.config.loader import load_config
+    from torchtitan_like.config.validate import SEED_RANGE
     from torchtitan_like.errors import ConfigError
     from torchtitan_like.generation import Sampling, generate, load_model
     from torchtitan_like.output_files import check_output_file, write_text_atomically
@@ -84,8 +85,9 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError("no prompt: give --prompt TEXT (one or more) or --prompt-file FILE")
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     sampling.check()
-    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # (debug.seed's range; torch raised a traceback)
-        raise ConfigError(f"--seed {args.seed} must be in [-2**63, 2**64) (what torch.manual_seed takes)")
+    rule, ok = SEED_RANGE  # (debug.seed's; torch raised a traceback)
+    if args.seed is not None and not ok(args.seed):
+        raise ConfigError(f"--seed {args.seed} must be {rule}")
     if args.out:
         check_output_file(Path(args.out), f"--out {args.out}", example="generate.json")  # before the load
     cfg = load_config(rest)

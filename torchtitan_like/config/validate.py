@@ -13,6 +13,10 @@ from torchtitan_like.config.schema import JobConfig
 from torchtitan_like.errors import ConfigError
 from torchtitan_like.models import MODELS
 
+SEED_RANGE: tuple[str, Callable[[Any], bool]] = (
+    "in [-2**63, 2**64) (what torch.manual_seed takes)", lambda v: -(2**63) <= v < 2**64)
+"""The rule of a seed (debug.seed, tools/generate.py --seed) and its check."""
+
 # dotted key -> (rule text, predicate). Optional keys are checked only when set.
 _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "optimizer.lr": ("> 0", lambda v: v > 0),
@@ -50,7 +54,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "validation.local_batch_size": (">= 1", lambda v: v >= 1),
     "validation.global_batch_size": ("-1 or >= 1", lambda v: v == -1 or v >= 1),
     "validation.seq_len": (">= 2", lambda v: v >= 2),
-    "debug.seed": ("in [-2**63, 2**64) (what torch.manual_seed takes)", lambda v: -(2**63) <= v < 2**64),
+    "debug.seed": SEED_RANGE,
     "debug.fail_at_step": (">= 0 (0 = never)", lambda v: v >= 0),
     "debug.fail_rank": ("-1 (every rank) or >= 0", lambda v: v >= -1),
     "debug.hang_at_step": (">= 0 (0 = never)", lambda v: v >= 0),
