@@ -289,12 +289,12 @@ def _check_float8_gemm_dims(cfg: JobConfig, model_args: TransformerArgs, *, tp: 
     """The trainer's Float8Converter.check_gemm_dims on CUDA, from shapes: each converted linear's weight, as a
     rank multiplies it after tensor parallel's split, must have both dimensions divisible by 16."""
     from torchtitan_like.components.float8 import gemm_dims_error
-    from torchtitan_like.planner.state import _TP_SHARD_DIM
+    from torchtitan_like.planner.state import tp_shard_dim
 
     f8 = cfg.quantize.linear.float8
     for name, full in _float8_weight_shapes(model_args, f8.recipe_name, tuple(f8.filter_fqns)):
         shape = list(full)
-        dim = next((d for suffix, d in _TP_SHARD_DIM.items() if f"{name}.weight".endswith(suffix)), None)
+        dim = tp_shard_dim(f"{name}.weight")
         split = tp > 1 and dim is not None
         if split:
             shape[dim] //= tp  # (as check_gemm_dims divides it)

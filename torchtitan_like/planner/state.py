@@ -93,6 +93,12 @@ _TP_SHARD_DIM = {
     "tok_embeddings.weight": 0, "output.weight": 0,
 }
 
+
+def tp_shard_dim(param_name: str) -> int | None:
+    """The dim tensor parallel splits parameter `param_name` on (None: replicated), from _TP_SHARD_DIM."""
+    return next((d for suffix, d in _TP_SHARD_DIM.items() if param_name.endswith(suffix)), None)
+
+
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 """Mesh dims outer to inner, as distributed/parallel_dims.py builds them."""
 
@@ -151,7 +157,7 @@ def predicted_state_bytes(
             continue
         shape = list(full)
         if tp > 1:
-            dim = next((d for suffix, d in _TP_SHARD_DIM.items() if name.endswith(suffix)), None)
+            dim = tp_shard_dim(name)
             if dim is not None:
                 shape[dim] = chunk_size(shape[dim], tp, c["tp"])
         if fsdp > 1:
