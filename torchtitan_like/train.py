@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from torchtitan_like.errors import DISK_FULL_ERRNOS, TrainerError, TrainingError
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             file=sys.stderr, flush=True,
         )
         if _distributed():  # no close(): it could wait on a save's collectives that interrupted ranks never join
+            _disarm_stack_dumps(run)
             _exit_now(EXIT_INTERRUPTED)
         signal.signal(signal.SIGINT, previous)  # (alone, close() below finishes a save in flight and unlocks)
         return EXIT_INTERRUPTED
@@ -148,8 +150,7 @@ def _fail_fast(e: Exception, trainer: object | None = None) -> NoReturn:
     from torchtitan_like.distributed.health import dump_flight_recorder
     from torchtitan_like.distributed.preemption import PREEMPTION_SIGNALS
 
-    stacks = getattr(trainer, "stack_dumps", None)
-    kept = stacks.disarm(keep=True) if stacks is not None else None  # (before signal.signal: see stack_dump.py)
+    kept = _disarm_stack_dumps(trainer)  # (before signal.signal: see stack_dump.py)
     for sig in PREEMPTION_SIGNALS:  # torchrun's SIGTERM to the survivors must not cut the report short
         signal.signal(sig, signal.SIG_IGN)
     rank = dist.get_rank()
@@ -167,6 +168,13 @@ def _fail_fast(e: Exception, trainer: object | None = None) -> NoReturn:
     if kept is not None:
         logger.error("rank %d: its Python stacks when it got SIGTERM/SIGUSR1, before this error: %s", rank, kept)
     _exit_now(EXIT_FAILURE)
+
+
+def _disarm_stack_dumps(trainer: object | None) -> Path | None:
+    """Before a rank leaves without close() (fail-fast, Ctrl-C): disarm `trainer`'s stack dump on SIGTERM/SIGUSR1,
+    closing its file; the file stays, and its path is returned, only if a signal wrote a dump into it."""
+    stacks = getattr(trainer, "stack_dumps", None)
+    return stacks.disarm(keep=True) if stacks is not None else None
 
 
 def _out_of_memory(e: BaseException) -> str | None:

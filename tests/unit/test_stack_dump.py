@@ -114,3 +114,44 @@ def test_a_registration_left_by_an_earlier_run_does_not_stop_the_dump(tmp_path):
         watcher.restore()
         earlier.disarm(keep=False)
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_a_distributed_rank_stopped_by_ctrl_c_closes_its_stack_dump(tmp_path, monkeypatch):
+    """A rank of a distributed job that Ctrl-C stops leaves at once (train._exit_now, no close()): its stack dump
+    stayed armed, with the file open and an empty stacks/rank0.txt left in the output folder (fail-fast disarmed
+    it; this path did not)."""
+    import faulthandler
+
+    from test_signals_and_faults import argv, signal_self_at
+
+    from torchtitan_like import train
+    from torchtitan_like.distributed.preemption import PREEMPTION_SIGNALS
+    from torchtitan_like.trainer import Trainer
+
+    made: list[Trainer] = []
+    original_init = Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    seen = {}
+
+    def exit_now(code):  # (the real one is os._exit: no finally, no close(); what it leaves is seen here)
+        seen.update(armed=made[0].stack_dumps.armed, left=(tmp_path / "stacks").exists())
+        raise SystemExit(code)
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    monkeypatch.setattr(train, "_distributed", lambda: True)
+    monkeypatch.setattr(train, "_exit_now", exit_now)
+    signal_self_at(monkeypatch, 2, signal.SIGINT)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *PREEMPTION_SIGNALS)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            train.main(argv(tmp_path))
+        assert exited.value.code == 130
+        assert seen == {"armed": False, "left": False}
+    finally:
+        for sig, handler in before.items():
+            faulthandler.unregister(sig)
+            signal.signal(sig, handler)

@@ -9,8 +9,8 @@ thread's Python stack at C level, in the signal handler itself, and then calls t
 
 The stacks go to `<dump_folder>/stacks/rank{R}.txt` (`rank{R}_restart{N}.txt` after N torchrun restarts,
 so a restart does not overwrite the stuck attempt's file), never to the console. A rank that then stops
-at a step boundary (pre-emption, exit 75), finishes, or fails without having been signalled removes its
-file: what stays is the stack of a rank that got the signal and did not stop in time (torchrun killed it,
+at a step boundary (pre-emption, exit 75), finishes, or fails or is interrupted (Ctrl-C) without having
+been signalled removes its file: what stays is the stack of a rank that got the signal and did not stop in time (torchrun killed it,
 or it failed afterwards). Under the launcher (launch.py) each rank also names its file in the launcher's
 status folder, so the launcher's summary lists the stacks that were kept.
 
