@@ -367,9 +367,11 @@ class Trainer:
             ),
             special_tokens=self._special_tokens,
             tokenizer_path=cfg.model.tokenizer_path if self._special_tokens is not None else None,
-            # Recorded in every manifest; a resume with a tokenizer of other ids is refused.
+            # Recorded in every manifest; a resume with a tokenizer of other ids is refused, except over indexed data,
+            # whose token ids were fixed when it was pretokenized (the data reads the same; a warning says so).
             tokenizer=self._tokenizer_identity,
             tokenizer_key=tokenizer_key(cfg.model),
+            tokenizer_mismatch="warn" if cfg.training.dataset == "indexed" else "error",
             timeout_s=cfg.comm.init_timeout_seconds,  # the start-up timeout: a save may be slow
         )
         if cfg.checkpoint.create_seed_checkpoint:

@@ -74,3 +74,38 @@ def test_resuming_with_another_tokenizer_of_the_same_size_is_refused(tmp_path: P
     old = dump / "checkpoint" / "step-3"
     old.rename(tmp_path / "step-3")
     assert train(dump, "--training.steps", "3", *ckpt, "--model.tokenizer_path", str(other)).step == 3
+
+
+def test_over_indexed_data_another_tokenizer_is_a_warning_not_a_refusal(tmp_path: Path, caplog) -> None:
+    """Indexed data's ids were fixed when it was pretokenized: a resume with another model.tokenizer_path reads the
+    same tokens, so "resuming would train on other tokens" was untrue there. It is said as a warning."""
+    from torchtitan_like.data.indexed import write_indexed
+
+    records = [[(7 * i + j) % 1900 + 50 for j in range(40 + i)] for i in range(200)]
+    (tmp_path / "data").mkdir()
+    write_indexed(tmp_path / "data" / "corpus", records, vocab_size=2000)
+    dump = tmp_path / "run"
+    args = ["--checkpoint.enable", "--checkpoint.interval", "2", "--training.dataset", "indexed",
+            "--training.dataset_path", str(tmp_path / "data" / "corpus")]
+    train(dump, "--training.steps", "2", *args)
+    caplog.set_level(logging.WARNING, logger="torchtitan_like.components.checkpoint")
+    other = _swapped_tokenizer(tmp_path / "other")
+    assert train(dump, "--training.steps", "3", *args, "--model.tokenizer_path", str(other)).step == 3
+    assert "was trained with the tokenizer" in caplog.text and "the same ids mean other text" in caplog.text
+
+
+def test_every_rank_raises_when_one_rank_reads_another_tokenizer() -> None:
+    """Each rank reads its own tokenizer file (one node's copy may differ): the check is agreed over the ranks, so
+    a rank whose own copy matches raises the same error instead of going on into a load its peers left."""
+    from types import SimpleNamespace
+
+    from torchtitan_like.components.checkpoint import CheckpointManager
+
+    identity = build_tokenizer("").identity()
+    mgr = object.__new__(CheckpointManager)
+    mgr.tokenizer, mgr.tokenizer_key, mgr.tokenizer_mismatch = identity, "model.tokenizer_path", "error"
+    mgr.cfg = SimpleNamespace(initial_load_model_only=True)
+    mgr._dist = True
+    mgr._all_gather = lambda own: [own, "step-2 was trained with the tokenizer ... (rank 1)"]
+    with pytest.raises(CheckpointError, match=r"\(rank 1\)"):
+        mgr._check_tokenizer(Path("step-2"), {"tokenizer": identity}, initial=False)

@@ -857,31 +857,36 @@ class CheckpointManager:
     def _check_tokenizer(self, path: Path, manifest: dict[str, Any], *, initial: bool) -> None:
         """Refuse (or, for a reader, warn about) a checkpoint trained with another tokenizer than the run's: the
         same ids would mean other text. A checkpoint that records none (older ones, synthetic data) loads as before.
-        `initial`: checkpoint.initial_load_path; its model-only load is how a run changes tokenizer on purpose."""
+        `initial`: checkpoint.initial_load_path; its model-only load is how a run changes tokenizer on purpose.
+        Collective: each rank reads its own tokenizer file (one node's copy may differ), and all raise together."""
+        self._agree(self._tokenizer_error(path, manifest, initial=initial))
+
+    def _tokenizer_error(self, path: Path, manifest: dict[str, Any], *, initial: bool) -> str | None:
+        """_check_tokenizer's verdict on this rank: the error, or None (after any warning)."""
         saved = manifest.get("tokenizer")
         if self.tokenizer is None or not isinstance(saved, dict):
-            return
+            return None
         if saved.get("fingerprint") == self.tokenizer["fingerprint"]:
-            return
+            return None
         if initial and self.cfg.initial_load_model_only:
             logger.warning(
                 "checkpoint.initial_load_path=%s was trained with another tokenizer (%s) than %s gives (%s): starting "
                 "from its weights alone, with this run's tokenizer", path, describe_identity(saved),
                 self.tokenizer_key, describe_identity(self.tokenizer),
             )
-            return
+            return None
         what = f"{path} was trained with the tokenizer {describe_identity(saved)}, but {self.tokenizer_key} gives "
         what += f"another: {describe_identity(self.tokenizer)}"
         if self.tokenizer_mismatch == "warn":
             logger.warning("%s; the same ids mean other text (set %s to the checkpoint's tokenizer)", what,
                            self.tokenizer_key)
-            return
+            return None
         if initial:
-            raise CheckpointError(
+            return (
                 f"{what}: its data position would read other tokens; set {self.tokenizer_key} to the checkpoint's "
                 "tokenizer, or checkpoint.initial_load_model_only=true to start from its weights alone with this one"
             )
-        raise CheckpointError(
+        return (
             f"{what}: resuming would train on other tokens; set {self.tokenizer_key} to the checkpoint's tokenizer, or, "
             f"to change tokenizer on purpose, start a new run (another job.dump_folder) from its weights with "
             f"checkpoint.initial_load_path={path}"
