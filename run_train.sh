@@ -180,7 +180,10 @@ if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
   rdzv_host=${RDZV_ENDPOINT%:*} rdzv_port=${RDZV_ENDPOINT##*:}
   if [[ "$RDZV_ENDPOINT" != *:* || "$RDZV_ENDPOINT" == *"]" ]]; then rdzv_host=$RDZV_ENDPOINT rdzv_port=29400; fi
   ignored=()
-  if [[ -n "${MASTER_ADDR:-}" && "$MASTER_ADDR" != "$rdzv_host" ]]; then ignored+=(MASTER_ADDR); fi
+  # (An IPv6 host is bracketed in the endpoint, [::1]:29500, and may be bare in MASTER_ADDR: compare them bare.)
+  bare_rdzv=${rdzv_host#[} bare_master=${MASTER_ADDR:-}
+  bare_rdzv=${bare_rdzv%]} bare_master=${bare_master#[} bare_master=${bare_master%]}
+  if [[ -n "${MASTER_ADDR:-}" && "$bare_master" != "$bare_rdzv" ]]; then ignored+=(MASTER_ADDR); fi
   if [[ -n "${MASTER_PORT:-}" && "$MASTER_PORT" != "$rdzv_port" ]]; then ignored+=(MASTER_PORT); fi
   warn_unused "${ignored[*]-}" "do nothing when RDZV_ENDPOINT is set: the rendezvous is RDZV_ENDPOINT=$RDZV_ENDPOINT"
 fi

@@ -112,6 +112,10 @@ def test_a_python_that_cannot_run_the_trainer_is_one_error_line(fake_python: Pat
      "--rdzv-endpoint=node0:29500"),
     ({"NGPU": "1", "RDZV_ENDPOINT": "node0:29500", "MASTER_ADDR": "node0"}, "--rdzv-endpoint=node0:29500"),
     ({"NGPU": "1", "RDZV_ENDPOINT": "[::1]", "MASTER_PORT": "29400"}, "--rdzv-endpoint=[::1]"),
+    # An IPv6 host, bracketed in the endpoint and bare (or bracketed) in MASTER_ADDR, is the same host.
+    ({"NGPU": "1", "RDZV_ENDPOINT": "[::1]:29500", "MASTER_ADDR": "::1", "MASTER_PORT": "29500"},
+     "--rdzv-endpoint=[::1]:29500"),
+    ({"NGPU": "1", "RDZV_ENDPOINT": "[::1]:29500", "MASTER_ADDR": "[::1]"}, "--rdzv-endpoint=[::1]:29500"),
 ])
 def test_valid_values_start_as_before(fake_python: Path, env: dict[str, str], expected: str) -> None:
     r, started = run_train(fake_python, **env)
