@@ -203,14 +203,16 @@ def _disk_full(e: BaseException) -> str | None:
             "are intact; a rerun resumes from the newest)")
 
 
-COLLECTIVE_TIMEOUT_TEXT = "Timed out waiting"
-"""How gloo's error for a collective that outlived its process group's timeout begins (torch 2.13:
-"[.../unbound_buffer.cc:78] Timed out waiting 100000ms for recv operation to complete")."""
+COLLECTIVE_TIMEOUT_TEXTS = ("Timed out waiting", "Watchdog caught collective operation timeout")
+"""How an error for a collective that outlived its process group's timeout reads: gloo's begins "[.../
+unbound_buffer.cc:78] Timed out waiting 100000ms for recv operation to complete" (torch 2.13); NCCL's watchdog
+reports "Watchdog caught collective operation timeout: WorkNCCL(...) ran for N milliseconds before timing out"
+(torch 2.11-2.13; not seen here: no GPU)."""
 
 
 def _collective_timeout(e: BaseException) -> str | None:
     """What a collective timeout means and which keys set it, in one line; None for any other error."""
-    if not (isinstance(e, RuntimeError) and COLLECTIVE_TIMEOUT_TEXT in str(e)):
+    if not (isinstance(e, RuntimeError) and any(text in str(e) for text in COLLECTIVE_TIMEOUT_TEXTS)):
         return None
     return (
         "a collective waited longer than its timeout (comm.train_timeout_seconds once the first step has ended; "

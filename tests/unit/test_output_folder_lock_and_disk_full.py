@@ -132,7 +132,14 @@ def test_a_full_disk_is_one_error_line_and_exit_1(tmp_path, monkeypatch, capsys)
      "ended; comm.init_timeout_seconds before it and for checkpoint saves): another rank is stuck or far slower "
      "(its log says where; the launcher's lines name the ranks that failed); raise the key only if that work "
      "really takes so long"),
-], ids=["full_disk", "collective_timeout"])
+    # NCCL's watchdog says it in its own words (torch's ProcessGroupNCCL; DistBackendError is a RuntimeError).
+    (RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE, "
+                  "NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600042 milliseconds before timing out."),
+     "rank 0: a collective waited longer than its timeout (comm.train_timeout_seconds once the first step has "
+     "ended; comm.init_timeout_seconds before it and for checkpoint saves): another rank is stuck or far slower "
+     "(its log says where; the launcher's lines name the ranks that failed); raise the key only if that work "
+     "really takes so long"),
+], ids=["full_disk", "collective_timeout", "nccl_watchdog_timeout"])
 def test_a_distributed_rank_that_fails_fast_logs_what_to_do(monkeypatch, caplog, error, advice):
     """A rank of a distributed job fails fast (train._fail_fast): after its traceback, one line says what to
     do, as for running out of memory."""
