@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         report["model"], args.rank, args.world_size, report["coords"] or "(no mesh)", report["stages"],
         _gib(s["params"]), _gib(s["grads"]), _gib(s["optimizer"]), _gib(s["total"]), s["n_tensors"], s["n_elements"],
         "tokenizer, data and initial checkpoint files checked" if report["files_checked"]
-        else "files not checked (--skip-files)",
+        else "files not checked (DRY_RUN_SKIP_FILES=1 / --skip-files)",
     )
     if args.json is not None:
         try:
