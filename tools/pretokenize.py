@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - t0
     print(f"{prefix}.bin + .idx + .json: {n_records} records, {n_tokens} tokens (vocab {vocab_size}), {seconds:.1f} s "
-          f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); train on it with training.dataset = \"indexed\", "
-          f"training.dataset_path = \"{prefix}\"")
+          f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s); {'train' if args.section == 'training' else 'validate'} "
+          f"on it with {args.section}.dataset = \"indexed\", {args.section}.dataset_path = \"{prefix}\"")
     return 0
 
 

@@ -626,3 +626,15 @@ def test_a_blend_for_validation_is_refused_at_start_naming_it():
                                           r"blend, which training reads\): validation reads one PREFIX"):
         load_config(["--validation.enable", "--validation.dataset", "indexed", "--validation.dataset_path",
                      "data/a,data/b"])
+
+
+def test_the_closing_line_names_the_section_the_output_is_for(tmp_path):
+    """--section validation tokenizes [validation]'s source: the hint names validation's keys, not training's."""
+    r = pretokenize("--out", str(tmp_path / "v"), "--section", "validation", "--max-tokens", "100")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith(f'validate on it with validation.dataset = "indexed", '
+                                      f'validation.dataset_path = "{tmp_path / "v"}"'), r.stdout
+    r = pretokenize("--out", str(tmp_path / "t"), "--max-tokens", "100")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith(f'train on it with training.dataset = "indexed", '
+                                      f'training.dataset_path = "{tmp_path / "t"}"'), r.stdout
