@@ -80,7 +80,9 @@ warn_unused() {
   for name in $1; do
     if [[ -n "${!name:-}" ]]; then set_vars+=("$name=${!name}"); fi
   done
-  if ((${#set_vars[@]})); then echo "run_train: warning: ${set_vars[*]} $2" >&2; fi
+  local why=$2
+  if ((${#set_vars[@]} == 1)); then why="does ${why#do }"; fi  # (WHY starts with "do": one variable "does")
+  if ((${#set_vars[@]})); then echo "run_train: warning: ${set_vars[*]} $why" >&2; fi
 }
 
 # Every variable is checked here, before anything starts: a bad value is one error line and exit 2.

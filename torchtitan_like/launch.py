@@ -182,6 +182,11 @@ def _workers_finished(status_dir: str) -> bool:
     return "0" in _worker_exit_codes(status_dir)
 
 
+AGAIN = ("run the same command again to resume from the latest complete checkpoint (the workers' lines above say "
+         "which; with checkpoint.enable=false it starts over)")
+"""The launcher's advice after a pre-emption (it cannot tell whether the job saves checkpoints; the workers can)."""
+
+
 def _report_stacks(status_dir: str) -> None:
     """One line per worker that got SIGTERM/SIGUSR1 and did not then stop cleanly: where its Python stacks are
     (torchtitan_like.distributed.stack_dump; a rank stuck in a collective shows there where it was stuck)."""
@@ -240,7 +245,7 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
             print(f"run_train: rank {r} exited with code {f.exitcode}{signal_text}{detail}", file=sys.stderr)
         _report_stacks(status_dir)
         if code == EXIT_PREEMPTED:
-            print("run_train: pre-empted; run the same command again to resume", file=sys.stderr)
+            print(f"run_train: pre-empted; {AGAIN}", file=sys.stderr)
         else:
             print(f"run_train: job failed (first failure: rank {rank}); the full error is above", file=sys.stderr)
         return code
@@ -267,7 +272,7 @@ def _run(args: argparse.Namespace, status_dir: str) -> int:
                         "(the signal came before training started, or a step, a validation or a save took longer "
                         "than torchrun's shutdown timeout: SHUTDOWN_TIMEOUT, --shutdown-timeout)")
             print(
-                f"run_train: got {name}; {what}; exit {EXIT_PREEMPTED}: run the same command again to resume",
+                f"run_train: got {name}; {what}; exit {EXIT_PREEMPTED}: {AGAIN}",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED

@@ -111,7 +111,8 @@ def test_workers_that_failed_while_stopping_are_not_reported_as_killed(monkeypat
     assert err == (
         f"run_train: got SIGTERM; the workers failed before they could stop (exit status {code}: their error is "
         "above), so nothing was saved after the latest complete checkpoint; exit 75: run the same command again "
-        "to resume\n"
+        "to resume from the latest complete checkpoint (the workers' lines above say which; with "
+        "checkpoint.enable=false it starts over)\n"
     )
 
 

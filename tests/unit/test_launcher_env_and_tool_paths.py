@@ -137,7 +137,7 @@ def test_valid_values_start_as_before(fake_python: Path, env: dict[str, str], ex
      "run_train: warning: MASTER_ADDR=node1 MASTER_PORT=29600 do nothing when RDZV_ENDPOINT is set: the rendezvous "
      "is RDZV_ENDPOINT=node0:29500", "--rdzv-endpoint=node0:29500"),
     ({"NGPU": "1", "RDZV_ENDPOINT": "node0:29500", "MASTER_ADDR": "node0", "MASTER_PORT": "29600"},
-     "run_train: warning: MASTER_PORT=29600 do nothing when RDZV_ENDPOINT is set: the rendezvous is "
+     "run_train: warning: MASTER_PORT=29600 does nothing when RDZV_ENDPOINT is set: the rendezvous is "
      "RDZV_ENDPOINT=node0:29500", "--rdzv-endpoint=node0:29500"),
 ])
 def test_variables_that_do_nothing_in_this_launch_are_named_in_one_warning(fake_python: Path, env: dict[str, str],

@@ -317,8 +317,8 @@ class Validator:
                     break
                 if time.perf_counter() - reported >= PROGRESS_EVERY_S:
                     reported = time.perf_counter()
-                    total = "the whole set" if self.cfg.steps == -1 else f"{self.cfg.steps}"
-                    logger.info("validation: %d of %s global batches in %.0f s", batches, total, reported - t0)
+                    total = "global batches of the whole set" if self.cfg.steps == -1 else f"{self.cfg.steps} global batches"
+                    logger.info("validation: %d of %s in %.0f s", batches, total, reported - t0)
         if self.pp_group is not None:
             dist.all_reduce(totals, group=self.pp_group)  # only the last stage's rank holds the sums
         if self.loss_group is not None:

@@ -163,7 +163,7 @@ class CompileMonitor:
                 "new input shape or dtype; run with TORCH_LOGS=recompiles to see why", new, total,
                 ", on the rank with the most" if across_ranks is not None else "",
             )
-        return {"compile_s": compile_s, "recompiles": float(total)}
+        return {"compile_s": compile_s, "recompiles": total}
 
     def close(self) -> None:
         for remove, cb in ((self._handler.remove_start_callback, self._on_start),
