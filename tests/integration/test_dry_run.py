@@ -240,14 +240,23 @@ def test_a_load_only_run_with_nothing_to_load_fails_the_dry_run_as_it_fails_the_
     args = ["--job.dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.load_only",
             "--training.dataset", "synthetic", "--training.local_batch_size", "2", "--training.seq_len", "64"]
     message = r"checkpoint\.load_only=true, but there is nothing to load: .*run/checkpoint holds no complete checkpoint"
-    with pytest.raises(ConfigError, match=message):
-        dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
-    r = run_train(*args, env={"NGPU": "1"}, timeout=120)  # the real run, for its message
-    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr[-3000:]
-    # Skipped with the other files; with a checkpoint (or an initial_load_path) to load, it passes.
-    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu", files=False)
+    _fails_as_the_real_run_unless_files_are_skipped(args, ConfigError, message)
+    # With a checkpoint (or an initial_load_path) to load, it passes.
     (dump / "checkpoint" / "step-10").mkdir(parents=True)
     dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
+
+
+def _fails_as_the_real_run_unless_files_are_skipped(args: list[str], error: type[Exception], message: str) -> None:
+    """The dry run of `args` raises `error` matching `message`, the real run (one process) exits 2 with it, and the
+    dry run with its file checks skipped (DRY_RUN_SKIP_FILES) passes."""
+    from torchtitan_like.dry_run import dry_run
+
+    argv = ["--job.config_file", str(ROOT / DEBUG_CONFIG), *args]
+    with pytest.raises(error, match=message):
+        dry_run(argv, world_size=1, device="cpu")
+    r = run_train(*args, env={"NGPU": "1"}, timeout=120)  # the real run, for its message
+    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr[-3000:]
+    dry_run(argv, world_size=1, device="cpu", files=False)
 
 
 def test_a_load_step_that_is_not_there_fails_the_dry_run_as_it_fails_the_real_run(tmp_path: Path) -> None:
@@ -261,11 +270,7 @@ def test_a_load_step_that_is_not_there_fails_the_dry_run_as_it_fails_the_real_ru
             "--training.dataset", "synthetic", "--training.local_batch_size", "2", "--training.seq_len", "64"]
     message = (r"checkpoint\.load_step=5: .*run/checkpoint/step-5 does not exist \(complete checkpoints: none\); "
                r"use load_step=-1 for the latest")
-    with pytest.raises(CheckpointError, match=message):
-        dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu")
-    r = run_train(*args, env={"NGPU": "1"}, timeout=120)  # the real run, for its message
-    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr[-3000:]
-    dry_run(["--job.config_file", str(ROOT / DEBUG_CONFIG), *args], world_size=1, device="cpu", files=False)
+    _fails_as_the_real_run_unless_files_are_skipped(args, CheckpointError, message)
     # A restart of the command after step-5 was purged resumes the checkpoint its run saved, branched from 5.
     (dump / "checkpoint" / "step-7").mkdir(parents=True)
     (dump / "checkpoint" / "step-7" / "manifest.json").write_text(json.dumps({"step": 7, "files": {}, "branch": 5}))

@@ -17,9 +17,9 @@ COLLECTIVE_TIMEOUT_S = 900
 JOB_LIMIT_S = 120  # start-up 10-25 s on 2 cores, then the failure must end it at once
 
 
-def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
-    dump = tmp_path / "out"
-    args = [
+def fsdp2_job_args(dump, *faults: str) -> list[str]:
+    """A 50-step FSDP job on 2 ranks, a metrics row per step, long collective timeouts, and `faults` (debug.*)."""
+    return [
         "--job.dump_folder", str(dump),
         "--training.steps", "50",
         "--training.seq_len", "32",
@@ -29,9 +29,13 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
         "--parallelism.data_parallel_shard_degree", "2",
         "--comm.init_timeout_seconds", str(COLLECTIVE_TIMEOUT_S),
         "--comm.train_timeout_seconds", str(COLLECTIVE_TIMEOUT_S),
-        "--debug.fail_at_step", "3",
-        "--debug.fail_rank", "1",
+        *faults,
     ]
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
+    dump = tmp_path / "out"
+    args = fsdp2_job_args(dump, "--debug.fail_at_step", "3", "--debug.fail_rank", "1")
     # LOG_RANK=0 hides rank 1's own output: its error must still reach the log, through the launcher.
     with RunningJob(tmp_path / "job.log", args, env={"NGPU": "2", "LOG_RANK": "0"}) as job:
         rc = job.wait(JOB_LIMIT_S)
@@ -54,19 +58,7 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
 
 def stuck_job_args(dump) -> list[str]:
     """Rank 0 blocks for good at step 3 (`debug.hang_at_step`: as in a collective its peer never joins)."""
-    return [
-        "--job.dump_folder", str(dump),
-        "--training.steps", "50",
-        "--training.seq_len", "32",
-        "--training.local_batch_size", "2",
-        "--metrics.log_freq", "1",
-        "--metrics.no_enable_tensorboard",
-        "--parallelism.data_parallel_shard_degree", "2",
-        "--comm.init_timeout_seconds", str(COLLECTIVE_TIMEOUT_S),
-        "--comm.train_timeout_seconds", str(COLLECTIVE_TIMEOUT_S),
-        "--debug.hang_at_step", "3",
-        "--debug.hang_rank", "0",
-    ]
+    return fsdp2_job_args(dump, "--debug.hang_at_step", "3", "--debug.hang_rank", "0")
 
 
 def test_a_stuck_rank_leaves_its_python_stacks_when_another_fails(tmp_path):
