@@ -114,29 +114,25 @@ class RunningJob:
 
     def wait_for_step(self, dump_folder: Path, step: int, timeout: float) -> None:
         """Block until metrics.jsonl lists `step` (the job must still be running)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.workers()
-            if any(row["step"] >= step for row in read_metrics(dump_folder)):
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"job ended (status {self.proc.returncode}) before step {step}:\n{self.output()[-6000:]}")
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"job did not reach step {step} within {timeout:.0f} s:\n{self.output()[-6000:]}")
+        self._wait_until(lambda: any(row["step"] >= step for row in read_metrics(dump_folder)), f"step {step}",
+                         "reach", timeout)
 
     def wait_for_text(self, text: str, timeout: float) -> None:
         """Block until the job's output holds `text` (the job must still be running)."""
+        self._wait_until(lambda: text in self.output(), repr(text), "print", timeout)
+
+    def _wait_until(self, done, what: str, verb: str, timeout: float) -> None:
+        """Poll `done()` while the job runs; fail (killing it) if it ends first or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.workers()
-            if text in self.output():
+            if done():
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"job ended (status {self.proc.returncode}) before {text!r}:\n{self.output()[-6000:]}")
+                raise AssertionError(f"job ended (status {self.proc.returncode}) before {what}:\n{self.output()[-6000:]}")
             time.sleep(0.1)
         self.kill()
-        raise AssertionError(f"job did not print {text!r} within {timeout:.0f} s:\n{self.output()[-6000:]}")
+        raise AssertionError(f"job did not {verb} {what} within {timeout:.0f} s:\n{self.output()[-6000:]}")
 
     def kill(self) -> None:
         self.workers()
